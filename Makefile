@@ -1,0 +1,35 @@
+# make quickstart: set up .venv, then run the lifecycle that exists so far on an embedded local Ray.
+# make test:       set up .venv, then run the whole test suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup quickstart test test-fast bench clean
+
+setup: $(STAMP)
+
+# Idempotent: reinstalls only when pyproject.toml changes. torch is installed first and pinned
+# to one release: on a CPU machine that carries its CPU build, pip takes it from there, and a
+# looser requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/quickstart.py
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --quick
+
+clean:
+	rm -rf $(VENV) lifelong-store data/demo .pytest_cache

@@ -1,0 +1,201 @@
+"""The `lifelong` command line (Typer). Each command: load config → connect → run → summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lifelong.errors import LifelongError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="Keep transformer models learning on Ray.")
+models_app = typer.Typer(no_args_is_help=True, help="Versions and aliases in the model registry.")
+data_app = typer.Typer(no_args_is_help=True, help="Demo data the project generates (synthetic).")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+console = Console()
+
+ConfigArg = Annotated[Path, typer.Argument(help="A YAML config (see configs/).")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=3e-4.")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluster address (else RAY_ADDRESS, else an embedded local Ray).")]
+RootOpt = Annotated[str, typer.Option("--root", envvar="LIFELONG_ROOT", help="Storage root (a directory or URI).")]
+
+
+def _train(job: str, config_path: Path, overrides: list[str] | None, address: str | None) -> None:
+    from lifelong.config import load_config
+    from lifelong.runtime import connect
+    from lifelong.train.driver import run_training
+
+    config = load_config(config_path, overrides or [])
+    if job == "pretrain" and config.model.task != "causal-lm":
+        raise LifelongError(f"{config_path}: 'lifelong pretrain' trains a causal-lm; for model.task={config.model.task} use 'lifelong finetune'")
+    if job == "finetune" and not config.model.init_from:
+        raise LifelongError(f"{config_path}: 'lifelong finetune' needs model.init_from (a registry reference or an HF directory)")
+    where = connect(address or config.ray.address, config.ray.num_cpus, min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker)
+    console.print(f"[bold]lifelong {job}[/] {config_path} on {where}")
+    outcome = run_training(config)
+    print_training_summary(outcome)
+
+
+def print_training_summary(outcome) -> None:
+    table = Table(title=f"registered {outcome.ref}", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(outcome.metrics.items()):
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"run: {outcome.run_path}  epochs: {outcome.epochs_run}")
+    console.print(f"data: {outcome.data.summary()}")
+    console.print(f"promote it with: lifelong models promote {outcome.ref} --alias champion")
+
+
+@app.command()
+def pretrain(config: ConfigArg, overrides: OverridesArg = None, address: AddressOpt = None) -> None:
+    """Pretrain a causal LM from scratch on Ray Train + DeepSpeed; register the best checkpoint."""
+    _train("pretrain", config, overrides, address)
+
+
+@app.command()
+def finetune(config: ConfigArg, overrides: OverridesArg = None, address: AddressOpt = None) -> None:
+    """Fine-tune from model.init_from (a registry version or an HF directory); register the best checkpoint."""
+    _train("finetune", config, overrides, address)
+
+
+@app.command()
+def evaluate(
+    config: ConfigArg,
+    model: Annotated[str, typer.Option("--model", help="NAME@ALIAS, NAME:VERSION or an HF directory.")],
+    overrides: OverridesArg = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Data to evaluate on (default: data.path).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Judge a model on data without updating it: a table and JSON of its metrics."""
+    from lifelong.config import load_config
+    from lifelong.evaluate import evaluate_model
+    from lifelong.runtime import connect
+
+    cfg = load_config(config, overrides or [])
+    connect(address or cfg.ray.address, cfg.ray.num_cpus)
+    result = evaluate_model(cfg, model, data)
+    table = Table(title=f"{result.model} on {result.data.source}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.metrics.items():
+        table.add_row(key, f"{value:.4g}")
+    console.print(table)
+    console.print(f"data: {result.data.summary()}")
+    payload = json.dumps(result.to_dict(), indent=2)
+    if json_out:
+        json_out.write_text(payload)
+        console.print(f"written: {json_out}")
+    else:
+        print(payload)
+
+
+# --- models ----------------------------------------------------------------------------------
+def _registry(root: str):
+    from lifelong.registry import Registry
+    from lifelong.storage import Storage
+
+    return Registry(Storage(root))
+
+
+@models_app.command("list")
+def models_list(root: RootOpt = "./lifelong-store") -> None:
+    """Every model, its versions, their key metrics and aliases."""
+    registry = _registry(root)
+    table = Table(title=f"models in {registry.storage.root_uri}")
+    for col in ("model", "version", "task", "created", "metrics", "aliases"):
+        table.add_column(col)
+    for name in registry.models():
+        aliases = registry.aliases(name)
+        for version in registry.versions(name):
+            card = registry.card(name, version)
+            names = ", ".join(a for a, p in sorted(aliases.items()) if p["version"] == version)
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(card.get("metrics", {}).items()) if k.startswith("val_"))
+            table.add_row(name, str(version), card.get("task", ""), card.get("created_at", "")[:19], metrics, names)
+    console.print(table)
+
+
+@models_app.command("show")
+def models_show(ref: Annotated[str, typer.Argument(help="NAME@ALIAS or NAME:VERSION")], root: RootOpt = "./lifelong-store") -> None:
+    """A version's card (JSON) and the alias history of its model."""
+    registry = _registry(root)
+    resolved = registry.resolve(ref)
+    if resolved.name is None:
+        raise LifelongError(f"'{ref}' is a directory, not a registry reference")
+    print(json.dumps({"card": resolved.card, "aliases": registry.aliases(resolved.name),
+                      "history": registry.history(resolved.name)}, indent=2, default=str))
+
+
+@models_app.command("promote")
+def models_promote(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION (or NAME@ALIAS) to point the alias at")],
+    alias: Annotated[str, typer.Option("--alias", help="The alias to move.")] = "champion",
+    reason: Annotated[str, typer.Option("--reason")] = "",
+    root: RootOpt = "./lifelong-store",
+) -> None:
+    """Move an alias (default: champion) to a version, atomically; the move is logged."""
+    registry = _registry(root)
+    resolved = registry.resolve(ref)
+    if resolved.name is None:
+        raise LifelongError(f"'{ref}' is a directory, not a registry reference")
+    event = registry.move_alias(resolved.name, alias, resolved.version, reason=reason or "promoted by hand")
+    console.print(f"{resolved.name}@{alias}: {event['previous']} → {event['version']}")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: Annotated[str, typer.Argument(help="The model name")],
+    alias: Annotated[str, typer.Option("--alias")] = "champion",
+    root: RootOpt = "./lifelong-store",
+) -> None:
+    """Move an alias back to the version it held before its latest promotion."""
+    event = _registry(root).rollback(name, alias)
+    console.print(f"{name}@{alias}: rolled back {event['previous']} → {event['version']}")
+
+
+# --- data ------------------------------------------------------------------------------------
+@data_app.command("demo")
+def data_demo(
+    out: Annotated[Path, typer.Argument(help="Directory to write corpus.jsonl and topics.jsonl into")] = Path("data/demo"),
+    rows: Annotated[int, typer.Option(help="Rows of the labelled topic set")] = 1200,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write the demo data: a pretraining corpus (CPython docs) and a synthetic topic set."""
+    from lifelong.synth import write_text_corpus, write_topic_dataset
+
+    n_corpus = write_text_corpus(out / "corpus.jsonl")
+    n_topics = write_topic_dataset(out / "topics.jsonl", rows, seed)
+    console.print(f"wrote {out / 'corpus.jsonl'} ({n_corpus} rows) and {out / 'topics.jsonl'} ({n_topics} rows, synthetic)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        app(args=argv, standalone_mode=False)
+    except LifelongError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own message
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Typed job configs: one schema (pydantic), one loader (YAML + dotted overrides).
+
+Everything a job needs arrives through a `JobConfig`. A wrong key, type or combination
+fails here, before Ray starts, with a message naming the key, the file and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lifelong.errors import ConfigError
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo such as `train.lrr` must not pass silently.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+    # For a model built from scratch: the HF model type and config keys (GPT-2 family tested).
+    architecture: str = "gpt2"
+    hf_config: dict[str, Any] = Field(default_factory=dict)
+    # Start from weights: a registry reference (NAME@ALIAS, NAME:VERSION) or an HF directory.
+    init_from: str | None = None
+    # A tokenizer directory; when empty and no init_from, a byte-level BPE is trained on the corpus.
+    tokenizer: str | None = None
+    vocab_size: int = Field(default=2000, ge=300)
+    tokenizer_train_rows: int = Field(default=20000, ge=10)
+    max_length: int = Field(default=128, ge=8)
+    freeze_embeddings: bool = False
+    # Train only the last N transformer blocks plus the task head (None: train everything).
+    train_last_n_layers: int | None = Field(default=None, ge=0)
+
+
+class DataConfig(Section):
+    # A file, a directory or a glob; a local path or any pyarrow filesystem URI.
+    path: str
+    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    text_column: str = "text"
+    label_column: str | None = None
+    # The label set for classification; rows with other labels are dropped and counted.
+    labels: list[str] | None = None
+    validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    # Fixed salt of the content hash that splits train/validation; change it only to reshuffle.
+    split_salt: str = "lifelong"
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> DataConfig:
+        if self.labels is not None:
+            if len(self.labels) < 2:
+                raise ValueError("data.labels needs at least two labels")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"data.labels has duplicates: {self.labels}")
+        return self
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    # Raw DeepSpeed keys merged last, for anything the typed keys do not cover.
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointSection(Section):
+    num_to_keep: int | None = Field(default=2, ge=1)
+    score_attribute: str = "val_loss"
+    score_order: Literal["min", "max"] = "min"
+
+
+class TrainConfig(Section):
+    epochs: int = Field(default=2, ge=1)
+    # Per-worker micro-batch; the global batch is batch_size * workers * accumulation.
+    batch_size: int = Field(default=16, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    lr: float = Field(default=5e-4, gt=0.0)
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+    log_every_steps: int = Field(default=10, ge=1)
+    # Stop an epoch after this many optimizer steps (for smoke runs and benchmarks).
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    max_failures: int = Field(default=0, ge=-1)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(default=2, ge=1)
+    # "auto": use GPUs when the cluster has them.
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(default=1, gt=0)
+    gpus_per_worker: float = Field(default=1, gt=0)
+
+
+class StorageSection(Section):
+    # A local directory or a pyarrow filesystem URI (s3://bucket/prefix, gs://...).
+    root: str = "./lifelong-store"
+
+
+class RayConfig(Section):
+    # None: RAY_ADDRESS if set, else an embedded local Ray.
+    address: str | None = None
+    # Logical CPUs of an embedded local Ray (None: enough for the workers plus data tasks).
+    num_cpus: int | None = Field(default=None, ge=1)
+
+
+class JobConfig(Section):
+    # The model's name in the registry; also the base of the deterministic run name.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A run re-started under the same name resumes from its latest checkpoint.
+    run_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> JobConfig:
+        m, d, t = self.model, self.data, self.train
+        if m.task == "sequence-classification":
+            if not d.label_column or not d.labels:
+                raise ValueError(
+                    "model.task is sequence-classification but data.label_column or data.labels "
+                    "is missing: set both (e.g. data.label_column=label, data.labels=[neg, pos])"
+                )
+            if not m.init_from and not m.tokenizer:
+                raise ValueError(
+                    "a sequence-classification model needs model.init_from (a pretrained "
+                    "checkpoint) or model.tokenizer (a tokenizer directory)"
+                )
+        if t.precision == "fp16" and self.scaling.use_gpu is False:
+            raise ValueError(
+                "train.precision=fp16 needs CUDA but scaling.use_gpu is false: "
+                "use train.precision=bf16 or fp32 on CPUs"
+            )
+        if m.train_last_n_layers is not None and m.init_from is None:
+            raise ValueError(
+                "model.train_last_n_layers freezes pretrained layers, but model.init_from is "
+                "empty: set model.init_from or remove model.train_last_n_layers"
+            )
+        return self
+
+    @property
+    def resolved_run_name(self) -> str:
+        job = "pretrain" if self.model.task == "causal-lm" else "finetune"
+        return self.run_name or f"{self.name}-{job}"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a YAML config, apply `a.b=value` overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    overridden = apply_overrides(raw, overrides, source=str(path))
+    return absolute_paths(validate_config(raw, source=str(path), overridden=overridden))
+
+
+def absolute_paths(config: JobConfig) -> JobConfig:
+    """Make local paths absolute (relative to the current directory), since Ray workers run elsewhere."""
+
+    def absolute(value: str) -> str:
+        return value if "://" in value else str(Path(value).expanduser().absolute())
+
+    config.storage.root = absolute(config.storage.root)
+    config.data.path = absolute(config.data.path)
+    if config.model.tokenizer:
+        config.model.tokenizer = absolute(config.model.tokenizer)
+    if config.model.init_from and Path(config.model.init_from).expanduser().exists():
+        config.model.init_from = absolute(config.model.init_from)
+    return config
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: str) -> set[str]:
+    """Apply dotted `key.path=value` overrides in place; values are parsed as YAML."""
+    keys = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"override '{item}' (for {source}) is not of the form key.path=value, "
+                "e.g. train.lr=3e-4"
+            )
+        *parents, leaf = key.split(".")
+        node = raw
+        for i, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"override '{item}': '{where}' is a value, not a section")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[leaf] = value
+        keys.add(key)
+    return keys
+
+
+def validate_config(raw: dict, source: str = "<config>", overridden: set[str] = frozenset()) -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err, overridden) for err in e.errors()]
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def _describe(err: dict, overridden: set[str]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "(top level)"
+    origin = " (from a command-line override)" if key in overridden else ""
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        guess = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean '{'.'.join(loc[:-1] + guess)}'?" if guess else f"known keys here: {', '.join(known)}"
+        return f"{key}{origin}: unknown key; {hint}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing; add it to the config or pass {key}=VALUE"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}{origin}: {msg}{shown}"
+
+
+def _known_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,134 @@
+"""HF models and tokenizers: build from a config, load from a directory, freeze layers.
+
+Weights are only ever loaded from safetensors (`use_safetensors=True`): nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from lifelong.config import ModelConfig
+from lifelong.errors import ConfigError
+
+EOS = "<|endoftext|>"
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token is None:
+        # GPT-2-style tokenizers have no pad token; EOS is the usual stand-in.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE (GPT-2 style) on the corpus and save it as an HF tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def build_model(
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    init_dir: str | Path | None = None,
+    labels: list[str] | None = None,
+) -> PreTrainedModel:
+    """A causal LM or sequence classifier: from `init_dir` weights, else fresh from the config."""
+    if cfg.task == "sequence-classification":
+        assert labels, "classification needs labels"
+        label_kwargs = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        if init_dir is None:
+            config = _fresh_config(cfg, tokenizer, **label_kwargs)
+            return AutoModelForSequenceClassification.from_config(config)
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(str(init_dir), use_safetensors=True, **label_kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(f"cannot start a {len(labels)}-label classifier from {init_dir}: {e}") from None
+    if init_dir is not None:
+        return AutoModelForCausalLM.from_pretrained(str(init_dir), use_safetensors=True)
+    return AutoModelForCausalLM.from_config(_fresh_config(cfg, tokenizer))
+
+
+def _fresh_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, **extra):
+    try:
+        config = AutoConfig.for_model(cfg.architecture, **cfg.hf_config, **extra)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.architecture='{cfg.architecture}' / model.hf_config: {e}") from None
+    config.vocab_size = len(tokenizer)
+    for key in ("n_positions", "max_position_embeddings"):
+        if hasattr(config, key) and key not in cfg.hf_config:
+            setattr(config, key, cfg.max_length)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def transformer_blocks(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's stack of transformer blocks: the largest ModuleList in the base model."""
+    lists = [m for m in model.base_model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ConfigError(f"{type(model).__name__} has no list of transformer blocks to freeze")
+    return max(lists, key=len)
+
+
+def apply_freezing(model: PreTrainedModel, freeze_embeddings: bool, train_last_n_layers: int | None) -> dict:
+    """Freeze parameters in place; returns trainable/total parameter counts.
+
+    `train_last_n_layers=N` freezes the whole base model except its last N blocks, so the
+    task head (outside the base model) and those blocks train. `freeze_embeddings` freezes
+    every embedding table of the base model (tokens and positions).
+    """
+    if train_last_n_layers is not None:
+        blocks = transformer_blocks(model)
+        if train_last_n_layers > len(blocks):
+            raise ConfigError(f"model.train_last_n_layers={train_last_n_layers} but the model has only {len(blocks)} layers")
+        for p in model.base_model.parameters():
+            p.requires_grad = False
+        for block in list(blocks)[len(blocks) - train_last_n_layers :]:
+            for p in block.parameters():
+                p.requires_grad = True
+    if freeze_embeddings:
+        for module in model.base_model.modules():
+            if isinstance(module, nn.Embedding):
+                module.weight.requires_grad = False
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total_params": total, "trainable_params": trainable}
+
+
+def frozen_parameter_names(model: PreTrainedModel) -> list[str]:
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_for_inference(model_dir: str | Path, task: str) -> PreTrainedModel:
+    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    model = cls.from_pretrained(str(model_dir), use_safetensors=True, dtype=torch.float32)
+    model.eval()
+    return model

@@ -1,0 +1,252 @@
+"""The model registry on the storage root: immutable versions, atomically moved aliases.
+
+    registry/<model>/versions/<n>/        weights (safetensors), tokenizer, card.json (written last)
+    registry/<model>/aliases/<alias>.json the pointer: {version, seq, moved_at, ...}
+    registry/<model>/history/<alias>/<seq>.json  one immutable file per move
+
+A version exists once its card.json exists; it is written last and never rewritten, so a
+reader never sees a half-written version. An alias pointer is replaced atomically; each move
+first writes its history event, then the pointer (events newer than the pointer's `seq` are
+the remains of an interrupted move and are ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lifelong
+from lifelong.errors import RegistryError
+from lifelong.storage import Storage, local_cache_dir
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# Only these travel into a version: weights as safetensors, configs and tokenizers as text.
+# Pickled formats (.bin, .pt, .pkl) are never copied, so loading never unpickles.
+ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt", ".model", ".onnx", ".md"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.alias:
+            return f"{self.name}@{self.alias}"
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to load: a local directory, plus its registry identity when it has one."""
+
+    local_dir: Path
+    name: str | None = None
+    version: int | None = None
+    card: dict | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}" if self.name else str(self.local_dir)
+
+
+def parse_ref(text: str) -> ModelRef | None:
+    """`NAME@ALIAS` or `NAME:VERSION`; None when the text is neither (e.g. a directory path)."""
+    if "@" in text:
+        name, _, alias = text.partition("@")
+        if NAME_RE.match(name) and ALIAS_RE.match(alias):
+            return ModelRef(name, alias=alias)
+        raise RegistryError(f"'{text}' is not a model reference: use NAME@ALIAS or NAME:VERSION")
+    name, sep, version = text.partition(":")
+    if sep and NAME_RE.match(name) and version.isdigit():
+        return ModelRef(name, version=int(version))
+    return None
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"lifelong {lifelong.__version__}" + (f" ({sha})" if sha else "")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Registry:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    # --- versions --------------------------------------------------------------------------
+    def _check_name(self, name: str) -> None:
+        if not NAME_RE.match(name):
+            raise RegistryError(f"'{name}' is not a valid model name (letters, digits, '_', '.', '-')")
+
+    def models(self) -> list[str]:
+        return [m for m in self.storage.listdir("registry") if NAME_RE.match(m)]
+
+    def versions(self, name: str) -> list[int]:
+        """Complete versions (those with a card), ascending."""
+        nums = [int(v) for v in self.storage.listdir(f"registry/{name}/versions") if v.isdigit()]
+        return sorted(n for n in nums if self.storage.exists(f"registry/{name}/versions/{n}/card.json"))
+
+    def register_version(self, name: str, model_dir: str | Path, card: dict) -> int:
+        """Copy a saved HF model directory into a new immutable version; returns its number."""
+        self._check_name(name)
+        model_dir = Path(model_dir)
+        files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix in ALLOWED_SUFFIXES and p.name != "card.json")
+        if not any(p.suffix == ".safetensors" for p in files):
+            raise RegistryError(f"{model_dir} holds no .safetensors weights: nothing to register")
+        version = self._claim_version_number(name)
+        prefix = f"registry/{name}/versions/{version}"
+        for src in files:
+            self.storage.write_bytes(f"{prefix}/{src.relative_to(model_dir).as_posix()}", src.read_bytes())
+        full_card = {
+            **card,
+            "name": name,
+            "version": version,
+            "created_at": _now(),
+            "code_version": code_version(),
+            "files": {p.relative_to(model_dir).as_posix(): p.stat().st_size for p in files},
+            "size_bytes": {"safetensors": sum(p.stat().st_size for p in files if p.suffix == ".safetensors")},
+        }
+        # The card goes last: from this moment the version exists, and it is never rewritten.
+        data = json.dumps(full_card, indent=2, sort_keys=True, default=str).encode()
+        if not self.storage.create_exclusive(f"{prefix}/card.json", data):
+            raise RegistryError(f"{name}:{version} already has a card; versions are immutable")
+        return version
+
+    def _claim_version_number(self, name: str) -> int:
+        # A number is claimed by creating its marker exclusively, so two concurrent
+        # registrations never share a version (numbers of crashed writes are skipped).
+        existing = [int(v) for v in self.storage.listdir(f"registry/{name}/versions") if v.isdigit()]
+        n = max(existing, default=0) + 1
+        while not self.storage.create_exclusive(f"registry/{name}/versions/{n}/.claimed", _now().encode()):
+            n += 1
+        return n
+
+    def card(self, name: str, version: int) -> dict:
+        path = f"registry/{name}/versions/{version}/card.json"
+        if not self.storage.exists(path):
+            known = self.versions(name)
+            raise RegistryError(
+                f"{name}:{version} does not exist in {self.storage.root_uri}/registry"
+                + (f"; versions: {', '.join(map(str, known))}" if known else f"; no versions of '{name}'")
+            )
+        return self.storage.read_json(path)
+
+    def local_dir(self, name: str, version: int) -> Path:
+        """A local directory holding the version's files (the storage itself when local)."""
+        self.card(name, version)
+        prefix = f"registry/{name}/versions/{version}"
+        if self.storage.is_local:
+            return Path(self.storage.path(prefix))
+        # Versions are immutable, so a cached copy is always current.
+        cache = local_cache_dir("registry", re.sub(r"[^A-Za-z0-9]+", "_", self.storage.uri), name) / str(version)
+        if not (cache / "card.json").exists():
+            tmp = cache.parent / f".tmp-{version}-{time.time_ns()}"
+            self.storage.download_dir(prefix, tmp)
+            try:
+                os.replace(tmp, cache)
+            except OSError:  # another process finished the same download first
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cache
+
+    # --- aliases ---------------------------------------------------------------------------
+    def aliases(self, name: str) -> dict[str, dict]:
+        out = {}
+        for fname in self.storage.listdir(f"registry/{name}/aliases"):
+            if fname.endswith(".json"):
+                out[fname[: -len(".json")]] = self.storage.read_json(f"registry/{name}/aliases/{fname}")
+        return out
+
+    def alias_version(self, name: str, alias: str) -> int:
+        path = f"registry/{name}/aliases/{alias}.json"
+        if not self.storage.exists(path):
+            have = sorted(self.aliases(name))
+            raise RegistryError(
+                f"'{name}@{alias}' does not exist"
+                + (f"; aliases of {name}: {', '.join(have)}" if have else f"; '{name}' has no aliases yet")
+                + f" (set one with: lifelong models promote {name}:VERSION --alias {alias})"
+            )
+        return int(self.storage.read_json(path)["version"])
+
+    def move_alias(self, name: str, alias: str, version: int, *, reason: str = "", kind: str = "promote") -> dict:
+        """Point `alias` at `version` atomically and log the move; returns the event."""
+        if not ALIAS_RE.match(alias):
+            raise RegistryError(f"'{alias}' is not a valid alias name (a letter, then letters, digits, '_', '-')")
+        self.card(name, version)  # the version must exist
+        with self.storage.lock(f"registry/{name}/aliases/{alias}"):
+            pointer_path = f"registry/{name}/aliases/{alias}.json"
+            current = self.storage.read_json(pointer_path) if self.storage.exists(pointer_path) else None
+            seq = (current["seq"] if current else 0) + 1
+            event = {
+                "alias": alias,
+                "version": version,
+                "previous": current["version"] if current else None,
+                "seq": seq,
+                "kind": kind,
+                "reason": reason,
+                "moved_at": _now(),
+            }
+            # Event first (immutable), then the pointer: the pointer decides what is true.
+            self.storage.write_json(f"registry/{name}/history/{alias}/{seq:08d}.json", event)
+            self.storage.write_json(pointer_path, event)
+        return event
+
+    def history(self, name: str, alias: str | None = None) -> list[dict]:
+        aliases = [alias] if alias else self.storage.listdir(f"registry/{name}/history")
+        events = []
+        for a in aliases:
+            pointer = f"registry/{name}/aliases/{a}.json"
+            applied = self.storage.read_json(pointer)["seq"] if self.storage.exists(pointer) else 0
+            for fname in self.storage.listdir(f"registry/{name}/history/{a}"):
+                event = self.storage.read_json(f"registry/{name}/history/{a}/{fname}")
+                if event["seq"] <= applied:
+                    events.append(event)
+        return sorted(events, key=lambda e: (e["moved_at"], e["seq"]))
+
+    def rollback(self, name: str, alias: str = "champion", reason: str = "") -> dict:
+        """Move `alias` back to the version it held before its latest promotion.
+
+        Repeated rollbacks walk further back: promotions push onto a stack, rollbacks pop.
+        """
+        stack: list[int] = []
+        for event in self.history(name, alias):
+            if event["kind"] == "rollback":
+                stack.pop()
+            else:
+                stack.append(event["version"])
+        if len(stack) < 2:
+            raise RegistryError(f"{name}@{alias} has no earlier version to roll back to (history: {stack or 'empty'})")
+        return self.move_alias(name, alias, stack[-2], reason=reason or "rollback", kind="rollback")
+
+    # --- references ------------------------------------------------------------------------
+    def resolve(self, text: str) -> ResolvedModel:
+        """NAME@ALIAS, NAME:VERSION, or a local HF model directory."""
+        ref = parse_ref(text)
+        if ref is None:
+            path = Path(text).expanduser()
+            if (path / "config.json").is_file():
+                return ResolvedModel(local_dir=path.resolve())
+            raise RegistryError(
+                f"'{text}' is neither a model reference (NAME@ALIAS, NAME:VERSION) nor an HF model "
+                "directory (a folder with config.json)"
+            )
+        version = ref.version if ref.alias is None else self.alias_version(ref.name, ref.alias)
+        card = self.card(ref.name, version)
+        return ResolvedModel(local_dir=self.local_dir(ref.name, version), name=ref.name, version=version, card=card)

@@ -1,0 +1,28 @@
+"""Connecting to Ray: an existing cluster (--address / RAY_ADDRESS) or an embedded local one."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0) -> str:
+    """Join a cluster when an address is given (argument, then RAY_ADDRESS); else start one here.
+
+    An embedded Ray gets more logical CPUs than the machine's cores when needed, so that the
+    training workers and the Ray Data tasks feeding them can all be scheduled.
+    Returns a short description of what it connected to.
+    """
+    if ray.is_initialized():
+        return "the Ray session already running in this process"
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Ray Data's own progress bars would interleave with the training progress lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return f"Ray cluster at {address}"
+    cpus = num_cpus or max(os.cpu_count() or 1, int(min_cpus) + 2, 4)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return f"an embedded local Ray ({cpus} logical CPUs)"

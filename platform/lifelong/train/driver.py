@@ -1,0 +1,170 @@
+"""The driver of a training run: data → tokenizer → TorchTrainer (DeepSpeed workers) → registry.
+
+    read + validate (Ray Data) ─▶ tokenizer (given, from init_from, or trained on the corpus)
+        ─▶ TorchTrainer(datasets=train/validation) ─▶ best checkpoint ─▶ registry version
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from lifelong.config import JobConfig
+from lifelong.data import DataReport, read_validated, text_iterator, tokenized
+from lifelong.errors import ConfigError, DataError, LifelongError
+from lifelong.models import train_tokenizer
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+from lifelong.train.ds_config import total_optimizer_steps
+from lifelong.train.loop import train_loop_per_worker
+
+
+@dataclass
+class TrainingOutcome:
+    run_name: str
+    run_path: str
+    version: int | None
+    model: str
+    metrics: dict
+    data: DataReport
+    epochs_run: list[int] = field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}:{self.version}"
+
+
+def use_gpu(config: JobConfig) -> bool:
+    if config.scaling.use_gpu != "auto":
+        return bool(config.scaling.use_gpu)
+    needed = config.scaling.num_workers * config.scaling.gpus_per_worker
+    return ray.cluster_resources().get("GPU", 0) >= needed
+
+
+def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, train_texts) -> str:
+    """The tokenizer directory: model.tokenizer, else init_from's, else one trained on the corpus.
+
+    A trained tokenizer is stored with the run, so a resumed run reuses exactly the same one.
+    """
+    if config.model.tokenizer:
+        path = Path(config.model.tokenizer).expanduser()
+        if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+            raise ConfigError(f"model.tokenizer='{config.model.tokenizer}' is not a tokenizer directory")
+        return str(path.resolve())
+    if config.model.init_from:
+        return str(registry.resolve(config.model.init_from).local_dir)
+    rel = f"runs/{config.resolved_run_name}/tokenizer"
+    if not storage.exists(f"{rel}/tokenizer.json"):
+        with tempfile.TemporaryDirectory() as tmp:
+            train_tokenizer(text_iterator(train_texts, config.model.tokenizer_train_rows), config.model.vocab_size, tmp)
+            storage.upload_dir(tmp, rel)
+    if storage.is_local:
+        return storage.path(rel)
+    return str(storage.download_dir(rel, tempfile.mkdtemp(prefix="lifelong-tok-")))
+
+
+def run_training(config: JobConfig) -> TrainingOutcome:
+    """Train per the config on the connected Ray cluster, then register the best checkpoint."""
+    storage = Storage(config.storage.root)
+    registry = Registry(storage)
+    run_name = config.resolved_run_name
+    parent = registry.resolve(config.model.init_from) if config.model.init_from else None
+
+    validated = read_validated(config.data, storage, quarantine_area=f"runs/{run_name}")
+    report = validated.report
+    for split in ("train", "validation"):
+        if not report.rows.get(split):
+            raise DataError(
+                f"the {split} split of '{report.source}' is empty ({report.summary()}); "
+                "add rows or change data.validation_fraction"
+            )
+    print(f"[lifelong] data: {report.summary()}", flush=True)
+
+    tokenizer_dir = prepare_tokenizer(config, storage, registry, validated.split("train"))
+    max_length = config.model.max_length
+    train_ds = tokenized(validated.split("train"), config.model.task, tokenizer_dir, max_length)
+    val_ds = tokenized(validated.split("validation"), config.model.task, tokenizer_dir, max_length)
+    workers = config.scaling.num_workers
+    # Sizing the schedule needs the number of examples (packed blocks for causal LM).
+    train_examples = train_ds.count()
+    val_examples = val_ds.count()
+    if train_examples < workers or val_examples < workers:
+        raise DataError(
+            f"too little data for {workers} workers: {train_examples} training and {val_examples} validation "
+            f"examples of {max_length} tokens; add data, lower model.max_length or scaling.num_workers"
+        )
+    total_steps = total_optimizer_steps(config.train, math.floor(train_examples / workers))
+
+    gpu = use_gpu(config)
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
+    elif config.train.precision == "fp16":
+        raise ConfigError("train.precision=fp16 needs CUDA GPUs and this cluster has none: use bf16 or fp32")
+    ckpt = config.train.checkpoint
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": tokenizer_dir, "total_steps": total_steps},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage.uri_of("runs"),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=ckpt.num_to_keep,
+                checkpoint_score_attribute=ckpt.score_attribute,
+                checkpoint_score_order=ckpt.score_order,
+            ),
+        ),
+        datasets={"train": train_ds, "validation": val_ds},
+    )
+    print(f"[lifelong] run '{run_name}': {train_examples} training examples, {total_steps} optimizer steps "
+          f"on {workers} worker(s){' with GPUs' if gpu else ''}", flush=True)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise LifelongError(f"training run '{run_name}' failed: {e}") from None
+    if result.error:
+        raise LifelongError(f"training run '{run_name}' failed: {result.error}")
+
+    best = _best_checkpoint(result, ckpt.score_attribute, ckpt.score_order)
+    if best is None:
+        raise LifelongError(f"training run '{run_name}' reported no checkpoint")
+    checkpoint, metrics = best
+    with checkpoint.as_directory() as ckpt_dir:
+        state = _read_json(Path(ckpt_dir) / "state.json")
+        card = {
+            "task": config.model.task,
+            "labels": config.data.labels,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            "config": config.model_dump(mode="json"),
+            "data": report.to_dict(),
+            "parent": parent.ref if parent else None,
+            "run": {"name": run_name, "checkpoint": checkpoint.path, "history": state.get("history", []),
+                    "precision": state.get("precision")},
+        }
+        version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card)
+    epochs = [h["epoch"] for h in state.get("history", [])]
+    return TrainingOutcome(run_name, result.path, version, config.name, card["metrics"], report, epochs)
+
+
+def _best_checkpoint(result, attribute: str, order: str):
+    candidates = [(c, m) for c, m in (result.best_checkpoints or []) if attribute in m]
+    if candidates:
+        pick = min if order == "min" else max
+        return pick(candidates, key=lambda cm: cm[1][attribute])
+    if result.checkpoint is not None:
+        return result.checkpoint, result.metrics or {}
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -1,0 +1,191 @@
+"""The per-worker training loop: one DeepSpeed engine per Ray Train worker, written out in order.
+
+Everything arrives through `loop_config` (built by the driver): the validated job config,
+where the tokenizer and the starting weights are, and the step plan.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import deepspeed
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+from lifelong.config import JobConfig
+from lifelong.evaluate import classification_metrics, lm_metrics
+from lifelong.models import apply_freezing, build_model, load_tokenizer
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+from lifelong.train.ds_config import build_deepspeed_config, resolve_precision
+
+DS_TAG = "state"  # one DeepSpeed tag per checkpoint directory
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    config = JobConfig.model_validate(loop_config["config"])
+    train_cfg, task = config.train, config.model.task
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(train_cfg.precision, device)
+    torch.manual_seed(train_cfg.seed)
+
+    # --- model -----------------------------------------------------------------------------
+    tokenizer = load_tokenizer(loop_config["tokenizer_dir"])
+    init_dir = None
+    if config.model.init_from:
+        init_dir = Registry(Storage(config.storage.root)).resolve(config.model.init_from).local_dir
+    model = build_model(config.model, tokenizer, init_dir=init_dir, labels=config.data.labels)
+    sizes = apply_freezing(model, config.model.freeze_embeddings, config.model.train_last_n_layers)
+    ds_config = build_deepspeed_config(train_cfg, precision, world, loop_config["total_steps"])
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+
+    # --- resume: a run re-started under the same name continues after its last epoch -------
+    start_epoch, history = 1, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag=DS_TAG)
+            state = json.loads((Path(ckpt_dir) / "state.json").read_text())
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        log(rank, f"resumed from epoch {state['epoch']} (step {engine.global_steps})")
+    else:
+        log(rank, f"{sizes['trainable_params']:,} of {sizes['total_params']:,} parameters trainable; "
+                  f"{world} worker(s), ZeRO-{train_cfg.deepspeed.zero_stage}, {precision}, {device}")
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+    steps_per_epoch = loop_config["total_steps"] // train_cfg.epochs
+    for epoch in range(start_epoch, train_cfg.epochs + 1):
+        # --- train one epoch ---------------------------------------------------------------
+        engine.train()
+        started, tokens, loss_sum, micro_steps = time.perf_counter(), 0, 0.0, 0
+        batches = train_shard.iter_torch_batches(
+            batch_size=train_cfg.batch_size, device=device, dtypes=torch.long,
+            local_shuffle_buffer_size=train_cfg.batch_size * 8, local_shuffle_seed=train_cfg.seed + epoch,
+        )
+        for batch in batches:
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed steps the optimizer and schedule at accumulation boundaries
+            micro_steps += 1
+            tokens += int(batch["attention_mask"].sum())
+            loss_sum += float(out.loss.detach().float())
+            if engine.is_gradient_accumulation_boundary() and (micro_steps // train_cfg.gradient_accumulation_steps) % train_cfg.log_every_steps == 0:
+                log(rank, f"epoch {epoch}/{train_cfg.epochs} step {micro_steps // train_cfg.gradient_accumulation_steps}/{steps_per_epoch} "
+                          f"loss {loss_sum / micro_steps:.4f} lr {engine.get_lr()[0]:.2e}")
+            if train_cfg.max_steps_per_epoch and micro_steps >= train_cfg.max_steps_per_epoch * train_cfg.gradient_accumulation_steps:
+                break
+        elapsed = time.perf_counter() - started
+        totals = all_reduce_sum(device, [tokens, loss_sum, micro_steps])
+        train_metrics = {
+            "epoch": epoch,
+            "train_loss": totals[1] / max(totals[2], 1),
+            "train_tokens_per_s": totals[0] / elapsed,
+            "epoch_seconds": elapsed,
+            "global_step": engine.global_steps,
+        }
+
+        # --- validate ----------------------------------------------------------------------
+        val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, len(config.data.labels or []))
+        metrics = {**train_metrics, **val_metrics}
+        history.append(metrics)
+        log(rank, "epoch {epoch} done: ".format(epoch=epoch) + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+
+        # --- checkpoint: DeepSpeed shards for exact resume + consolidated HF copy ------------
+        with tempfile.TemporaryDirectory() as tmp:
+            # Every rank writes its own optimizer/parameter shards; Ray merges the directories.
+            engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag=DS_TAG)
+            # Gathering full weights is a collective under ZeRO-3: every rank takes part.
+            state_dict = consolidated_state_dict(engine)
+            if rank == 0:
+                # Only rank 0 writes the downstream copy, so the merged checkpoint has one.
+                hf_dir = Path(tmp) / "hf"
+                engine.module.save_pretrained(str(hf_dir), state_dict=state_dict)
+                mark_fp32(hf_dir / "config.json")
+                tokenizer.save_pretrained(str(hf_dir))
+                (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "precision": precision}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on every rank (collective): optimizer masters where they exist."""
+    module = engine.module
+    keep = set(module.state_dict().keys())
+    state = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None
+        if full is None:
+            # Frozen or non-ZeRO parameters: the module's own copy (gathered under ZeRO-3).
+            gather = deepspeed.zero.GatheredParameters([param]) if hasattr(param, "ds_id") else nullcontext()
+            with gather:
+                full = param.detach().clone()
+        state[name] = full.float().cpu()
+    for name, buf in module.named_buffers():
+        if name in keep:
+            state[name] = buf.detach().cpu()
+    return state
+
+
+def mark_fp32(config_json: Path) -> None:
+    # save_pretrained records the live module's dtype (bf16 under bf16 training), but the
+    # weights we saved are the fp32 masters: loaders must not round them down again.
+    config = json.loads(config_json.read_text())
+    config["dtype"] = "float32"
+    config_json.write_text(json.dumps(config, indent=2))
+
+
+@torch.no_grad()
+def evaluate_shard(engine, shard, task: str, batch_size: int, device, num_labels: int) -> dict[str, float]:
+    """Validation metrics over all workers' shards (loss, and accuracy/F1 or perplexity)."""
+    engine.eval()
+    loss_sum, count, preds, labels = 0.0, 0, [], []
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device, dtypes=torch.long):
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        if task == "causal-lm":
+            n = int(batch["attention_mask"][:, 1:].sum())  # the model predicts every token but the first
+        else:
+            n = batch["labels"].shape[0]
+            preds.extend(out.logits.float().argmax(-1).tolist())
+            labels.extend(batch["labels"].tolist())
+        loss_sum += float(out.loss.float()) * n
+        count += n
+    engine.train()
+    loss_sum, count = all_reduce_sum(device, [loss_sum, count])
+    loss = loss_sum / max(count, 1)
+    if task == "causal-lm":
+        return {f"val_{k}": v for k, v in lm_metrics(loss).items()}
+    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [(preds, labels)]
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, (preds, labels))
+    all_preds = [p for part in gathered for p in part[0]]
+    all_labels = [y for part in gathered for y in part[1]]
+    return {f"val_{k}": v for k, v in classification_metrics(all_labels, all_preds, loss, num_labels).items()}
+
+
+def all_reduce_sum(device, values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def log(rank: int, message: str) -> None:
+    # Rank 0 speaks for the group; Ray forwards worker stdout to the driver. (Train's patched
+    # print() would also copy the line to its logger, and the driver would show it twice.)
+    if rank == 0:
+        sys.stdout.write(f"[lifelong] {message}\n")
+        sys.stdout.flush()

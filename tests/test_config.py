@@ -1,0 +1,92 @@
+"""Config: every shipped config loads; wrong keys, types and combinations fail early and clearly."""
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import CONFIGS, ROOT
+from lifelong.config import load_config
+from lifelong.errors import ConfigError
+
+SHIPPED = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, CONFIGS))
+def test_every_shipped_config_loads_and_names_its_command(path):
+    config = load_config(path)
+    assert config.name
+    first = open(path).readline()
+    assert first.startswith("# lifelong "), f"{path}: the first line must be the command that runs it"
+    assert os.path.relpath(path, ROOT) in first
+
+
+def test_override_sets_nested_keys_with_yaml_types():
+    config = load_config(SHIPPED[0], ["train.lr=3e-4", "train.deepspeed.zero_stage=3", "train.epochs=5"])
+    assert config.train.lr == pytest.approx(3e-4)
+    assert config.train.deepspeed.zero_stage == 3
+    assert config.train.epochs == 5
+
+
+def test_unknown_key_names_key_file_and_suggestion(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(CONFIGS, "gpt2/tiny_pretrain.yaml"), ["train.lrr=0.1"])
+    msg = str(e.value)
+    assert "tiny_pretrain.yaml" in msg and "train.lrr" in msg and "did you mean 'train.lr'" in msg
+    assert "command-line override" in msg
+
+
+def test_wrong_type_names_the_key_and_value(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: x\ndata: {path: d.jsonl}\ntrain: {epochs: many}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert "train.epochs" in str(e.value) and "'many'" in str(e.value) and "bad.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("name: x\nmodel: {task: sequence-classification, init_from: m@champion}\ndata: {path: d}\n", "data.label_column"),
+        ("name: x\ndata: {path: d}\ntrain: {precision: fp16}\nscaling: {use_gpu: false}\n", "fp16 needs CUDA"),
+        ("name: x\ndata: {path: d}\nmodel: {train_last_n_layers: 1}\n", "model.init_from"),
+        ("name: x\ndata: {path: d, labels: [a, a], label_column: y}\n", "duplicates"),
+        ("name: 'bad name'\ndata: {path: d}\n", "name"),
+        ("data: {path: d}\n", "name: required key is missing"),
+        ("- just\n- a list\n", "top level must be a mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_impossible_configs_are_refused(tmp_path, yaml_text, expected):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert expected in str(e.value)
+
+
+def test_malformed_override_is_refused():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(SHIPPED[0], ["train.lr"])
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(os.path.join(CONFIGS, "gpt2/tiny_pretrain.yaml"))
+    assert config.storage.root == str(tmp_path / "lifelong-store")
+    assert config.data.path == str(tmp_path / "data/demo/corpus.jsonl")
+
+
+def test_cli_reports_bad_config_before_starting_ray(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: x\ndata: {path: d.jsonl}\ntrain: {zero: 1}\n")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "lifelong.cli", "pretrain", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train.zero: unknown key" in proc.stderr and "bad.yaml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr  # failed before any Ray work
+    assert time.monotonic() - started < 60

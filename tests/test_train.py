@@ -1,0 +1,137 @@
+"""Training on Ray Train + DeepSpeed with real workers: pretrain, fine-tune, ZeRO stages, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_config
+from lifelong.errors import ConfigError
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+from lifelong.train.driver import run_training
+
+pytestmark = pytest.mark.slow
+
+
+def test_pretrain_loss_falls_and_registered_version_generates(pretrained):
+    outcome = pretrained["outcome"]
+    registry = Registry(Storage(str(pretrained["root"])))
+    card = registry.card("tiny-gpt2", outcome.version)
+    history = card["run"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["val_loss"] < history[0]["val_loss"]
+    assert card["task"] == "causal-lm" and card["parent"] is None
+    assert card["data"]["files"][0]["path"].endswith("corpus.jsonl") and card["data"]["files"][0]["sha256"]
+    assert card["config"]["train"]["deepspeed"]["zero_stage"] == 2
+
+    model_dir = registry.resolve(f"tiny-gpt2:{outcome.version}").local_dir
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tok("The import statement", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 8
+    assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).strip()
+
+
+def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, demo_data):
+    root = pretrained["root"]
+    parent = f"tiny-gpt2:{pretrained['outcome'].version}"
+    config = make_config(
+        "gpt2/tiny_finetune.yaml", f"data.path={demo_data / 'topics.jsonl'}", f"storage.root={root}",
+        f"model.init_from={parent}", "model.freeze_embeddings=true", "train.epochs=4",
+    )
+    outcome = run_training(config)
+    assert outcome.metrics["val_accuracy"] > 0.6  # 4 balanced classes: chance is 0.25
+
+    registry = Registry(Storage(str(root)))
+    card = registry.card("tiny-topics", outcome.version)
+    assert card["parent"] == parent and card["labels"] == ["finance", "science", "sports", "weather"]
+    before = load_file(registry.resolve(parent).local_dir / "model.safetensors")
+    after = load_file(registry.resolve(outcome.ref).local_dir / "model.safetensors")
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert torch.equal(before[name], after[name]), f"{name} changed although frozen"
+    assert not torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
+    assert "score.weight" in after
+
+
+def test_train_last_n_layers_under_zero3_keeps_lower_layers(pretrained, tmp_path):
+    """Continued pretraining of only the last block, with ZeRO-3 partitioning every parameter."""
+    root = pretrained["root"]
+    parent = f"tiny-gpt2:{pretrained['outcome'].version}"
+    config = make_config(
+        "gpt2/tiny_pretrain.yaml", f"data.path={pretrained['config'].data.path}", f"storage.root={root}",
+        "name=tiny-gpt2-top", f"model.init_from={parent}", "model.train_last_n_layers=1", "train.epochs=1",
+        "train.max_steps_per_epoch=5", "train.deepspeed.zero_stage=3",
+    )
+    outcome = run_training(config)
+    registry = Registry(Storage(str(root)))
+    before = load_file(registry.resolve(parent).local_dir / "model.safetensors")
+    after = load_file(registry.resolve(outcome.ref).local_dir / "model.safetensors")
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.bias"):
+        assert torch.equal(before[name], after[name]), f"{name} changed although frozen"
+    assert not torch.equal(before["transformer.h.1.mlp.c_fc.weight"], after["transformer.h.1.mlp.c_fc.weight"])
+
+
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "bf16"), (3, "fp32"), (3, "bf16")])
+def test_zero_stages_and_precisions_complete(ray_session, demo_data, tmp_path, stage, precision):
+    config = make_config(
+        "gpt2/tiny_pretrain.yaml", f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={tmp_path}",
+        "train.epochs=1", "train.max_steps_per_epoch=4", f"train.deepspeed.zero_stage={stage}",
+        f"train.precision={precision}",
+    )
+    outcome = run_training(config)
+    card = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version)
+    assert card["run"]["precision"] == precision
+    assert 0 < outcome.metrics["val_loss"] < 20
+    model = AutoModelForCausalLM.from_pretrained(Registry(Storage(str(tmp_path))).resolve(outcome.ref).local_dir)
+    # The consolidated copy holds the full fp32 weights, not ZeRO-3 placeholders.
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (64, 192)
+    assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
+
+
+def test_fp16_on_cpu_cluster_is_refused(ray_session, demo_data, tmp_path):
+    config = make_config("gpt2/tiny_pretrain.yaml", f"data.path={demo_data / 'corpus.jsonl'}",
+                         f"storage.root={tmp_path}", "train.precision=fp16")
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        run_training(config)
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp_path):
+    overrides = [f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={tmp_path}", "run_name=resume-me",
+                 "train.epochs=4", "train.max_steps_per_epoch=15"]
+    config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt2", "tiny_pretrain.yaml")
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lifelong.cli", "pretrain", config_path, *overrides, "--address", address],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    run_dir = Path(tmp_path) / "runs" / "resume-me"
+    deadline = time.monotonic() + 400
+    states = []
+    try:
+        while time.monotonic() < deadline and not states:
+            states = sorted(run_dir.glob("checkpoint_*/state.json"))
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, as with a lost laptop
+        proc.wait()
+    assert states, "the first run never reported a checkpoint"
+    time.sleep(1.0)  # let the in-flight checkpoint land, if any
+    latest = max((json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/state.json")), key=lambda s: s["epoch"])
+    assert latest["epoch"] < 4, "the run finished before it could be killed"
+
+    outcome = run_training(make_config("gpt2/tiny_pretrain.yaml", *overrides))
+    history = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version)["run"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # The epochs before the kill are the first run's, carried over, not retrained.
+    assert history[: latest["epoch"]] == latest["history"]
+    assert history[-1]["global_step"] == 4 * history[0]["global_step"]
