@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/quickstart.py
+	HF_HUB_OFFLINE=1 $(BIN)/python jobs/quickstart.py
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra

@@ -180,21 +180,11 @@ def data_demo(
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        app(args=argv, standalone_mode=False)
+        # Standalone mode: usage errors print their message and exit 2, as click does.
+        app(args=argv)
     except LifelongError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except Exception as e:  # click usage errors carry their own message
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""The command line as a user types it: models list/show/promote/rollback, evaluate, bad arguments."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import CONFIGS
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+
+
+def lifelong(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lifelong.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def store(tmp_path):
+    model_dir = tmp_path / "m"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(model_dir)
+    registry = Registry(Storage(str(tmp_path / "store")))
+    for i in range(3):
+        registry.register_version("demo", model_dir, {"task": "causal-lm", "metrics": {"val_loss": 3.0 - i}})
+    return tmp_path / "store"
+
+
+def test_models_promote_rollback_list_show(store):
+    for v in (1, 2, 3):
+        assert lifelong("models", "promote", f"demo:{v}", "--root", store).returncode == 0
+    out = lifelong("models", "rollback", "demo", "--root", store)
+    assert out.returncode == 0 and "3 → 2" in out.stdout
+    listing = lifelong("models", "list", "--root", store)
+    assert listing.returncode == 0
+    row = next(line for line in listing.stdout.splitlines() if "champion" in line)
+    assert "│ 2 " in row and "val_loss=2" in row
+    shown = json.loads(lifelong("models", "show", "demo@champion", "--root", store).stdout)
+    assert shown["card"]["version"] == 2
+    assert [e["kind"] for e in shown["history"]] == ["promote", "promote", "promote", "rollback"]
+    assert lifelong("models", "promote", "demo:2", "--alias", "challenger", "--root", store).returncode == 0
+    assert Registry(Storage(str(store))).aliases("demo")["challenger"]["version"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["models", "promote", "demo:9"], "demo:9 does not exist"),
+    (["models", "show", "demo@nope"], "'demo@nope' does not exist"),
+    (["models", "rollback", "demo"], "no earlier version"),
+    (["models", "promote", "demo:1", "--alias", "9bad"], "not a valid alias"),
+])
+def test_models_bad_arguments_get_clear_errors(store, args, message):
+    out = lifelong(*args, "--root", store)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_command_and_missing_config():
+    out = lifelong("pretrian")
+    assert out.returncode == 2 and "No such command" in out.stderr
+    out = lifelong("pretrain", "/no/such.yaml")
+    assert out.returncode == 2 and "config file not found: /no/such.yaml" in out.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_prints_table_and_json(pretrained, demo_data, tmp_path):
+    address = pretrained["outcome"] and __import__("ray").get_runtime_context().gcs_address
+    ref = f"tiny-gpt2:{pretrained['outcome'].version}"
+    out_json = tmp_path / "eval.json"
+    proc = lifelong("evaluate", f"{CONFIGS}/gpt2/tiny_pretrain.yaml", f"storage.root={pretrained['root']}",
+                    "--model", ref, "--data", demo_data / "corpus.jsonl", "--json", out_json, "--address", address)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "perplexity" in proc.stdout
+    result = json.loads(out_json.read_text())
+    assert result["model"] == ref and result["task"] == "causal-lm"
+    # Scored on every row (both splits) it is close to the training run's validation loss.
+    assert abs(result["metrics"]["loss"] - pretrained["outcome"].metrics["val_loss"]) < 0.5
+    assert result["metrics"]["perplexity"] > 1
