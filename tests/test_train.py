@@ -115,19 +115,28 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     run_dir = Path(tmp_path) / "runs" / "resume-me"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+
+    def committed():  # the checkpoints Ray Train has recorded as reported
+        if not snapshot.exists():
+            return []
+        try:
+            return json.loads(snapshot.read_text())["checkpoint_results"]
+        except ValueError:  # caught mid-write
+            return []
+
     deadline = time.monotonic() + 400
-    states = []
     try:
-        while time.monotonic() < deadline and not states:
-            states = sorted(run_dir.glob("checkpoint_*/state.json"))
+        while time.monotonic() < deadline and not committed():
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, as with a lost laptop
         proc.wait()
-    assert states, "the first run never reported a checkpoint"
-    time.sleep(1.0)  # let the in-flight checkpoint land, if any
-    latest = max((json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/state.json")), key=lambda s: s["epoch"])
-    assert latest["epoch"] < 4, "the run finished before it could be killed"
+    results = committed()
+    assert results, "the first run never reported a checkpoint"
+    last = max(results, key=lambda r: r["metrics"]["epoch"])
+    assert last["metrics"]["epoch"] < 4, "the run finished before it could be killed"
+    latest = json.loads((run_dir / last["checkpoint_dir_name"] / "state.json").read_text())
 
     outcome = run_training(make_config("gpt2/tiny_pretrain.yaml", *overrides))
     history = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version)["run"]["history"]
@@ -135,3 +144,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
     # The epochs before the kill are the first run's, carried over, not retrained.
     assert history[: latest["epoch"]] == latest["history"]
     assert history[-1]["global_step"] == 4 * history[0]["global_step"]
+
+    # Re-running the finished run registers nothing new.
+    again = run_training(make_config("gpt2/tiny_pretrain.yaml", *overrides))
+    assert again.version == outcome.version
+    assert Registry(Storage(str(tmp_path))).versions("tiny-gpt2") == [outcome.version]

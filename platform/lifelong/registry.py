@@ -149,6 +149,10 @@ class Registry:
             )
         return self.storage.read_json(path)
 
+    def find_versions(self, name: str, match) -> list[int]:
+        """Versions whose card satisfies `match(card)`, ascending."""
+        return [v for v in self.versions(name) if match(self.card(name, v))]
+
     def local_dir(self, name: str, version: int) -> Path:
         """A local directory holding the version's files (the storage itself when local)."""
         self.card(name, version)

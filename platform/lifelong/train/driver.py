@@ -137,6 +137,13 @@ def run_training(config: JobConfig) -> TrainingOutcome:
     if best is None:
         raise LifelongError(f"training run '{run_name}' reported no checkpoint")
     checkpoint, metrics = best
+    already = registry.find_versions(config.name, lambda card: card.get("run", {}).get("checkpoint") == checkpoint.path)
+    if already:
+        # Re-running a finished run resumes it with nothing left to do: no duplicate version.
+        card = registry.card(config.name, already[0])
+        print(f"[lifelong] the best checkpoint is already registered as {config.name}:{already[0]}", flush=True)
+        epochs = [h["epoch"] for h in card["run"].get("history", [])]
+        return TrainingOutcome(run_name, result.path, already[0], config.name, card["metrics"], report, epochs)
     with checkpoint.as_directory() as ckpt_dir:
         state = _read_json(Path(ckpt_dir) / "state.json")
         card = {
