@@ -145,7 +145,7 @@ def main() -> None:
             })
     result = {
         "benchmark": "train_throughput",
-        "command": "python benchmarks/train_throughput.py" + (" --quick" if args.quick else ""),
+        "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU cores, no GPU",
         "date": date.today().isoformat(),
         "peak_flops": {k: round(v) for k, v in peaks.items()},
@@ -155,6 +155,7 @@ def main() -> None:
         "raw": raw,
     }
     out = HERE / "results" / ("train_throughput_quick.json" if args.quick else "train_throughput.json")
+    result["command"] = result["command"].strip()
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
