@@ -149,3 +149,18 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
     again = run_training(make_config("gpt2/tiny_pretrain.yaml", *overrides))
     assert again.version == outcome.version
     assert Registry(Storage(str(tmp_path))).versions("tiny-gpt2") == [outcome.version]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_same_config_trains_on_gpus_with_nccl(ray_session, demo_data, tmp_path):
+    """The CPU config unchanged but for the scaling: GPUs are detected, precision auto picks bf16/fp16."""
+    config = make_config(
+        "gpt2/tiny_pretrain.yaml", f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={tmp_path}",
+        "train.epochs=2", "train.max_steps_per_epoch=20", f"scaling.num_workers={min(2, torch.cuda.device_count())}",
+    )
+    outcome = run_training(config)
+    card = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version)
+    assert card["run"]["precision"] in ("bf16", "fp16")
+    history = card["run"]["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
