@@ -35,7 +35,6 @@ from lifelong.errors import DataError
 from lifelong.storage import Storage, filesystem_for, is_uri
 
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
-DROP_REASONS = ("empty_text", "missing_label", "unknown_label")
 
 
 @dataclass

@@ -119,14 +119,6 @@ def apply_freezing(model: PreTrainedModel, freeze_embeddings: bool, train_last_n
     return {"total_params": total, "trainable_params": trainable}
 
 
-def frozen_parameter_names(model: PreTrainedModel) -> list[str]:
-    return [name for name, p in model.named_parameters() if not p.requires_grad]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def load_for_inference(model_dir: str | Path, task: str) -> PreTrainedModel:
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     model = cls.from_pretrained(str(model_dir), use_safetensors=True, dtype=torch.float32)

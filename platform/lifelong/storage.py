@@ -137,10 +137,6 @@ class Storage:
         pafs.copy_files(self.path(rel), str(local_dir), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
         return local_dir
 
-    def delete_dir(self, rel: str) -> None:
-        if self.exists(rel):
-            self.fs.delete_dir(self.path(rel))
-
     @contextlib.contextmanager
     def lock(self, rel: str) -> Iterator[None]:
         """Serialise writers of one resource (version numbering, alias moves).

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -172,6 +173,4 @@ def _best_checkpoint(result, attribute: str, order: str):
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     return json.loads(path.read_text()) if path.exists() else {}
