@@ -14,7 +14,6 @@ import fnmatch
 import functools
 import hashlib
 import io
-import json
 import posixpath
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
