@@ -114,22 +114,94 @@ class RayConfig(Section):
     num_cpus: int | None = Field(default=None, ge=1)
 
 
+class ExportSection(Section):
+    # When a new version is registered: "auto" exports classification models to ONNX.
+    on_register: Literal["auto", "always", "never"] = "auto"
+    opset: int = Field(default=18, ge=14)
+    # Largest |ONNX logit - PyTorch logit| accepted on the sample inputs (fp32).
+    parity_tolerance: float = Field(default=1e-4, gt=0.0)
+    # Also build an int8 dynamically quantized variant (classification only).
+    int8: bool = True
+    # The int8 variant is kept only if its validation accuracy is at most this much lower
+    # (a fraction: 0.01 = one point).
+    int8_max_accuracy_drop: float = Field(default=0.01, ge=0.0, le=1.0)
+    # Validation rows scored to measure the int8 accuracy drop.
+    eval_rows: int = Field(default=2000, ge=10)
+
+
+class AutoscalingSection(Section):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(default=8, gt=0)
+
+
+class AuthSection(Section):
+    # Bearer-token auth is on when either is set: the token comes from this environment
+    # variable or file, read by `lifelong serve` (replicas only ever see its SHA-256).
+    token_env: str | None = None
+    token_file: str | None = None
+
+
+class ServeSection(Section):
+    # The registry model to follow (default: the config's `name`) and the alias it follows.
+    model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    # Classification backend; causal-LM versions always generate with PyTorch.
+    backend: Literal["onnx", "onnx-int8", "torch"] = "onnx"
+    app_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    num_replicas: int = Field(default=2, ge=1)
+    # When set, Serve autoscales between min and max replicas instead of num_replicas.
+    autoscaling: AutoscalingSection | None = None
+    cpus_per_replica: float = Field(default=1, ge=0)
+    threads_per_replica: int = Field(default=1, ge=1)
+    # Dynamic batching (@serve.batch); max_ongoing_requests defaults to 2 x max_batch_size.
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0)
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    # Request limits: more texts, or longer texts (in characters), get a 4xx.
+    max_texts_per_request: int = Field(default=64, ge=1)
+    max_text_chars: int = Field(default=20000, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    # How often the alias is read from the registry, and how often replicas sync with it.
+    poll_interval_s: float = Field(default=1.0, gt=0.0)
+    sync_interval_s: float = Field(default=0.1, gt=0.0)
+    # A class-label set that differs from the serving version's is refused unless allowed.
+    allow_label_change: bool = False
+    auth: AuthSection = Field(default_factory=AuthSection)
+
+    @model_validator(mode="after")
+    def _batching(self) -> ServeSection:
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"serve.max_ongoing_requests={self.max_ongoing_requests} is below serve.max_batch_size="
+                f"{self.max_batch_size}: batches never exceed a replica's ongoing requests, raise it"
+            )
+        if self.autoscaling and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
+            raise ValueError("serve.autoscaling.min_replicas is above serve.autoscaling.max_replicas")
+        return self
+
+
 class JobConfig(Section):
     # The model's name in the registry; also the base of the deterministic run name.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     # A run re-started under the same name resumes from its latest checkpoint.
     run_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig
+    # Training and evaluation need it; a config that only serves may leave it out.
+    data: DataConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     ray: RayConfig = Field(default_factory=RayConfig)
+    export: ExportSection = Field(default_factory=ExportSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
         m, d, t = self.model, self.data, self.train
-        if m.task == "sequence-classification":
+        if m.task == "sequence-classification" and d is not None:
             if not d.label_column or not d.labels:
                 raise ValueError(
                     "model.task is sequence-classification but data.label_column or data.labels "
@@ -151,6 +223,11 @@ class JobConfig(Section):
                 "empty: set model.init_from or remove model.train_last_n_layers"
             )
         return self
+
+    def require_data(self, job: str) -> DataConfig:
+        if self.data is None:
+            raise ConfigError(f"{job} needs a data section: add data.path (a file, directory or glob)")
+        return self.data
 
     @property
     def resolved_run_name(self) -> str:
@@ -180,7 +257,10 @@ def absolute_paths(config: JobConfig) -> JobConfig:
         return value if "://" in value else str(Path(value).expanduser().absolute())
 
     config.storage.root = absolute(config.storage.root)
-    config.data.path = absolute(config.data.path)
+    if config.data is not None:
+        config.data.path = absolute(config.data.path)
+    if config.serve.auth.token_file:
+        config.serve.auth.token_file = absolute(config.serve.auth.token_file)
     if config.model.tokenizer:
         config.model.tokenizer = absolute(config.model.tokenizer)
     if config.model.init_from and Path(config.model.init_from).expanduser().exists():

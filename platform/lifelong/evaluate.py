@@ -82,7 +82,7 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     storage = Storage(config.storage.root)
     resolved = Registry(storage).resolve(ref)
     task = (resolved.card or {}).get("task") or config.model.task
-    validated = read_validated(config.data, storage, quarantine_area="evaluate", path=data_path)
+    validated = read_validated(config.require_data("evaluate"), storage, quarantine_area="evaluate", path=data_path)
     rows = tokenized(validated.split(None), task, str(resolved.local_dir), config.model.max_length)
     scored = rows.map_batches(
         Scorer, fn_constructor_kwargs={"storage_root": storage.root_uri, "ref": ref, "task": task},

@@ -1,6 +1,7 @@
 """The model registry on the storage root: immutable versions, atomically moved aliases.
 
-    registry/<model>/versions/<n>/        weights (safetensors), tokenizer, card.json (written last)
+    registry/<model>/versions/<n>/        weights (safetensors), tokenizer, model.onnx, card.json (last)
+    registry/<model>/versions/<n>/exports/<format>.json  add-only records of later exports
     registry/<model>/aliases/<alias>.json the pointer: {version, seq, moved_at, ...}
     registry/<model>/history/<alias>/<seq>.json  one immutable file per move
 
@@ -8,6 +9,10 @@ A version exists once its card.json exists; it is written last and never rewritt
 reader never sees a half-written version. An alias pointer is replaced atomically; each move
 first writes its history event, then the pointer (events newer than the pointer's `seq` are
 the remains of an interrupted move and are ignored).
+
+Exports made after registration (`lifelong export` on an older version) are the one thing
+added to a version: new files plus an `exports/<format>.json` record created exclusively,
+so nothing that existed is ever rewritten; `card()` shows those records under `exports`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,28 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 # Only these travel into a version: weights as safetensors, configs and tokenizers as text.
 # Pickled formats (.bin, .pt, .pkl) are never copied, so loading never unpickles.
-ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt", ".model", ".onnx", ".md"}
+# ONNX models above 2 GB keep their weights in an external `.onnx.data` file (raw tensors).
+ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt", ".model", ".onnx", ".data", ".md"}
+
+
+def format_of(filename: str) -> str | None:
+    """Which model format a version file belongs to (for the per-format sizes on the card)."""
+    if filename.endswith(".safetensors"):
+        return "safetensors"
+    if filename.startswith("model.int8.onnx"):
+        return "onnx-int8"
+    if filename.startswith("model.onnx"):
+        return "onnx"
+    return None
+
+
+def format_sizes(sizes: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for filename, size in sizes.items():
+        fmt = format_of(filename)
+        if fmt:
+            out[fmt] = out.get(fmt, 0) + size
+    return out
 
 
 @dataclass(frozen=True)
@@ -104,25 +130,32 @@ class Registry:
         nums = [int(v) for v in self.storage.listdir(f"registry/{name}/versions") if v.isdigit()]
         return sorted(n for n in nums if self.storage.exists(f"registry/{name}/versions/{n}/card.json"))
 
-    def register_version(self, name: str, model_dir: str | Path, card: dict) -> int:
-        """Copy a saved HF model directory into a new immutable version; returns its number."""
+    def register_version(self, name: str, model_dir: str | Path, card: dict, extra_files: dict[str, Path] | None = None) -> int:
+        """Copy a saved HF model directory (plus `extra_files`, e.g. an ONNX export, by their
+        names in the version) into a new immutable version; returns its number."""
         self._check_name(name)
         model_dir = Path(model_dir)
-        files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix in ALLOWED_SUFFIXES and p.name != "card.json")
-        if not any(p.suffix == ".safetensors" for p in files):
+        files = {
+            p.relative_to(model_dir).as_posix(): p
+            for p in sorted(model_dir.rglob("*"))
+            if p.is_file() and p.suffix in ALLOWED_SUFFIXES and p.name != "card.json"
+        }
+        files.update({rel: Path(src) for rel, src in (extra_files or {}).items()})
+        if not any(rel.endswith(".safetensors") for rel in files):
             raise RegistryError(f"{model_dir} holds no .safetensors weights: nothing to register")
         version = self._claim_version_number(name)
         prefix = f"registry/{name}/versions/{version}"
-        for src in files:
-            self.storage.write_bytes(f"{prefix}/{src.relative_to(model_dir).as_posix()}", src.read_bytes())
+        for rel, src in files.items():
+            self.storage.write_bytes(f"{prefix}/{rel}", src.read_bytes())
+        sizes = {rel: src.stat().st_size for rel, src in files.items()}
         full_card = {
             **card,
             "name": name,
             "version": version,
             "created_at": _now(),
             "code_version": code_version(),
-            "files": {p.relative_to(model_dir).as_posix(): p.stat().st_size for p in files},
-            "size_bytes": {"safetensors": sum(p.stat().st_size for p in files if p.suffix == ".safetensors")},
+            "files": sizes,
+            "size_bytes": format_sizes(sizes),
         }
         # The card goes last: from this moment the version exists, and it is never rewritten.
         data = json.dumps(full_card, indent=2, sort_keys=True, default=str).encode()
@@ -147,7 +180,37 @@ class Registry:
                 f"{name}:{version} does not exist in {self.storage.root_uri}/registry"
                 + (f"; versions: {', '.join(map(str, known))}" if known else f"; no versions of '{name}'")
             )
-        return self.storage.read_json(path)
+        card = self.storage.read_json(path)
+        for fname in self.storage.listdir(f"registry/{name}/versions/{version}/exports"):
+            if fname.endswith(".json"):
+                record = self.storage.read_json(f"registry/{name}/versions/{version}/exports/{fname}")
+                fmt = fname[: -len(".json")]
+                card.setdefault("exports", {})[fmt] = record
+                card.setdefault("files", {}).update(record.get("files", {}))
+                card.setdefault("size_bytes", {}).update(format_sizes(record.get("files", {})))
+        return card
+
+    def add_export(self, name: str, version: int, fmt: str, files: dict[str, Path], record: dict) -> dict:
+        """Add an export (new files + its record) to an existing version; never rewrites.
+
+        The record is created exclusively and last: files without a record are the remains
+        of an interrupted export and may be replaced; a format with a record is final.
+        """
+        card = self.card(name, version)
+        if fmt in card.get("exports", {}):
+            raise RegistryError(f"{name}:{version} already has a '{fmt}' export; versions are immutable")
+        prefix = f"registry/{name}/versions/{version}"
+        clashes = [rel for rel in files if rel in card.get("files", {})]
+        if clashes:
+            raise RegistryError(f"{name}:{version} already has {', '.join(clashes)}; versions are immutable")
+        with self.storage.lock(f"{prefix}/exports/{fmt}"):
+            for rel, src in files.items():
+                self.storage.write_bytes(f"{prefix}/{rel}", Path(src).read_bytes())
+            full = {**record, "files": {rel: Path(src).stat().st_size for rel, src in files.items()}, "added_at": _now()}
+            data = json.dumps(full, indent=2, sort_keys=True, default=str).encode()
+            if not self.storage.create_exclusive(f"{prefix}/exports/{fmt}.json", data):
+                raise RegistryError(f"{name}:{version} already has a '{fmt}' export; versions are immutable")
+        return full
 
     def find_versions(self, name: str, match) -> list[int]:
         """Versions whose card satisfies `match(card)`, ascending."""
@@ -155,13 +218,15 @@ class Registry:
 
     def local_dir(self, name: str, version: int) -> Path:
         """A local directory holding the version's files (the storage itself when local)."""
-        self.card(name, version)
+        card = self.card(name, version)
         prefix = f"registry/{name}/versions/{version}"
         if self.storage.is_local:
             return Path(self.storage.path(prefix))
-        # Versions are immutable, so a cached copy is always current.
-        cache = local_cache_dir("registry", re.sub(r"[^A-Za-z0-9]+", "_", self.storage.uri), name) / str(version)
-        if not (cache / "card.json").exists():
+        # Versions are immutable (exports only add files), so a cached copy that holds every
+        # file the card lists is current.
+        cache = self._cache_dir(name, version)
+        if not all((cache / rel).exists() for rel in ["card.json", *card.get("files", {})]):
+            shutil.rmtree(cache, ignore_errors=True)
             tmp = cache.parent / f".tmp-{version}-{time.time_ns()}"
             self.storage.download_dir(prefix, tmp)
             try:
@@ -169,6 +234,9 @@ class Registry:
             except OSError:  # another process finished the same download first
                 shutil.rmtree(tmp, ignore_errors=True)
         return cache
+
+    def _cache_dir(self, name: str, version: int) -> Path:
+        return local_cache_dir("registry", re.sub(r"[^A-Za-z0-9]+", "_", self.storage.uri), name) / str(version)
 
     # --- aliases ---------------------------------------------------------------------------
     def aliases(self, name: str) -> dict[str, dict]:

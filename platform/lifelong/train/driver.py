@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 from lifelong.config import JobConfig
 from lifelong.data import DataReport, read_validated, text_iterator, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError
+from lifelong.export import ExportResult, export_files, should_export_on_register
 from lifelong.models import train_tokenizer
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -77,7 +78,7 @@ def run_training(config: JobConfig) -> TrainingOutcome:
     run_name = config.resolved_run_name
     parent = registry.resolve(config.model.init_from) if config.model.init_from else None
 
-    validated = read_validated(config.data, storage, quarantine_area=f"runs/{run_name}")
+    validated = read_validated(config.require_data("training"), storage, quarantine_area=f"runs/{run_name}")
     report = validated.report
     for split in ("train", "validation"):
         if not report.rows.get(split):
@@ -145,7 +146,7 @@ def run_training(config: JobConfig) -> TrainingOutcome:
         print(f"[lifelong] the best checkpoint is already registered as {config.name}:{already[0]}", flush=True)
         epochs = [h["epoch"] for h in card["run"].get("history", [])]
         return TrainingOutcome(run_name, result.path, already[0], config.name, card["metrics"], report, epochs)
-    with checkpoint.as_directory() as ckpt_dir:
+    with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="lifelong-export-") as work:
         state = _read_json(Path(ckpt_dir) / "state.json")
         card = {
             "task": config.model.task,
@@ -157,9 +158,27 @@ def run_training(config: JobConfig) -> TrainingOutcome:
             "run": {"name": run_name, "checkpoint": checkpoint.path, "history": state.get("history", []),
                     "precision": state.get("precision")},
         }
-        version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card)
+        exported = export_on_register(config, Path(ckpt_dir) / "hf", card, validated, work)
+        card["exports"] = exported.records
+        version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card, extra_files=exported.files)
     epochs = [h["epoch"] for h in state.get("history", [])]
     return TrainingOutcome(run_name, result.path, version, config.name, card["metrics"], report, epochs)
+
+
+def export_on_register(config: JobConfig, model_dir: Path, card: dict, validated, workdir: str) -> ExportResult:
+    """ONNX (and a gated int8 variant) of a new version, built before it is registered."""
+    task = config.model.task
+    if not should_export_on_register(config.export, task):
+        return ExportResult()
+    classification = task == "sequence-classification"
+    formats = ("onnx", "onnx-int8") if classification and config.export.int8 else ("onnx",)
+    rows = validated.split("validation").take(config.export.eval_rows) if classification else None
+    exported = export_files(model_dir, card, config.export, workdir, rows, formats)
+    for fmt, record in exported.records.items():
+        print(f"[lifelong] export {fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)
+    for fmt, reason in exported.refused.items():
+        print(f"[lifelong] export {fmt} refused: {reason}", flush=True)
+    return exported
 
 
 def _best_checkpoint(result, attribute: str, order: str):

@@ -1,0 +1,239 @@
+"""ONNX export of a registry version: dynamic batch and sequence axes, parity, int8.
+
+    HF weights ─▶ torch.onnx.export(dynamo) ─▶ model.onnx ─▶ parity vs PyTorch (max |Δlogit|)
+                                                  └─▶ quantize_dynamic ─▶ model.int8.onnx
+                                                        └─▶ accuracy drop on validation rows (gate)
+
+A new classification version is exported before it is registered (the files and records go
+into its card); `lifelong export NAME:VERSION` adds an export to an existing version (see
+`Registry.add_export`: new files and a record, nothing rewritten).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lifelong.config import ExportSection
+from lifelong.errors import LifelongError
+from lifelong.inference import ONNX_FILES, Classifier, Encoder, OnnxLogits, TorchLogits, model_max_length
+
+# Used for the parity check when no validation texts are at hand.
+SAMPLE_TEXTS = [
+    "The quarterly earnings beat expectations and the shares rose.",
+    "A storm front brings heavy rain and strong winds tonight.",
+    "ok",
+    "The team scored twice in the second half to win the final, and the coach praised the defence "
+    "for holding firm under pressure through the closing minutes of a long and tiring match.",
+]
+# ONNX files above this size keep their weights in an external .onnx.data file (protobuf's 2 GB limit).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+class ExportError(LifelongError):
+    """An export that fails its parity check or cannot be produced."""
+
+
+class LogitsOnly(nn.Module):
+    """The model as ONNX sees it: (input_ids, attention_mask) → logits, no KV cache."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, Path] = field(default_factory=dict)  # name in the version → local file
+    records: dict[str, dict] = field(default_factory=dict)  # format → what was measured
+    refused: dict[str, str] = field(default_factory=dict)  # format → why it was not kept
+
+
+def export_onnx(torch_model: nn.Module, out_path: Path, opset: int, max_length: int) -> None:
+    """Write `torch_model` as ONNX with dynamic batch and sequence axes."""
+    # Two distinct tensors: passing one object for both inputs makes the exporter alias them.
+    input_ids = torch.ones(2, min(8, max_length), dtype=torch.long)
+    attention_mask = torch.ones(2, min(8, max_length), dtype=torch.long)
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq", max=max_length)
+    big = sum(p.numel() * p.element_size() for p in torch_model.parameters()) > EXTERNAL_DATA_BYTES
+    # The exporter prints progress lines and warns about internals: keep the job log readable.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            torch.onnx.export(
+                LogitsOnly(torch_model).eval(), (), str(out_path),
+                kwargs={"input_ids": input_ids, "attention_mask": attention_mask},
+                input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                opset_version=opset, dynamo=True, external_data=big, verbose=False,
+            )
+        except Exception as e:  # the exporter raises many types; all mean "this model did not export"
+            raise ExportError(f"torch.onnx.export failed for {type(torch_model).__name__}: {e}") from None
+
+
+def parity(model_dir: Path, task: str, onnx_path: Path, texts: list[str], max_length: int) -> dict:
+    """Max |ONNX − PyTorch| over the logits of `texts`, as one padded batch and one at a time."""
+    encode = Encoder(model_dir, max_length)
+    reference = TorchLogits(model_dir, task, threads=None)
+    candidate = OnnxLogits(onnx_path, threads=1)
+    worst, shapes = 0.0, []
+    for group in (texts, texts[:1], texts[-1:]):
+        batch = encode(group)
+        a, b = reference(batch), candidate(batch)
+        if task == "causal-lm":  # padded positions are not predictions: compare real tokens only
+            keep = batch.attention_mask.astype(bool)
+            a, b = a[keep], b[keep]
+        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+        worst = diff if not (diff <= worst) else worst  # NaN stays NaN and fails the gate
+        shapes.append(list(batch.input_ids.shape))
+    return {"parity_max_abs_diff": worst, "parity_shapes": shapes}
+
+
+def accuracy(classifier: Classifier, rows: list[dict], batch_size: int = 64) -> float:
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        probs, _ = classifier.probabilities([r["text"] for r in chunk])
+        correct += int((probs.argmax(axis=-1) == np.asarray([r["label"] for r in chunk])).sum())
+    return correct / max(len(rows), 1)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # onnxruntime logs a pre-processing hint through the root logger on every call.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def export_files(
+    model_dir: str | Path,
+    card: dict | None,
+    cfg: ExportSection,
+    workdir: str | Path,
+    rows: list[dict] | None = None,
+    formats: tuple[str, ...] = ("onnx", "onnx-int8"),
+) -> ExportResult:
+    """Build the requested formats of the model in `model_dir` into `workdir`.
+
+    `rows` are labelled validation rows ({"text", "label" id}) for the int8 accuracy gate.
+    A format already present in `model_dir` (e.g. model.onnx when only int8 is asked for)
+    is reused as the quantization source.
+    """
+    import onnxruntime
+
+    from lifelong.models import load_for_inference
+
+    model_dir, workdir = Path(model_dir), Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    task = (card or {}).get("task") or "sequence-classification"
+    max_length = model_max_length(model_dir, card)
+    result = ExportResult()
+    onnx_path = model_dir / ONNX_FILES["onnx"]
+    if "onnx" in formats:
+        onnx_path = workdir / ONNX_FILES["onnx"]
+        export_onnx(load_for_inference(model_dir, task), onnx_path, cfg.opset, max_length)
+        texts = [r["text"] for r in (rows or [])[:15]] + [SAMPLE_TEXTS[-1]] if rows else SAMPLE_TEXTS
+        measured = parity(model_dir, task, onnx_path, texts, max_length)
+        if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
+            raise ExportError(
+                f"ONNX export of {model_dir} differs from PyTorch by {measured['parity_max_abs_diff']:.3g} "
+                f"(max |logit difference|) > export.parity_tolerance={cfg.parity_tolerance:g}: not kept"
+            )
+        result.files["model.onnx"] = onnx_path
+        for extra in workdir.glob("model.onnx.data"):
+            result.files[extra.name] = extra
+        result.records["onnx"] = {
+            **measured, "parity_tolerance": cfg.parity_tolerance, "opset": cfg.opset, "max_length": max_length,
+            "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "onnxruntime": onnxruntime.__version__,
+        }
+    if "onnx-int8" in formats:
+        if task != "sequence-classification":
+            raise ExportError("int8 export is gated on accuracy, so it is built for sequence-classification models only")
+        if not rows:
+            raise ExportError("the int8 accuracy gate needs labelled validation rows: pass --data or keep the version's data readable")
+        if not onnx_path.exists():
+            raise ExportError(f"{model_dir} has no model.onnx to quantize: export onnx first")
+        int8_path = workdir / ONNX_FILES["onnx-int8"]
+        quantize_int8(onnx_path, int8_path)
+        scored = rows[: cfg.eval_rows]
+        with tempfile.TemporaryDirectory() as staged:
+            # Score both files side by side from one directory holding the model's tokenizer.
+            fp32 = Classifier(_with_files(model_dir, staged, {"model.onnx": onnx_path}), "onnx", card)
+            acc_fp32 = accuracy(fp32, scored)
+            int8 = Classifier(_with_files(model_dir, staged, {"model.int8.onnx": int8_path}), "onnx-int8", card)
+            acc_int8 = accuracy(int8, scored)
+        drop = acc_fp32 - acc_int8
+        record = {
+            "accuracy_fp32": acc_fp32, "accuracy_int8": acc_int8, "accuracy_drop": drop, "rows": len(scored),
+            "max_accuracy_drop": cfg.int8_max_accuracy_drop, "quantization": "onnxruntime quantize_dynamic QInt8 weights",
+        }
+        if drop <= cfg.int8_max_accuracy_drop:
+            result.files["model.int8.onnx"] = int8_path
+            result.records["onnx-int8"] = record
+        else:
+            result.refused["onnx-int8"] = (
+                f"int8 accuracy {acc_int8:.4f} is {drop * 100:.2f} points below fp32 {acc_fp32:.4f} "
+                f"(allowed: {cfg.int8_max_accuracy_drop * 100:.2f}; export.int8_max_accuracy_drop): not kept"
+            )
+            if "onnx" in result.records:
+                result.records["onnx"]["int8_refused"] = {**record, "reason": result.refused["onnx-int8"]}
+    return result
+
+
+def _with_files(model_dir: Path, staged: str, files: dict[str, Path]) -> Path:
+    """A directory with the model's small files (config, tokenizer) linked, plus `files`."""
+    staged_dir = Path(staged)
+    for src in model_dir.iterdir():
+        if src.is_file() and src.suffix in {".json", ".txt", ".model"} and not (staged_dir / src.name).exists():
+            (staged_dir / src.name).symlink_to(src.resolve())
+    for name, src in files.items():
+        if not (staged_dir / name).exists():
+            (staged_dir / name).symlink_to(Path(src).resolve())
+    return staged_dir
+
+
+def should_export_on_register(cfg: ExportSection, task: str) -> bool:
+    return cfg.on_register == "always" or (cfg.on_register == "auto" and task == "sequence-classification")
+
+
+def validation_rows(data_cfg, storage, limit: int, path: str | None = None) -> list[dict]:
+    """Labelled rows for the int8 gate: the validation split of the data, or every valid
+    row of `path` when one is given (data set aside for evaluation)."""
+    from lifelong.data import read_validated
+
+    validated = read_validated(data_cfg, storage, quarantine_area="export", path=path)
+    return validated.split(None if path else "validation").take(limit)
+
+
+def export_version(registry, name: str, version: int, cfg: ExportSection, rows: list[dict] | None, formats: tuple[str, ...]) -> ExportResult:
+    """Add the missing `formats` to an existing version (files + records, nothing rewritten)."""
+    from lifelong.registry import format_of
+
+    card = registry.card(name, version)
+    todo = tuple(f for f in formats if f not in card.get("exports", {}))
+    if not todo:
+        raise ExportError(f"{name}:{version} already has {', '.join(formats)}; versions are immutable")
+    with tempfile.TemporaryDirectory(prefix="lifelong-export-") as work:
+        result = export_files(registry.local_dir(name, version), card, cfg, work, rows, todo)
+        for fmt in ("onnx", "onnx-int8"):
+            if fmt in result.records:
+                files = {rel: path for rel, path in result.files.items() if format_of(rel) == fmt}
+                result.records[fmt] = registry.add_export(name, version, fmt, files, result.records[fmt])
+    return result

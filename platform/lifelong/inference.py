@@ -1,0 +1,194 @@
+"""Inference backends for one registry version: ONNX Runtime or PyTorch, plus generation.
+
+Used by the Serve replicas, by export (parity, int8 accuracy) and by the benchmarks, so
+the served path and the measured path are the same code.
+
+    encode(texts) ─▶ Batch(input_ids, attention_mask, truncated) ─▶ backend.logits ─▶ softmax
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lifelong.errors import LifelongError
+
+BACKENDS = ("onnx", "onnx-int8", "torch")
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+
+
+class BackendError(LifelongError):
+    """A version that cannot be loaded or run with the requested backend."""
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray  # int64 [batch, seq]
+    attention_mask: np.ndarray  # int64 [batch, seq]
+    truncated: list[bool]
+
+
+class Encoder:
+    """Tokenizes a list of texts into a right-padded batch, truncating to `max_length` and
+    reporting which texts were cut (the fast tokenizer's own truncation keeps special tokens)."""
+
+    def __init__(self, model_dir: str | Path, max_length: int):
+        from lifelong.models import load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+        self.max_length = max_length
+        self.pad_id = tok.pad_token_id
+        self.tokenizer = tok
+        self._fast = tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str())
+        self._fast.enable_truncation(max_length=max_length)
+        self._fast.enable_padding(pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+
+    def __call__(self, texts: list[str]) -> Batch:
+        encodings = self._fast.encode_batch(list(texts))
+        return Batch(
+            input_ids=np.asarray([e.ids for e in encodings], dtype=np.int64),
+            attention_mask=np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+            truncated=[bool(e.overflowing) for e in encodings],
+        )
+
+
+def model_max_length(model_dir: str | Path, card: dict | None) -> int:
+    """The sequence length the version was trained for (its card), capped by its positions."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    positions = config.get("n_positions") or config.get("max_position_embeddings") or 512
+    trained = ((card or {}).get("config") or {}).get("model", {}).get("max_length")
+    return int(min(trained or positions, positions))
+
+
+def task_of(hf_config: dict, card: dict | None) -> str:
+    """The version's task: from its card, else from the HF architecture name."""
+    if card and card.get("task"):
+        return card["task"]
+    architectures = hf_config.get("architectures") or []
+    return "sequence-classification" if any("SequenceClassification" in a for a in architectures) else "causal-lm"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class OnnxLogits:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise BackendError(f"ONNX Runtime cannot load {path.name}: {e}") from None
+
+    def __call__(self, batch: Batch) -> np.ndarray:
+        return self.session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})[0]
+
+
+class TorchLogits:
+    def __init__(self, model_dir: Path, task: str, threads: int | None):
+        import torch
+
+        from lifelong.models import load_for_inference
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        try:
+            self.model = load_for_inference(model_dir, task)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise BackendError(f"PyTorch cannot load the weights in {model_dir}: {e}") from None
+
+    def __call__(self, batch: Batch) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model(
+                input_ids=self.torch.from_numpy(batch.input_ids),
+                attention_mask=self.torch.from_numpy(batch.attention_mask),
+                use_cache=False,
+            )
+        return out.logits.float().numpy()
+
+
+class Classifier:
+    """Texts → label probabilities for one version, with the chosen backend."""
+
+    def __init__(self, model_dir: str | Path, backend: str = "onnx", card: dict | None = None, threads: int = 1):
+        model_dir = Path(model_dir)
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
+        config = json.loads((model_dir / "config.json").read_text())
+        if task_of(config, card) != "sequence-classification":
+            raise BackendError(f"{model_dir} holds a {task_of(config, card)} model, not a sequence classifier")
+        id2label = config.get("id2label") or {}
+        self.labels = [id2label[str(i)] for i in range(len(id2label))]
+        self.backend = backend
+        self.max_length = model_max_length(model_dir, card)
+        self.encode = Encoder(model_dir, self.max_length)
+        if backend == "torch":
+            self.logits = TorchLogits(model_dir, "sequence-classification", threads)
+        else:
+            path = model_dir / ONNX_FILES[backend]
+            if not path.exists():
+                raise BackendError(f"{model_dir} has no {path.name}: export it first (lifelong export NAME:VERSION)")
+            self.logits = OnnxLogits(path, threads)
+
+    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        batch = self.encode(texts)
+        return softmax(self.logits(batch)), batch.truncated
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        probs, truncated = self.probabilities(texts)
+        return [
+            {
+                "label": self.labels[int(p.argmax())],
+                "probabilities": {label: float(x) for label, x in zip(self.labels, p)},
+                "truncated": cut,
+            }
+            for p, cut in zip(probs, truncated)
+        ]
+
+
+class Generator:
+    """Prompt → continuation with a causal LM in PyTorch."""
+
+    def __init__(self, model_dir: str | Path, card: dict | None = None, threads: int | None = 1):
+        import torch
+
+        model_dir = Path(model_dir)
+        self.torch = torch
+        self.logits = TorchLogits(model_dir, "causal-lm", threads)
+        self.model = self.logits.model
+        self.max_length = model_max_length(model_dir, card)
+        self.encode = Encoder(model_dir, self.max_length)
+
+    def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> dict:
+        # Keep the prompt's tail so prompt + continuation fit the model's positions.
+        ids = self.encode.tokenizer(prompt)["input_ids"]
+        keep = max(1, self.max_length - max_new_tokens)
+        truncated = len(ids) > keep
+        ids = ids[-keep:]
+        new_tokens = min(max_new_tokens, self.max_length - len(ids))
+        torch = self.torch
+        generator_kwargs = {"do_sample": False}
+        if temperature > 0:
+            torch.manual_seed(seed)
+            generator_kwargs = {"do_sample": True, "temperature": temperature, "top_k": 50}
+        with torch.inference_mode():
+            out = self.model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=new_tokens, pad_token_id=self.encode.pad_id, **generator_kwargs,
+            )
+        continuation = out[0, len(ids):].tolist()
+        return {
+            "text": self.encode.tokenizer.decode(continuation, skip_special_tokens=True),
+            "tokens": len(continuation),
+            "truncated": truncated,
+        }
