@@ -52,3 +52,69 @@ def pretrained(ray_session, demo_data, tmp_path_factory):
     )
     outcome = run_training(config)
     return {"outcome": outcome, "root": root, "config": config}
+
+
+LABELS = ["finance", "science", "sports", "weather"]
+
+
+@pytest.fixture(scope="session")
+def topic_rows(demo_data):
+    import json
+
+    rows = [json.loads(line) for line in (demo_data / "topics.jsonl").read_text().splitlines()]
+    return [{"text": r["text"], "label": LABELS.index(r["label"])} for r in rows if r.get("label") in LABELS and r.get("text")]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(topic_rows, demo_data, tmp_path_factory):
+    """A byte-level BPE trained on the demo texts (seconds), for models built without training."""
+    from lifelong.models import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    texts = [r["text"] for r in topic_rows] + (demo_data / "corpus.jsonl").read_text().splitlines()[:300]
+    train_tokenizer(texts, 600, out)
+    return out
+
+
+def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-classification", seed=0, rows=None, export=True):
+    """Register a tiny GPT-2 with random weights (seeded) the way training registers one:
+    HF files + tokenizer, ONNX and int8 exported first, records on the card. Returns the version."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from lifelong.config import ExportSection, ModelConfig
+    from lifelong.export import export_files
+    from lifelong.models import build_model, load_tokenizer
+
+    workdir = Path(workdir) / f"{name}-{seed}"
+    torch.manual_seed(seed)
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = ModelConfig(task=task, hf_config={"n_layer": 2, "n_embd": 32, "n_head": 2}, max_length=32, tokenizer=str(tokenizer_dir))
+    model = build_model(cfg, tok, labels=LABELS if task == "sequence-classification" else None)
+    model.save_pretrained(workdir / "hf")
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, workdir / "hf" / f.name)
+    card = {"task": task, "labels": LABELS if task == "sequence-classification" else None,
+            "metrics": {"seed": seed}, "config": {"model": cfg.model_dump(mode="json")}}
+    exported = None
+    if export:
+        formats = ("onnx", "onnx-int8") if task == "sequence-classification" else ("onnx",)
+        exported = export_files(workdir / "hf", card, ExportSection(int8_max_accuracy_drop=1.0), workdir / "onnx", rows, formats)
+        card["exports"] = exported.records
+    return registry.register_version(name, workdir / "hf", card, extra_files=exported.files if exported else None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session):
+    """One HTTP proxy per Ray cluster: every Serve test app shares this port."""
+    return free_port()

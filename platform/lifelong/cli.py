@@ -99,6 +99,78 @@ def evaluate(
         print(payload)
 
 
+@app.command()
+def export(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS of the version to export")],
+    int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also build the int8 variant (classification; gated on accuracy).")] = True,
+    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Max |ONNX - PyTorch| logit difference (default: export.parity_tolerance).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Max int8 accuracy drop as a fraction (0.01 = 1 point).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Labelled data for the int8 gate (default: the version's validation split).")] = None,
+    root: RootOpt = "./lifelong-store",
+    address: AddressOpt = None,
+) -> None:
+    """Write ONNX (and a gated int8 variant) into a registry version; parity goes on its card."""
+    from lifelong.config import DataConfig, ExportSection
+    from lifelong.export import export_version, validation_rows
+
+    registry = _registry(root)
+    resolved = registry.resolve(ref)
+    if resolved.name is None:
+        raise LifelongError(f"'{ref}' is a directory, not a registry reference: register it first")
+    card = resolved.card
+    cfg = ExportSection(**{k: v for k, v in {"parity_tolerance": tolerance, "int8_max_accuracy_drop": max_drop}.items() if v is not None})
+    classification = card.get("task") == "sequence-classification"
+    formats = ("onnx", "onnx-int8") if (int8 and classification) else ("onnx",)
+    formats = tuple(f for f in formats if f not in card.get("exports", {})) or formats
+    rows = None
+    if "onnx-int8" in formats:
+        from lifelong.runtime import connect
+
+        connect(address)
+        data_cfg = DataConfig(**(card.get("config", {}).get("data") or {"path": data or ""}))
+        if not data and not data_cfg.path:
+            raise LifelongError(f"{resolved.ref} records no training data: pass --data for the int8 accuracy gate")
+        rows = validation_rows(data_cfg, registry.storage, cfg.eval_rows, path=data)
+    result = export_version(registry, resolved.name, resolved.version, cfg, rows, formats)
+    for fmt, record in result.records.items():
+        shown = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        console.print(f"{resolved.ref} {fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    for fmt, reason in result.refused.items():
+        raise LifelongError(f"{resolved.ref} {fmt}: {reason}")
+
+
+@app.command()
+def serve(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    address: AddressOpt = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Return once deployed (the app keeps running on the cluster).")] = False,
+) -> None:
+    """Serve the version serve.alias points at over HTTP; swap live when the alias moves."""
+    import time
+
+    from lifelong.config import load_config
+    from lifelong.runtime import connect
+    from lifelong.serve import deploy
+
+    cfg = load_config(config, overrides or [])
+    where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.serve.num_replicas * cfg.serve.cpus_per_replica)
+    url = deploy(cfg)
+    name = cfg.serve.model or cfg.name
+    console.print(f"[bold]lifelong serve[/] {name}@{cfg.serve.alias} on {where}")
+    console.print(f"  {url}/v1/predict  {url}/v1/generate  {url}/v1/model  {url}/healthz  docs: {url}/docs")
+    if detach:
+        return
+    console.print("following the alias; Ctrl-C stops serving")
+    from ray import serve as ray_serve
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.delete(cfg.serve.app_name or name)
+
+
 # --- models ----------------------------------------------------------------------------------
 def _registry(root: str):
     from lifelong.registry import Registry

@@ -149,6 +149,8 @@ class ServeSection(Section):
     # Classification backend; causal-LM versions always generate with PyTorch.
     backend: Literal["onnx", "onnx-int8", "torch"] = "onnx"
     app_name: str | None = None
+    # Where the API lives under the HTTP proxy (several apps share one proxy per cluster).
+    route_prefix: str = Field(default="/", pattern=r"^/[A-Za-z0-9_/-]*$")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     num_replicas: int = Field(default=2, ge=1)
