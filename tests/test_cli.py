@@ -75,3 +75,14 @@ def test_evaluate_prints_table_and_json(pretrained, demo_data, tmp_path):
     # Scored on every row (both splits) it is close to the training run's validation loss.
     assert abs(result["metrics"]["loss"] - pretrained["outcome"].metrics["val_loss"]) < 0.5
     assert result["metrics"]["perplexity"] > 1
+
+
+def test_serve_refuses_what_it_cannot_serve_before_starting_ray(store, tmp_path):
+    config = f"{CONFIGS}/gpt2/tiny_serve.yaml"
+    out = lifelong("serve", config, f"storage.root={store}", "name=nothing-here")
+    assert out.returncode == 2 and "'nothing-here@champion' does not exist" in out.stderr
+    assert lifelong("models", "promote", "demo:1", "--root", store).returncode == 0
+    out = lifelong("serve", config, f"storage.root={store}", "name=demo", "serve.auth.token_env=LIFELONG_UNSET_TOKEN")
+    assert out.returncode == 2 and "LIFELONG_UNSET_TOKEN" in out.stderr
+    out = lifelong("serve", config, f"storage.root={store}", "name=demo", "serve.port=99999")
+    assert out.returncode == 2 and "serve.port" in out.stderr

@@ -58,6 +58,11 @@ def test_wrong_type_names_the_key_and_value(tmp_path):
         ("data: {path: d}\n", "name: required key is missing"),
         ("- just\n- a list\n", "top level must be a mapping"),
         ("name: [unclosed\n", "not valid YAML"),
+        ("name: x\nserve: {max_batch_size: 32, max_ongoing_requests: 8}\n", "serve.max_ongoing_requests=8 is below"),
+        ("name: x\nserve: {backend: tensorrt}\n", "serve.backend"),
+        ("name: x\nserve: {autoscaling: {min_replicas: 3, max_replicas: 2}}\n", "min_replicas"),
+        ("name: x\nserve: {portt: 80}\n", "did you mean 'serve.port'"),
+        ("name: x\nexport: {parity_tolerance: 0}\n", "export.parity_tolerance"),
     ],
 )
 def test_impossible_configs_are_refused(tmp_path, yaml_text, expected):

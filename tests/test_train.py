@@ -62,6 +62,19 @@ def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, de
     assert not torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
     assert "score.weight" in after
 
+    # Registering a classifier exported it: ONNX within parity tolerance, int8 measured and gated.
+    onnx = card["exports"]["onnx"]
+    assert onnx["parity_max_abs_diff"] <= 1e-4 and card["size_bytes"]["onnx"] > 0
+    int8 = card["exports"].get("onnx-int8") or onnx["int8_refused"]
+    assert int8["rows"] > 0 and abs(int8["accuracy_fp32"] - int8["accuracy_int8"] - int8["accuracy_drop"]) < 1e-9
+    assert ("onnx-int8" in card["exports"]) == (int8["accuracy_drop"] <= 0.01)
+    from lifelong.inference import Classifier
+
+    texts = ["shares and bonds fell", "the match ended in a draw", "rain and wind tonight"]
+    model_dir = registry.local_dir("tiny-topics", outcome.version)
+    onnx_labels = [p["label"] for p in Classifier(model_dir, "onnx", card).predict(texts)]
+    assert onnx_labels == [p["label"] for p in Classifier(model_dir, "torch", card).predict(texts)]
+
 
 def test_train_last_n_layers_under_zero3_keeps_lower_layers(pretrained, tmp_path):
     """Continued pretraining of only the last block, with ZeRO-3 partitioning every parameter."""

@@ -127,9 +127,10 @@ def export(
         from lifelong.runtime import connect
 
         connect(address)
-        data_cfg = DataConfig(**(card.get("config", {}).get("data") or {"path": data or ""}))
-        if not data and not data_cfg.path:
-            raise LifelongError(f"{resolved.ref} records no training data: pass --data for the int8 accuracy gate")
+        recorded = (card.get("config") or {}).get("data") or {}
+        if not data and not recorded.get("path"):
+            raise LifelongError(f"{resolved.ref} records no training data: pass --data (labelled rows) for the int8 accuracy gate")
+        data_cfg = DataConfig(**{"label_column": "label", "labels": card.get("labels"), **recorded, "path": recorded.get("path") or data})
         rows = validation_rows(data_cfg, registry.storage, cfg.eval_rows, path=data)
     result = export_version(registry, resolved.name, resolved.version, cfg, rows, formats)
     for fmt, record in result.records.items():
@@ -151,9 +152,11 @@ def serve(
 
     from lifelong.config import load_config
     from lifelong.runtime import connect
-    from lifelong.serve import deploy
+    from lifelong.serve import check_servable, deploy, resolve_token
 
     cfg = load_config(config, overrides or [])
+    check_servable(cfg)  # before starting Ray: a missing alias or export fails in a second
+    resolve_token(cfg)
     where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.serve.num_replicas * cfg.serve.cpus_per_replica)
     url = deploy(cfg)
     name = cfg.serve.model or cfg.name

@@ -1,0 +1,105 @@
+"""ONNX export: parity with PyTorch, int8 measured and gated, add-only exports, backends agree."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import LABELS, register_tiny
+from lifelong.cli import main
+from lifelong.config import ExportSection
+from lifelong.export import ExportError, export_files
+from lifelong.inference import Classifier
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+
+TEXTS = ["markets fell as rates rose", "a new species of frog was found", "x", "goal " * 80]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-store")
+    registry = Registry(Storage(str(root)))
+    return {"root": root, "registry": registry, "work": tmp_path_factory.mktemp("export-work")}
+
+
+def run_cli(*args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code
+
+
+def test_export_adds_onnx_and_int8_to_an_existing_version_without_rewriting_it(ray_session, store, tiny_tokenizer, topic_rows, demo_data, capsys):
+    registry = store["registry"]
+    version = register_tiny(registry, "plain", tiny_tokenizer, store["work"], seed=7, export=False)
+    card_path = store["root"] / f"registry/plain/versions/{version}/card.json"
+    before = card_path.read_bytes()
+    assert "exports" not in registry.card("plain", version)
+
+    code = run_cli("export", f"plain:{version}", "--root", str(store["root"]), "--data", str(demo_data / "topics.jsonl"), "--max-accuracy-drop", "1.0")
+    assert code in (0, None), capsys.readouterr()
+    card = registry.card("plain", version)
+    assert card_path.read_bytes() == before  # the card itself is never rewritten
+    assert card["exports"]["onnx"]["parity_max_abs_diff"] <= 1e-4
+    assert card["exports"]["onnx-int8"]["rows"] > 100
+    assert card["exports"]["onnx-int8"]["accuracy_fp32"] > 0  # the rows carry their labels
+    assert set(card["size_bytes"]) == {"safetensors", "onnx", "onnx-int8"}
+    assert card["size_bytes"]["onnx-int8"] < card["size_bytes"]["onnx"]
+    # The same formats again: refused, and nothing changes.
+    assert run_cli("export", f"plain:{version}", "--root", str(store["root"]), "--no-int8") == 2
+    assert "already has" in capsys.readouterr().err
+    assert registry.card("plain", version) == card
+
+
+def test_backends_agree_on_the_same_inputs(store, tiny_tokenizer, topic_rows):
+    registry = store["registry"]
+    version = register_tiny(registry, "agree", tiny_tokenizer, store["work"], seed=8, rows=topic_rows[:200])
+    model_dir, card = registry.local_dir("agree", version), registry.card("agree", version)
+    probs = {b: Classifier(model_dir, b, card).probabilities(TEXTS)[0] for b in ("torch", "onnx", "onnx-int8")}
+    np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-5)
+    np.testing.assert_allclose(probs["onnx-int8"], probs["torch"], atol=0.05)  # quantized, but close
+    _, truncated = Classifier(model_dir, "onnx", card).probabilities(TEXTS)
+    assert truncated == [False, False, False, True]
+
+
+def test_int8_gate_refuses_a_drop_above_the_limit(store, tiny_tokenizer, topic_rows, tmp_path):
+    """Rows labelled with the fp32 model's own answers: fp32 scores 1.0, so any int8 flip is a drop."""
+    registry = store["registry"]
+    version = register_tiny(registry, "gate", tiny_tokenizer, store["work"], seed=9, export=False)
+    model_dir, card = registry.local_dir("gate", version), registry.card("gate", version)
+    texts = [r["text"] for r in topic_rows[:400]]
+    labels = Classifier(model_dir, "torch", card).probabilities(texts)[0].argmax(1)
+    rows = [{"text": t, "label": int(y)} for t, y in zip(texts, labels)]
+    strict = export_files(model_dir, card, ExportSection(int8_max_accuracy_drop=0.0), tmp_path / "strict", rows)
+    lenient = export_files(model_dir, card, ExportSection(int8_max_accuracy_drop=1.0), tmp_path / "lenient", rows)
+    measured = lenient.records["onnx-int8"]
+    assert measured["accuracy_fp32"] == 1.0
+    if measured["accuracy_drop"] > 0:
+        assert "onnx-int8" not in strict.records and "model.int8.onnx" not in strict.files
+        assert "int8_max_accuracy_drop" in strict.refused["onnx-int8"]
+        assert strict.records["onnx"]["int8_refused"]["accuracy_drop"] == measured["accuracy_drop"]
+    else:  # int8 agreed on every row: the strict gate must keep it
+        assert "onnx-int8" in strict.records
+
+
+def test_parity_failure_is_an_error_and_registers_nothing(store, tiny_tokenizer, tmp_path):
+    """A model whose outputs are NaN cannot pass parity (NaN is not within any tolerance)."""
+    from transformers import AutoModelForSequenceClassification
+
+    registry = store["registry"]
+    version = register_tiny(registry, "nan", tiny_tokenizer, store["work"], seed=10, export=False)
+    model_dir = tmp_path / "nan"
+    model = AutoModelForSequenceClassification.from_pretrained(str(registry.local_dir("nan", version)), use_safetensors=True)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(model_dir)
+    for f in tiny_tokenizer.iterdir():
+        (model_dir / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ExportError, match="parity_tolerance"):
+        export_files(model_dir, {"task": "sequence-classification"}, ExportSection(), tmp_path / "out", None, ("onnx",))
+
+
+def test_export_errors_are_one_clear_message(store, capsys):
+    assert run_cli("export", "missing:1", "--root", str(store["root"])) == 2
+    assert "missing:1 does not exist" in capsys.readouterr().err
