@@ -171,6 +171,8 @@ class ServeSection(Section):
     sync_interval_s: float = Field(default=0.1, gt=0.0)
     # A class-label set that differs from the serving version's is refused unless allowed.
     allow_label_change: bool = False
+    # One log line per request from the proxy and every replica (costly on small machines).
+    access_log: bool = False
     auth: AuthSection = Field(default_factory=AuthSection)
 
     @model_validator(mode="after")

@@ -516,6 +516,7 @@ def build_app(config: JobConfig):
     options = {
         "max_ongoing_requests": s.max_ongoing_requests or 2 * s.max_batch_size,
         "ray_actor_options": {"num_cpus": s.cpus_per_replica},
+        "logging_config": {"enable_access_log": s.access_log},
     }
     if s.autoscaling:
         options["autoscaling_config"] = s.autoscaling.model_dump()
@@ -548,7 +549,7 @@ def deploy(config: JobConfig) -> str:
     """Start Serve's HTTP proxy on serve.host:serve.port and run the application; returns its URL."""
     check_servable(config)
     s = config.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"enable_access_log": s.access_log})
     app_name = s.app_name or (s.model or config.name)
     try:
         serve.run(build_app(config), name=app_name, route_prefix=s.route_prefix, blocking=False)

@@ -1,0 +1,18 @@
+"""Ray job: deploy the Serve app that follows serve.alias; it keeps running after this job ends.
+
+    ray job submit --working-dir . -- python jobs/serve.py configs/gpt2/tiny_serve.yaml serve.host=0.0.0.0
+"""
+
+import sys
+
+from lifelong.config import load_config
+from lifelong.errors import LifelongError
+from lifelong.runtime import connect
+from lifelong.serve import deploy
+
+try:
+    config = load_config(sys.argv[1], sys.argv[2:])
+    connect(config.ray.address, config.ray.num_cpus)
+    print(f"serving {config.serve.model or config.name}@{config.serve.alias} at {deploy(config)}", flush=True)
+except LifelongError as e:
+    sys.exit(f"error: {e}")
