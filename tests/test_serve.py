@@ -232,3 +232,22 @@ def test_generate_serves_a_causal_lm_with_pytorch(ray_session, serve_port, tiny_
         assert httpx.post(url + "/v1/predict", json={"texts": ["x"]}).status_code == 400
     finally:
         serve.delete("tiny-lm")
+
+
+@pytest.mark.slow
+def test_autoscaling_config_deploys_and_serves(app, serve_port):
+    """serve.autoscaling replaces num_replicas; the app comes up within its bounds and answers."""
+    from ray import serve
+
+    from lifelong.serve import deploy
+
+    config = serve_config(app["root"], "topics", serve_port, app_name="topics-auto", route_prefix="/auto",
+                          autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4})
+    url = deploy(config)
+    try:
+        r = httpx.post(url + "/v1/predict", json={"texts": ["markets"]}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == "topics"
+        status = serve.status().applications["topics-auto"].deployments["ModelServer"]
+        assert 1 <= sum(status.replica_states.values()) <= 2
+    finally:
+        serve.delete("topics-auto")

@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def export_onnx(torch_model: nn.Module, out_path: Path, opset: int, max_length: 
     seq = torch.export.Dim("seq", max=max_length)
     big = sum(p.numel() * p.element_size() for p in torch_model.parameters()) > EXTERNAL_DATA_BYTES
     # The exporter prints progress lines and warns about internals: keep the job log readable.
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
         try:
             torch.onnx.export(
                 LogitsOnly(torch_model).eval(), (), str(out_path),
