@@ -204,6 +204,10 @@ def test_corrupt_or_incompatible_version_is_refused_and_the_old_keeps_serving(ap
         assert why in info["last_swap_error"]["error"] and info["version"] == serving
         r = client.post("/v1/predict", json={"texts": TEXTS})
         assert r.status_code == 200 and r.json()["version"] == serving
+    # Promoted again later, a refused version gets a fresh try (and is refused again).
+    registry.move_alias("topics", "champion", bad)
+    before = info["last_swap_error"]["at"]
+    wait_for(lambda: (e := client.get("/v1/model").json()["last_swap_error"])["version"] == bad and e["at"] > before, timeout=60)
     # A good version promoted afterwards is taken, and the error clears.
     good = app["v2"] if serving == app["v1"] else app["v1"]
     registry.move_alias("topics", "champion", good)

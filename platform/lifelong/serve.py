@@ -459,7 +459,7 @@ class AliasFollower:
     def _follow(self) -> None:
         servers = serve.get_deployment_handle(SERVER, self.settings["app_name"])
         name, alias = self.settings["model"], self.settings["alias"]
-        last_problem = None
+        last_problem, seen_target = None, None
         while True:
             try:
                 if self.active is None:
@@ -469,10 +469,12 @@ class AliasFollower:
                         self.active = max(set(serving), key=serving.count)
                 pointer = self.registry.storage.read_json(f"registry/{name}/aliases/{alias}.json")
                 target = int(pointer["version"])
+                if target != seen_target:
+                    # The alias moved: a version refused earlier gets a fresh try if it comes back.
+                    self.refused.clear()
+                    seen_target = target
                 if self.active is not None and target != self.active and target not in self.refused:
                     self._swap(servers, target, pointer)
-                elif target == self.active:
-                    self.refused.clear()  # the alias came back: a later move may retry a refused version
             except Exception as e:  # keep following: the registry or a replica may be briefly unavailable
                 problem = f"{type(e).__name__}: {e}"
                 if problem != last_problem and self.active is not None:  # not while the app is still starting
