@@ -118,12 +118,10 @@ def backend_figures(name, model_dir, card, texts, reps) -> tuple[list[dict], dic
 
     torch.set_num_threads(THREADS)
     backends = {b: Classifier(model_dir, b, card, threads=THREADS) for b in ("torch", "onnx", "onnx-int8")}
-    raw = {}
+    raw = {(b, batch): [] for b in backends for batch in (1, 16)}
     for batch in (1, 16):
         sample = texts[:batch]
-        for b, clf in backends.items():
-            # Interleave short rounds of each backend so machine drift hits all alike.
-            raw.setdefault((b, batch), [])
+        # Interleave short rounds of each backend so machine drift hits all alike.
         for _ in range(5):
             for b, clf in backends.items():
                 raw[(b, batch)] += time_calls(lambda: clf.probabilities(sample), max(reps // 5, 4))

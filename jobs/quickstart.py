@@ -55,7 +55,7 @@ question = json.dumps({"texts": ["the stock market and the bank", "a storm with 
 request = urllib.request.Request(f"{url}/v1/predict", data=question, headers={"Content-Type": "application/json"})
 answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
 console.print(f"POST {url}/v1/predict →", {"version": answer["version"], "labels": [p["label"] for p in answer["predictions"]]})
-serve.delete(served.serve.app_name or served.name)
+serve.delete(served.serve_app_name)
 
 models_list(root=pretrain.storage.root)
 console.print(f"[bold green]quickstart done[/] in {time.monotonic() - started:.0f} s. Next: "

@@ -13,6 +13,6 @@ from lifelong.serve import deploy
 try:
     config = load_config(sys.argv[1], sys.argv[2:])
     connect(config.ray.address, config.ray.num_cpus)
-    print(f"serving {config.serve.model or config.name}@{config.serve.alias} at {deploy(config)}", flush=True)
+    print(f"serving {config.served_model}@{config.serve.alias} at {deploy(config)}", flush=True)
 except LifelongError as e:
     sys.exit(f"error: {e}")

@@ -159,8 +159,7 @@ def serve(
     resolve_token(cfg)
     where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.serve.num_replicas * cfg.serve.cpus_per_replica)
     url = deploy(cfg)
-    name = cfg.serve.model or cfg.name
-    console.print(f"[bold]lifelong serve[/] {name}@{cfg.serve.alias} on {where}")
+    console.print(f"[bold]lifelong serve[/] {cfg.served_model}@{cfg.serve.alias} on {where}")
     console.print(f"  {url}/v1/predict  {url}/v1/generate  {url}/v1/model  {url}/healthz  docs: {url}/docs")
     if detach:
         return
@@ -171,7 +170,7 @@ def serve(
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        ray_serve.delete(cfg.serve.app_name or name)
+        ray_serve.delete(cfg.serve_app_name)
 
 
 # --- models ----------------------------------------------------------------------------------

@@ -234,6 +234,15 @@ class JobConfig(Section):
         return self.data
 
     @property
+    def served_model(self) -> str:
+        """The registry model `lifelong serve` follows."""
+        return self.serve.model or self.name
+
+    @property
+    def serve_app_name(self) -> str:
+        return self.serve.app_name or self.served_model
+
+    @property
     def resolved_run_name(self) -> str:
         job = "pretrain" if self.model.task == "causal-lm" else "finetune"
         return self.run_name or f"{self.name}-{job}"

@@ -85,10 +85,10 @@ def export_onnx(torch_model: nn.Module, out_path: Path, opset: int, max_length: 
             raise ExportError(f"torch.onnx.export failed for {type(torch_model).__name__}: {e}") from None
 
 
-def parity(model_dir: Path, task: str, onnx_path: Path, texts: list[str], max_length: int) -> dict:
+def parity(model_dir: Path, task: str, onnx_path: Path, texts: list[str], max_length: int, torch_model=None) -> dict:
     """Max |ONNX − PyTorch| over the logits of `texts`, as one padded batch and one at a time."""
     encode = Encoder(model_dir, max_length)
-    reference = TorchLogits(model_dir, task, threads=None)
+    reference = TorchLogits(model_dir, task, threads=None, model=torch_model)
     candidate = OnnxLogits(onnx_path, threads=1)
     worst, shapes = 0.0, []
     for group in (texts, texts[:1], texts[-1:]):
@@ -151,9 +151,10 @@ def export_files(
     onnx_path = model_dir / ONNX_FILES["onnx"]
     if "onnx" in formats:
         onnx_path = workdir / ONNX_FILES["onnx"]
-        export_onnx(load_for_inference(model_dir, task), onnx_path, cfg.opset, max_length)
+        torch_model = load_for_inference(model_dir, task)
+        export_onnx(torch_model, onnx_path, cfg.opset, max_length)
         texts = [r["text"] for r in (rows or [])[:15]] + [SAMPLE_TEXTS[-1]] if rows else SAMPLE_TEXTS
-        measured = parity(model_dir, task, onnx_path, texts, max_length)
+        measured = parity(model_dir, task, onnx_path, texts, max_length, torch_model)
         if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
             raise ExportError(
                 f"ONNX export of {model_dir} differs from PyTorch by {measured['parity_max_abs_diff']:.3g} "
@@ -176,12 +177,8 @@ def export_files(
         int8_path = workdir / ONNX_FILES["onnx-int8"]
         quantize_int8(onnx_path, int8_path)
         scored = rows[: cfg.eval_rows]
-        with tempfile.TemporaryDirectory() as staged:
-            # Score both files side by side from one directory holding the model's tokenizer.
-            fp32 = Classifier(_with_files(model_dir, staged, {"model.onnx": onnx_path}), "onnx", card)
-            acc_fp32 = accuracy(fp32, scored)
-            int8 = Classifier(_with_files(model_dir, staged, {"model.int8.onnx": int8_path}), "onnx-int8", card)
-            acc_int8 = accuracy(int8, scored)
+        acc_fp32 = accuracy(Classifier(model_dir, "onnx", card, onnx_path=onnx_path), scored)
+        acc_int8 = accuracy(Classifier(model_dir, "onnx-int8", card, onnx_path=int8_path), scored)
         drop = acc_fp32 - acc_int8
         record = {
             "accuracy_fp32": acc_fp32, "accuracy_int8": acc_int8, "accuracy_drop": drop, "rows": len(scored),
@@ -198,18 +195,6 @@ def export_files(
             if "onnx" in result.records:
                 result.records["onnx"]["int8_refused"] = {**record, "reason": result.refused["onnx-int8"]}
     return result
-
-
-def _with_files(model_dir: Path, staged: str, files: dict[str, Path]) -> Path:
-    """A directory with the model's small files (config, tokenizer) linked, plus `files`."""
-    staged_dir = Path(staged)
-    for src in model_dir.iterdir():
-        if src.is_file() and src.suffix in {".json", ".txt", ".model"} and not (staged_dir / src.name).exists():
-            (staged_dir / src.name).symlink_to(src.resolve())
-    for name, src in files.items():
-        if not (staged_dir / name).exists():
-            (staged_dir / name).symlink_to(Path(src).resolve())
-    return staged_dir
 
 
 def should_export_on_register(cfg: ExportSection, task: str) -> bool:

@@ -94,7 +94,7 @@ class OnnxLogits:
 
 
 class TorchLogits:
-    def __init__(self, model_dir: Path, task: str, threads: int | None):
+    def __init__(self, model_dir: Path, task: str, threads: int | None, model=None):
         import torch
 
         from lifelong.models import load_for_inference
@@ -102,6 +102,9 @@ class TorchLogits:
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
+        if model is not None:  # already loaded by the caller
+            self.model = model
+            return
         try:
             self.model = load_for_inference(model_dir, task)
         except (OSError, ValueError, RuntimeError) as e:
@@ -120,7 +123,9 @@ class TorchLogits:
 class Classifier:
     """Texts → label probabilities for one version, with the chosen backend."""
 
-    def __init__(self, model_dir: str | Path, backend: str = "onnx", card: dict | None = None, threads: int = 1):
+    def __init__(self, model_dir: str | Path, backend: str = "onnx", card: dict | None = None, threads: int = 1,
+                 onnx_path: str | Path | None = None):
+        """`onnx_path` overrides the version's ONNX file (export scores files before they are stored)."""
         model_dir = Path(model_dir)
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
@@ -135,7 +140,7 @@ class Classifier:
         if backend == "torch":
             self.logits = TorchLogits(model_dir, "sequence-classification", threads)
         else:
-            path = model_dir / ONNX_FILES[backend]
+            path = Path(onnx_path) if onnx_path else model_dir / ONNX_FILES[backend]
             if not path.exists():
                 raise BackendError(f"{model_dir} has no {path.name}: export it first (lifelong export NAME:VERSION)")
             self.logits = OnnxLogits(path, threads)

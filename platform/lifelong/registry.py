@@ -247,6 +247,10 @@ class Registry:
         return out
 
     def alias_version(self, name: str, alias: str) -> int:
+        return int(self.alias_pointer(name, alias)["version"])
+
+    def alias_pointer(self, name: str, alias: str) -> dict:
+        """The alias's pointer: {version, seq, previous, kind, reason, moved_at}."""
         path = f"registry/{name}/aliases/{alias}.json"
         if not self.storage.exists(path):
             have = sorted(self.aliases(name))
@@ -255,7 +259,7 @@ class Registry:
                 + (f"; aliases of {name}: {', '.join(have)}" if have else f"; '{name}' has no aliases yet")
                 + f" (set one with: lifelong models promote {name}:VERSION --alias {alias})"
             )
-        return int(self.storage.read_json(path)["version"])
+        return self.storage.read_json(path)
 
     def move_alias(self, name: str, alias: str, version: int, *, reason: str = "", kind: str = "promote") -> dict:
         """Point `alias` at `version` atomically and log the move; returns the event."""

@@ -80,9 +80,9 @@ def serve_settings(config: JobConfig) -> dict:
     token = resolve_token(config)
     return {
         "root": config.storage.root,
-        "model": s.model or config.name,
+        "model": config.served_model,
         "alias": s.alias,
-        "app_name": s.app_name or (s.model or config.name),
+        "app_name": config.serve_app_name,
         "backend": s.backend,
         "threads": s.threads_per_replica,
         "max_batch_size": s.max_batch_size,
@@ -467,7 +467,7 @@ class AliasFollower:
                     serving = [s["serving"] for s in servers.broadcast("status").results(timeout_s=30)]
                     if serving:
                         self.active = max(set(serving), key=serving.count)
-                pointer = self.registry.storage.read_json(f"registry/{name}/aliases/{alias}.json")
+                pointer = self.registry.alias_pointer(name, alias)
                 target = int(pointer["version"])
                 if target != seen_target:
                     # The alias moved: a version refused earlier gets a fresh try if it comes back.
@@ -532,7 +532,7 @@ def check_servable(config: JobConfig) -> int:
     from lifelong.registry import Registry
     from lifelong.storage import Storage
 
-    name = config.serve.model or config.name
+    name = config.served_model
     registry = Registry(Storage(config.storage.root))
     version = registry.alias_version(name, config.serve.alias)
     card = registry.card(name, version)
@@ -552,7 +552,7 @@ def deploy(config: JobConfig) -> str:
     check_servable(config)
     s = config.serve
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config={"enable_access_log": s.access_log})
-    app_name = s.app_name or (s.model or config.name)
+    app_name = config.serve_app_name
     try:
         serve.run(build_app(config), name=app_name, route_prefix=s.route_prefix, blocking=False)
     except RuntimeError as e:
