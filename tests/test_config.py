@@ -95,3 +95,28 @@ def test_cli_reports_bad_config_before_starting_ray(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr  # failed before any Ray work
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    "space, expected",
+    [
+        ("{train.lrr: {uniform: [0, 1]}}", "'train.lrr' is not a config key"),
+        ("{train.batch_size: {choice: []}}", "choice needs a non-empty list"),
+        ("{train.lr: {uniform: [0.1, 0.01]}}", "low 0.1 must be below high 0.01"),
+        ("{train.lr: {loguniform: [0, 0.1]}}", "a log range cannot reach 0"),
+        ("{train.lr: {gauss: [1, 2]}}", "give exactly one of loguniform, uniform, randint, choice"),
+        ("{train.batch_size: {uniform: [1.5, 4.5]}}", "the value 1.5 makes an invalid config"),
+        ("{train.epochs: {randint: [1.0, 3.5]}}", "randint needs integer bounds"),
+    ],
+)
+def test_invalid_search_spaces_are_refused_naming_the_key(tmp_path, space, expected):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"name: x\ndata: {{path: d}}\ntune:\n  space: {space}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert expected in str(e.value) and "tune.space." in str(e.value)
+
+
+def test_a_valid_search_space_loads():
+    config = load_config(SHIPPED[0], ["tune.space={train.lr: {loguniform: [1e-5, 1e-2]}, train.batch_size: {choice: [8, 16]}}"])
+    assert config.tune.probe_values("train.batch_size") == [8, 16]

@@ -187,6 +187,60 @@ class ServeSection(Section):
         return self
 
 
+# Search-space kinds and how many arguments each takes (None: a non-empty list of options).
+SPACE_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
+
+
+class TuneSection(Section):
+    # Config key → one distribution, e.g. {"train.lr": {"loguniform": [1e-5, 1e-2]},
+    # "train.batch_size": {"choice": [8, 16]}, "model.train_last_n_layers": {"randint": [1, 4]}}.
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    search: Literal["optuna", "random"] = "optuna"  # Optuna TPE (seeded) or random sampling
+    seed: int = 0
+    scheduler: Literal["asha", "none"] = "asha"  # ASHA early stopping on the reported epoch
+    grace_period: int = Field(default=1, ge=1)
+    reduction_factor: float = Field(default=2, gt=1)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(default=8, ge=1)
+    # None: as many as the cluster fits (workers x CPUs per worker for each trial).
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    # The sweep stops once more trials than this have failed (an exception, a NaN loss).
+    max_failed_trials: int = Field(default=2, ge=0)
+    sweep_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    @model_validator(mode="after")
+    def _space_shapes(self) -> TuneSection:
+        for key, spec in self.space.items():
+            where = f"tune.space.{key}"
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+                raise ValueError(f"{where}: give exactly one of {', '.join(SPACE_KINDS)}, e.g. {{loguniform: [1e-5, 1e-2]}} (got {spec!r})")
+            kind, args = next(iter(spec.items()))
+            if kind == "choice":
+                if not isinstance(args, list) or not args:
+                    raise ValueError(f"{where}: choice needs a non-empty list of options (got {args!r})")
+                continue
+            if not isinstance(args, list) or len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                raise ValueError(f"{where}: {kind} needs [low, high] numbers (got {args!r})")
+            low, high = args
+            if low >= high:
+                raise ValueError(f"{where}: {kind} low {low} must be below high {high}")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"{where}: loguniform needs 0 < low < high (a log range cannot reach 0 or below; got {args})")
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise ValueError(f"{where}: randint needs integer bounds (got {args})")
+        return self
+
+    def probe_values(self, key: str) -> list:
+        """Values that stand for the whole range of `key` when checking they make valid configs."""
+        kind, args = next(iter(self.space[key].items()))
+        if kind == "choice":
+            return list(args)
+        if kind == "randint":  # Tune's randint excludes the upper bound
+            return [args[0], args[1] - 1]
+        return list(args)
+
+
 class JobConfig(Section):
     # The model's name in the registry; also the base of the deterministic run name.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -201,6 +255,7 @@ class JobConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     export: ExportSection = Field(default_factory=ExportSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    tune: TuneSection = Field(default_factory=TuneSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
@@ -226,7 +281,30 @@ class JobConfig(Section):
                 "model.train_last_n_layers freezes pretrained layers, but model.init_from is "
                 "empty: set model.init_from or remove model.train_last_n_layers"
             )
+        self._check_tune_space()
         return self
+
+    def _check_tune_space(self) -> None:
+        """Every searched key must exist and every value of its range must make a valid config."""
+        for key in self.tune.space:
+            for value in self.tune.probe_values(key):
+                raw = self.model_dump(mode="json", exclude={"tune"})
+                *parents, leaf = key.split(".")
+                node = raw
+                for part in parents:
+                    if not isinstance(node.get(part), dict):
+                        raise ValueError(f"tune.space.{key}: '{key}' is not a config key")
+                    node = node[part]
+                if leaf not in node and not _accepts(parents, leaf):
+                    raise ValueError(f"tune.space.{key}: '{key}' is not a config key")
+                node[leaf] = value
+                try:
+                    JobConfig.model_validate(raw)
+                except ValidationError as e:
+                    first = e.errors()[0]
+                    where = ".".join(str(p) for p in first["loc"])
+                    why = first["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"tune.space.{key}: the value {value!r} makes an invalid config ({where + ': ' if where else ''}{why})") from None
 
     def require_data(self, job: str) -> DataConfig:
         if self.data is None:
@@ -329,7 +407,14 @@ def _describe(err: dict, overridden: set[str]) -> str:
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     msg = err["msg"].removeprefix("Value error, ")
+    if msg.startswith(f"{key}.") or not loc:  # the message names its key already
+        return f"{msg}{origin}{shown if loc else ''}"
     return f"{key}{origin}: {msg}{shown}"
+
+
+def _accepts(parents: list[str], leaf: str) -> bool:
+    """Whether the schema has a key `leaf` in the section at `parents` (for keys unset in a dump)."""
+    return leaf in _known_keys(parents)
 
 
 def _known_keys(loc: list[str]) -> list[str]:
