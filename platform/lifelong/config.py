@@ -191,6 +191,16 @@ class ServeSection(Section):
 SPACE_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
 
 
+def _number(value):
+    if isinstance(value, str):
+        try:
+            as_float = float(value)
+        except ValueError:
+            return value
+        return int(as_float) if as_float.is_integer() and "." not in value and "e" not in value.lower() else as_float
+    return value
+
+
 class TuneSection(Section):
     # Config key → one distribution, e.g. {"train.lr": {"loguniform": [1e-5, 1e-2]},
     # "train.batch_size": {"choice": [8, 16]}, "model.train_last_n_layers": {"randint": [1, 4]}}.
@@ -216,6 +226,10 @@ class TuneSection(Section):
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
                 raise ValueError(f"{where}: give exactly one of {', '.join(SPACE_KINDS)}, e.g. {{loguniform: [1e-5, 1e-2]}} (got {spec!r})")
             kind, args = next(iter(spec.items()))
+            if kind != "choice" and isinstance(args, list):
+                # YAML 1.1 reads 1e-5 (no dot) as a string: take numeric strings as numbers.
+                args = [_number(a) for a in args]
+                self.space[key] = {kind: args}
             if kind == "choice":
                 if not isinstance(args, list) or not args:
                     raise ValueError(f"{where}: choice needs a non-empty list of options (got {args!r})")
