@@ -122,7 +122,9 @@ def read_table(data: bytes, fmt: str) -> pa.Table:
     return pacsv.read_csv(io.BytesIO(data))
 
 
-@ray.remote(num_cpus=0.25)
+# SPREAD, not the default: inside a Tune trial the default would capture these tasks into the
+# trial's own tiny placement group, where they do not fit.
+@ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")
 def inspect_file(fs: pafs.FileSystem, path: str, fmt: str, columns: list[str]) -> FileReport:
     """Parse one file fully (in a Ray task, not on the driver) and check its columns."""
     actual = detect_format(path, fmt)

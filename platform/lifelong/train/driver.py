@@ -71,8 +71,26 @@ def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, t
     return str(storage.download_dir(rel, tempfile.mkdtemp(prefix="lifelong-tok-")))
 
 
-def run_training(config: JobConfig) -> TrainingOutcome:
-    """Train per the config on the connected Ray cluster, then register the best checkpoint."""
+@dataclass
+class PreparedRun:
+    """Everything a TorchTrainer needs, read and checked once on the driver."""
+
+    config: JobConfig
+    storage: Storage
+    registry: Registry
+    parent: object
+    validated: object
+    report: DataReport
+    tokenizer_dir: str
+    train_ds: object
+    val_ds: object
+    train_examples: int
+    total_steps: int
+    gpu: bool
+
+
+def prepare_run(config: JobConfig, tokenizer_dir: str | None = None) -> PreparedRun:
+    """Read and validate the data, settle the tokenizer, tokenize and size the schedule."""
     storage = Storage(config.storage.root)
     registry = Registry(storage)
     run_name = config.resolved_run_name
@@ -88,7 +106,7 @@ def run_training(config: JobConfig) -> TrainingOutcome:
             )
     print(f"[lifelong] data: {report.summary()}", flush=True)
 
-    tokenizer_dir = prepare_tokenizer(config, storage, registry, validated.split("train"))
+    tokenizer_dir = tokenizer_dir or prepare_tokenizer(config, storage, registry, validated.split("train"))
     max_length = config.model.max_length
     train_ds = tokenized(validated.split("train"), config.model.task, tokenizer_dir, max_length)
     val_ds = tokenized(validated.split("validation"), config.model.task, tokenizer_dir, max_length)
@@ -102,39 +120,58 @@ def run_training(config: JobConfig) -> TrainingOutcome:
             f"examples of {max_length} tokens; add data, lower model.max_length or scaling.num_workers"
         )
     total_steps = total_optimizer_steps(config.train, math.floor(train_examples / workers))
-
     gpu = use_gpu(config)
-    resources = {"CPU": config.scaling.cpus_per_worker}
-    if gpu:
-        resources["GPU"] = config.scaling.gpus_per_worker
-    elif config.train.precision == "fp16":
+    if not gpu and config.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 needs CUDA GPUs and this cluster has none: use bf16 or fp32")
+    return PreparedRun(config, storage, registry, parent, validated, report, tokenizer_dir, train_ds, val_ds,
+                       train_examples, total_steps, gpu)
+
+
+def build_trainer(prep: PreparedRun, run_name: str, storage_path: str, callbacks=()) -> TorchTrainer:
+    config = prep.config
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if prep.gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
     ckpt = config.train.checkpoint
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": tokenizer_dir, "total_steps": total_steps},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
+        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": prep.tokenizer_dir, "total_steps": prep.total_steps},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=prep.gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage.uri_of("runs"),
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=ckpt.num_to_keep,
                 checkpoint_score_attribute=ckpt.score_attribute,
                 checkpoint_score_order=ckpt.score_order,
             ),
+            callbacks=list(callbacks),
         ),
-        datasets={"train": train_ds, "validation": val_ds},
+        datasets={"train": prep.train_ds, "validation": prep.val_ds},
     )
-    print(f"[lifelong] run '{run_name}': {train_examples} training examples, {total_steps} optimizer steps "
-          f"on {workers} worker(s){' with GPUs' if gpu else ''}", flush=True)
+
+
+def run_training(config: JobConfig) -> TrainingOutcome:
+    """Train per the config on the connected Ray cluster, then register the best checkpoint."""
+    run_name = config.resolved_run_name
+    prep = prepare_run(config)
+    trainer = build_trainer(prep, run_name, prep.storage.uri_of("runs"))
+    print(f"[lifelong] run '{run_name}': {prep.train_examples} training examples, {prep.total_steps} optimizer steps "
+          f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}", flush=True)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise LifelongError(f"training run '{run_name}' failed: {e}") from None
     if result.error:
         raise LifelongError(f"training run '{run_name}' failed: {result.error}")
+    return register_best(prep, result, run_name)
 
+
+def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | None = None) -> TrainingOutcome:
+    """Register the run's best checkpoint (once: a re-run that finds it registered reuses it)."""
+    config, registry, report = prep.config, prep.registry, prep.report
+    ckpt = config.train.checkpoint
     best = _best_checkpoint(result, ckpt.score_attribute, ckpt.score_order)
     if best is None:
         raise LifelongError(f"training run '{run_name}' reported no checkpoint")
@@ -154,11 +191,12 @@ def run_training(config: JobConfig) -> TrainingOutcome:
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
             "config": config.model_dump(mode="json"),
             "data": report.to_dict(),
-            "parent": parent.ref if parent else None,
+            "parent": prep.parent.ref if prep.parent else None,
             "run": {"name": run_name, "checkpoint": checkpoint.path, "history": state.get("history", []),
                     "precision": state.get("precision")},
+            **(extra_card or {}),
         }
-        exported = export_on_register(config, Path(ckpt_dir) / "hf", card, validated, work)
+        exported = export_on_register(config, Path(ckpt_dir) / "hf", card, prep.validated, work)
         card["exports"] = exported.records
         version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card, extra_files=exported.files)
     epochs = [h["epoch"] for h in state.get("history", [])]

@@ -7,6 +7,7 @@ where the tokenizer and the starting weights are, and the step plan.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
@@ -102,6 +103,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # --- validate ----------------------------------------------------------------------
         val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, len(config.data.labels or []))
         metrics = {**train_metrics, **val_metrics}
+        # Both losses are all-reduced, so every rank stops here together.
+        if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics.get("val_loss", 0.0))):
+            raise FloatingPointError(
+                f"the loss is not finite at epoch {epoch} (train {metrics['train_loss']}, validation "
+                f"{metrics.get('val_loss')}): lower train.lr or check the data"
+            )
         history.append(metrics)
         log(rank, "epoch {epoch} done: ".format(epoch=epoch) + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
 
