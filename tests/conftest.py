@@ -19,7 +19,7 @@ def ray_session():
     from lifelong.runtime import connect
 
     # Logical CPUs above the 2 cores, so 2 training workers and the data tasks coexist.
-    connect(num_cpus=6)
+    connect(num_cpus=6, dashboard=True)  # sweeps need its state API (lifelong.runtime.connect)
     yield ray
     ray.shutdown()
 

@@ -86,3 +86,18 @@ def test_serve_refuses_what_it_cannot_serve_before_starting_ray(store, tmp_path)
     assert out.returncode == 2 and "LIFELONG_UNSET_TOKEN" in out.stderr
     out = lifelong("serve", config, f"storage.root={store}", "name=demo", "serve.port=99999")
     assert out.returncode == 2 and "serve.port" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["tune.space={train.nope: {choice: [1]}}"], "tune.space.train.nope"),
+        (["tune.space={train.lr: {loguniform: [0, 0.1]}}"], "a log range cannot reach 0"),
+        (["tune.space={}"], "tune.space is empty"),
+        (["--resume", "storage.root=/tmp/lifelong-no-such-root"], "no sweep to resume"),
+    ],
+)
+def test_tune_refuses_bad_spaces_and_a_resume_of_nothing_before_starting_ray(args, message):
+    result = lifelong("tune", f"{CONFIGS}/gpt2/tiny_tune.yaml", *args, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Ray" not in result.stdout  # refused before connecting: nothing started

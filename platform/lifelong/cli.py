@@ -68,6 +68,46 @@ def finetune(config: ConfigArg, overrides: OverridesArg = None, address: Address
 
 
 @app.command()
+def tune(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    address: AddressOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep of this config whose driver stopped (finished trials are kept).")] = False,
+    promote: Annotated[bool, typer.Option("--promote", help="Give the best trial's version the champion alias (default: challenger).")] = False,
+) -> None:
+    """Search hyperparameters (tune.space) with Ray Tune: Optuna TPE or random, ASHA early stopping;
+    each trial a Ray Train + DeepSpeed run; the best trial is registered."""
+    from lifelong.config import load_config
+    from lifelong.runtime import connect
+    from lifelong.storage import Storage
+    from lifelong.tune import check_resumable, run_sweep, sweep_name
+
+    cfg = load_config(config, overrides or [])
+    if not cfg.tune.space:
+        raise LifelongError(f"{config}: tune.space is empty: add the keys to search, e.g. tune.space.train.lr={{loguniform: [1e-4, 1e-2]}}")
+    check_resumable(Storage(cfg.storage.root), sweep_name(cfg), resume)  # before Ray starts: it is a typo more often than not
+    where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, dashboard=True)
+    console.print(f"[bold]lifelong tune[/] {config}{' --resume' if resume else ''} on {where}")
+    print_sweep_summary(run_sweep(cfg, resume=resume, promote=promote))
+
+
+def print_sweep_summary(outcome) -> None:
+    table = Table(title=f"sweep {outcome.name}", show_header=True)
+    for column in outcome.table.columns:
+        table.add_column(str(column), justify="right" if outcome.table[column].dtype.kind in "fi" else "left")
+    for row in outcome.table.itertuples(index=False):
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+    console.print(f"table: {outcome.csv}  curves: {outcome.plot}  sweep: {outcome.path}")
+    if outcome.version is None:
+        raise LifelongError(f"sweep {outcome.name}: no trial finished, so nothing was registered (see the errors in {outcome.csv})")
+    ref = f"{outcome.model}:{outcome.version}"
+    console.print(f"best trial {outcome.best['run']} ({outcome.best['params']}) registered as {ref} with alias {outcome.alias}")
+    if outcome.alias != "champion":
+        console.print(f"promote it with: lifelong models promote {ref} --alias champion")
+
+
+@app.command()
 def evaluate(
     config: ConfigArg,
     model: Annotated[str, typer.Option("--model", help="NAME@ALIAS, NAME:VERSION or an HF directory.")],
@@ -257,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         # Standalone mode: usage errors print their message and exit 2, as click does.
         app(args=argv)
     except LifelongError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line per line: logs get grepped
         sys.exit(2)
 
 

@@ -7,6 +7,7 @@ fails here, before Ray starts, with a message naming the key, the file and the f
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,6 +192,9 @@ class ServeSection(Section):
 SPACE_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
 
 
+_EXPONENT = re.compile(r"^[+-]?\d+(\.\d*)?[eE][+-]?\d+$")
+
+
 def _number(value):
     if isinstance(value, str):
         try:
@@ -207,6 +211,9 @@ class TuneSection(Section):
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     search: Literal["optuna", "random"] = "optuna"  # Optuna TPE (seeded) or random sampling
     seed: int = 0
+    # Random trials before TPE models the results. None: a quarter of num_samples, 3 to 10
+    # (Optuna's own default of 10 would leave sweeps under 10 trials purely random).
+    startup_trials: int | None = Field(default=None, ge=1)
     scheduler: Literal["asha", "none"] = "asha"  # ASHA early stopping on the reported epoch
     grace_period: int = Field(default=1, ge=1)
     reduction_factor: float = Field(default=2, gt=1)
@@ -233,6 +240,9 @@ class TuneSection(Section):
             if kind == "choice":
                 if not isinstance(args, list) or not args:
                     raise ValueError(f"{where}: choice needs a non-empty list of options (got {args!r})")
+                # Only YAML 1.1's exponent-without-dot floats (3e-3) are taken as numbers here: a
+                # choice may hold strings that merely look numeric ("1") for a string key.
+                self.space[key] = {kind: [_number(a) if isinstance(a, str) and _EXPONENT.match(a) else a for a in args]}
                 continue
             if not isinstance(args, list) or len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
                 raise ValueError(f"{where}: {kind} needs [low, high] numbers (got {args!r})")
@@ -244,6 +254,10 @@ class TuneSection(Section):
             if kind == "randint" and not all(isinstance(a, int) for a in args):
                 raise ValueError(f"{where}: randint needs integer bounds (got {args})")
         return self
+
+    @property
+    def optuna_startup_trials(self) -> int:
+        return self.startup_trials or min(10, max(3, self.num_samples // 4))
 
     def probe_values(self, key: str) -> list:
         """Values that stand for the whole range of `key` when checking they make valid configs."""

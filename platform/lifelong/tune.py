@@ -72,15 +72,37 @@ def _deep_copy(obj):
     return obj
 
 
-def run_trial(params: dict, base: dict, sweep: str, tokenizer_dir: str | None) -> None:
-    """One trial: a full Ray Train + DeepSpeed run; epochs reach Tune through TuneReportCallback."""
+def run_trial(params: dict, base: dict, sweep: str, data) -> None:
+    """One trial: a full Ray Train + DeepSpeed run; epochs reach Tune through TuneReportCallback.
+
+    `data` is the sweep's prepared data (shared), or None when the trial's parameters change
+    the data pipeline and it must prepare its own.
+    """
     from lifelong.train.driver import build_trainer, prepare_run
 
-    run_name = f"{sweep}-{tune.get_context().get_trial_id()}"
-    config = trial_config(base, params, run_name, tokenizer_dir)
-    prep = prepare_run(config, tokenizer_dir)
+    run_name = trial_run_name(sweep, tune.get_context().get_trial_id())
+    config = trial_config(base, params, run_name, data.tokenizer_dir if data else None)
+    prep = prepare_run(config, data)
     trainer = build_trainer(prep, run_name, prep.storage.uri_of("runs"), callbacks=[TuneReportCallback()])
     trainer.fit()  # raises on failure: Tune records the trial as errored with the reason
+
+
+def trial_dirname(trial) -> str:
+    return f"trial-{trial.trial_id}"  # the parameters are in its params.json and the sweep's table
+
+
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    # Deterministic: a resumed sweep re-creates the trainer under the same name, which resumes it.
+    return f"{sweep}-{trial_id}"
+
+
+# Keys whose values change what the trials read or how it is tokenized: searching any of them
+# means each trial prepares its own data instead of sharing the sweep's.
+DATA_KEYS = ("data.", "storage.", "model.max_length", "model.tokenizer", "model.vocab_size", "model.task", "model.init_from")
+
+
+def shares_data(config: JobConfig) -> bool:
+    return not any(key.startswith(prefix) for key in config.tune.space for prefix in DATA_KEYS)
 
 
 class FailureBudget(tune.Callback, tune.Stopper):
@@ -99,9 +121,40 @@ class FailureBudget(tune.Callback, tune.Stopper):
         return self.failed > self.limit
 
 
+class Progress(tune.Callback):
+    """One line per trial event on the driver: each epoch's metric, early stops, errors."""
+
+    def __init__(self, config: JobConfig):
+        self.metric, self.epochs, self.keys = config.tune.metric, config.train.epochs, list(config.tune.space)
+
+    def _params(self, trial) -> str:
+        return ", ".join(f"{k.split('.')[-1]}={_short(trial.config.get(k))}" for k in self.keys)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        print(f"[lifelong] trial {trial.trial_id} started ({self._params(trial)})", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        shown = f"{value:.4g}" if isinstance(value, (int, float)) else value
+        print(f"[lifelong] trial {trial.trial_id} epoch {result.get('epoch')}/{self.epochs} {self.metric} {shown}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        epoch = (trial.last_result or {}).get("epoch", 0)
+        how = "finished" if epoch >= self.epochs else f"stopped early by the scheduler after epoch {epoch}"
+        print(f"[lifelong] trial {trial.trial_id} {how}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"[lifelong] trial {trial.trial_id} errored: {_first_line(trial.get_error() or '')}", flush=True)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 @dataclass
 class SweepOutcome:
     name: str
+    model: str
     path: str
     table: pd.DataFrame
     csv: str
@@ -109,40 +162,73 @@ class SweepOutcome:
     best: dict | None
     version: int | None
     alias: str | None
+    results: object = dataclasses.field(default=None, repr=False)  # Tune's ResultGrid, every trial's history
 
 
 def max_concurrency(config: JobConfig) -> int:
+    """Trials that fit the cluster at once: each needs its workers' CPUs, plus one CPU for Ray
+    Data when it prepares its own data (training workers holding every CPU starve its reads)."""
     if config.tune.max_concurrent_trials:
         return config.tune.max_concurrent_trials
     per_trial = config.scaling.num_workers * config.scaling.cpus_per_worker + TRIAL_DRIVER_CPU
+    if not shares_data(config):
+        per_trial += 1
     return max(1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial))
 
 
-def build_tuner(config: JobConfig, tokenizer_dir: str | None, resume: bool) -> tune.Tuner:
+def check_resumable(storage: Storage, name: str, resume: bool) -> None:
+    path = storage.uri_of("tune", name)
+    exists = tune.Tuner.can_restore(path)
+    if resume and not exists:
+        raise LifelongError(f"no sweep to resume at {path}: run without --resume to start it")
+    if not resume and exists:
+        raise LifelongError(f"sweep '{name}' already exists at {path}: resume it with --resume, or set tune.sweep_name")
+
+
+def check_state_api(config: JobConfig) -> None:
+    """Ray Train frees the workers of a trial stopped early only if it can see (through the
+    dashboard's state API) that the trial's controller is gone; without it their CPUs stay
+    reserved and later trials wait for them until they time out."""
+    if config.tune.scheduler == "none":
+        return
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(limit=1, timeout=10)
+    except (RayStateApiException, ConnectionError) as e:
+        raise LifelongError(
+            "early stopping (tune.scheduler=asha) needs the Ray dashboard's state API, which this cluster does not serve "
+            f"({_first_line(e)}): start the cluster with its dashboard (`ray start --head` has it by default) or set tune.scheduler=none"
+        ) from e
+
+
+def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
     storage = Storage(config.storage.root)
     name = sweep_name(config)
     path = storage.uri_of("tune", name)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config.model_dump(mode="json"), sweep=name, tokenizer_dir=tokenizer_dir),
+        tune.with_parameters(run_trial, base=config.model_dump(mode="json"), sweep=name,
+                             data=data.for_trials() if shares_data(config) else None),
         {"cpu": TRIAL_DRIVER_CPU},
     )
-    exists = tune.Tuner.can_restore(path)
+    check_resumable(storage, name, resume)
     if resume:
-        if not exists:
-            raise LifelongError(f"no sweep to resume at {path}: run without --resume to start it")
         # Restores the searcher (Optuna's history) and the scheduler with the trials.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
-    if exists:
-        raise LifelongError(f"sweep '{name}' already exists at {path}: resume it with --resume, or set tune.sweep_name")
     t = config.tune
+    concurrency = max_concurrency(config)
     if t.search == "optuna":
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(metric=t.metric, mode=t.mode, seed=t.seed)
+        sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.optuna_startup_trials)
+        search_alg = OptunaSearch(metric=t.metric, mode=t.mode, sampler=sampler)
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=t.seed)
+        # Tune ignores max_concurrent_trials for a generator passed in: it takes its own limit.
+        search_alg = BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
     scheduler = None
     if t.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -153,11 +239,11 @@ def build_tuner(config: JobConfig, tokenizer_dir: str | None, resume: bool) -> t
     return tune.Tuner(
         trainable,
         param_space=param_space(config),
-        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=t.num_samples,
-                                    max_concurrent_trials=max_concurrency(config)),
-        run_config=tune.RunConfig(name=name, storage_path=storage.uri_of("tune"), stop=budget, callbacks=[budget],
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=t.num_samples, trial_dirname_creator=trial_dirname,
+                                    max_concurrent_trials=concurrency if t.search == "optuna" else None),
+        run_config=tune.RunConfig(name=name, storage_path=storage.uri_of("tune"), stop=budget, callbacks=[budget, Progress(config)],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                  verbose=1),
+                                  verbose=0),  # Progress prints one line per event instead
     )
 
 
@@ -171,7 +257,7 @@ def trials_table(results, config: JobConfig) -> pd.DataFrame:
         epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
         status = "errored" if result.error else "finished"
         rows.append({
-            "trial": (result.metrics or {}).get("trial_id") or (Path(result.path).name if result.path else ""),
+            "trial": _trial_id(result),
             **{k: result.config.get(k) for k in t.space},
             f"best_{t.metric}": best,
             "epochs": epochs,
@@ -180,6 +266,10 @@ def trials_table(results, config: JobConfig) -> pd.DataFrame:
             "error": _first_line(result.error) if result.error else "",
         })
     return pd.DataFrame(rows)
+
+
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial-")
 
 
 def _first_line(error) -> str:
@@ -199,7 +289,7 @@ def plot_curves(results, config: JobConfig, out: Path) -> None:
         history = result.metrics_dataframe
         if history is None or metric not in history or "epoch" not in history:
             continue
-        ax.plot(history["epoch"], history[metric], marker="o", label=Path(result.path).name[-12:] if result.path else "?")
+        ax.plot(history["epoch"], history[metric], marker="o", label=_trial_id(result))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"sweep {sweep_name(config)}: {metric} per trial")
@@ -211,16 +301,24 @@ def plot_curves(results, config: JobConfig, out: Path) -> None:
 
 def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) -> SweepOutcome:
     """Run (or resume) the sweep, write its table and plot, register the best trial's model."""
-    from lifelong.train.driver import prepare_run, register_best
+    from lifelong.registry import Registry
+    from lifelong.train.driver import prepare_data, prepare_run, register_best
 
     name = sweep_name(config)
-    # The sweep's data report and tokenizer (trained once, under runs/<sweep>/, for every trial).
-    prep = prepare_run(config.model_copy(update={"run_name": name}))
-    tokenizer_dir = prep.tokenizer_dir
-    tuner = build_tuner(config, tokenizer_dir, resume)
-    results = tuner.fit()
+    storage = Storage(config.storage.root)
+    check_resumable(storage, name, resume)
+    check_state_api(config)
+    # The sweep's data (and its tokenizer, trained once under runs/<sweep>/), shared by every
+    # trial unless the space changes the data itself.
+    sweep_config = config.model_copy(update={"run_name": name})
+    data = prepare_data(sweep_config, storage, Registry(storage), materialize=shares_data(config))
+    prep = prepare_run(sweep_config, data)
+    tokenizer_dir = data.tokenizer_dir
+    print(f"[lifelong] sweep '{name}': {config.tune.num_samples} trials of {config.train.epochs} epochs, "
+          f"{config.tune.search} search, scheduler {config.tune.scheduler}, up to {max_concurrency(config)} at once; "
+          f"{'shared' if shares_data(config) else 'per-trial'} data ({data.train_examples} training examples)", flush=True)
+    results = build_tuner(config, data, resume).fit()
 
-    storage = prep.storage
     out_dir = Path(storage.path("tune", name)) if storage.is_local else local_cache_dir("tune", name)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = trials_table(results, config)
@@ -228,17 +326,21 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     table.to_csv(csv, index=False)
     plot_curves(results, config, plot)
 
+    failed = int((table["status"] == "errored").sum()) if len(table) else 0
+    if failed > config.tune.max_failed_trials:
+        print(f"[lifelong] sweep '{name}' stopped: {failed} trials failed (tune.max_failed_trials={config.tune.max_failed_trials}); "
+              f"trials it cut short count as stopped early; {len(table)} of {config.tune.num_samples} trials ran", flush=True)
     finished = [r for r in results if not r.error and r.metrics and config.tune.metric in r.metrics]
     if not finished:
-        return SweepOutcome(name, results.experiment_path, table, str(csv), str(plot), None, None, None)
+        return SweepOutcome(name, config.name, results.experiment_path, table, str(csv), str(plot), None, None, None, results)
     best = results.get_best_result(metric=config.tune.metric, mode=config.tune.mode, scope="all", filter_nan_and_inf=True)
     params = {k: best.config[k] for k in config.tune.space}
-    run_name = f"{name}-{best.metrics['trial_id']}"
+    run_name = trial_run_name(name, best.metrics["trial_id"])
     best_config = trial_config(config.model_dump(mode="json"), params, run_name, tokenizer_dir)
     train_result = ray.train.Result.from_path(storage.uri_of("runs", run_name))
     outcome = register_best(dataclasses.replace(prep, config=best_config), train_result, run_name,
                             extra_card={"sweep": {"name": name, "params": params, "path": results.experiment_path}})
     alias = "champion" if promote else "challenger"
     prep.registry.move_alias(config.name, alias, outcome.version, reason=f"best trial of sweep {name}")
-    return SweepOutcome(name, results.experiment_path, table, str(csv), str(plot),
-                        {"run": run_name, "params": params, "metrics": outcome.metrics}, outcome.version, alias)
+    return SweepOutcome(name, config.name, results.experiment_path, table, str(csv), str(plot),
+                        {"run": run_name, "params": params, "metrics": outcome.metrics}, outcome.version, alias, results)

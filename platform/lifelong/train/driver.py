@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -72,31 +73,30 @@ def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, t
 
 
 @dataclass
-class PreparedRun:
-    """Everything a TorchTrainer needs, read and checked once on the driver."""
+class PreparedData:
+    """The run's data, read, validated and tokenized (lazily, or materialized for a sweep)."""
 
-    config: JobConfig
-    storage: Storage
-    registry: Registry
-    parent: object
-    validated: object
+    validated: object  # ValidatedData; None where only the tokenized splits travel (sweep trials)
     report: DataReport
     tokenizer_dir: str
     train_ds: object
     val_ds: object
     train_examples: int
-    total_steps: int
-    gpu: bool
+    val_examples: int
+
+    def for_trials(self) -> PreparedData:
+        """What every trial of a sweep needs: the tokenized splits, not the raw rows."""
+        return dataclasses.replace(self, validated=None)
 
 
-def prepare_run(config: JobConfig, tokenizer_dir: str | None = None) -> PreparedRun:
-    """Read and validate the data, settle the tokenizer, tokenize and size the schedule."""
-    storage = Storage(config.storage.root)
-    registry = Registry(storage)
-    run_name = config.resolved_run_name
-    parent = registry.resolve(config.model.init_from) if config.model.init_from else None
+def prepare_data(config: JobConfig, storage: Storage, registry: Registry, tokenizer_dir: str | None = None,
+                 materialize: bool = False) -> PreparedData:
+    """Read and validate the data, settle the tokenizer, tokenize and count.
 
-    validated = read_validated(config.require_data("training"), storage, quarantine_area=f"runs/{run_name}")
+    `materialize` keeps the tokenized splits in the object store (spilling to disk if need be),
+    so that the trials of a sweep read them instead of each re-running the pipeline.
+    """
+    validated = read_validated(config.require_data("training"), storage, quarantine_area=f"runs/{config.resolved_run_name}")
     report = validated.report
     for split in ("train", "validation"):
         if not report.rows.get(split):
@@ -110,21 +110,42 @@ def prepare_run(config: JobConfig, tokenizer_dir: str | None = None) -> Prepared
     max_length = config.model.max_length
     train_ds = tokenized(validated.split("train"), config.model.task, tokenizer_dir, max_length)
     val_ds = tokenized(validated.split("validation"), config.model.task, tokenizer_dir, max_length)
-    workers = config.scaling.num_workers
+    if materialize:
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     # Sizing the schedule needs the number of examples (packed blocks for causal LM).
-    train_examples = train_ds.count()
-    val_examples = val_ds.count()
-    if train_examples < workers or val_examples < workers:
+    return PreparedData(validated, report, tokenizer_dir, train_ds, val_ds, train_ds.count(), val_ds.count())
+
+
+@dataclass
+class PreparedRun:
+    """Everything a TorchTrainer needs, read and checked once on the driver."""
+
+    config: JobConfig
+    storage: Storage
+    registry: Registry
+    parent: object
+    data: PreparedData
+    total_steps: int
+    gpu: bool
+
+
+def prepare_run(config: JobConfig, data: PreparedData | None = None) -> PreparedRun:
+    """Check the run against its data (prepared here unless given) and size the schedule."""
+    storage = Storage(config.storage.root)
+    registry = Registry(storage)
+    parent = registry.resolve(config.model.init_from) if config.model.init_from else None
+    data = data or prepare_data(config, storage, registry)
+    workers = config.scaling.num_workers
+    if data.train_examples < workers or data.val_examples < workers:
         raise DataError(
-            f"too little data for {workers} workers: {train_examples} training and {val_examples} validation "
-            f"examples of {max_length} tokens; add data, lower model.max_length or scaling.num_workers"
+            f"too little data for {workers} workers: {data.train_examples} training and {data.val_examples} validation "
+            f"examples of {config.model.max_length} tokens; add data, lower model.max_length or scaling.num_workers"
         )
-    total_steps = total_optimizer_steps(config.train, math.floor(train_examples / workers))
+    total_steps = total_optimizer_steps(config.train, math.floor(data.train_examples / workers))
     gpu = use_gpu(config)
     if not gpu and config.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 needs CUDA GPUs and this cluster has none: use bf16 or fp32")
-    return PreparedRun(config, storage, registry, parent, validated, report, tokenizer_dir, train_ds, val_ds,
-                       train_examples, total_steps, gpu)
+    return PreparedRun(config, storage, registry, parent, data, total_steps, gpu)
 
 
 def build_trainer(prep: PreparedRun, run_name: str, storage_path: str, callbacks=()) -> TorchTrainer:
@@ -135,7 +156,7 @@ def build_trainer(prep: PreparedRun, run_name: str, storage_path: str, callbacks
     ckpt = config.train.checkpoint
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": prep.tokenizer_dir, "total_steps": prep.total_steps},
+        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": prep.data.tokenizer_dir, "total_steps": prep.total_steps},
         scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=prep.gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -148,7 +169,7 @@ def build_trainer(prep: PreparedRun, run_name: str, storage_path: str, callbacks
             ),
             callbacks=list(callbacks),
         ),
-        datasets={"train": prep.train_ds, "validation": prep.val_ds},
+        datasets={"train": prep.data.train_ds, "validation": prep.data.val_ds},
     )
 
 
@@ -157,7 +178,7 @@ def run_training(config: JobConfig) -> TrainingOutcome:
     run_name = config.resolved_run_name
     prep = prepare_run(config)
     trainer = build_trainer(prep, run_name, prep.storage.uri_of("runs"))
-    print(f"[lifelong] run '{run_name}': {prep.train_examples} training examples, {prep.total_steps} optimizer steps "
+    print(f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
           f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}", flush=True)
     try:
         result = trainer.fit()
@@ -170,7 +191,7 @@ def run_training(config: JobConfig) -> TrainingOutcome:
 
 def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | None = None) -> TrainingOutcome:
     """Register the run's best checkpoint (once: a re-run that finds it registered reuses it)."""
-    config, registry, report = prep.config, prep.registry, prep.report
+    config, registry, report = prep.config, prep.registry, prep.data.report
     ckpt = config.train.checkpoint
     best = _best_checkpoint(result, ckpt.score_attribute, ckpt.score_order)
     if best is None:
@@ -196,7 +217,7 @@ def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | N
                     "precision": state.get("precision")},
             **(extra_card or {}),
         }
-        exported = export_on_register(config, Path(ckpt_dir) / "hf", card, prep.validated, work)
+        exported = export_on_register(config, Path(ckpt_dir) / "hf", card, prep.data.validated, work)
         card["exports"] = exported.records
         version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card, extra_files=exported.files)
     epochs = [h["epoch"] for h in state.get("history", [])]

@@ -32,6 +32,7 @@ DS_TAG = "state"  # one DeepSpeed tag per checkpoint directory
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    entered = time.perf_counter()
     config = JobConfig.model_validate(loop_config["config"])
     train_cfg, task = config.train, config.model.task
     ctx = ray.train.get_context()
@@ -70,6 +71,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
     steps_per_epoch = loop_config["total_steps"] // train_cfg.epochs
+    setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
         # --- train one epoch ---------------------------------------------------------------
         engine.train()
@@ -101,8 +103,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
 
         # --- validate ----------------------------------------------------------------------
+        started = time.perf_counter()
         val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, len(config.data.labels or []))
-        metrics = {**train_metrics, **val_metrics}
+        timing = {"val_seconds": time.perf_counter() - started, "setup_seconds": setup_seconds}
+        metrics = {**train_metrics, **val_metrics, **timing}
         # Both losses are all-reduced, so every rank stops here together.
         if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics.get("val_loss", 0.0))):
             raise FloatingPointError(
@@ -110,7 +114,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"{metrics.get('val_loss')}): lower train.lr or check the data"
             )
         history.append(metrics)
-        log(rank, "epoch {epoch} done: ".format(epoch=epoch) + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
+        log(rank, "epoch {epoch} done: ".format(epoch=epoch) + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", *timing)))
 
         # --- checkpoint: DeepSpeed shards for exact resume + consolidated HF copy ------------
         with tempfile.TemporaryDirectory() as tmp:

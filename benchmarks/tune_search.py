@@ -1,0 +1,212 @@
+"""Sweep efficiency: Optuna TPE + ASHA against random search without early stopping.
+
+    python benchmarks/tune_search.py              # full: 3 seeds x 12 trials each (the README quotes this)
+    python benchmarks/tune_search.py --quick      # 1 seed x 6 trials
+
+Same task (fine-tune the tiny GPT-2 into the 4-topic classifier, configs/gpt2/tiny_tune.yaml:
+lr log-uniform over 1e-5..1e-1, batch size, 1 or 2 trained blocks; 4 epochs of 25 steps),
+same budget (trials per sweep, epochs per trial, concurrent trials) and same seeds for both
+methods, run one after the other in one process on one local Ray. Each trial is a real
+Ray Train + DeepSpeed run (1 worker).
+
+Per sweep it reads the trials' reported results (Tune's own records) in the order they
+arrived and counts the trial-epochs spent, and the wall time since the sweep started, until
+the first result at or below the target validation loss; and the best validation loss of the
+sweep. Tune's overhead: the sweep's wall time against the sum of the trials' own training
+(train + validation seconds the workers measured), and each trial's start-up, split into the
+part inside the training loop (model load + DeepSpeed init, measured by the worker) and the
+part before it (Tune's trial actor, Ray Train's controller and worker group, dataset split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+METHODS = {  # name: (search, scheduler)
+    "tpe_asha": ("optuna", "asha"),
+    "random_no_stop": ("random", "none"),
+}
+
+
+def sweep_stats(results, target: float, started: float, finished: float, epochs: int) -> dict:
+    rows = []
+    trials = []
+    for result in results:
+        history = result.metrics_dataframe
+        if history is None or "val_loss" not in history:
+            continue
+        history = history.sort_values("time_total_s")
+        first = history.iloc[0]
+        trial_start = first["timestamp"] - first["time_total_s"]
+        training = float((history["epoch_seconds"] + history["val_seconds"]).sum())
+        startup = float(first["time_total_s"] - first["epoch_seconds"] - first["val_seconds"])
+        setup = float(first["setup_seconds"])
+        trials.append({
+            "trial": result.metrics.get("trial_id"), "epochs": int(history["epoch"].max()),
+            "best_val_loss": float(history["val_loss"].min()), "wall_s": float(history["time_total_s"].iloc[-1]),
+            "training_s": training, "startup_s": startup, "setup_in_loop_s": setup, "startup_before_loop_s": startup - setup,
+        })
+        for _, row in history.iterrows():
+            # Tune stamps results in whole seconds; the trial's own clock orders those of one second.
+            rows.append((trial_start + float(row["time_total_s"]), float(row["val_loss"])))
+    rows.sort()
+    to_target = next(((i + 1, at - started) for i, (at, loss) in enumerate(rows) if loss <= target), (None, None))
+    return {
+        "trials": len(trials), "trial_epochs": len(rows), "max_trial_epochs": len(trials) * epochs,
+        "trial_epochs_to_target": to_target[0], "seconds_to_target": to_target[1],
+        "best_val_loss": min((t["best_val_loss"] for t in trials), default=math.inf),
+        "stopped_early": sum(t["epochs"] < epochs for t in trials),
+        "sweep_wall_s": finished - started,
+        "sum_training_s": sum(t["training_s"] for t in trials),
+        "sum_trial_wall_s": sum(t["wall_s"] for t in trials),
+        "startup_s": [t["startup_s"] for t in trials],
+        "setup_in_loop_s": [t["setup_in_loop_s"] for t in trials],
+        "startup_before_loop_s": [t["startup_before_loop_s"] for t in trials],
+        "per_trial": trials,
+    }
+
+
+def median_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def median_reached(values: list) -> float:
+    """Median where a sweep that never reached the target counts as worse than any that did."""
+    ordered = sorted(math.inf if v is None else v for v in values)
+    return statistics.median(ordered)
+
+
+def finite(obj):
+    """JSON has no infinity: a target never reached is written as null."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
+    parser.add_argument("--trials", type=int, default=None, help="trials per sweep (default 12; quick: 6)")
+    parser.add_argument("--target", type=float, default=0.1, help="validation loss to reach")
+    parser.add_argument("--concurrency", type=int, default=3)
+    args = parser.parse_args()
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    trials = args.trials or (6 if args.quick else 12)
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from conftest import make_config
+    from lifelong.registry import Registry
+    from lifelong.runtime import connect
+    from lifelong.storage import Storage
+    from lifelong.synth import write_text_corpus, write_topic_dataset
+    from lifelong.train.driver import run_training
+    from lifelong.tune import run_sweep
+
+    work = Path(tempfile.mkdtemp(prefix="lifelong-bench-tune-"))
+    write_text_corpus(work / "corpus.jsonl", max_rows=1200)
+    write_topic_dataset(work / "topics.jsonl", 800, seed=0)
+    store = work / "store"
+    connect(num_cpus=args.concurrency + 1, dashboard=True)
+
+    pretrain = make_config("gpt2/tiny_pretrain.yaml", f"data.path={work / 'corpus.jsonl'}", f"storage.root={store}",
+                           "train.epochs=2", "train.max_steps_per_epoch=40", "scaling.num_workers=1")
+    base = run_training(pretrain)
+    Registry(Storage(str(store))).move_alias("tiny-gpt2", "champion", base.version)
+
+    runs = {m: [] for m in METHODS}
+    for seed in seeds:
+        for method, (search, scheduler) in METHODS.items():  # alternate, so drift hits both alike
+            config = make_config(
+                "gpt2/tiny_tune.yaml", f"data.path={work / 'topics.jsonl'}", f"storage.root={store}",
+                f"name=bench-{method}-{seed}", f"tune.seed={seed}", f"tune.search={search}", f"tune.scheduler={scheduler}",
+                f"tune.num_samples={trials}", f"tune.max_concurrent_trials={args.concurrency}", "train.epochs=4",
+            )
+            started = time.time()
+            outcome = run_sweep(config)
+            finished = time.time()
+            stats = sweep_stats(outcome.results, args.target, started, finished, config.train.epochs)
+            stats["seed"] = seed
+            runs[method].append(stats)
+            print(f"[bench] seed {seed} {method}: {stats['trial_epochs_to_target']} trial-epochs / "
+                  f"{stats['seconds_to_target']} s to val_loss <= {args.target}; best {stats['best_val_loss']:.4f}; "
+                  f"{stats['trial_epochs']} trial-epochs in {stats['sweep_wall_s']:.0f} s", flush=True)
+
+    summary = {}
+    for method, stats in runs.items():
+        summary[method] = {
+            "trial_epochs_to_target": median_reached([s["trial_epochs_to_target"] for s in stats]),
+            "seconds_to_target": median_reached([s["seconds_to_target"] for s in stats]),
+            "reached_target": sum(s["trial_epochs_to_target"] is not None for s in stats),
+            "best_val_loss": statistics.median(s["best_val_loss"] for s in stats),
+            "trial_epochs": statistics.median(s["trial_epochs"] for s in stats),
+            "sweep_wall_s": statistics.median(s["sweep_wall_s"] for s in stats),
+        }
+    all_stats = [s for stats in runs.values() for s in stats]
+    overhead = {
+        "sweep_wall_s": sum(s["sweep_wall_s"] for s in all_stats),
+        "sum_training_s": sum(s["sum_training_s"] for s in all_stats),
+        "sum_trial_wall_s": sum(s["sum_trial_wall_s"] for s in all_stats),
+        "startup_s_median": statistics.median(x for s in all_stats for x in s["startup_s"]),
+        "setup_in_loop_s_median": statistics.median(x for s in all_stats for x in s["setup_in_loop_s"]),
+        "startup_before_loop_s_median": statistics.median(x for s in all_stats for x in s["startup_before_loop_s"]),
+    }
+    overhead["training_share_of_trial_wall"] = overhead["sum_training_s"] / overhead["sum_trial_wall_s"]
+    overhead["startup_share_of_trial_wall"] = sum(x for s in all_stats for x in s["startup_s"]) / overhead["sum_trial_wall_s"]
+
+    a, b = summary["tpe_asha"], summary["random_no_stop"]
+    ratio = b["trial_epochs_to_target"] / a["trial_epochs_to_target"] if math.isfinite(a["trial_epochs_to_target"]) else 0.0
+    wall_ratio = b["seconds_to_target"] / a["seconds_to_target"] if math.isfinite(a["seconds_to_target"]) else 0.0
+    shown = lambda v: round(v, 1) if isinstance(v, float) and math.isfinite(v) else ("not reached" if v == math.inf else v)
+    figures = [
+        {"name": "tune_trial_epochs_to_target_random_vs_tpe_asha", "value": round(ratio, 2) if math.isfinite(ratio) else "inf",
+         "unit": "x fewer", "target": ">= 2", "met": ratio >= 2,
+         "platform": shown(a["trial_epochs_to_target"]), "baseline": shown(b["trial_epochs_to_target"]),
+         "baseline_unit": f"trial-epochs to val_loss <= {args.target} (median of {len(seeds)} seeds; TPE+ASHA vs random, no stopping)"},
+        {"name": "tune_wall_to_target_random_vs_tpe_asha", "value": round(wall_ratio, 2) if math.isfinite(wall_ratio) else "inf",
+         "unit": "x faster", "target": None, "met": None,
+         "platform": shown(a["seconds_to_target"]), "baseline": shown(b["seconds_to_target"]), "baseline_unit": "s"},
+        {"name": "tune_best_val_loss_within_budget", "value": round(a["best_val_loss"], 4), "unit": "val_loss (TPE+ASHA)",
+         "target": None, "met": None, "platform": round(a["best_val_loss"], 4), "baseline": round(b["best_val_loss"], 4),
+         "baseline_unit": f"val_loss, best of {trials} trials (median)"},
+        {"name": "tune_training_share_of_trial_wall", "value": round(overhead["training_share_of_trial_wall"], 3), "unit": "",
+         "target": None, "met": None, "platform": round(overhead["startup_s_median"], 1),
+         "baseline": round(overhead["setup_in_loop_s_median"], 1),
+         "baseline_unit": "s: per-trial start-up (median) | of it in the loop (model load + DeepSpeed init)"},
+    ]
+    result = {
+        "benchmark": "tune_search",
+        "command": ("python benchmarks/tune_search.py " + " ".join(sys.argv[1:])).strip(),
+        "machine": f"{os.cpu_count()} CPU cores, no GPU",
+        "date": date.today().isoformat(),
+        "setup": f"{trials} trials per sweep, 4 epochs x 25 steps max each, {args.concurrency} concurrent trials of 1 worker, "
+                 f"seeds {seeds}, target val_loss <= {args.target}; Ray {args.concurrency + 1} logical CPUs on {os.cpu_count()} cores",
+        "summary": summary,
+        "overhead": overhead,
+        "figures": figures,
+        "runs": runs,
+    }
+    out = HERE / "results" / ("tune_search_quick.json" if args.quick else "tune_search.json")
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(finite(result), indent=2) + "\n")
+    print(json.dumps({"summary": summary, "overhead": overhead, "figures": figures}, indent=2, default=str))
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Sweeps as a user runs them: Optuna + ASHA over real Ray Train + DeepSpeed trials, a failing
+trial, a killed driver resumed with --resume, the best trial registered."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import CONFIGS, make_config
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+from lifelong.tune import FailureBudget, run_sweep
+
+TUNE_YAML = "gpt2/tiny_tune.yaml"
+
+
+def sweep_overrides(pretrained, demo_data, name: str, *extra: str) -> list[str]:
+    return [
+        f"data.path={demo_data / 'topics.jsonl'}", f"storage.root={pretrained['root']}",
+        f"model.init_from=tiny-gpt2:{pretrained['outcome'].version}", f"name={name}",
+        "train.max_steps_per_epoch=15", *extra,
+    ]
+
+
+def trial_statuses(sweep_dir: Path) -> dict[str, str]:
+    """Trial id → status as the sweep's own experiment state on disk records it."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+    return {s["trial_id"]: s["status"] for s in (json.loads(t[0]) for t in data["trial_data"])}
+
+
+def test_failure_budget_stops_the_sweep_only_past_its_limit():
+    budget = FailureBudget(1)
+    budget.on_trial_error(0, [], None)
+    assert not budget.stop_all()
+    budget.on_trial_error(0, [], None)
+    assert budget.stop_all()
+
+
+@pytest.mark.slow
+def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data):
+    # Optuna's three seeded start-up samples (seed 8) put lr=1e30, a non-finite loss, on exactly
+    # one trial; TPE picks the last two and may try it again: up to 2 failures are allowed.
+    config = make_config(TUNE_YAML, *sweep_overrides(
+        pretrained, demo_data, "tune-smoke", "train.epochs=3", "tune.num_samples=5", "tune.seed=8",
+        "tune.max_failed_trials=2", "tune.max_concurrent_trials=3",
+        "tune.space={train.lr: {choice: [3e-3, 1e-4, 1e-2, 1e30]}, model.train_last_n_layers: {randint: [1, 3]}}",
+    ))
+    outcome = run_sweep(config)
+
+    table = pd.read_csv(outcome.csv)
+    assert len(table) == 5 and set(table["trial"]) == set(outcome.table["trial"])
+    errored = table[table["status"] == "errored"]
+    assert 1 <= len(errored) <= 2 and (errored["train.lr"] == 1e30).all()
+    assert errored["error"].str.contains("loss is not finite").all()
+    done = table[table["status"] == "finished"]
+    assert (done["train.lr"] < 1).all() and done["stopped_early"].any()  # ASHA cut at least one at an early rung
+    assert (done[~done["stopped_early"]]["epochs"] == 3).all() and (done[done["stopped_early"]]["epochs"] < 3).all()
+    assert Path(outcome.plot).stat().st_size > 10_000  # a rendered PNG, one curve per trial that reported
+
+    best_row = done.loc[done["best_val_loss"].idxmin()]
+    registry = Registry(Storage(str(pretrained["root"])))
+    card = registry.card("tune-smoke", outcome.version)
+    assert registry.resolve("tune-smoke@challenger").version == outcome.version
+    assert card["sweep"]["name"] == "tune-smoke-sweep"
+    assert card["sweep"]["params"]["train.lr"] == pytest.approx(best_row["train.lr"])
+    assert card["sweep"]["params"]["model.train_last_n_layers"] == best_row["model.train_last_n_layers"]
+    assert card["config"]["train"]["lr"] == pytest.approx(best_row["train.lr"])  # the trial's config, not the base
+    assert card["metrics"]["val_loss"] == pytest.approx(best_row["best_val_loss"])
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(pretrained, demo_data, tmp_path, ray_session):
+    overrides = sweep_overrides(pretrained, demo_data, "tune-resume", "train.epochs=2", "tune.num_samples=4",
+                                "tune.max_concurrent_trials=2", "tune.scheduler=none")
+    sweep_dir = Path(pretrained["root"]) / "tune" / "tune-resume-sweep"
+    address = ray_session.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "lifelong.cli", "tune", f"{CONFIGS}/{TUNE_YAML}", *overrides, "--address", address],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    # Kill the driver once its saved state has a trial finished and another still running.
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline and driver.poll() is None:
+        statuses = trial_statuses(sweep_dir)
+        if "TERMINATED" in statuses.values() and "RUNNING" in statuses.values():
+            break
+        time.sleep(1)
+    assert driver.poll() is None, f"the driver ended before it could be interrupted:\n{log.read_text()[-3000:]}"
+    driver.kill()
+    driver.wait(timeout=30)
+    before = trial_statuses(sweep_dir)
+    finished = {t for t, s in before.items() if s == "TERMINATED"}
+    results_before = {t: (sweep_dir / f"trial-{t}" / "result.json").read_text() for t in finished}
+    assert finished and len(before) < 5
+
+    config = make_config(TUNE_YAML, *overrides)
+    with pytest.raises(Exception, match="resume it with --resume"):
+        run_sweep(config)  # a second start would clobber the sweep: it is refused
+    outcome = run_sweep(config, resume=True)
+
+    table = outcome.table
+    assert len(table) == 4 and (table["status"] == "finished").all() and (table["epochs"] == 2).all()
+    for trial in finished:  # not rerun: their results are byte for byte what they were
+        assert (sweep_dir / f"trial-{trial}" / "result.json").read_text() == results_before[trial]
+    assert set(trial_statuses(sweep_dir).values()) == {"TERMINATED"}
+
+    # Optuna's history came back with the sweep: the study holds every trial, those before the kill included.
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(sweep_dir))
+    study = searcher._ot_study
+    assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
+    assert Registry(Storage(str(pretrained["root"]))).resolve("tune-resume@challenger").version == outcome.version
