@@ -122,3 +122,22 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(pretrained, demo
     study = searcher._ot_study
     assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert Registry(Storage(str(pretrained["root"]))).resolve("tune-resume@challenger").version == outcome.version
+
+
+def test_an_asha_sweep_on_a_cluster_without_the_state_api_is_refused_up_front():
+    # Its own Ray (no dashboard) in a child process: the session's Ray has one.
+    code = (
+        "import ray\n"
+        "from lifelong.config import validate_config\n"
+        "from lifelong.errors import LifelongError\n"
+        "from lifelong.tune import check_state_api\n"
+        "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
+        "base = {'name': 'x', 'tune': {'space': {'train.lr': {'choice': [0.1]}}}}\n"
+        "check_state_api(validate_config({**base, 'tune': {**base['tune'], 'scheduler': 'none'}}))\n"
+        "try:\n"
+        "    check_state_api(validate_config(base))\n"
+        "except LifelongError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert "REFUSED early stopping (tune.scheduler=asha) needs the Ray dashboard's state API" in result.stdout, result.stderr[-2000:]
