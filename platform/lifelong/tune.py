@@ -211,8 +211,7 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
                              data=data.for_trials() if shares_data(config) else None),
         {"cpu": TRIAL_DRIVER_CPU},
     )
-    check_resumable(storage, name, resume)
-    if resume:
+    if resume:  # run_sweep has checked that the sweep exists (or not) before preparing its data
         # Restores the searcher (Optuna's history) and the scheduler with the trials.
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
     t = config.tune
