@@ -269,6 +269,32 @@ class TuneSection(Section):
         return list(args)
 
 
+class GatesSection(Section):
+    # The candidate may score this much below the champion on the new window's holdout.
+    new_window_tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
+    # Largest mean accuracy drop against the champion on the past windows' holdouts.
+    max_forgetting: float = Field(default=0.05, ge=0.0, le=1.0)
+
+
+class ContinualSection(Section):
+    # Name of the stream under <root>/streams/ (default: the config's name).
+    stream: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # Where new data files arrive: a directory or a URI (Parquet, JSONL, CSV).
+    landing: str | None = None
+    strategy: Literal["naive", "replay"] = "replay"
+    # A cycle starts when this many new rows are pending, or when the oldest pending file has
+    # waited max_wait_s (None: never start on age alone).
+    min_new_rows: int = Field(default=100, ge=1)
+    max_wait_s: float | None = Field(default=None, gt=0)
+    poll_interval_s: float = Field(default=60.0, gt=0)
+    replay_capacity: int = Field(default=5000, ge=1)
+    # Replay rows drawn per new training row (replay strategy).
+    replay_ratio: float = Field(default=1.0, gt=0)
+    gates: GatesSection = Field(default_factory=GatesSection)
+    # Move `champion` to a candidate that passes the gates (false: `challenger` only).
+    promote: bool = True
+
+
 class JobConfig(Section):
     # The model's name in the registry; also the base of the deterministic run name.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -284,6 +310,7 @@ class JobConfig(Section):
     export: ExportSection = Field(default_factory=ExportSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     tune: TuneSection = Field(default_factory=TuneSection)
+    continual: ContinualSection = Field(default_factory=ContinualSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:

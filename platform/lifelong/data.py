@@ -215,12 +215,19 @@ class ValidatedData:
         return self.rows.map_batches(_only, fn_kwargs={"split": name}, batch_format="pandas")
 
 
-def read_validated(cfg: DataConfig, storage: Storage, quarantine_area: str, path: str | None = None) -> ValidatedData:
-    """Find, inspect, quarantine, read and validate; fails only when nothing valid remains."""
-    source = path or cfg.path
-    if not is_uri(source):
-        source = str(Path(source).expanduser().resolve())
-    fs, files = list_data_files(source)
+def read_validated(cfg: DataConfig, storage: Storage, quarantine_area: str, path: str | None = None,
+                   files: list[str] | None = None) -> ValidatedData:
+    """Find (or take `files`: paths or URIs on one filesystem), inspect, quarantine, read and
+    validate; fails only when nothing valid remains. The report's files follow `files`' order."""
+    if files:
+        source = path or "(the given files)"
+        fs, _ = filesystem_for(files[0])
+        files = [filesystem_for(f)[1] for f in files]
+    else:
+        source = path or cfg.path
+        if not is_uri(source):
+            source = str(Path(source).expanduser().resolve())
+        fs, files = list_data_files(source)
     columns = [cfg.text_column] + ([cfg.label_column] if cfg.label_column else [])
     reports = ray.get([inspect_file.remote(fs, f, cfg.format, columns) for f in files])
     for bad in (r for r in reports if not r.ok):

@@ -5,6 +5,11 @@
 - `write_topic_dataset`: a labelled text-classification set. Each sentence mixes words from
   its class's vocabulary with shared filler words, so a small model can learn it but must
   actually read the text. Seeded: the same arguments always write the same rows.
+- `write_stream`: the same kind of rows as a stream of windows with controllable drift, for
+  continual learning: each window covers a subset of the classes (class-incremental drift:
+  a model trained on the new window alone forgets the others) and replaces part of each
+  class's vocabulary with words of its own (vocabulary drift). Files alternate JSONL, CSV and
+  Parquet, as a landing zone would receive them.
 
 The platform itself reads any user data in the supported formats (Parquet, JSONL, CSV).
 """
@@ -64,3 +69,67 @@ def _write_jsonl(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def window_vocabulary(label: str, window: int, new_fraction: float, seed: int) -> list[str]:
+    """The class's words in `window`: its base words with `new_fraction` of them replaced by
+    pseudo-words that first appear in this window (window 0 keeps the base words)."""
+    base = TOPIC_WORDS[label]
+    if window == 0 or new_fraction <= 0:
+        return list(base)
+    rng = random.Random(f"{seed}:{label}:{window}")
+    replaced = max(1, round(len(base) * new_fraction))
+    keep = rng.sample(base, len(base) - replaced)
+    syllables = "ka lo mi ru ze tor vin pa sel dro nu fex".split()
+    fresh = {"".join(rng.choice(syllables) for _ in range(3)) for _ in range(replaced * 3)}
+    return keep + sorted(fresh)[:replaced]
+
+
+def window_classes(window: int, labels: list[str], per_window: int) -> list[str]:
+    """Class-incremental order: consecutive groups of `per_window` classes, wrapping around."""
+    start = (window * per_window) % len(labels)
+    return [labels[(start + k) % len(labels)] for k in range(per_window)]
+
+
+def write_stream(out: str | Path, windows: int = 4, rows_per_window: int = 400, files_per_window: int = 2,
+                 seed: int = 0, classes_per_window: int = 2, new_vocab_fraction: float = 0.5) -> list[Path]:
+    """Write windows of labelled files under out/window-000/, window-001/, …; returns the window dirs.
+
+    Every window has rows of only `classes_per_window` of the 4 classes (all of them when it is
+    4) and its own share of new vocabulary. Same arguments, same bytes.
+    """
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    labels = sorted(TOPIC_WORDS)
+    if not 1 <= classes_per_window <= len(labels):
+        raise ValueError(f"classes_per_window must be 1..{len(labels)} (got {classes_per_window})")
+    if not 0 <= new_vocab_fraction <= 1:
+        raise ValueError(f"new_vocab_fraction must be within 0..1 (got {new_vocab_fraction})")
+    out, dirs = Path(out), []
+    for w in range(windows):
+        rng = random.Random(f"{seed}:window:{w}")
+        classes = window_classes(w, labels, classes_per_window)
+        vocab = {c: window_vocabulary(c, w, new_vocab_fraction, seed) for c in classes}
+        rows = []
+        for i in range(rows_per_window):
+            label = classes[i % len(classes)]
+            words = [rng.choice(FILLER) for _ in range(9)]
+            for _ in range(3):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(vocab[label]))
+            rows.append({"text": " ".join(words), "label": label})
+        rng.shuffle(rows)
+        d = out / f"window-{w:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for f in range(files_per_window):
+            part = rows[f::files_per_window]
+            kind = ("jsonl", "csv", "parquet")[(w + f) % 3]
+            path = d / f"part-{f}.{kind}"
+            if kind == "jsonl":
+                _write_jsonl(path, part)
+            else:
+                table = pa.Table.from_pylist(part)
+                pq.write_table(table, path) if kind == "parquet" else pacsv.write_csv(table, path)
+        dirs.append(d)
+    return dirs

@@ -1,0 +1,101 @@
+"""`lifelong continual report`: the accuracy matrix and the CL metrics over cycles, as text, JSON, PNG."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lifelong.config import JobConfig
+from lifelong.continual.cycle import Stream, accuracy_matrix, stream_name
+from lifelong.continual.ledger import Ledger
+from lifelong.continual.metrics import metrics_over_cycles
+from lifelong.errors import LifelongError
+from lifelong.storage import Storage, local_cache_dir
+
+
+@dataclass
+class Report:
+    data: dict
+    text: str
+    json_path: Path
+    matrix_png: Path
+    metrics_png: Path
+
+
+def build(config: JobConfig) -> dict:
+    storage = Storage(config.storage.root)
+    name = stream_name(config)
+    state = Stream(storage, name).state()
+    windows = state["windows"]
+    if not windows:
+        raise LifelongError(f"stream '{name}' has no finished cycle yet under {storage.uri_of('streams', name)}")
+    R = accuracy_matrix(windows)
+    return {
+        "stream": name, "model": config.name,
+        "windows": [{k: w[k] for k in ("window", "version", "status", "reason", "champion_before", "new_rows", "replay_rows")} for w in windows],
+        "accuracy_matrix": R, "baseline": state.get("baseline", []),
+        "metrics_over_cycles": metrics_over_cycles(R, state.get("baseline")),
+        "ledger": Ledger(storage, name).counts(),
+    }
+
+
+def render(data: dict) -> str:
+    R, T = data["accuracy_matrix"], len(data["accuracy_matrix"])
+    lines = [f"stream '{data['stream']}' ({data['model']}): {T} window(s); ledger {data['ledger']}", "",
+             "accuracy matrix R[i][j] (row: the champion after window i; column: window j's holdout)",
+             "        " + "".join(f"   w{j:<4}" for j in range(T))]
+    for i, row in enumerate(R):
+        lines.append(f"after w{i:<2}" + "".join(f"  {v:6.3f}" if v is not None else "       -" for v in row))
+    lines += ["", f"{'cycle':<6} {'version':>7} {'decision':<9} {'ACC':>6} {'BWT':>7} {'FWT':>7} {'forget':>7}"]
+    for w, m in zip(data["windows"], data["metrics_over_cycles"]):
+        f = lambda v: f"{v:7.3f}" if v is not None else "      -"
+        lines.append(f"{w['window']:<6} {w['version']:>7} {w['status']:<9} {m['average_accuracy']:6.3f} {f(m['backward_transfer'])} "
+                     f"{f(m['forward_transfer'])} {f(m['forgetting'])}")
+    return "\n".join(lines)
+
+
+def write_report(config: JobConfig, out: Path | None = None) -> Report:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = build(config)
+    storage = Storage(config.storage.root)
+    if out is None:
+        out = Path(storage.path("streams", data["stream"], "report")) if storage.is_local else local_cache_dir("streams", data["stream"], "report")
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, matrix_png, metrics_png = out / "report.json", out / "matrix.png", out / "metrics.png"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+
+    R = [[v if v is not None else float("nan") for v in row] for row in data["accuracy_matrix"]]
+    fig, ax = plt.subplots(figsize=(1.2 * len(R) + 2, 1.0 * len(R) + 1.5))
+    im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(R):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(R)), [f"w{j}" for j in range(len(R))])
+    ax.set_yticks(range(len(R)), [f"after w{i}" for i in range(len(R))])
+    ax.set_xlabel("holdout of window j")
+    ax.set_ylabel("champion after window i")
+    ax.set_title(f"stream {data['stream']}: accuracy matrix")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(matrix_png, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cycles = list(range(len(data["metrics_over_cycles"])))
+    for key in ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting"):
+        values = [m[key] if m[key] is not None else float("nan") for m in data["metrics_over_cycles"]]
+        ax.plot(cycles, values, marker="o", label=key)
+    ax.set_xticks(cycles)
+    ax.set_xlabel("cycle (window)")
+    ax.set_title(f"stream {data['stream']}: continual-learning metrics")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(metrics_png, dpi=110)
+    plt.close(fig)
+    return Report(data, render(data), json_path, matrix_png, metrics_png)
