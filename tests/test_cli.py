@@ -101,3 +101,25 @@ def test_tune_refuses_bad_spaces_and_a_resume_of_nothing_before_starting_ray(arg
     result = lifelong("tune", f"{CONFIGS}/gpt2/tiny_tune.yaml", *args, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Ray" not in result.stdout  # refused before connecting: nothing started
+
+
+def test_continual_refuses_bad_input_before_ray_starts(tmp_path):
+    config = f"{CONFIGS}/gpt2/tiny_continual.yaml"
+    landing = tmp_path / "landing"
+    root = f"storage.root={tmp_path / 'store'}"
+    cases = [
+        (["continual", config, root, "continual.strategy=forget"], "continual.strategy"),
+        (["continual", config, root, "continual.replay_ratio=0"], "continual.replay_ratio"),
+        (["continual", config, root, "continual.gates.max_forgetting=2"], "continual.gates.max_forgetting"),
+        (["continual", config, root, f"continual.landing={landing}"], f"continual.landing '{landing}' is not a directory"),
+        (["continual", config, root, "continual.landing=null"], "continual.landing is not set"),
+        (["continual", config, root, f"continual.landing={tmp_path}", "model.task=causal-lm"], "needs model.task=sequence-classification"),
+        (["continual", "report"], "usage: lifelong continual report CONFIG"),
+        (["continual", "report", config, root], "has no finished cycle yet"),
+        (["data", "stream", tmp_path / "s", "--classes", "9"], "--classes"),
+    ]
+    for args, message in cases:
+        out = lifelong(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert message in out.stdout + out.stderr, (args, out.stdout, out.stderr)
+    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))

@@ -291,6 +291,70 @@ def data_demo(
     console.print(f"wrote {out / 'corpus.jsonl'} ({n_corpus} rows) and {out / 'topics.jsonl'} ({n_topics} rows, synthetic)")
 
 
+@data_app.command("stream")
+def data_stream(
+    out: Annotated[Path, typer.Argument(help="Directory to write window-000/, window-001/, … into")] = Path("data/stream"),
+    windows: Annotated[int, typer.Option(min=1, help="Number of windows")] = 4,
+    rows: Annotated[int, typer.Option(min=4, help="Rows per window")] = 400,
+    files: Annotated[int, typer.Option(min=1, help="Files per window (JSONL, CSV and Parquet in turn)")] = 2,
+    classes: Annotated[int, typer.Option(min=1, max=4, help="Classes per window (4: no class drift)")] = 2,
+    new_vocab: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of each class's words new in each window")] = 0.5,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write a SYNTHETIC labelled text stream with drift, as windows of files to drop into a landing zone."""
+    from lifelong.synth import write_stream
+
+    dirs = write_stream(out, windows, rows, files, seed, classes, new_vocab)
+    console.print(f"wrote {len(dirs)} windows of {rows} rows under {out} (synthetic; {classes} of 4 classes per window, "
+                  f"{new_vocab:.0%} new words per class per window); copy them into the landing zone one at a time")
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def continual(
+    config: Annotated[str, typer.Argument(help="A YAML config with a continual section, or 'report' followed by the config.")],
+    overrides: OverridesArg = None,
+    address: AddressOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit (cron, a Ray job).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Train on what is pending even below continual.min_new_rows.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="report: where to write report.json and the plots.")] = None,
+) -> None:
+    """Keep the champion learning from the landing zone: cycles of scan → retrain (+ replay) → gates → promote.
+
+    `lifelong continual report CONFIG` prints the continual-learning metrics and writes JSON + PNG plots."""
+    from lifelong.config import load_config
+
+    if config == "report":
+        if not overrides:
+            raise LifelongError("usage: lifelong continual report CONFIG [key=value ...]")
+        from lifelong.continual.report import write_report
+
+        cfg = load_config(Path(overrides[0]), overrides[1:])
+        report = write_report(cfg, out)
+        console.print(report.text, markup=False, highlight=False, soft_wrap=True)
+        console.print(f"written: {report.json_path}, {report.matrix_png}, {report.metrics_png}", soft_wrap=True)
+        return
+    import time
+
+    from lifelong.continual.cycle import check_continual, run_cycle
+    from lifelong.runtime import connect
+
+    cfg = load_config(Path(config), overrides or [])
+    check_continual(cfg)
+    where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    console.print(f"[bold]lifelong continual[/] {config} on {where}: landing zone {cfg.continual.landing}"
+                  + ("" if once else f", polling every {cfg.continual.poll_interval_s:g} s (Ctrl-C stops between cycles)"))
+    while True:
+        outcome = run_cycle(cfg, force=force)
+        console.print(outcome.summary(), markup=False, highlight=False, soft_wrap=True)
+        if once:
+            return
+        try:
+            time.sleep(cfg.continual.poll_interval_s)
+        except KeyboardInterrupt:
+            console.print("stopped")
+            return
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

@@ -1,0 +1,28 @@
+"""Ray job: continual learning on the landing zone (one cycle with --once, else a polling loop).
+
+    ray job submit --working-dir . -- python jobs/continual.py configs/gpt2/tiny_continual.yaml --once [key=value ...]
+"""
+
+import sys
+import time
+
+from lifelong.config import load_config
+from lifelong.continual.cycle import check_continual, run_cycle
+from lifelong.errors import LifelongError
+from lifelong.runtime import connect
+
+flags = {a for a in sys.argv[2:] if a.startswith("--")}
+unknown = flags - {"--once", "--force"}
+try:
+    if len(sys.argv) < 2 or unknown:
+        raise LifelongError(f"usage: jobs/continual.py CONFIG [--once] [--force] [key=value ...] (unknown: {', '.join(sorted(unknown))})")
+    config = load_config(sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("--")])
+    check_continual(config)
+    connect(config.ray.address, config.ray.num_cpus)
+    while True:
+        print(run_cycle(config, force="--force" in flags).summary(), flush=True)
+        if "--once" in flags:
+            break
+        time.sleep(config.continual.poll_interval_s)
+except LifelongError as e:
+    sys.exit(f"error: {e}")
