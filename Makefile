@@ -1,4 +1,4 @@
-# make quickstart: set up .venv, then run the lifecycle that exists so far on an embedded local Ray.
+# make quickstart: set up .venv, then run the whole lifecycle on an embedded local Ray (about 10 min).
 # make test:       set up .venv, then run the whole test suite.
 PYTHON ?= python3
 VENV   := .venv
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# DeepSpeed compiles its CPU shared-memory all-reduce on first use (about a minute here);
+	# building it now keeps that out of the first multi-worker run.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 quickstart: $(STAMP)
@@ -34,6 +37,8 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_throughput.py --quick
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/serve_latency.py --quick
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/tune_search.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/continual.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ingest.py --quick
 
 clean:
 	rm -rf $(VENV) lifelong-store data/demo .pytest_cache

@@ -1,63 +1,133 @@
-"""The lifecycle so far, in one process on an embedded local Ray (what `make quickstart` runs).
+"""The whole lifecycle in one process on an embedded local Ray (what `make quickstart` runs).
 
-generate demo data → pretrain a tiny GPT-2 (2 DeepSpeed workers) → promote it → fine-tune a
-topic classifier from it (exported to ONNX when registered) → promote → evaluate the champion
-→ serve it on Ray Serve and ask it over HTTP → list the registry.
+pretrain a tiny GPT-2 (2 DeepSpeed workers) → a small Optuna sweep fine-tunes it into a 4-topic
+classifier; the best trial becomes the champion → Ray Serve serves the champion (ONNX Runtime,
+2 replicas) while a client keeps asking → windows of drifting data land one after another;
+each continual cycle retrains the champion on the new rows + replay, gates it, promotes it and
+the endpoint swaps → a final summary: versions, the continual-learning matrix, what the
+endpoint answered with, failed requests.
+
+Every run has its own run, sweep and stream names, so earlier runs stay in the store.
 """
 
-import json
-import sys
+import collections
+import shutil
+import threading
 import time
-import urllib.request
 from pathlib import Path
 
+import httpx
 from ray import serve
+from rich.table import Table
 
-from lifelong.cli import console, models_list, print_training_summary
+from lifelong.cli import console, print_sweep_summary, print_training_summary
 from lifelong.config import load_config
-from lifelong.evaluate import evaluate_model
+from lifelong.continual.cycle import past_window_drop, run_cycle
+from lifelong.continual.report import write_report
 from lifelong.registry import Registry
 from lifelong.runtime import connect
 from lifelong.serve import deploy
 from lifelong.storage import Storage
-from lifelong.synth import write_text_corpus, write_topic_dataset
+from lifelong.synth import write_stream, write_text_corpus, write_topic_dataset
 from lifelong.train.driver import run_training
+from lifelong.tune import run_sweep
 
+WINDOWS = 3
 started = time.monotonic()
+stamp = time.strftime("%Y%m%d-%H%M%S")
 data = Path("data/demo")
 if not (data / "topics.jsonl").exists():
     write_text_corpus(data / "corpus.jsonl")
     write_topic_dataset(data / "topics.jsonl", 1200, seed=0)
-stamp = time.strftime("%Y%m%d-%H%M%S")  # a new run each time: earlier runs stay in the store
-pretrain = load_config("configs/gpt2/tiny_pretrain.yaml", [f"run_name=quickstart-pretrain-{stamp}"])
-finetune = load_config("configs/gpt2/tiny_finetune.yaml", [f"run_name=quickstart-finetune-{stamp}"])
-console.print(f"[bold]quickstart[/] on {connect(num_cpus=4)}; storage root {pretrain.storage.root}")
-registry = Registry(Storage(pretrain.storage.root))
+stream_dir = data / "stream"
+if not (stream_dir / f"window-{WINDOWS - 1:03d}").exists():
+    write_stream(stream_dir, windows=WINDOWS, rows_per_window=240, files_per_window=2, seed=0)
+landing = (data / f"landing-{stamp}").resolve()
+landing.mkdir(parents=True)
 
-console.rule("1/4 pretrain a tiny GPT-2 with 2 DeepSpeed workers (ZeRO-2)")
+pretrain = load_config("configs/gpt2/tiny_pretrain.yaml", [f"run_name=quickstart-pretrain-{stamp}"])
+sweep = load_config("configs/gpt2/tiny_tune.yaml", [
+    f"tune.sweep_name=quickstart-{stamp}", "tune.num_samples=4", "tune.startup_trials=2", "train.epochs=3"])
+cycles = load_config("configs/gpt2/tiny_continual.yaml", [
+    f"data.path={landing}", f"continual.landing={landing}", f"continual.stream=quickstart-{stamp}",
+    "continual.min_new_rows=100", "train.epochs=3", "train.lr=3e-3", "scaling.num_workers=1"])
+served = load_config("configs/gpt2/tiny_serve.yaml", ["serve.poll_interval_s=0.5"])
+where = connect(num_cpus=4, dashboard=True)  # the dashboard's state API lets ASHA free stopped trials
+console.print(f"[bold]quickstart[/] on {where}; storage root {pretrain.storage.root}")
+registry = Registry(Storage(pretrain.storage.root))
+origin = {}  # "tiny-topics:v" → what made it
+
+console.rule("1/5 pretrain a tiny GPT-2 with 2 DeepSpeed workers (ZeRO-2)")
 lm = run_training(pretrain)
 print_training_summary(lm)
 registry.move_alias(lm.model, "champion", lm.version, reason="quickstart pretrain")
 
-console.rule("2/4 fine-tune a topic classifier from tiny-gpt2@champion")
-clf = run_training(finetune)
-print_training_summary(clf)
-registry.move_alias(clf.model, "champion", clf.version, reason="quickstart finetune")
+console.rule("2/5 sweep: Optuna TPE + ASHA fine-tune tiny-gpt2@champion into a topic classifier (4 trials)")
+best = run_sweep(sweep, promote=True)
+print_sweep_summary(best)
+origin[best.version] = f"sweep {best.name}"
 
-console.rule("3/4 evaluate tiny-topics@champion without training it")
-result = evaluate_model(finetune, f"{clf.model}@champion")
-console.print({k: round(v, 4) for k, v in result.metrics.items()})
-
-console.rule("4/4 serve tiny-topics@champion (ONNX Runtime, 2 replicas) and ask it over HTTP")
-served = load_config("configs/gpt2/tiny_serve.yaml")
+console.rule("3/5 serve tiny-topics@champion (ONNX Runtime, 2 replicas); a client asks every 0.1 s")
 url = deploy(served)
-question = json.dumps({"texts": ["the stock market and the bank", "a storm with rain in the forecast"]}).encode()
-request = urllib.request.Request(f"{url}/v1/predict", data=question, headers={"Content-Type": "application/json"})
-answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
-console.print(f"POST {url}/v1/predict →", {"version": answer["version"], "labels": [p["label"] for p in answer["predictions"]]})
-serve.delete(served.serve_app_name)
+answers, stop = [], threading.Event()
 
-models_list(root=pretrain.storage.root)
-console.print(f"[bold green]quickstart done[/] in {time.monotonic() - started:.0f} s. Next: "
-              "lifelong serve configs/gpt2/tiny_serve.yaml · lifelong models list")
-sys.exit(0)
+
+def ask() -> None:
+    texts = ["the stock market and the bank", "a storm with rain in the forecast", "the team won the final"]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while not stop.is_set() and len(answers) < 50000:
+            try:
+                r = client.post("/v1/predict", json={"texts": texts})
+                answers.append((r.status_code, r.json()["version"] if r.status_code == 200 else r.text[:200]))
+            except httpx.HTTPError as e:
+                answers.append((type(e).__name__, str(e)[:200]))
+            stop.wait(0.1)
+
+
+def serving() -> int:
+    return httpx.post(url + "/v1/predict", json={"texts": ["x"]}, timeout=30).json()["version"]
+
+
+client = threading.Thread(target=ask, daemon=True)
+client.start()
+console.print(f"POST {url}/v1/predict → version {serving()}")
+
+outcomes = []
+try:
+    for w in range(WINDOWS):
+        console.rule(f"4/5 window {w} of {WINDOWS} lands in {landing}: a continual cycle (replay) retrains, gates, promotes")
+        for f in sorted((stream_dir / f"window-{w:03d}").iterdir()):
+            shutil.copy(f, landing / f"window-{w:03d}-{f.name}")
+        outcome = run_cycle(cycles)
+        outcomes.append(outcome)
+        origin[outcome.version] = f"cycle, window {w}"
+        console.print(outcome.summary(), markup=False, highlight=False, soft_wrap=True)
+        champion = registry.alias_version(cycles.name, "champion")
+        deadline = time.monotonic() + 60
+        while serving() != champion and time.monotonic() < deadline:
+            time.sleep(0.25)
+        console.print(f"the endpoint now serves version {serving()} (champion {champion})")
+finally:
+    stop.set()
+    client.join()
+    serve.delete(served.serve_app_name)
+
+console.rule("5/5 summary")
+table = Table(title=f"{cycles.name}: versions made by this run")
+for column in ("version", "made by", "decision", "accuracy on the new window (champion before)", "accuracy lost on past windows"):
+    table.add_column(column)
+table.add_row(str(best.version), origin[best.version], "promoted (best trial)", "-", "-")
+for o in outcomes:
+    cand, champ = o.accuracy["candidate"], o.accuracy["champion"]
+    table.add_row(str(o.version), origin[o.version], o.status, f"{cand[-1]:.3f} ({champ[-1]:.3f})", f"{past_window_drop(cand, champ):.3f}")
+console.print(table)
+report = write_report(cycles)
+console.print(report.text, markup=False, highlight=False, soft_wrap=True)
+console.print(f"plots: {report.matrix_png}, {report.metrics_png}", soft_wrap=True)
+by_version = collections.Counter(v for status, v in answers if status == 200)
+failed = [a for a in answers if a[0] != 200]
+console.print(f"the endpoint answered {len(answers)} requests: " + ", ".join(f"version {v}: {n}" for v, n in sorted(by_version.items()))
+              + f"; failed requests: {len(failed)}" + (f" (first: {failed[0]})" if failed else ""))
+console.print(f"[bold green]quickstart done[/] in {time.monotonic() - started:.0f} s. Next: lifelong continual "
+              f"configs/gpt2/tiny_continual.yaml · lifelong models list · lifelong continual report CONFIG")
+raise SystemExit(1 if failed else 0)
