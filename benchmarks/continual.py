@@ -1,0 +1,157 @@
+"""Continual learning: incremental retraining (champion + replay) against full retraining from
+scratch, and forgetting with replay against naive retraining on the new rows alone.
+
+    python benchmarks/continual.py            # 6 windows of 1000 rows, seed 0 (the README quotes this)
+    python benchmarks/continual.py --quick    # 3 windows of 300 rows
+
+The stream is the drift generator's (`lifelong data stream`): each window has 2 of the 4 topics
+and its own share of new vocabulary, so a model that learns only the newest window forgets the
+others. Every strategy starts from the same tiny GPT-2 classifier (random weights, seeded) and
+trains with the same config (configs/gpt2/tiny_continual.yaml: 3 epochs, 1 DeepSpeed worker),
+one after the other in one process on one local Ray:
+
+- replay: `run_cycle` for every window (new rows + as many replayed rows from the reservoir).
+- naive: the same from window 1 on (forked from replay's store after window 0), new rows only.
+- full: when the last window arrives, one training run from the starting model on every window's
+  training rows, then scored on every window's holdout.
+
+The gates are opened (every candidate is promoted) so that the strategies themselves are
+compared, not the gates. Wall time is the whole update as a user waits for it: for a cycle,
+`run_cycle` (read, prepare, train, register with ONNX export, evaluate on every holdout); for
+full retraining, `run_training` (read, train, register) plus the same evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LABELS = ["finance", "science", "sports", "weather"]
+
+
+def starting_model(registry, name: str, tokenizer_dir: str, work: Path, seed: int) -> int:
+    """A tiny GPT-2 classifier with random weights (seeded), registered as version 1."""
+    import torch
+
+    from lifelong.config import ModelConfig
+    from lifelong.models import build_model, load_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(task="sequence-classification", hf_config={"n_layer": 2, "n_embd": 64, "n_head": 2},
+                      max_length=32, tokenizer=tokenizer_dir)
+    model = build_model(cfg, load_tokenizer(tokenizer_dir), labels=LABELS)
+    model.save_pretrained(work / "start")
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, work / "start" / f.name)
+    card = {"task": "sequence-classification", "labels": LABELS, "metrics": {}, "config": {"model": cfg.model_dump(mode="json")}}
+    return registry.register_version(name, work / "start", card)
+
+
+def config(root: Path, landing: Path, strategy: str, seed: int, *extra: str):
+    from lifelong.config import load_config
+
+    return load_config(ROOT / "configs/gpt2/tiny_continual.yaml", [
+        f"storage.root={root}", f"data.path={landing}", f"continual.landing={landing}", f"continual.strategy={strategy}",
+        "continual.min_new_rows=1", "continual.gates.max_forgetting=1.0", "continual.gates.new_window_tolerance=1.0",
+        "scaling.num_workers=1", "train.epochs=3", "train.lr=3e-3", f"train.seed={seed}", *extra])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    windows, rows = (3, 300) if args.quick else (6, 1000)
+
+    from lifelong.continual.cycle import Stream, holdout_accuracies, run_cycle
+    from lifelong.models import train_tokenizer
+    from lifelong.registry import Registry
+    from lifelong.runtime import connect
+    from lifelong.storage import Storage
+    from lifelong.synth import write_stream
+    from lifelong.train.driver import run_training
+
+    seed = args.seed
+    work = Path(tempfile.mkdtemp(prefix="continual-bench-"))
+    dirs = write_stream(work / "windows", windows=windows, rows_per_window=rows, files_per_window=2, seed=seed)
+    first = [json.loads(line)["text"] for f in dirs[0].glob("*.jsonl") for line in f.read_text().splitlines()]
+    tokenizer_dir = str(work / "tokenizer")
+    train_tokenizer(first or [], 600, tokenizer_dir)  # from the first window only, as a real stream would
+    connect(num_cpus=4)
+    landing, stores = work / "landing", {"replay": work / "replay", "naive": work / "naive"}
+    landing.mkdir()
+    registry = Registry(Storage(str(stores["replay"])))
+    name = "tiny-topics"
+    start = starting_model(registry, name, tokenizer_dir, work, seed)
+    registry.move_alias(name, "champion", start)
+
+    cycles = {"replay": [], "naive": []}
+    for w, d in enumerate(dirs):
+        for f in sorted(d.iterdir()):
+            shutil.copy(f, landing / f"window-{w:03d}-{f.name}")
+        for strategy in ("replay", "naive") if w else ("replay",):
+            outcome = run_cycle(config(stores[strategy], landing, strategy, seed))
+            print(outcome.summary(), flush=True)
+            cycles[strategy].append({"window": w, "seconds": outcome.seconds, "phases": outcome.phases, "new_rows": outcome.new_rows,
+                                     "replay_rows": outcome.replay_rows, "version": outcome.version, "accuracy": outcome.accuracy,
+                                     "metrics": outcome.metrics})
+        if w == 0:
+            shutil.copytree(stores["replay"], stores["naive"])  # naive continues from the same champion and ledger
+    # naive's window 0 is replay's (the same cycle)
+    cycles["naive"].insert(0, cycles["replay"][0])
+
+    # Full retraining from the starting model on every window's training rows, when the last one arrived.
+    full_cfg = config(stores["replay"], landing, "replay", seed, f"model.init_from={name}:{start}",
+                      f"run_name=full-retrain-{windows}w")
+    t0 = time.perf_counter()
+    full = run_training(full_cfg)
+    stream = Stream(Storage(str(stores["replay"])), full_cfg.continual.stream or full_cfg.name)
+    full_acc = holdout_accuracies(full_cfg, Storage(str(stores["replay"])), stream, [f"{name}:{full.version}"], list(range(windows)))[0]
+    full_seconds = time.perf_counter() - t0
+
+    def final(strategy):
+        return cycles[strategy][-1]["metrics"]
+
+    replay_last = cycles["replay"][-1]
+    acc = {"replay": final("replay")["average_accuracy"], "naive": final("naive")["average_accuracy"], "full": statistics.fmean(full_acc)}
+    forgetting = {s: final(s)["forgetting"] for s in ("replay", "naive")}
+    time_ratio = replay_last["seconds"] / full_seconds
+    less = 1 - forgetting["replay"] / forgetting["naive"] if forgetting["naive"] else None
+    figures = [
+        {"name": "continual_update_time", "value": round(time_ratio, 2), "unit": "x full retraining's wall time (last window)",
+         "target": "<= 0.33", "met": time_ratio <= 1 / 3, "platform": round(replay_last["seconds"]), "baseline": round(full_seconds),
+         "baseline_unit": "s (incremental cycle vs full retraining)"},
+        {"name": "continual_average_accuracy", "value": round(100 * (acc["replay"] - acc["full"]), 1), "unit": "points vs full retraining",
+         "target": ">= -1", "met": acc["replay"] >= acc["full"] - 0.01, "platform": round(acc["replay"], 3), "baseline": round(acc["full"], 3),
+         "baseline_unit": f"average accuracy over {windows} windows"},
+        {"name": "continual_forgetting", "value": round(100 * less, 1) if less is not None else None, "unit": "% less forgetting with replay",
+         "target": ">= 50", "met": less is not None and less >= 0.5, "platform": round(forgetting["replay"], 3),
+         "baseline": round(forgetting["naive"], 3), "baseline_unit": "forgetting (replay vs naive)"},
+    ]
+    result = {"benchmark": "continual", "command": "python benchmarks/continual.py" + (" --quick" if args.quick else ""),
+              "machine": "2 CPU cores, no GPU", "date": date.today().isoformat(),
+              "setup": {"windows": windows, "rows_per_window": rows, "seed": seed, "epochs": 3, "workers": 1, "replay_ratio": 1.0},
+              "summary": {"average_accuracy": acc, "forgetting": forgetting, "full_retrain": {
+                  "seconds": full_seconds, "accuracy_per_window": full_acc, "train_rows": full.data.rows.get("train")},
+                  "incremental_last_cycle": {"seconds": replay_last["seconds"], "phases": replay_last["phases"],
+                                             "rows": replay_last["new_rows"] + replay_last["replay_rows"]},
+                  "incremental_total_seconds": sum(c["seconds"] for c in cycles["replay"])},
+              "figures": figures, "cycles": cycles}
+    out = HERE / "results" / ("continual_quick.json" if args.quick else "continual.json")
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps({k: result["summary"][k] for k in ("average_accuracy", "forgetting")}, indent=2))
+    for f in figures:
+        print(f"{f['name']}: {f['value']} {f['unit']} (target {f['target']}: {'met' if f['met'] else 'not met'}); {f['platform']} vs {f['baseline']} {f['baseline_unit']}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
