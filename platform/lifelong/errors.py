@@ -18,3 +18,7 @@ class DataError(LifelongError):
 
 class RegistryError(LifelongError):
     """A model reference does not resolve, or a registry operation is refused."""
+
+
+class AliasConflict(RegistryError):
+    """Another writer moved an alias between our read and our move."""

@@ -6,9 +6,11 @@
     registry/<model>/history/<alias>/<seq>.json  one immutable file per move
 
 A version exists once its card.json exists; it is written last and never rewritten, so a
-reader never sees a half-written version. An alias pointer is replaced atomically; each move
-first writes its history event, then the pointer (events newer than the pointer's `seq` are
-the remains of an interrupted move and are ignored).
+reader never sees a half-written version. An alias move is a compare-and-swap of the pointer
+(`Storage.replace_if`: flock on a local disk, If-Match on S3): of two writers that read the
+same pointer, exactly one moves it and the other re-reads (or, when it asked to move from a
+given version, gets `AliasConflict`). The winner then adds its event to the history; a move
+whose writer died before that is recovered from the pointer, which holds the same event.
 
 Exports made after registration (`lifelong export` on an older version) are the one thing
 added to a version: new files plus an `exports/<format>.json` record created exclusively,
@@ -28,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import lifelong
-from lifelong.errors import RegistryError
+from lifelong.errors import AliasConflict, RegistryError
 from lifelong.storage import Storage, local_cache_dir
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -261,39 +263,59 @@ class Registry:
             )
         return self.storage.read_json(path)
 
-    def move_alias(self, name: str, alias: str, version: int, *, reason: str = "", kind: str = "promote") -> dict:
-        """Point `alias` at `version` atomically and log the move; returns the event."""
+    def move_alias(self, name: str, alias: str, version: int, *, reason: str = "", kind: str = "promote",
+                   expect: int | None | type(...) = ...) -> dict:
+        """Point `alias` at `version` atomically and log the move; returns the event.
+
+        `expect`: the version the caller saw the alias at (None: unset). If another writer moved
+        it meanwhile, raise `AliasConflict` instead of overwriting their move.
+        """
         if not ALIAS_RE.match(alias):
             raise RegistryError(f"'{alias}' is not a valid alias name (a letter, then letters, digits, '_', '-')")
         self.card(name, version)  # the version must exist
-        with self.storage.lock(f"registry/{name}/aliases/{alias}"):
-            pointer_path = f"registry/{name}/aliases/{alias}.json"
-            current = self.storage.read_json(pointer_path) if self.storage.exists(pointer_path) else None
-            seq = (current["seq"] if current else 0) + 1
-            event = {
-                "alias": alias,
-                "version": version,
-                "previous": current["version"] if current else None,
-                "seq": seq,
-                "kind": kind,
-                "reason": reason,
-                "moved_at": _now(),
-            }
-            # Event first (immutable), then the pointer: the pointer decides what is true.
-            self.storage.write_json(f"registry/{name}/history/{alias}/{seq:08d}.json", event)
-            self.storage.write_json(pointer_path, event)
-        return event
+        pointer_path = f"registry/{name}/aliases/{alias}.json"
+        for _ in range(100):
+            read = self.storage.read_versioned(pointer_path)
+            current = json.loads(read[0]) if read else None
+            held = current["version"] if current else None
+            if expect is not ... and held != expect:
+                raise AliasConflict(f"{name}@{alias} was moved to {held} by another writer (seq {current['seq']}, "
+                                    f"{current['kind']} at {current['moved_at']}); this move expected it at {expect}")
+            if current:
+                self._record_event(name, alias, current)  # a mover that died before logging its event
+            event = {"alias": alias, "version": version, "previous": held, "seq": (current["seq"] if current else 0) + 1,
+                     "kind": kind, "reason": reason, "moved_at": _now()}
+            data = json.dumps(event, indent=2, sort_keys=True).encode()
+            if self.storage.replace_if(pointer_path, data, read[1] if read else None):
+                self._record_event(name, alias, event)
+                return event
+        raise RegistryError(f"{name}@{alias}: gave up after 100 concurrent moves by other writers")
+
+    def _record_event(self, name: str, alias: str, event: dict) -> None:
+        rel = f"registry/{name}/history/{alias}/{event['seq']:08d}.json"
+        data = json.dumps(event, indent=2, sort_keys=True).encode()
+        if not self.storage.create_exclusive(rel, data):
+            existing = self.storage.read_json(rel)
+            if existing != event:  # left by an interrupted move of the old history-first layout
+                self.storage.write_bytes(rel, data)
 
     def history(self, name: str, alias: str | None = None) -> list[dict]:
-        aliases = [alias] if alias else self.storage.listdir(f"registry/{name}/history")
+        aliases = [alias] if alias else sorted(set(self.storage.listdir(f"registry/{name}/history"))
+                                               | {a[: -len(".json")] for a in self.storage.listdir(f"registry/{name}/aliases") if a.endswith(".json")})
         events = []
         for a in aliases:
             pointer = f"registry/{name}/aliases/{a}.json"
-            applied = self.storage.read_json(pointer)["seq"] if self.storage.exists(pointer) else 0
+            current = self.storage.read_json(pointer) if self.storage.exists(pointer) else None
+            applied = current["seq"] if current else 0
+            logged = {}
             for fname in self.storage.listdir(f"registry/{name}/history/{a}"):
-                event = self.storage.read_json(f"registry/{name}/history/{a}/{fname}")
-                if event["seq"] <= applied:
-                    events.append(event)
+                if fname.endswith(".json"):
+                    event = self.storage.read_json(f"registry/{name}/history/{a}/{fname}")
+                    if event["seq"] <= applied:
+                        logged[event["seq"]] = event
+            if current and current["seq"] not in logged:
+                logged[current["seq"]] = current  # its mover died between the pointer and the log
+            events += logged.values()
         return sorted(events, key=lambda e: (e["moved_at"], e["seq"]))
 
     def rollback(self, name: str, alias: str = "champion", reason: str = "") -> dict:

@@ -3,18 +3,36 @@
 Writers never expose half-written files: on a local disk a file is written beside its target
 and renamed over it; on an object store a PUT is atomic per object. Multi-file objects
 (registry versions) are made visible by writing their manifest last (see registry.py).
+
+Races between writers are closed by two primitives that work on both kinds of store:
+`create_exclusive` (write only if absent) and `replace_if` (compare-and-swap on a token read
+with `read_versioned`). A local disk or shared POSIX mount gets them from O_EXCL links and
+flock; S3 gets them from conditional PUTs (If-None-Match: * / If-Match: ETag, through boto3,
+since pyarrow has none). Other object stores (gs://, ...) fall back to check-then-put, which
+is safe with one writer at a time only.
+
+S3 endpoint and region come from the root URI's query (`s3://bucket/prefix?endpoint_override=
+host:port&scheme=http&region=...`) or the usual AWS variables (AWS_ENDPOINT_URL, AWS_REGION);
+credentials only from the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, an
+instance or pod role), never from configs, and they are never logged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import posixpath
+import socket
 import tempfile
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pyarrow.fs as pafs
 
@@ -37,6 +55,63 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 
+class _S3Conditional:
+    """Conditional PUT / GET-with-ETag / DELETE on S3 through boto3 (pyarrow has no conditions)."""
+
+    def __init__(self, uri: str):
+        import boto3
+        from botocore.config import Config
+
+        query = {k: v[-1] for k, v in parse_qs(urlparse(uri).query).items()}
+        endpoint = query.get("endpoint_override")
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+        self.client = boto3.client(
+            "s3", endpoint_url=endpoint or None, region_name=query.get("region") or None,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+        )
+
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        bucket, _, key = path.partition("/")
+        return bucket, key
+
+    @staticmethod
+    def _refused(e) -> bool:
+        # 412: the condition failed; 409: a concurrent conditional write to the same key won.
+        return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+
+    def get(self, path: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._split(path)
+        try:
+            r = self.client.get_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return None
+            raise
+        return r["Body"].read(), r["ETag"]
+
+    def put(self, path: str, data: bytes, *, if_match: str | None = None) -> bool:
+        """PUT `data`; only if absent when `if_match` is None, else only if the ETag still matches."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._split(path)
+        condition = {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": if_match}
+        try:
+            self.client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as e:
+            if self._refused(e) or (if_match is not None and e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404):
+                return False
+            raise
+        return True
+
+    def delete(self, path: str) -> None:
+        bucket, key = self._split(path)
+        self.client.delete_object(Bucket=bucket, Key=key)
+
+
 class Storage:
     """Files under one root. Paths given to methods are relative, '/'-separated."""
 
@@ -44,22 +119,36 @@ class Storage:
         self.uri = root
         self.fs, self.base = filesystem_for(root)
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
+        self._s3 = _S3Conditional(root) if urlparse(root).scheme in ("s3", "s3a") else None
         if self.is_local:
             Path(self.base).mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
         return f"Storage({self.root_uri!r})"
 
+    def __getstate__(self):  # Ray tasks get the root and rebuild clients where they run
+        return {"uri": self.uri}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"])
+
     @property
     def root_uri(self) -> str:
-        """The root as Ray Train/Tune accept it (an absolute path or a URI)."""
+        """The root as given (with its query) for a URI, the absolute path for a local root."""
         return self.base if self.is_local else self.uri.rstrip("/")
 
+    @property
+    def conditional_writes(self) -> bool:
+        """True where concurrent writers are safe: local disks, shared mounts, S3."""
+        return self.is_local or self._s3 is not None
+
     def path(self, *parts: str) -> str:
+        """A path inside `self.fs` (for pyarrow, Ray Data and Ray Train's `storage_filesystem`)."""
         return posixpath.join(self.base, *parts)
 
     def uri_of(self, *parts: str) -> str:
-        return posixpath.join(self.root_uri, *parts)
+        """Where `parts` is, for messages: a local path, or scheme://bucket/key (no query)."""
+        return self.path(*parts) if self.is_local else f"{urlparse(self.uri).scheme}://{self.path(*parts)}"
 
     # --- reading ---------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -71,6 +160,16 @@ class Storage:
 
     def read_json(self, rel: str):
         return json.loads(self.read_bytes(rel))
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
+        """(content, token) for `replace_if`, or None when `rel` does not exist."""
+        if self._s3 is not None:
+            return self._s3.get(self.path(rel))
+        try:
+            data = self.read_bytes(rel)
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
 
     def listdir(self, rel: str) -> list[str]:
         """Names directly under `rel` (empty when it does not exist)."""
@@ -118,11 +217,34 @@ class Storage:
                 return False
             finally:
                 os.unlink(tmp)
+        if self._s3 is not None:
+            return self._s3.put(target, data)
         if self.exists(rel):
             return False
         with self.fs.open_output_stream(target) as f:
             f.write(data)
         return True
+
+    def replace_if(self, rel: str, data: bytes, token: str | None) -> bool:
+        """Compare-and-swap: write `rel` only if it is still what `read_versioned` returned
+        with `token` (None: only if it still does not exist). False when another writer won."""
+        if token is None:
+            return self.create_exclusive(rel, data)
+        if self._s3 is not None:
+            return self._s3.put(self.path(rel), data, if_match=token)
+        with self._local_lock(rel) if self.is_local else contextlib.nullcontext():
+            current = self.read_versioned(rel)
+            if current is None or current[1] != token:
+                return False
+            self.write_bytes(rel, data)
+            return True
+
+    def delete(self, rel: str) -> None:
+        if self._s3 is not None:
+            self._s3.delete(self.path(rel))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_file(self.path(rel))
 
     def upload_dir(self, local_dir: str | Path, rel: str) -> None:
         local_dir = Path(local_dir)
@@ -138,15 +260,26 @@ class Storage:
         return local_dir
 
     @contextlib.contextmanager
-    def lock(self, rel: str) -> Iterator[None]:
-        """Serialise writers of one resource (version numbering, alias moves).
+    def lock(self, rel: str, *, lease_s: float = 120.0) -> Iterator[None]:
+        """Serialise writers of one resource (a stream's cycles, an export).
 
-        On a local or shared POSIX mount this is an flock on `<rel>.lock`. Object stores have
-        no locks; there the immutable-object + pointer-written-last layout keeps readers safe.
+        On a local or shared POSIX mount this is an flock on `<rel>.lock`. On S3 it is a lease:
+        `<rel>.lease` created only-if-absent, renewed by a thread every lease_s/4 with If-Match,
+        deleted on exit. A holder that died stops renewing; after `lease_s` the next writer takes
+        the lease over (compare-and-swap on the stale one's ETag, so only one taker wins).
         """
-        if not self.is_local:
+        if self.is_local:
+            with self._local_lock(rel):
+                yield
+            return
+        if self._s3 is None:  # no conditional writes here: one writer at a time (module doc)
             yield
             return
+        with _Lease(self, rel + ".lease", lease_s):
+            yield
+
+    @contextlib.contextmanager
+    def _local_lock(self, rel: str) -> Iterator[None]:
         path = Path(self.path(rel + ".lock"))
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
@@ -155,6 +288,53 @@ class Storage:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Lease:
+    """A renewable lease object on S3 (see `Storage.lock`)."""
+
+    def __init__(self, storage: Storage, rel: str, lease_s: float):
+        self.storage, self.rel, self.lease_s = storage, rel, lease_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.token: str | None = None
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease {rel}")
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "expires_at": time.time() + self.lease_s}).encode()
+
+    def _try_take(self) -> bool:
+        if self.storage.create_exclusive(self.rel, self._body()):
+            return True
+        current = self.storage.read_versioned(self.rel)
+        if current is None:  # released between our two calls
+            return False
+        if json.loads(current[0]).get("expires_at", 0) < time.time():  # its holder stopped renewing
+            return self.storage.replace_if(self.rel, self._body(), current[1])
+        return False
+
+    def __enter__(self):
+        delay = 0.1
+        while not self._try_take():
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        self.token = self.storage.read_versioned(self.rel)[1]
+        self._renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            current = self.storage.read_versioned(self.rel)
+            if current is None or current[1] != self.token or not self.storage.replace_if(self.rel, self._body(), self.token):
+                return  # lost (expired and taken over): the holder's own compare-and-swap writes still protect the data
+            self.token = self.storage.read_versioned(self.rel)[1]
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._renewer.join()
+        current = self.storage.read_versioned(self.rel)
+        if current is not None and current[1] == self.token:
+            self.storage.delete(self.rel)
 
 
 def local_cache_dir(*parts: str) -> Path:

@@ -83,7 +83,7 @@ def run_trial(params: dict, base: dict, sweep: str, data) -> None:
     run_name = trial_run_name(sweep, tune.get_context().get_trial_id())
     config = trial_config(base, params, run_name, data.tokenizer_dir if data else None)
     prep = prepare_run(config, data)
-    trainer = build_trainer(prep, run_name, prep.storage.uri_of("runs"), callbacks=[TuneReportCallback()])
+    trainer = build_trainer(prep, run_name, callbacks=[TuneReportCallback()])
     trainer.fit()  # raises on failure: Tune records the trial as errored with the reason
 
 
@@ -177,8 +177,8 @@ def max_concurrency(config: JobConfig) -> int:
 
 
 def check_resumable(storage: Storage, name: str, resume: bool) -> None:
+    exists = tune.Tuner.can_restore(storage.path("tune", name), storage_filesystem=storage.fs)
     path = storage.uri_of("tune", name)
-    exists = tune.Tuner.can_restore(path)
     if resume and not exists:
         raise LifelongError(f"no sweep to resume at {path}: run without --resume to start it")
     if not resume and exists:
@@ -205,7 +205,6 @@ def check_state_api(config: JobConfig) -> None:
 def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
     storage = Storage(config.storage.root)
     name = sweep_name(config)
-    path = storage.uri_of("tune", name)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.model_dump(mode="json"), sweep=name,
                              data=data.for_trials() if shares_data(config) else None),
@@ -213,7 +212,8 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
     )
     if resume:  # run_sweep has checked that the sweep exists (or not) before preparing its data
         # Restores the searcher (Optuna's history) and the scheduler with the trials.
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False)
+        return tune.Tuner.restore(storage.path("tune", name), trainable=trainable, storage_filesystem=storage.fs,
+                                  resume_unfinished=True, resume_errored=False, restart_errored=False)
     t = config.tune
     concurrency = max_concurrency(config)
     if t.search == "optuna":
@@ -239,7 +239,7 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
         param_space=param_space(config),
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=t.num_samples, trial_dirname_creator=trial_dirname,
                                     max_concurrent_trials=concurrency if t.search == "optuna" else None),
-        run_config=tune.RunConfig(name=name, storage_path=storage.uri_of("tune"), stop=budget, callbacks=[budget, Progress(config)],
+        run_config=tune.RunConfig(name=name, storage_path=storage.path("tune"), storage_filesystem=storage.fs, stop=budget, callbacks=[budget, Progress(config)],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                   verbose=0),  # Progress prints one line per event instead
     )
@@ -335,7 +335,7 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     params = {k: best.config[k] for k in config.tune.space}
     run_name = trial_run_name(name, best.metrics["trial_id"])
     best_config = trial_config(config.model_dump(mode="json"), params, run_name, tokenizer_dir)
-    train_result = ray.train.Result.from_path(storage.uri_of("runs", run_name))
+    train_result = ray.train.Result.from_path(storage.path("runs", run_name), storage_filesystem=storage.fs)
     outcome = register_best(dataclasses.replace(prep, config=best_config), train_result, run_name,
                             extra_card={"sweep": {"name": name, "params": params, "path": results.experiment_path}})
     alias = "champion" if promote else "challenger"

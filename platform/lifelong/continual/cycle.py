@@ -32,7 +32,7 @@ from lifelong.config import JobConfig
 from lifelong.continual.ledger import Ledger
 from lifelong.continual.metrics import cl_metrics
 from lifelong.continual.replay import ReplayBuffer
-from lifelong.errors import LifelongError
+from lifelong.errors import AliasConflict, LifelongError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 
@@ -249,7 +249,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
           f"{outcome.replay_rows} replayed, from {champion.ref}, run '{run_name}'", flush=True)
     t0 = time.perf_counter()
     outcome.phases["prepare"] = t0 - prepare_started
-    result = build_trainer(prep, run_name, storage.uri_of("runs")).fit()
+    result = build_trainer(prep, run_name).fit()
     outcome.phases["train"] = time.perf_counter() - t0
     if result.error:
         raise LifelongError(f"cycle training run '{run_name}' failed: {result.error}")
@@ -291,7 +291,12 @@ def _finish(config: JobConfig, storage: Storage, registry: Registry, ledger: Led
         outcome.reason = f"new window {cand[-1]:.3f} vs {champ[-1]:.3f}, forgetting {forgetting:.3f} (limit {c.gates.max_forgetting})"
         alias = "champion" if c.promote else "challenger"
         if registry.aliases(config.name).get(alias, {}).get("version") != outcome.version:
-            registry.move_alias(config.name, alias, outcome.version, reason=f"passed the gates of window {outcome.window}: {outcome.reason}")
+            try:  # only from the champion the gates compared against: a move made meanwhile wins
+                registry.move_alias(config.name, alias, outcome.version, reason=f"passed the gates of window {outcome.window}: {outcome.reason}",
+                                    expect=outcome.champion_before if alias == "champion" else ...)
+            except AliasConflict as e:
+                outcome.status, outcome.reason = "rejected", f"not promoted: {e}"
+                registry.move_alias(config.name, "challenger", outcome.version, reason=outcome.reason)
 
     # The model that serves after this window is the champion: its row of the accuracy matrix.
     serving = cand if outcome.status == "promoted" else champ

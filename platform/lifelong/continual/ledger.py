@@ -14,13 +14,15 @@ replaced earlier content at the same path, the hash it rewrote.
   version's card lists the hashes it consumed: `reconcile` marks them consumed if the process
   died between the two, so a crash anywhere leaves a file pending or consumed, never lost or
   counted twice.
-- Each record is its own object, replaced whole (atomically on local disks), so one update never
-  rewrites another's; one cycle runs at a time per stream (`Storage.lock`).
+- Each record is its own object, created only-if-absent and updated by compare-and-swap
+  (`Storage.replace_if`: flock on local disks, If-Match on S3), so racing writers never lose
+  an update; one cycle runs at a time per stream (`Storage.lock`, a lease on S3).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from lifelong.errors import LifelongError
 from lifelong.storage import filesystem_for, is_uri
 
 SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
@@ -71,8 +74,27 @@ class Ledger:
         return out
 
     # --- writing ---------------------------------------------------------------------------
-    def _write(self, record: dict) -> None:
-        self.storage.write_json(f"{self.dir}/{record['sha256']}.json", record)
+    def _create(self, record: dict) -> dict:
+        """Record new content; if another writer recorded it first, theirs stands."""
+        rel = f"{self.dir}/{record['sha256']}.json"
+        if self.storage.create_exclusive(rel, _dump(record)):
+            return record
+        return self.storage.read_json(rel)
+
+    def _update(self, sha256: str, change) -> dict:
+        """Apply `change(record)` by compare-and-swap, re-reading when another writer got in
+        between: no writer's update is lost (local disks, shared mounts and S3 alike)."""
+        rel = f"{self.dir}/{sha256}.json"
+        for _ in range(100):
+            read = self.storage.read_versioned(rel)
+            if read is None:
+                raise KeyError(f"no ledger record for content {sha256} in stream '{self.stream}'")
+            record = json.loads(read[0])
+            if change(record) is False:  # nothing to change
+                return record
+            if self.storage.replace_if(rel, _dump(record), read[1]):
+                return record
+        raise LifelongError(f"ledger record {sha256} of stream '{self.stream}': gave up after 100 concurrent updates")
 
     def scan(self, landing: str) -> ScanReport:
         """Record the landing zone's files not seen before (by content) as pending."""
@@ -101,8 +123,11 @@ class Ledger:
             if digest in by_hash:
                 record = by_hash[digest]
                 if uri != record["path"] and uri not in record.get("copies", []):
-                    record.setdefault("copies", []).append(uri)
-                    self._write(record)
+                    def add_copy(r, uri=uri):
+                        if uri in r.setdefault("copies", []):
+                            return False
+                        r["copies"].append(uri)
+                    by_hash[digest] = record = self._update(digest, add_copy)
                     report.copies.append((uri, record["path"]))
                 else:
                     report.unchanged += 1
@@ -112,28 +137,27 @@ class Ledger:
             if seen and seen["sha256"] != digest:
                 record["rewrites"] = seen["sha256"]
                 report.rewritten.append(record)
-            self._write(record)
+            if self._create(record) is not record:  # another scanner recorded this content first
+                report.unchanged += 1
+                continue
             by_hash[digest] = by_path[uri] = record
             report.new.append(record)
         return report
 
     def set_rows(self, sha256: str, rows: int) -> None:
-        record = self._require(sha256)
-        record["rows"] = rows
-        self._write(record)
+        self._update(sha256, lambda r: r.update(rows=rows))
 
     def quarantine(self, sha256: str, reason: str) -> None:
-        record = self._require(sha256)
-        record.update(state="quarantined", reason=reason)
-        self._write(record)
+        self._update(sha256, lambda r: r.update(state="quarantined", reason=reason))
 
     def consume(self, hashes: list[str], version: str) -> None:
         """Mark the files consumed by `version` (call after it is registered)."""
+        def mark(r):
+            if r["state"] != "pending":
+                return False
+            r.update(state="consumed", consumed_by=version, consumed_at=time.time())
         for digest in hashes:
-            record = self._require(digest)
-            if record["state"] == "pending":
-                record.update(state="consumed", consumed_by=version, consumed_at=time.time())
-                self._write(record)
+            self._update(digest, mark)
 
     def reconcile(self, registry, model: str) -> list[str]:
         """Finish what a crash between registering a version and marking its files left undone:
@@ -154,12 +178,6 @@ class Ledger:
                 pending -= set(hit)
         return fixed
 
-    def _require(self, sha256: str) -> dict:
-        record = self.record(sha256)
-        if record is None:
-            raise KeyError(f"no ledger record for content {sha256} in stream '{self.stream}'")
-        return record
-
 
 def _sha256(fs, path: str) -> str:
     digest = hashlib.sha256()
@@ -167,3 +185,7 @@ def _sha256(fs, path: str) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _dump(record: dict) -> bytes:
+    return json.dumps(record, indent=2, sort_keys=True, default=str).encode()

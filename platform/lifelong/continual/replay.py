@@ -1,21 +1,27 @@
 """The replay buffer: a uniform sample (reservoir sampling) of every row trained on so far.
 
     <root>/streams/<stream>/replay/state.json            pointer, written last: generation, seen, files added
-    <root>/streams/<stream>/replay/buffer-<gen>.parquet  the rows of that generation (immutable)
+    <root>/streams/<stream>/replay/buffer-<gen>-<id>.parquet  the rows of that generation (immutable)
 
 Each update writes a new buffer object and then moves the pointer, so a reader (or a crash)
 sees the old buffer or the new one, never a mix. The pointer remembers which landing files'
 rows went in, so a cycle re-run after a crash does not add them twice. The sampling is
-seeded by (seed, rows seen so far): the same stream always gives the same buffer.
+seeded by (seed, rows seen so far): the same stream always gives the same buffer. The pointer
+moves by compare-and-swap (`Storage.replace_if`), so of two writers adding at once one wins
+and the other is told, rather than one silently dropping the other's rows.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import random
+import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lifelong.errors import LifelongError
 
 
 class ReplayBuffer:
@@ -33,12 +39,14 @@ class ReplayBuffer:
         state = self.state()
         if not state["generation"]:
             return None
-        return pq.read_table(io.BytesIO(self.storage.read_bytes(f"{self.dir}/buffer-{state['generation']:06d}.parquet")))
+        name = state.get("object", f"buffer-{state['generation']:06d}.parquet")
+        return pq.read_table(io.BytesIO(self.storage.read_bytes(f"{self.dir}/{name}")))
 
     def add(self, table: pa.Table, files: list[str]) -> dict:
         """Offer `table`'s rows (from the landing files `files`) to the reservoir; returns the new state.
         Files already added are skipped whole."""
-        state = self.state()
+        read = self.storage.read_versioned(f"{self.dir}/state.json")
+        state = json.loads(read[0]) if read else self.state()
         done = set(state["files"])
         if files and set(files) <= done:
             return state
@@ -57,9 +65,13 @@ class ReplayBuffer:
         generation = state["generation"] + 1
         sink = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(buffer, schema=table.schema), sink)
-        self.storage.write_bytes(f"{self.dir}/buffer-{generation:06d}.parquet", sink.getvalue())
-        new_state = {"generation": generation, "seen": seen, "files": sorted(done | set(files)), "rows": len(buffer)}
-        self.storage.write_json(f"{self.dir}/state.json", new_state)  # the pointer, last
+        # Named per writer: of two racing writers, the pointer's winner names its own rows.
+        name = f"buffer-{generation:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        self.storage.write_bytes(f"{self.dir}/{name}", sink.getvalue())
+        new_state = {"generation": generation, "seen": seen, "files": sorted(done | set(files)), "rows": len(buffer), "object": name}
+        pointer = json.dumps(new_state, indent=2, sort_keys=True).encode()
+        if not self.storage.replace_if(f"{self.dir}/state.json", pointer, read[1] if read else None):  # the pointer, last
+            raise LifelongError(f"the replay buffer of {self.dir} was updated by another writer meanwhile; run the cycle again")
         return new_state
 
     def sample(self, n: int, seed: int) -> pa.Table | None:

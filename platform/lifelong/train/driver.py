@@ -148,7 +148,8 @@ def prepare_run(config: JobConfig, data: PreparedData | None = None) -> Prepared
     return PreparedRun(config, storage, registry, parent, data, total_steps, gpu)
 
 
-def build_trainer(prep: PreparedRun, run_name: str, storage_path: str, callbacks=()) -> TorchTrainer:
+def build_trainer(prep: PreparedRun, run_name: str, callbacks=()) -> TorchTrainer:
+    """Checkpoints go to <root>/runs/<run_name> on the storage root's filesystem (local, shared, s3)."""
     config = prep.config
     resources = {"CPU": config.scaling.cpus_per_worker}
     if prep.gpu:
@@ -157,10 +158,12 @@ def build_trainer(prep: PreparedRun, run_name: str, storage_path: str, callbacks
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": prep.data.tokenizer_dir, "total_steps": prep.total_steps},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=prep.gpu, resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=prep.gpu, resources_per_worker=resources,
+                                              placement_strategy=config.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            storage_path=prep.storage.path("runs"),
+            storage_filesystem=prep.storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=ckpt.num_to_keep,
@@ -177,7 +180,7 @@ def run_training(config: JobConfig) -> TrainingOutcome:
     """Train per the config on the connected Ray cluster, then register the best checkpoint."""
     run_name = config.resolved_run_name
     prep = prepare_run(config)
-    trainer = build_trainer(prep, run_name, prep.storage.uri_of("runs"))
+    trainer = build_trainer(prep, run_name)
     print(f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
           f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}", flush=True)
     try:

@@ -1,0 +1,212 @@
+"""The storage root on a real S3-compatible server (moto_server on loopback): registry, ledger,
+leases, racing writers, and a whole training run whose checkpoints and registry live in the bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from lifelong.continual.ledger import Ledger
+from lifelong.errors import AliasConflict
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+
+from conftest import ROOT
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lifelong-test-key", "AWS_SECRET_ACCESS_KEY": "lifelong-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    port = _free_port()
+    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield {"port": port, "client": client}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    name = "lifelong-" + request.node.name.replace("_", "-")[:40].strip("-").lower()
+    s3_server["client"].create_bucket(Bucket=name)
+    return f"s3://{name}/store?endpoint_override=127.0.0.1:{s3_server['port']}&scheme=http"
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(d)
+    return d
+
+
+def test_registry_on_s3_registers_resolves_and_moves_aliases(bucket, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))
+    registry = Registry(Storage(bucket))
+    assert not registry.storage.is_local and registry.storage.conditional_writes
+    v1 = registry.register_version("m", model_dir, {"task": "causal-lm", "metrics": {"val_loss": 1.0}})
+    v2 = registry.register_version("m", model_dir, {"task": "causal-lm", "metrics": {"val_loss": 0.5}})
+    assert (v1, v2) == (1, 2) and registry.versions("m") == [1, 2]
+    registry.move_alias("m", "champion", 1)
+    registry.move_alias("m", "champion", 2)
+    resolved = registry.resolve("m@champion")
+    assert resolved.version == 2 and str(resolved.local_dir).startswith(str(tmp_path / "cache"))
+    AutoModelForCausalLM.from_pretrained(resolved.local_dir)  # the downloaded copy loads
+    assert [e["version"] for e in registry.history("m", "champion")] == [1, 2]
+    assert registry.rollback("m")["version"] == 1
+    # A version's card is created only-if-absent on S3 too (If-None-Match: *).
+    assert not registry.storage.create_exclusive("registry/m/versions/1/card.json", b"{}")
+    assert registry.card("m", 1)["metrics"] == {"val_loss": 1.0}
+
+
+def test_two_writers_racing_to_move_an_alias_on_s3_exactly_one_wins(bucket, model_dir):
+    registry = Registry(Storage(bucket))
+    for _ in range(4):
+        registry.register_version("m", model_dir, {"task": "causal-lm"})
+    registry.move_alias("m", "champion", 1)
+    for rnd in range(5):
+        base = registry.alias_version("m", "champion")
+        targets = [v for v in (1, 2, 3, 4) if v != base]
+        barrier, won, lost = threading.Barrier(len(targets)), [], []
+
+        def move(v):
+            writer = Registry(Storage(bucket))  # its own clients, as another process would have
+            barrier.wait()
+            try:
+                won.append(writer.move_alias("m", "champion", v, expect=base))
+            except AliasConflict as e:
+                lost.append(str(e))
+
+        threads = [threading.Thread(target=move, args=(v,)) for v in targets]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert len(won) == 1 and len(lost) == len(targets) - 1, (rnd, won, lost)
+        assert all("by another writer" in m for m in lost)
+        pointer = registry.alias_pointer("m", "champion")
+        assert pointer == won[0] and pointer["previous"] == base
+    history = registry.history("m", "champion")
+    assert [e["seq"] for e in history] == list(range(1, 7))  # one event per move that happened, none lost or doubled
+    assert history[-1] == registry.alias_pointer("m", "champion")
+
+    # Writers that do not care where the alias was: every move lands, in some order, none lost.
+    barrier = threading.Barrier(3)
+
+    def move_any(v):
+        barrier.wait()
+        Registry(Storage(bucket)).move_alias("m", "champion", v)
+
+    threads = [threading.Thread(target=move_any, args=(v,)) for v in (2, 3, 4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    history = registry.history("m", "champion")
+    assert [e["seq"] for e in history] == list(range(1, 10)) and sorted(e["version"] for e in history[-3:]) == [2, 3, 4]
+    assert all(later["previous"] == earlier["version"] for earlier, later in zip(history, history[1:]))
+
+
+def test_ledger_on_s3_loses_no_update_when_writers_race(bucket, tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "a.jsonl").write_text('{"text": "rain tonight", "label": "weather"}\n')
+    ledger = Ledger(Storage(bucket), "s")
+    [record] = ledger.scan(str(landing)).new
+    digest = record["sha256"]
+    # Eight writers each record another copy of the same bytes at once: all eight stay recorded.
+    barrier = threading.Barrier(8)
+
+    def add_copy(i):
+        barrier.wait()
+        Ledger(Storage(bucket), "s")._update(digest, lambda r: r.setdefault("copies", []).append(f"copy-{i}"))
+
+    threads = [threading.Thread(target=add_copy, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(ledger.record(digest)["copies"]) == [f"copy-{i}" for i in range(8)]
+    ledger.set_rows(digest, 1)
+    ledger.consume([digest], "m:3")
+    ledger.consume([digest], "m:4")  # already consumed: the first consumer stays on record
+    assert ledger.record(digest)["consumed_by"] == "m:3" and ledger.counts() == {"pending": 0, "consumed": 1, "quarantined": 0}
+    assert not ledger.scan(str(landing)).new  # nothing is new the second time
+
+
+def test_the_s3_lease_admits_one_holder_and_is_taken_over_when_its_holder_died(bucket):
+    storage = Storage(bucket)
+    inside, overlaps = [], []
+
+    def work(i):
+        with Storage(bucket).lock("streams/s/cycle", lease_s=4):
+            inside.append(i)
+            if len(inside) > 1:
+                overlaps.append(list(inside))
+            time.sleep(0.3)
+            inside.remove(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not overlaps and not storage.exists("streams/s/cycle.lease")
+    # A holder that died: its lease expired and nobody renews it; the next writer takes it over.
+    storage.write_bytes("streams/t/cycle.lease", json.dumps({"owner": "dead:1", "expires_at": time.time() - 1}).encode())
+    t0 = time.monotonic()
+    with storage.lock("streams/t/cycle", lease_s=4):
+        assert json.loads(storage.read_bytes("streams/t/cycle.lease"))["owner"] != "dead:1"
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_training_run_with_its_storage_root_on_s3(bucket, demo_data, tmp_path, s3_server, monkeypatch):
+    """`lifelong pretrain` as a user runs it, with an embedded Ray of its own: checkpoints, the
+    registered version and its card all land in the bucket; the version loads back from there."""
+    env = {**os.environ, **CREDENTIALS, "HF_HUB_OFFLINE": "1", "LIFELONG_CACHE": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "lifelong.cli", "pretrain", os.path.join(ROOT, "configs/gpt2/tiny_pretrain.yaml"),
+           f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={bucket}", "name=s3-gpt2",
+           "train.epochs=1", "train.max_steps_per_epoch=10", "scaling.num_workers=1", "export.on_register=never"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr  # never logged
+    registry = Registry(Storage(bucket))
+    assert registry.versions("s3-gpt2") == [1]
+    card = registry.card("s3-gpt2", 1)
+    name = bucket.split("/")[2]
+    keys = [o["Key"] for o in s3_server["client"].list_objects_v2(Bucket=name, Prefix="store/runs/")["Contents"]]
+    assert any("checkpoint" in k for k in keys), keys[:20]  # Ray Train wrote its checkpoints to the bucket
+    assert "model.safetensors" in card["files"]
+    monkeypatch.setenv("LIFELONG_CACHE", env["LIFELONG_CACHE"])
+    model = AutoModelForCausalLM.from_pretrained(registry.resolve("s3-gpt2:1").local_dir)
+    assert model.config.n_layer >= 1
