@@ -123,3 +123,28 @@ def test_continual_refuses_bad_input_before_ray_starts(tmp_path):
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stdout + out.stderr, (args, out.stdout, out.stderr)
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*.json"))
+
+
+def test_submit_refuses_bad_input_before_anything_travels(tmp_path):
+    """Each refusal names what is wrong; none reaches a cluster (the address answers nothing)."""
+    config = f"{CONFIGS}/gpt2/tiny_pretrain.yaml"
+    outside = tmp_path / "mine.yaml"
+    outside.write_text(open(config).read())
+    nobody = "--address=http://127.0.0.1:9"  # nothing listens on the discard port
+    root = f"storage.root={tmp_path / 'store'}"
+    cases = [
+        (["submit", "train", config, nobody], "unknown job 'train': one of"),
+        (["submit", "pretrain", tmp_path / "nope.yaml", nobody], "no such config file"),
+        (["submit", "pretrain", outside, root, nobody], "is outside the project"),
+        (["submit", "pretrain", config, nobody], "storage.root is the relative path './lifelong-store'"),
+        (["submit", "pretrain", config, root, "data.path=not/here.jsonl", nobody], "data.path 'not/here.jsonl' is relative but not in the project"),
+        (["submit", "pretrain", config, root, "train.lr=-1", nobody], "train.lr"),
+        (["submit", "continual", f"{CONFIGS}/gpt2/tiny_continual.yaml", root, "--forever", nobody], "does not take --forever (its flags: --force, --once)"),
+        (["submit", "pretrain", config, root, f"data.path={tmp_path}", "--address=127.0.0.1:6379"], "is not a dashboard URL"),
+        (["submit", "pretrain", config, root, f"data.path={tmp_path}", nobody], "cannot reach the Ray dashboard at http://127.0.0.1:9"),
+        (["jobs", "list", "--address", "http://127.0.0.1:9"], "cannot reach the Ray dashboard"),
+    ]
+    for args, message in cases:
+        out = lifelong(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert message in out.stdout + out.stderr, (args, out.stdout, out.stderr)

@@ -17,8 +17,10 @@ from lifelong.errors import LifelongError
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="Keep transformer models learning on Ray.")
 models_app = typer.Typer(no_args_is_help=True, help="Versions and aliases in the model registry.")
 data_app = typer.Typer(no_args_is_help=True, help="Demo data the project generates (synthetic).")
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster (Ray's Job Submission API).")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(jobs_app, name="jobs")
 console = Console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="A YAML config (see configs/).")]
@@ -353,6 +355,68 @@ def continual(
         except KeyboardInterrupt:
             console.print("stopped")
             return
+
+
+DashboardOpt = Annotated[Optional[str], typer.Option("--address", help="The head's dashboard, e.g. http://HEAD:8265 (else RAY_ADDRESS, else http://127.0.0.1:8265).")]
+JobIdArg = Annotated[str, typer.Argument(help="A job's submission id (raysubmit_...).")]
+
+
+@app.command(context_settings={"allow_interspersed_args": True, "ignore_unknown_options": True})
+def submit(
+    job: Annotated[str, typer.Argument(help="A script in jobs/: pretrain, finetune, tune, continual, serve, quickstart.")],
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    address: DashboardOpt = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Stream the job's logs until it ends and exit with its status.")] = True,
+    submission_id: Annotated[Optional[str], typer.Option("--id", help="The job's submission id (default: generated).")] = None,
+) -> None:
+    """Run jobs/JOB.py CONFIG on a Ray cluster: the project is its working directory; logs stream here.
+    The job's own flags pass through: `lifelong submit continual CONFIG --once`, `... tune CONFIG --promote`."""
+    from lifelong.submit import submit as submit_job
+
+    job_id, status = submit_job(job, config, overrides or [], address, wait=wait, submission_id=submission_id)
+    console.print(f"{job_id}: {status}")
+    if wait and status != "SUCCEEDED":
+        sys.exit(1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: DashboardOpt = None) -> None:
+    """The cluster's jobs, newest first."""
+    from lifelong.submit import _call, client, resolve_address
+
+    jobs = client(address)
+    table = Table(title=f"jobs on {resolve_address(address)}")
+    for col in ("id", "status", "started", "ended"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("entrypoint", overflow="fold")
+    stamp = lambda ms: __import__("datetime").datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
+    for info in sorted(_call(resolve_address(address), jobs.list_jobs), key=lambda i: i.start_time or 0, reverse=True):
+        table.add_row(info.submission_id or info.job_id or "", str(info.status), stamp(info.start_time), stamp(info.end_time), info.entrypoint)
+    console.print(table)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: JobIdArg, address: DashboardOpt = None,
+              follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False) -> None:
+    """A job's driver output."""
+    from lifelong.submit import _call, client, follow as follow_job, resolve_address
+
+    jobs = client(address)
+    if follow:
+        status = follow_job(jobs, resolve_address(address), job_id)
+        console.print(f"{job_id}: {status}")
+    else:
+        sys.stdout.write(_call(resolve_address(address), jobs.get_job_logs, job_id))
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: JobIdArg, address: DashboardOpt = None) -> None:
+    """Ask a running job to stop."""
+    from lifelong.submit import _call, client, resolve_address
+
+    stopped = _call(resolve_address(address), client(address).stop_job, job_id)
+    console.print(f"{job_id}: {'stop requested' if stopped else 'was not running'}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,6 +101,9 @@ class ScalingSection(Section):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=1, gt=0)
+    # How the workers' bundles are placed: PACK fills a node first; SPREAD puts them on
+    # different nodes where it can (STRICT_SPREAD: only then).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 class StorageSection(Section):
@@ -158,6 +161,9 @@ class ServeSection(Section):
     # When set, Serve autoscales between min and max replicas instead of num_replicas.
     autoscaling: AutoscalingSection | None = None
     cpus_per_replica: float = Field(default=1, ge=0)
+    # GPUs per replica (fractions share one): above 0, replicas run on CUDA, ONNX Runtime with its
+    # CUDA provider (needs onnxruntime-gpu on those nodes) or PyTorch (serve.backend=torch).
+    gpus_per_replica: float = Field(default=0, ge=0)
     threads_per_replica: int = Field(default=1, ge=1)
     # Dynamic batching (@serve.batch); max_ongoing_requests defaults to 2 x max_batch_size.
     max_batch_size: int = Field(default=16, ge=1)
@@ -381,8 +387,9 @@ class JobConfig(Section):
         return self.run_name or f"{self.name}-{job}"
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """Read a YAML config, apply `a.b=value` overrides, validate. Raises ConfigError."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, resolve_paths: bool = True) -> JobConfig:
+    """Read a YAML config, apply `a.b=value` overrides, validate. Raises ConfigError.
+    `resolve_paths=False` keeps local paths as written (relative ones stay relative)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -393,7 +400,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     overridden = apply_overrides(raw, overrides, source=str(path))
-    return absolute_paths(validate_config(raw, source=str(path), overridden=overridden))
+    config = validate_config(raw, source=str(path), overridden=overridden)
+    return absolute_paths(config) if resolve_paths else config
 
 
 def absolute_paths(config: JobConfig) -> JobConfig:

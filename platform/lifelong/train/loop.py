@@ -40,6 +40,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     precision = resolve_precision(train_cfg.precision, device)
     torch.manual_seed(train_cfg.seed)
+    # Every worker says where it runs (one line each): on a cluster, the job's log shows the spread.
+    sys.stdout.write(f"[lifelong] worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]} ({device})\n")
+    sys.stdout.flush()
 
     # --- model -----------------------------------------------------------------------------
     tokenizer = load_tokenizer(loop_config["tokenizer_dir"])

@@ -1,0 +1,194 @@
+"""A real multi-node Ray cluster on this machine (`ray start --head` + `ray start --address`
+processes, token authentication on): `lifelong submit` and `lifelong jobs`, a wrong or missing
+token, and a 2-worker DeepSpeed run spread over both nodes that survives losing one of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT
+
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _node_ports() -> list[str]:
+    agent, grpc, metrics, env_agent, manager, objects = _free_ports(6)
+    return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}", f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={manager}", f"--object-manager-port={objects}"]
+
+
+class LocalCluster:
+    """Head + worker node, each a `ray start --block` in its own process group (ours to end)."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.temp = tempfile.mkdtemp(prefix="llc-", dir="/tmp")  # short: Ray's unix sockets live here
+        self.gcs_port, self.dash_port, self.client_port = _free_ports(3)
+        self.address = f"http://127.0.0.1:{self.dash_port}"
+        # As on a real node, the project's environment is the one on PATH (job entrypoints run `python`).
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HF_HUB_OFFLINE": "1",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = open(Path(self.temp) / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start(self) -> LocalCluster:
+        self._start("head", ["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}", f"--ray-client-server-port={self.client_port}",
+                             "--num-cpus=4", *_node_ports()])
+        self._wait_for(lambda: self._nodes() >= 1, "the head node")
+        self._start("worker", [f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", *_node_ports()])
+        self._wait_for(lambda: self._nodes() >= 2, "the worker node")
+        return self
+
+    def _nodes(self) -> int:
+        import httpx
+
+        try:
+            r = httpx.get(f"{self.address}/nodes?view=summary", headers={"Authorization": f"Bearer {self.token}"}, timeout=5)
+            return sum(1 for n in r.json()["data"]["summary"] if n["raylet"]["state"] == "ALIVE")
+        except Exception:
+            return 0
+
+    def _wait_for(self, ready, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                logs = {n: (Path(self.temp) / f"{n}.log").read_text()[-2000:] for n in self.procs}
+                raise RuntimeError(f"{what} did not come up ({'exited: ' + ', '.join(dead) if dead else 'timed out'}): {logs}")
+            time.sleep(1)
+
+    def kill(self, name: str) -> None:
+        """End a node the hard way: its `ray start` and every process of its group."""
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                with_timeout = time.monotonic() + 20
+                os.killpg(proc.pid, signal.SIGTERM)
+                while proc.poll() is None and time.monotonic() < with_timeout:
+                    time.sleep(0.5)
+            self.kill(name)
+        # Workers Ray spawned under our temp dir but outside the groups (none expected): end them too.
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(self.temp in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(token=uuid.uuid4().hex).start()
+    yield c
+    c.stop()
+
+
+def lifelong(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "lifelong"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def client_env(cluster: LocalCluster, token: str | None, tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "no-token-file")  # never a token from this user's ~/.ray
+    if token is not None:
+        env["RAY_AUTH_TOKEN"] = token
+    return env
+
+
+def pretrain_args(root: Path, data: Path, *extra: str) -> list[str]:
+    return ["configs/gpt2/tiny_pretrain.yaml", f"storage.root={root}", f"data.path={data}", "export.on_register=never", *extra]
+
+
+def test_submit_with_token_auth_streams_logs_and_registers(cluster, demo_data, tmp_path):
+    root = tmp_path / "shared-store"  # one disk for both nodes: a shared mount
+    # Without a token, and with a wrong one: refused with a message that says which.
+    missing = lifelong("jobs", "list", "--address", cluster.address, env=client_env(cluster, None, tmp_path))
+    assert missing.returncode == 2 and "requires a token" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
+    wrong = lifelong("submit", "pretrain", *pretrain_args(root, demo_data / "corpus.jsonl"), "--address", cluster.address,
+                     env=client_env(cluster, "not-the-token", tmp_path))
+    assert wrong.returncode == 2 and "refused the token from RAY_AUTH_TOKEN" in wrong.stderr
+    assert "not-the-token" not in wrong.stdout + wrong.stderr and cluster.token not in wrong.stdout + wrong.stderr
+    assert not root.exists()  # nothing ran
+
+    env = client_env(cluster, cluster.token, tmp_path)
+    done = lifelong("submit", "pretrain", *pretrain_args(root, demo_data / "corpus.jsonl", "name=submitted-gpt2", "train.epochs=1",
+                                                          "train.max_steps_per_epoch=10", "scaling.num_workers=1"),
+                    "--address", cluster.address, "--id", "lifelong-test-submit", env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted lifelong-test-submit" in done.stdout and "SUCCEEDED" in done.stdout
+    assert "[lifelong] worker 0/1 on node" in done.stdout and "registered submitted-gpt2:1" in done.stdout  # the job's own log, streamed
+    assert cluster.token not in done.stdout + done.stderr
+    assert Registry(Storage(str(root))).versions("submitted-gpt2") == [1]
+
+    listed = lifelong("jobs", "list", "--address", cluster.address, env=env)
+    assert listed.returncode == 0 and "lifelong-test-submit" in listed.stdout and "SUCCEEDED" in listed.stdout
+    logs = lifelong("jobs", "logs", "lifelong-test-submit", "--address", cluster.address, env=env)
+    assert logs.returncode == 0 and "registered submitted-gpt2:1" in logs.stdout
+    unknown = lifelong("jobs", "logs", "no-such-job", "--address", cluster.address, env=env)
+    assert unknown.returncode == 2 and "no-such-job" in unknown.stderr
+
+
+def test_a_two_node_deepspeed_run_survives_losing_a_node(cluster, demo_data, tmp_path):
+    """2 workers placed on different nodes; the worker node is killed after the first checkpoint
+    reaches shared storage; Ray Train restarts the group on the head and resumes from it."""
+    root = tmp_path / "shared-store"
+    env = client_env(cluster, cluster.token, tmp_path)
+    args = pretrain_args(root, demo_data / "corpus.jsonl", "name=spread-gpt2", "run_name=spread", "train.epochs=3",
+                         "train.max_steps_per_epoch=30", "train.deepspeed.zero_stage=2", "scaling.num_workers=2",
+                         "scaling.placement_strategy=SPREAD", "train.max_failures=2")
+    started = lifelong("submit", "pretrain", *args, "--address", cluster.address, "--id", "lifelong-test-spread", "--no-wait", env=env)
+    assert started.returncode == 0, started.stdout + started.stderr
+    runs = root / "runs" / "spread"
+    deadline = time.monotonic() + 420
+    while not any(runs.glob("checkpoint_*/state.json")):
+        assert time.monotonic() < deadline, "no checkpoint reached shared storage"
+        time.sleep(1)
+    cluster.kill("worker")
+    followed = lifelong("jobs", "logs", "lifelong-test-spread", "--follow", "--address", cluster.address, env=env, timeout=600)
+    out = followed.stdout
+    assert followed.returncode == 0 and "lifelong-test-spread: SUCCEEDED" in out, out[-4000:] + followed.stderr[-2000:]
+    lines = [line for line in out.splitlines() if "[lifelong] worker " in line and " on node " in line]
+    placements = [line.split(" on node ")[1].split()[0] for line in lines]
+    assert len(set(placements)) == 2, lines  # the run used both nodes
+    survivor = placements[-1]
+    lost = (set(placements) - {survivor}).pop()
+    assert placements[-2:] == [survivor, survivor] and lost in placements[:-2], lines  # the restarted group lives on the survivor
+    assert "resumed from epoch" in out
+    card = Registry(Storage(str(root))).card("spread-gpt2", 1)
+    assert [h["epoch"] for h in card["run"]["history"]] == [1, 2, 3]
