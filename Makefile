@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-fast bench clean
+.PHONY: setup quickstart test test-fast test-gpu bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+
+# On a CUDA machine: the tests marked gpu (training with nccl, serving on CUDA); skipped elsewhere.
+test-gpu: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m gpu
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"

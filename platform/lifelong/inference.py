@@ -78,14 +78,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class OnnxLogits:
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, device: str = "cpu"):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError(
+                    "this ONNX Runtime has no CUDA provider (the onnxruntime package is CPU-only): install onnxruntime-gpu "
+                    "on the GPU nodes, or set serve.backend=torch to serve with PyTorch on the GPU"
+                )
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             raise BackendError(f"ONNX Runtime cannot load {path.name}: {e}") from None
 
@@ -94,37 +102,39 @@ class OnnxLogits:
 
 
 class TorchLogits:
-    def __init__(self, model_dir: Path, task: str, threads: int | None, model=None):
+    def __init__(self, model_dir: Path, task: str, threads: int | None, model=None, device: str = "cpu"):
         import torch
 
         from lifelong.models import load_for_inference
 
         if threads:
             torch.set_num_threads(threads)
-        self.torch = torch
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("serve.gpus_per_replica asks for a GPU but PyTorch sees no CUDA device on this replica's node")
+        self.torch, self.device = torch, torch.device(device)
         if model is not None:  # already loaded by the caller
             self.model = model
             return
         try:
-            self.model = load_for_inference(model_dir, task)
+            self.model = load_for_inference(model_dir, task).to(self.device)
         except (OSError, ValueError, RuntimeError) as e:
             raise BackendError(f"PyTorch cannot load the weights in {model_dir}: {e}") from None
 
     def __call__(self, batch: Batch) -> np.ndarray:
         with self.torch.inference_mode():
             out = self.model(
-                input_ids=self.torch.from_numpy(batch.input_ids),
-                attention_mask=self.torch.from_numpy(batch.attention_mask),
+                input_ids=self.torch.from_numpy(batch.input_ids).to(self.device),
+                attention_mask=self.torch.from_numpy(batch.attention_mask).to(self.device),
                 use_cache=False,
             )
-        return out.logits.float().numpy()
+        return out.logits.float().cpu().numpy()
 
 
 class Classifier:
     """Texts → label probabilities for one version, with the chosen backend."""
 
     def __init__(self, model_dir: str | Path, backend: str = "onnx", card: dict | None = None, threads: int = 1,
-                 onnx_path: str | Path | None = None):
+                 onnx_path: str | Path | None = None, device: str = "cpu"):
         """`onnx_path` overrides the version's ONNX file (export scores files before they are stored)."""
         model_dir = Path(model_dir)
         if backend not in BACKENDS:
@@ -138,12 +148,12 @@ class Classifier:
         self.max_length = model_max_length(model_dir, card)
         self.encode = Encoder(model_dir, self.max_length)
         if backend == "torch":
-            self.logits = TorchLogits(model_dir, "sequence-classification", threads)
+            self.logits = TorchLogits(model_dir, "sequence-classification", threads, device=device)
         else:
             path = Path(onnx_path) if onnx_path else model_dir / ONNX_FILES[backend]
             if not path.exists():
                 raise BackendError(f"{model_dir} has no {path.name}: export it first (lifelong export NAME:VERSION)")
-            self.logits = OnnxLogits(path, threads)
+            self.logits = OnnxLogits(path, threads, device)
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
         batch = self.encode(texts)
@@ -164,12 +174,12 @@ class Classifier:
 class Generator:
     """Prompt → continuation with a causal LM in PyTorch."""
 
-    def __init__(self, model_dir: str | Path, card: dict | None = None, threads: int | None = 1):
+    def __init__(self, model_dir: str | Path, card: dict | None = None, threads: int | None = 1, device: str = "cpu"):
         import torch
 
         model_dir = Path(model_dir)
         self.torch = torch
-        self.logits = TorchLogits(model_dir, "causal-lm", threads)
+        self.logits = TorchLogits(model_dir, "causal-lm", threads, device=device)
         self.model = self.logits.model
         self.max_length = model_max_length(model_dir, card)
         self.encode = Encoder(model_dir, self.max_length)
@@ -188,7 +198,7 @@ class Generator:
             generator_kwargs = {"do_sample": True, "temperature": temperature, "top_k": 50}
         with torch.inference_mode():
             out = self.model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                torch.tensor([ids], device=self.logits.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.logits.device),
                 max_new_tokens=new_tokens, pad_token_id=self.encode.pad_id, **generator_kwargs,
             )
         continuation = out[0, len(ids):].tolist()

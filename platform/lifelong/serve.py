@@ -85,6 +85,7 @@ def serve_settings(config: JobConfig) -> dict:
         "app_name": config.serve_app_name,
         "backend": s.backend,
         "threads": s.threads_per_replica,
+        "device": "cuda" if s.gpus_per_replica > 0 else "cpu",
         "max_batch_size": s.max_batch_size,
         "batch_wait_timeout_s": s.batch_wait_timeout_s,
         "max_texts": s.max_texts_per_request,
@@ -122,13 +123,13 @@ def load_version(settings: dict, version: int) -> Loaded:
     model_dir = registry.local_dir(name, version)
     task = card.get("task", "sequence-classification")
     if task == "sequence-classification":
-        model = Classifier(model_dir, settings["backend"], card, threads=settings["threads"])
+        model = Classifier(model_dir, settings["backend"], card, threads=settings["threads"], device=settings.get("device", "cpu"))
         out = model.predict(SMOKE_TEXTS)
         probs = np.asarray([list(p["probabilities"].values()) for p in out])
         if probs.shape != (len(SMOKE_TEXTS), len(model.labels)) or not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(1), 1, atol=1e-3):
             raise LifelongError(f"{name}:{version} failed its smoke test: probabilities {probs.tolist()}")
     else:
-        model = Generator(model_dir, card, threads=settings["threads"])
+        model = Generator(model_dir, card, threads=settings["threads"], device=settings.get("device", "cpu"))
         out = model.generate(SMOKE_TEXTS[0], max_new_tokens=2)
         if not isinstance(out["text"], str):
             raise LifelongError(f"{name}:{version} failed its smoke test: generate returned {out!r}")
@@ -517,7 +518,7 @@ def build_app(config: JobConfig):
     settings = serve_settings(config)
     options = {
         "max_ongoing_requests": s.max_ongoing_requests or 2 * s.max_batch_size,
-        "ray_actor_options": {"num_cpus": s.cpus_per_replica},
+        "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
         "logging_config": {"enable_access_log": s.access_log},
     }
     if s.autoscaling:
@@ -525,6 +526,23 @@ def build_app(config: JobConfig):
     else:
         options["num_replicas"] = s.num_replicas
     return ModelServer.options(**options).bind(settings, AliasFollower.bind(settings))
+
+
+def app_builder(args: dict):
+    """The application for a Serve config file (`serve run`, `serve deploy`, a KubeRay RayService):
+
+        import_path: lifelong.serve:app_builder
+        args: {config: configs/gpt2/tiny_serve.yaml, overrides: ["storage.root=s3://bucket/lifelong"]}
+
+    The deployed app follows `serve.alias` and hot-swaps like `lifelong serve`; the HTTP host and port
+    come from the Serve config's http_options there, not from `serve.host` / `serve.port`."""
+    from lifelong.config import load_config
+
+    if not isinstance(args, dict) or "config" not in args:
+        raise LifelongError("the Serve config's args need 'config' (a config file path in the working directory) and may have 'overrides'")
+    config = load_config(args["config"], list(args.get("overrides") or []))
+    check_servable(config)
+    return build_app(config)
 
 
 def check_servable(config: JobConfig) -> int:

@@ -1,0 +1,116 @@
+"""cluster/: the ray-up config and the KubeRay manifests parse, and everything they name exists
+in the project (job scripts, config files and their overrides, the Serve import path, the paths
+the image copies), at the Ray version the project installs."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from conftest import ROOT
+
+from lifelong.config import load_config
+from lifelong.submit import JOB_FLAGS
+
+CLUSTER = Path(ROOT) / "cluster"
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+IMAGE_WORKDIR = "/home/ray/lifelong"
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def check_job_command(command: str) -> None:
+    """`python jobs/JOB.py CONFIG [flags] [overrides]` runs here as it would in the image's workdir."""
+    argv = shlex.split(command)
+    assert argv[0] == "python" and argv[1].startswith("jobs/"), command
+    job = Path(argv[1]).stem
+    assert (Path(ROOT) / argv[1]).is_file(), f"{argv[1]} does not exist"
+    config, rest = argv[2], argv[3:]
+    assert (Path(ROOT) / config).is_file(), f"{config} does not exist"
+    flags = {a for a in rest if a.startswith("--")}
+    assert flags <= JOB_FLAGS.get(job, set()), f"jobs/{job}.py takes no {flags - JOB_FLAGS.get(job, set())}"
+    load_config(Path(ROOT) / config, [a for a in rest if not a.startswith("--")])  # every override is a valid key
+
+
+def test_every_manifest_parses_and_names_things_that_exist():
+    kinds = {}
+    for path in KUBERAY:
+        for doc in docs(path):
+            kinds.setdefault(doc["kind"], []).append(path.name)
+            spec = doc["spec"]
+            cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+            assert cluster["rayVersion"] == ray.__version__, f"{path.name}: rayVersion {cluster['rayVersion']} vs installed {ray.__version__}"
+            pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+            for pod in pods:
+                for container in pod["spec"]["containers"]:
+                    assert container["workingDir"] == IMAGE_WORKDIR, path.name
+                    names = {e["name"] for e in container["env"]}
+                    assert {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= names, f"{path.name}: token auth is not on in {container['name']}"
+            if doc["kind"] == "RayJob":
+                check_job_command(spec["entrypoint"])
+                env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+                assert env["PYTHONPATH"] == f"{IMAGE_WORKDIR}/platform"
+    assert set(kinds) == {"RayCluster", "RayJob", "RayService"}
+    jobs = {Path(shlex.split(d["spec"]["entrypoint"])[1]).stem for p in KUBERAY for d in docs(p) if d["kind"] == "RayJob"}
+    assert jobs == {"pretrain", "tune", "continual"}
+
+
+def test_the_rayservice_serve_config_builds_from_the_project():
+    [service] = [d for p in KUBERAY for d in docs(p) if d["kind"] == "RayService"]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    [app] = serve_config["applications"]
+    module, attr = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert callable(builder)
+    args = app["args"]
+    config = load_config(Path(ROOT) / args["config"], args["overrides"])
+    assert config.serve.alias == "champion" and config.storage.root.startswith("s3://")
+    assert app["runtime_env"]["env_vars"]["PYTHONPATH"] == f"{IMAGE_WORKDIR}/platform"
+    # Bad args are refused with a message naming what is missing, before anything loads.
+    from lifelong.errors import LifelongError
+
+    with pytest.raises(LifelongError, match="args need 'config'"):
+        builder({})
+
+
+def test_the_image_copies_what_the_jobs_need():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"WORKDIR {IMAGE_WORKDIR}" in text
+    copied = [line.split()[-2] for line in text.splitlines() if line.startswith("COPY")]
+    sources = [s for line in text.splitlines() if line.startswith("COPY") for s in line.split()[1:-1] if not s.startswith("--")]
+    assert {"platform", "jobs", "configs", "pyproject.toml"} <= set(sources), sources
+    assert all((Path(ROOT) / s).exists() for s in sources), copied
+    from_line = next(line for line in text.splitlines() if line.startswith("FROM"))
+    assert f"rayproject/ray:{ray.__version__}-" in from_line
+
+
+def test_the_ray_up_config_is_complete():
+    [cfg] = docs(CLUSTER / "ray-up.yaml")
+    assert cfg["provider"]["type"] == "aws" and cfg["head_node_type"] in cfg["available_node_types"]
+    workers = [t for name, t in cfg["available_node_types"].items() if name != cfg["head_node_type"]]
+    assert workers and all(t["min_workers"] <= t["max_workers"] for t in workers)
+    assert sum(t["max_workers"] for t in workers) <= cfg["max_workers"]
+    assert any("gpu" in name for name in cfg["available_node_types"])
+    mounts = cfg["file_mounts"]
+    assert "." in mounts.values()  # the project travels to every node...
+    assert any(re.search(r"pip install .*-e ~/lifelong", c) for c in cfg["setup_commands"])  # ...and is installed there
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert any(src == "~/.ray/auth_token" for src in mounts.values())  # every node gets the token
+
+
+def test_the_local_cluster_script_is_valid_bash():
+    import subprocess
+
+    done = subprocess.run(["bash", "-n", str(CLUSTER / "local.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    usage = subprocess.run(["bash", str(CLUSTER / "local.sh"), "nonsense"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
