@@ -10,13 +10,11 @@ from lifelong.config import load_config
 from lifelong.continual.cycle import check_continual, run_cycle
 from lifelong.errors import LifelongError
 from lifelong.runtime import connect
+from lifelong.submit import job_args
 
-flags = {a for a in sys.argv[2:] if a.startswith("--")}
-unknown = flags - {"--once", "--force"}
 try:
-    if len(sys.argv) < 2 or unknown:
-        raise LifelongError(f"usage: jobs/continual.py CONFIG [--once] [--force] [key=value ...] (unknown: {', '.join(sorted(unknown))})")
-    config = load_config(sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("--")])
+    path, flags, overrides = job_args("continual", sys.argv[1:])
+    config = load_config(path, overrides)
     check_continual(config)
     connect(config.ray.address, config.ray.num_cpus)
     while True:

@@ -9,14 +9,12 @@ from lifelong.cli import print_sweep_summary
 from lifelong.config import load_config
 from lifelong.errors import LifelongError
 from lifelong.runtime import connect
+from lifelong.submit import job_args
 from lifelong.tune import run_sweep
 
-flags = {a for a in sys.argv[2:] if a.startswith("--")}
-unknown = flags - {"--resume", "--promote"}
 try:
-    if len(sys.argv) < 2 or unknown:
-        raise LifelongError(f"usage: jobs/tune.py CONFIG [--resume] [--promote] [key=value ...] (unknown: {', '.join(sorted(unknown))})")
-    config = load_config(sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("--")])
+    path, flags, overrides = job_args("tune", sys.argv[1:])
+    config = load_config(path, overrides)
     connect(config.ray.address, config.ray.num_cpus, dashboard=True)
     print_sweep_summary(run_sweep(config, resume="--resume" in flags, promote="--promote" in flags))
 except LifelongError as e:

@@ -30,6 +30,18 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 JOB_FLAGS = {"tune": {"--resume", "--promote"}, "continual": {"--once", "--force"}}
 
 
+def job_args(job: str, argv: list[str]) -> tuple[str, set[str], list[str]]:
+    """A job script's command line → (config path, its flags, overrides); the same rules
+    `lifelong submit` checks before submitting, so a job never fails on what was accepted."""
+    known = JOB_FLAGS.get(job, set())
+    if len(argv) < 1 or argv[0].startswith("--"):
+        raise LifelongError(f"usage: jobs/{job}.py CONFIG {' '.join(f'[{f}]' for f in sorted(known))} [key=value ...]")
+    flags = {a for a in argv[1:] if a.startswith("--")}
+    if flags - known:
+        raise LifelongError(f"jobs/{job}.py does not take {', '.join(sorted(flags - known))} (its flags: {', '.join(sorted(known)) or 'none'})")
+    return argv[0], flags, [a for a in argv[1:] if not a.startswith("--")]
+
+
 @dataclass
 class Token:
     value: str
@@ -105,12 +117,8 @@ def entrypoint(job: str, config_path: Path, overrides: list[str]) -> tuple[str, 
         raise LifelongError(
             f"{config_path} is outside the project ({PROJECT}), and only the project travels to the cluster: move it under configs/"
         ) from None
-    flags = [a for a in overrides if a.startswith("--")]
-    unknown = set(flags) - JOB_FLAGS.get(job, set())
-    if unknown:
-        allowed = ", ".join(sorted(JOB_FLAGS.get(job, set()))) or "none"
-        raise LifelongError(f"jobs/{job}.py does not take {', '.join(sorted(unknown))} (its flags: {allowed})")
-    overrides = [a for a in overrides if not a.startswith("--")]
+    _, flags, overrides = job_args(job, [str(config_path), *overrides])
+    flags = sorted(flags)
     config = load_config(path, overrides, resolve_paths=False)  # relative paths resolve in the job's working directory
     root = config.storage.root
     if "://" not in root and not Path(root).expanduser().is_absolute():
