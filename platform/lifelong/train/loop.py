@@ -52,6 +52,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(config.model, tokenizer, init_dir=init_dir, labels=config.data.labels)
     sizes = apply_freezing(model, config.model.freeze_embeddings, config.model.train_last_n_layers)
     ds_config = build_deepspeed_config(train_cfg, precision, world, loop_config["total_steps"])
+    # DeepSpeed casts the module to bf16/fp16 and keeps fp32 masters only of what it trains:
+    # frozen weights are saved from this copy, so they come out exactly as they went in.
+    frozen_fp32 = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad} if precision != "fp32" else {}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -124,7 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # Every rank writes its own optimizer/parameter shards; Ray merges the directories.
             engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag=DS_TAG)
             # Gathering full weights is a collective under ZeRO-3: every rank takes part.
-            state_dict = consolidated_state_dict(engine)
+            state_dict = consolidated_state_dict(engine, frozen_fp32)
             if rank == 0:
                 # Only rank 0 writes the downstream copy, so the merged checkpoint has one.
                 hf_dir = Path(tmp) / "hf"
@@ -135,12 +138,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on every rank (collective): optimizer masters where they exist."""
+def consolidated_state_dict(engine, frozen_fp32: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on every rank (collective): optimizer masters where they exist, the
+    pre-cast copy of frozen weights (`frozen_fp32`) where one was kept."""
     module = engine.module
     keep = set(module.state_dict().keys())
     state = {}
     for name, param in module.named_parameters():
+        if frozen_fp32 and name in frozen_fp32:
+            state[name] = frozen_fp32[name]
+            continue
         full = safe_get_full_fp32_param(param) if param.requires_grad else None
         if full is None:
             # Frozen or non-ZeRO parameters: the module's own copy (gathered under ZeRO-3).
