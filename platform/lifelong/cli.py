@@ -383,15 +383,20 @@ def submit(
 @jobs_app.command("list")
 def jobs_list(address: DashboardOpt = None) -> None:
     """The cluster's jobs, newest first."""
+    from datetime import datetime
+
     from lifelong.submit import _call, client, resolve_address
 
+    address = resolve_address(address)
     jobs = client(address)
-    table = Table(title=f"jobs on {resolve_address(address)}")
+    table = Table(title=f"jobs on {address}")
     for col in ("id", "status", "started", "ended"):
         table.add_column(col, no_wrap=True)
     table.add_column("entrypoint", overflow="fold")
-    stamp = lambda ms: __import__("datetime").datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
-    for info in sorted(_call(resolve_address(address), jobs.list_jobs), key=lambda i: i.start_time or 0, reverse=True):
+    def stamp(ms):
+        return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
+
+    for info in sorted(_call(address, jobs.list_jobs), key=lambda i: i.start_time or 0, reverse=True):
         table.add_row(info.submission_id or info.job_id or "", str(info.status), stamp(info.start_time), stamp(info.end_time), info.entrypoint)
     console.print(table)
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +105,7 @@ def _call(address: str, fn, *args, **kwargs):
         raise LifelongError(f"{address}: {str(e).splitlines()[0]}") from None
 
 
-def entrypoint(job: str, config_path: Path, overrides: list[str]) -> tuple[str, Path]:
+def entrypoint(job: str, config_path: Path, overrides: list[str]) -> str:
     """Check what is submitted here, before anything travels: the job exists, the config is
     inside the project (it travels with it) and valid, and its storage root outlives the job."""
     if job not in JOBS:
@@ -133,20 +135,13 @@ def entrypoint(job: str, config_path: Path, overrides: list[str]) -> tuple[str, 
             f"{config_path}: data.path {data!r} is relative but not in the project, and only the project travels to the cluster: "
             "put the data under the project, or give an absolute path on a shared mount or a URI"
         )
-    args = " ".join(_quote(a) for a in [str(rel), *flags, *overrides])
-    return f"python jobs/{job}.py {args}", rel
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
+    return f"python jobs/{job}.py " + shlex.join([str(rel), *flags, *overrides])
 
 
 def submit(job: str, config_path: Path, overrides: list[str], address: str | None, *, wait: bool = True,
            submission_id: str | None = None, out=sys.stdout) -> tuple[str, str]:
     """Submit; with `wait`, stream the logs until the job ends. Returns (job id, final status)."""
-    command, _ = entrypoint(job, config_path, overrides)
+    command = entrypoint(job, config_path, overrides)
     address = resolve_address(address)
     jobs = client(address)
     runtime_env = {
@@ -183,8 +178,6 @@ def follow(jobs, address: str, job_id: str, out=sys.stdout) -> str:
 
     status = _call(address, jobs.get_job_status, job_id)
     while not status.is_terminal():
-        import time
-
         time.sleep(1)
         status = _call(address, jobs.get_job_status, job_id)
     info = _call(address, jobs.get_job_info, job_id)
