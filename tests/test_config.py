@@ -120,3 +120,10 @@ def test_invalid_search_spaces_are_refused_naming_the_key(tmp_path, space, expec
 def test_a_valid_search_space_loads():
     config = load_config(SHIPPED[0], ["tune.space={train.lr: {loguniform: [1e-5, 1e-2]}, train.batch_size: {choice: [8, 16]}}"])
     assert config.tune.probe_values("train.batch_size") == [8, 16]
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: a\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.3\n")
+    with pytest.raises(ConfigError, match=r"key 'lr' is given twice: at line 3 and at line 5"):
+        load_config(path)

@@ -132,3 +132,36 @@ def test_registered_weights_load_without_unpickling(registry, model_dir):
     assert torch.equal(model.transformer.wte.weight, GPT2LMHeadModel.from_pretrained(model_dir).transformer.wte.weight)
     card = json.loads((registry.resolve("m:1").local_dir / "card.json").read_text())
     assert card["size_bytes"]["safetensors"] > 0
+
+
+def test_rollback_follows_the_alias_sequence_not_the_writers_clocks(registry, model_dir, monkeypatch):
+    """Three writers whose clocks disagree: the second's is an hour behind. Ordered by time, the
+    history put its move first and `rollback` moved champion 3 → 3."""
+    import lifelong.registry as registry_module
+
+    for _ in range(3):
+        registry.register_version("m", model_dir, {})
+    clocks = iter(["2026-11-29T10:00:00.000+00:00", "2026-11-29T09:00:00.000+00:00", "2026-11-29T10:00:01.000+00:00",
+                   "2026-11-29T10:00:02.000+00:00"])
+    monkeypatch.setattr(registry_module, "_now", lambda: next(clocks))
+    for v in (1, 2, 3):
+        registry.move_alias("m", "champion", v)
+    assert [e["version"] for e in registry.history("m", "champion")] == [1, 2, 3]
+    event = registry.rollback("m")
+    assert (event["previous"], event["version"]) == (3, 2)
+
+
+def test_moves_and_names_that_used_to_raise_tracebacks_get_messages(registry, model_dir):
+    from lifelong.errors import AliasConflict
+
+    registry.register_version("m", model_dir, {})
+    with pytest.raises(AliasConflict, match="m@champion is not set; this move expected it at 1"):
+        registry.move_alias("m", "champion", 1, expect=1)
+    registry.move_alias("m", "champion", 1, expect=None)  # unset, as expected: moves
+    for bad in ("m\n", "m\n@champion", "m@champion\n"):
+        with pytest.raises(RegistryError, match="not a model reference|not a valid"):
+            registry.resolve(bad) if "@" in bad else registry.register_version(bad, model_dir, {})
+    with pytest.raises(RegistryError, match="VERSION must be a number"):
+        registry.resolve("m:²")
+    with pytest.raises(RegistryError, match="no model named 'nosuch'"):
+        registry.rollback("nosuch")

@@ -33,8 +33,11 @@ import lifelong
 from lifelong.errors import AliasConflict, RegistryError
 from lifelong.storage import Storage, local_cache_dir
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-ALIAS_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+# Whole-string patterns (fullmatch): `$` alone would also accept a trailing newline.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+VERSION_RE = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²'
+
 # Only these travel into a version: weights as safetensors, configs and tokenizers as text.
 # Pickled formats (.bin, .pt, .pkl) are never copied, so loading never unpickles.
 # ONNX models above 2 GB keep their weights in an external `.onnx.data` file (raw tensors).
@@ -91,12 +94,14 @@ def parse_ref(text: str) -> ModelRef | None:
     """`NAME@ALIAS` or `NAME:VERSION`; None when the text is neither (e.g. a directory path)."""
     if "@" in text:
         name, _, alias = text.partition("@")
-        if NAME_RE.match(name) and ALIAS_RE.match(alias):
+        if NAME_RE.fullmatch(name) and ALIAS_RE.fullmatch(alias):
             return ModelRef(name, alias=alias)
-        raise RegistryError(f"'{text}' is not a model reference: use NAME@ALIAS or NAME:VERSION")
+        raise RegistryError(f"{text!r} is not a model reference: use NAME@ALIAS or NAME:VERSION")
     name, sep, version = text.partition(":")
-    if sep and NAME_RE.match(name) and version.isdigit():
-        return ModelRef(name, version=int(version))
+    if sep and NAME_RE.fullmatch(name):
+        if VERSION_RE.fullmatch(version):
+            return ModelRef(name, version=int(version))
+        raise RegistryError(f"{text!r} is not a model reference: VERSION must be a number (NAME:VERSION, e.g. {name}:3)")
     return None
 
 
@@ -121,11 +126,19 @@ class Registry:
 
     # --- versions --------------------------------------------------------------------------
     def _check_name(self, name: str) -> None:
-        if not NAME_RE.match(name):
-            raise RegistryError(f"'{name}' is not a valid model name (letters, digits, '_', '.', '-')")
+        if not NAME_RE.fullmatch(name):
+            raise RegistryError(f"{name!r} is not a valid model name (a letter or digit, then letters, digits, '_', '.', '-')")
+
+    def _check_model(self, name: str) -> None:
+        """The name is valid and the model has at least one version."""
+        self._check_name(name)
+        if not self.versions(name):
+            known = self.models()
+            raise RegistryError(f"no model named '{name}' in {self.storage.root_uri}/registry"
+                                + (f"; models: {', '.join(known)}" if known else "; the registry is empty"))
 
     def models(self) -> list[str]:
-        return [m for m in self.storage.listdir("registry") if NAME_RE.match(m)]
+        return [m for m in self.storage.listdir("registry") if NAME_RE.fullmatch(m)]
 
     def versions(self, name: str) -> list[int]:
         """Complete versions (those with a card), ascending."""
@@ -148,7 +161,7 @@ class Registry:
         version = self._claim_version_number(name)
         prefix = f"registry/{name}/versions/{version}"
         for rel, src in files.items():
-            self.storage.write_bytes(f"{prefix}/{rel}", src.read_bytes())
+            self.storage.write_file(f"{prefix}/{rel}", src)
         sizes = {rel: src.stat().st_size for rel, src in files.items()}
         full_card = {
             **card,
@@ -207,7 +220,7 @@ class Registry:
             raise RegistryError(f"{name}:{version} already has {', '.join(clashes)}; versions are immutable")
         with self.storage.lock(f"{prefix}/exports/{fmt}"):
             for rel, src in files.items():
-                self.storage.write_bytes(f"{prefix}/{rel}", Path(src).read_bytes())
+                self.storage.write_file(f"{prefix}/{rel}", src)
             full = {**record, "files": {rel: Path(src).stat().st_size for rel, src in files.items()}, "added_at": _now()}
             data = json.dumps(full, indent=2, sort_keys=True, default=str).encode()
             if not self.storage.create_exclusive(f"{prefix}/exports/{fmt}.json", data):
@@ -270,8 +283,9 @@ class Registry:
         `expect`: the version the caller saw the alias at (None: unset). If another writer moved
         it meanwhile, raise `AliasConflict` instead of overwriting their move.
         """
-        if not ALIAS_RE.match(alias):
-            raise RegistryError(f"'{alias}' is not a valid alias name (a letter, then letters, digits, '_', '-')")
+        if not ALIAS_RE.fullmatch(alias):
+            raise RegistryError(f"{alias!r} is not a valid alias name (a letter, then letters, digits, '_', '-')")
+        self._check_name(name)
         self.card(name, version)  # the version must exist
         pointer_path = f"registry/{name}/aliases/{alias}.json"
         for _ in range(100):
@@ -279,6 +293,8 @@ class Registry:
             current = json.loads(read[0]) if read else None
             held = current["version"] if current else None
             if expect is not ... and held != expect:
+                if current is None:
+                    raise AliasConflict(f"{name}@{alias} is not set; this move expected it at {expect}")
                 raise AliasConflict(f"{name}@{alias} was moved to {held} by another writer (seq {current['seq']}, "
                                     f"{current['kind']} at {current['moved_at']}); this move expected it at {expect}")
             if current:
@@ -316,16 +332,23 @@ class Registry:
             if current and current["seq"] not in logged:
                 logged[current["seq"]] = current  # its mover died between the pointer and the log
             events += logged.values()
-        return sorted(events, key=lambda e: (e["moved_at"], e["seq"]))
+        # One alias's events are ordered by its own sequence (writers' clocks may disagree);
+        # several aliases are interleaved by time, each still in sequence.
+        if alias:
+            return sorted(events, key=lambda e: e["seq"])
+        return sorted(events, key=lambda e: (e["moved_at"], e["alias"], e["seq"]))
 
     def rollback(self, name: str, alias: str = "champion", reason: str = "") -> dict:
         """Move `alias` back to the version it held before its latest promotion.
 
         Repeated rollbacks walk further back: promotions push onto a stack, rollbacks pop.
         """
+        self._check_model(name)
+        if not ALIAS_RE.fullmatch(alias):
+            raise RegistryError(f"{alias!r} is not a valid alias name (a letter, then letters, digits, '_', '-')")
         stack: list[int] = []
         for event in self.history(name, alias):
-            if event["kind"] == "rollback":
+            if event["kind"] == "rollback" and stack:
                 stack.pop()
             else:
                 stack.append(event["version"])

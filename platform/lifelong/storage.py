@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import posixpath
+import shutil
 import socket
 import tempfile
 import threading
@@ -32,9 +34,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import parse_qs, urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from lifelong.errors import LifelongError
 
@@ -46,13 +51,55 @@ def is_uri(path: str) -> bool:
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     if is_uri(path):
+        parsed = urlparse(path)
+        if parsed.scheme in ("s3", "s3a", "gs", "gcs") and not parsed.netloc:
+            raise LifelongError(f"cannot open the URI '{path}': it names no bucket (write {parsed.scheme}://BUCKET/PREFIX)")
         try:
             return pafs.FileSystem.from_uri(path)
-        except (pafs.ArrowInvalid, OSError, ValueError) as e:
-            raise LifelongError(f"cannot open storage URI '{path}': {e}") from None
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise LifelongError(f"cannot open the URI '{path}': {str(e).splitlines()[0]} "
+                                "(use a local path, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, or another filesystem pyarrow knows)") from None
     if path.startswith("file://"):
         path = path[len("file://") :]
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+_CHUNK = 1 << 20
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask can only be read by setting it)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
+def _local_put(target: str, src: BinaryIO, *, exclusive: bool) -> bool:
+    """Write a local file beside `target`, then make it appear whole: rename over `target`, or,
+    when `exclusive`, hard-link it (fails if `target` exists: O_EXCL semantics, also on NFS)."""
+    fd, tmp = tempfile.mkstemp(dir=posixpath.dirname(target), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            shutil.copyfileobj(src, f, _CHUNK)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp creates 0600; the umask decides, as for any other file (a shared mount's users read the registry).
+        os.chmod(tmp, 0o666 & ~_umask())
+        if exclusive:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            return True
+        os.replace(tmp, target)
+        tmp = None
+        return True
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 class _S3Conditional:
@@ -93,8 +140,9 @@ class _S3Conditional:
             raise
         return r["Body"].read(), r["ETag"]
 
-    def put(self, path: str, data: bytes, *, if_match: str | None = None) -> bool:
-        """PUT `data`; only if absent when `if_match` is None, else only if the ETag still matches."""
+    def put(self, path: str, data: bytes | BinaryIO, *, if_match: str | None = None) -> bool:
+        """PUT `data` (bytes or a seekable stream); only if absent when `if_match` is None, else
+        only if the ETag still matches."""
         from botocore.exceptions import ClientError
 
         bucket, key = self._split(path)
@@ -161,6 +209,10 @@ class Storage:
     def read_json(self, rel: str):
         return json.loads(self.read_bytes(rel))
 
+    def open_input(self, rel: str):
+        """A stream over `rel` (for copies that should not hold a large file whole)."""
+        return self.fs.open_input_stream(self.path(rel))
+
     def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
         """(content, token) for `replace_if`, or None when `rel` does not exist."""
         if self._s3 is not None:
@@ -179,50 +231,49 @@ class Storage:
     # --- writing ---------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Replace `rel` atomically: readers see the old content or the new, never a part."""
-        target = self.path(rel)
-        self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        if self.is_local:
-            fd, tmp = tempfile.mkstemp(dir=posixpath.dirname(target), prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        else:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
+        self._put(rel, io.BytesIO(data), exclusive=False)
+
+    def write_file(self, rel: str, local_path: str | Path) -> None:
+        """`write_bytes` from a local file, streamed (a weight or data file is never held whole)."""
+        with open(local_path, "rb") as src:
+            self._put(rel, src, exclusive=False)
 
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
+    def read_table(self, rel: str) -> pa.Table:
+        return pq.read_table(self.path(rel), filesystem=self.fs)
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        self.write_bytes(rel, sink.getvalue())
+
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Write `rel` only if it does not exist yet; False when it already did.
 
-        Local disks get this atomically from O_EXCL via a hard link. Object stores get a
-        check-then-put here; races between writers on object stores are closed by the
-        caller's lock (see `lock`).
+        Local disks and shared mounts get this atomically from a hard link (O_EXCL semantics), S3
+        from a conditional PUT (If-None-Match: *). Other object stores get a check-then-put, safe
+        with one writer at a time (module doc).
         """
+        return self._put(rel, io.BytesIO(data), exclusive=True)
+
+    def create_exclusive_file(self, rel: str, local_path: str | Path) -> bool:
+        """`create_exclusive` from a local file, streamed."""
+        with open(local_path, "rb") as src:
+            return self._put(rel, src, exclusive=True)
+
+    def _put(self, rel: str, src: BinaryIO, *, exclusive: bool) -> bool:
         target = self.path(rel)
         self.fs.create_dir(posixpath.dirname(target), recursive=True)
         if self.is_local:
-            fd, tmp = tempfile.mkstemp(dir=posixpath.dirname(target), prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, target)
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-        if self._s3 is not None:
-            return self._s3.put(target, data)
-        if self.exists(rel):
+            return _local_put(target, src, exclusive=exclusive)
+        if exclusive and self._s3 is not None:
+            return self._s3.put(target, src)
+        if exclusive and self.exists(rel):
             return False
-        with self.fs.open_output_stream(target) as f:
-            f.write(data)
+        with self.fs.open_output_stream(target) as out:
+            shutil.copyfileobj(src, out, _CHUNK)
         return True
 
     def replace_if(self, rel: str, data: bytes, token: str | None) -> bool:
