@@ -1,6 +1,6 @@
 """Ray job: fine-tune from model.init_from on Ray Train + DeepSpeed, then register its best checkpoint.
 
-    ray job submit --working-dir . -- python jobs/finetune.py configs/gpt2/tiny_finetune.yaml [key=value ...]
+    ray job submit --working-dir . -- python jobs/finetune.py configs/gpt2/tiny_finetune.yaml [--resume] [key=value ...]
 """
 
 import sys
@@ -9,11 +9,13 @@ from lifelong.cli import print_training_summary
 from lifelong.config import load_config
 from lifelong.errors import LifelongError
 from lifelong.runtime import connect
+from lifelong.submit import job_args
 from lifelong.train.driver import run_training
 
 try:
-    config = load_config(sys.argv[1], sys.argv[2:])
+    path, flags, overrides = job_args("finetune", sys.argv[1:])
+    config = load_config(path, overrides)
     connect(config.ray.address, config.ray.num_cpus)
-    print_training_summary(run_training(config))
+    print_training_summary(run_training(config, resume="--resume" in flags))
 except LifelongError as e:
     sys.exit(f"error: {e}")

@@ -62,12 +62,12 @@ class LocalCluster:
         self.procs[name] = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
                                             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def start(self) -> LocalCluster:
+    def start(self, workers: tuple[str, ...] = ("worker-a", "worker-b")) -> LocalCluster:
         self._start("head", ["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}", f"--ray-client-server-port={self.client_port}",
                              "--num-cpus=2", *_node_ports()])
         self._wait_for(lambda: self._nodes() >= 1, "the head node")
-        for i, name in enumerate(("worker-a", "worker-b")):
+        for i, name in enumerate(workers):
             self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", *_node_ports()])
             self._wait_for(lambda i=i: self._nodes() >= 2 + i, f"node {name}")
         return self

@@ -35,28 +35,75 @@ def test_bad_files_are_quarantined_and_bad_rows_counted(ray_session, tmp_path):
     pd.DataFrame(good_rows(10, 100)).to_parquet(d / "b.parquet")
     pd.DataFrame(good_rows(10, 200)).to_csv(d / "c.csv", index=False)
     (d / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
-    (d / "broken.jsonl").write_text('{"text": "ok", "label": "pos"}\n{not json\n')
+    (d / "broken.jsonl").write_text('{"text": "ok", "label": "pos"}\n{not json\n')  # one good line, one broken
     write_jsonl(d / "schema.jsonl", [{"body": "wrong column", "label": "pos"}])
     (d / "notes.txt").write_text("not a data file")
+    (d / "empty.jsonl").write_bytes(b"")
+    (d / "junk.jsonl").write_bytes(bytes(range(256)) * 40)  # binary junk under a data name
 
     storage = Storage(str(tmp_path / "store"))
     data = read_validated(cfg(d), storage, quarantine_area="t")
     report = data.report
-    assert sorted(f.path.rsplit("/", 1)[1] for f in report.used_files) == ["a.jsonl", "b.parquet", "c.csv"]
+    assert sorted(f.path.rsplit("/", 1)[1] for f in report.used_files) == ["a.jsonl", "b.parquet", "broken.jsonl", "c.csv"]
     reasons = {f.path.rsplit("/", 1)[1]: f.reason for f in report.quarantined}
-    assert set(reasons) == {"broken.parquet", "broken.jsonl", "schema.jsonl", "notes.txt"}
+    assert set(reasons) == {"broken.parquet", "schema.jsonl", "notes.txt", "empty.jsonl", "junk.jsonl"}
     assert "unreadable as parquet" in reasons["broken.parquet"]
-    assert "unreadable as jsonl" in reasons["broken.jsonl"]
+    assert "unreadable as jsonl" in reasons["junk.jsonl"]
+    assert reasons["empty.jsonl"] == "empty file (0 bytes)"
     assert "missing column(s) ['text']" in reasons["schema.jsonl"]
     assert "unknown file type" in reasons["notes.txt"]
-    assert report.dropped == {"empty_text": 3, "unknown_label": 1, "missing_label": 1}
-    assert report.rows["train"] + report.rows["validation"] == 40
+    assert report.dropped == {"empty_text": 3, "unknown_label": 1, "missing_label": 1, "malformed_line": 1}
+    assert report.rows["train"] + report.rows["validation"] == 41
     # Quarantined copies sit beside their reasons; the source files are untouched.
-    assert storage.exists("quarantine/t/broken.parquet")
-    assert "unreadable" in storage.read_json("quarantine/t/broken.parquet.reason.json")["reason"]
+    copies = storage.listdir("quarantine/t")
+    broken = next(n for n in copies if n.endswith("-broken.parquet"))
+    assert "unreadable" in storage.read_json(f"quarantine/t/{broken}.reason.json")["reason"]
     assert (d / "broken.parquet").exists()
     rows = data.split(None).take_all()
-    assert len(rows) == 40 and {r["label"] for r in rows} == {0, 1}
+    assert len(rows) == 41 and {r["label"] for r in rows} == {0, 1}
+
+
+def test_rows_of_every_wrong_shape_are_dropped_by_reason_not_a_traceback(ray_session, tmp_path):
+    """What passed a file-level check and then crashed the read (or trained as garbage): invalid
+    UTF-8 inside a JSON string, a lone surrogate, list- and object-valued text, non-scalar and
+    wrong-typed labels, numbers where text belongs, a CSV cell that is not UTF-8, one very long line."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "utf8.jsonl").write_bytes(b'{"text": "fine words", "label": "pos"}\n{"text": "bad \xff\xfe byte", "label": "neg"}\n')
+    (d / "surrogate.jsonl").write_bytes(b'{"text": "fine", "label": "neg"}\n{"text": "x \\ud800 y", "label": "pos"}\n')
+    write_jsonl(d / "listtext.jsonl", [{"text": ["a", "list"], "label": "pos"}, {"text": {"an": "object"}, "label": "neg"},
+                                       {"text": 42, "label": "neg"}, {"text": "plain", "label": "neg"}])
+    write_jsonl(d / "labels.jsonl", [{"text": "one", "label": ["pos"]}, {"text": "two", "label": {"v": 1}}, {"text": "three", "label": True},
+                                     {"text": "four", "label": 0.5}, {"text": "five", "label": "pos"}])
+    (d / "cells.csv").write_bytes(b"text,label\nok text,pos\nbad \xff cell,neg\n123,neg\n")
+    write_jsonl(d / "long.jsonl", [{"text": "word " * 400_000, "label": "pos"}, {"text": "short", "label": "neg"}])
+    pd.DataFrame({"text": [["a"], ["b"]], "label": ["pos", "neg"]}).to_parquet(d / "listcol.parquet")
+
+    data = read_validated(cfg(d), Storage(str(tmp_path / "store")), quarantine_area="t")
+    per_file = {f.path.rsplit("/", 1)[1]: (f.rows, f.dropped) for f in data.report.files}
+    assert per_file["utf8.jsonl"] == (1, {"invalid_utf8": 1})
+    assert per_file["surrogate.jsonl"] == (1, {"invalid_utf8": 1})
+    assert per_file["listtext.jsonl"] == (1, {"wrong_text_type": 3})
+    assert per_file["labels.jsonl"] == (1, {"wrong_label_type": 4})
+    assert per_file["cells.csv"] == (2, {"invalid_utf8": 1})  # "123" is text in a CSV
+    assert per_file["long.jsonl"] == (2, {})
+    assert per_file["listcol.parquet"] == (0, {"wrong_text_type": 2})
+    texts = {r["text"] for r in data.split(None).take_all()}
+    assert {"fine words", "fine", "plain", "five", "ok text", "123", "short"} <= texts and len(texts) == 8
+    assert not any("\ufffd" in t or t.startswith("b'") for t in texts)
+
+
+def test_quarantined_files_of_the_same_name_in_different_folders_keep_separate_copies(ray_session, tmp_path):
+    for folder, body in (("a", b"PAR1 not parquet A"), ("b", b"PAR1 not parquet B")):
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        (tmp_path / "in" / folder / "part-0.parquet").write_bytes(body)
+    write_jsonl(tmp_path / "in" / "good.jsonl", good_rows(10))
+    storage = Storage(str(tmp_path / "store"))
+    read_validated(cfg(tmp_path / "in"), storage, quarantine_area="t")
+    copies = sorted(n for n in storage.listdir("quarantine/t") if n.endswith("part-0.parquet"))
+    assert len(copies) == 2 and {storage.read_bytes(f"quarantine/t/{n}") for n in copies} == {b"PAR1 not parquet A", b"PAR1 not parquet B"}
+    sources = {storage.read_json(f"quarantine/t/{n}.reason.json")["source"] for n in copies}
+    assert sources == {str(tmp_path / "in" / "a" / "part-0.parquet"), str(tmp_path / "in" / "b" / "part-0.parquet")}
 
 
 def test_nothing_valid_fails_with_reasons(ray_session, tmp_path):

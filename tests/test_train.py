@@ -164,6 +164,32 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
     assert Registry(Storage(str(tmp_path))).versions("tiny-gpt2") == [outcome.version]
 
 
+def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_two(pretrained, tmp_path):
+    """Re-running with a new learning rate under the default name used to resume the old run and
+    return its version; now it is a new run. A run_name that holds another config or data is
+    refused (naming run_name and --resume); --resume continues it anyway."""
+    first, root = pretrained["outcome"], pretrained["root"]
+    small = [f"data.path={pretrained['config'].data.path}", f"storage.root={root}", "train.epochs=1", "train.max_steps_per_epoch=3",
+             "scaling.num_workers=1", "export.on_register=never"]
+    changed = run_training(make_config("gpt2/tiny_pretrain.yaml", *small, "train.lr=1e-3"))
+    assert changed.run_name != first.run_name and changed.version != first.version
+    registry = Registry(Storage(str(root)))
+    assert registry.card("tiny-gpt2", changed.version)["config"]["train"]["lr"] == 1e-3
+    assert registry.card("tiny-gpt2", first.version)["config"]["train"]["lr"] == 2e-3
+
+    named = [*small, f"run_name={changed.run_name}"]
+    with pytest.raises(ConfigError, match=rf"run_name '{changed.run_name}' already holds another run .*changed since: train.lr\).*--resume"):
+        run_training(make_config("gpt2/tiny_pretrain.yaml", *named, "train.lr=5e-4"))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(line for i, line in enumerate(open(pretrained["config"].data.path).readlines()) if i % 2))
+    with pytest.raises(ConfigError, match=r"changed since: data files"):
+        run_training(make_config("gpt2/tiny_pretrain.yaml", *named, "train.lr=1e-3", f"data.path={other}"))
+    versions = registry.versions("tiny-gpt2")
+    forced = run_training(make_config("gpt2/tiny_pretrain.yaml", *named, "train.lr=5e-4"), resume=True)
+    assert forced.version == changed.version  # continued the finished run: nothing new to register
+    assert registry.versions("tiny-gpt2") == versions
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_same_config_trains_on_gpus_with_nccl(ray_session, demo_data, tmp_path):

@@ -293,6 +293,13 @@ class ContinualSection(Section):
     min_new_rows: int = Field(default=100, ge=1)
     max_wait_s: float | None = Field(default=None, gt=0)
     poll_interval_s: float = Field(default=60.0, gt=0)
+    # At most this many new rows per cycle (whole files, oldest first; the rest stays pending for
+    # the next cycle), so a backlog never has to fit in the driver at once. A single file larger
+    # than this is trained on alone.
+    max_rows_per_cycle: int = Field(default=50000, ge=1)
+    # A window whose training fails this many times is given up: its files are quarantined with
+    # the error (`lifelong continual requeue` retries them once the cause is fixed).
+    max_attempts: int = Field(default=3, ge=1)
     replay_capacity: int = Field(default=5000, ge=1)
     # Replay rows drawn per new training row (replay strategy).
     replay_ratio: float = Field(default=1.0, gt=0)
@@ -304,7 +311,8 @@ class ContinualSection(Section):
 class JobConfig(Section):
     # The model's name in the registry; also the base of the deterministic run name.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    # A run re-started under the same name resumes from its latest checkpoint.
+    # A run re-started under the same name resumes from its latest checkpoint; one that names a
+    # run of another config or data is refused (unless --resume). Empty: named after the config and data.
     run_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelConfig = Field(default_factory=ModelConfig)
     # Training and evaluation need it; a config that only serves may leave it out.
@@ -382,9 +390,11 @@ class JobConfig(Section):
         return self.serve.app_name or self.served_model
 
     @property
-    def resolved_run_name(self) -> str:
+    def default_run_name(self) -> str:
+        """The stem of a run's name when `run_name` is not given (training adds a digest of the
+        run's config and data to it, so that a changed run is a new run)."""
         job = "pretrain" if self.model.task == "causal-lm" else "finetune"
-        return self.run_name or f"{self.name}-{job}"
+        return f"{self.name}-{job}"
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, resolve_paths: bool = True) -> JobConfig:
@@ -394,7 +404,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -402,6 +412,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     overridden = apply_overrides(raw, overrides, source=str(path))
     config = validate_config(raw, source=str(path), overridden=overridden)
     return absolute_paths(config) if resolve_paths else config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last
+    silently, so an edit further down a config would undo one above it without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    f"while reading a mapping (line {seen[key] + 1})", node.start_mark,
+                    f"key '{key}' is given twice: at line {seen[key] + 1} and at line {key_node.start_mark.line + 1}; keep one",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def absolute_paths(config: JobConfig) -> JobConfig:

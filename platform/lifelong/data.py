@@ -1,27 +1,39 @@
-"""Data in with Ray Data: find files, quarantine the unreadable, validate rows, split, tokenize.
+"""Data in: find files, read each exactly once, validate its rows, split, tokenize.
 
-    files ──inspect (Ray tasks)──▶ good files ──Ray Data read──▶ validate rows ──▶ split by hash
-      └─ unreadable / wrong schema ──▶ <root>/quarantine/<area>/ (with the reason)
+    files ──read_file (Ray tasks: copy + hash + parse + validate)──▶ valid rows (object store)
+      │                                                               └─▶ Ray Data ─▶ tokenize
+      └─ unparseable / wrong schema / no rows ──▶ <root>/quarantine/<area>/ (with the reason)
 
-Rows are validated in `map_batches`, never on the driver: the driver only sees counts.
-A row's split is a stable hash of its content, so it lands in the same split in every run
-and in every later increment of the same data.
+Each file is copied once from wherever it lives (streamed, hashed on the way) and parsed from
+that copy, so the rows trained on are exactly the bytes whose SHA-256 the card and the ledger
+record, even when the source changes meanwhile. Parsing and validation happen in the same task
+(`parse_file`): a bad row (invalid UTF-8, a list where text belongs, an unknown label, ...) is
+dropped and counted by reason, a file that cannot be parsed at all is quarantined, and nothing
+reaches the driver but counts. A row's split is a stable hash of its content, so it lands in
+the same split in every run and in every later increment of the same data.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import contextlib
 import functools
 import hashlib
 import io
+import json
+import os
 import posixpath
+import tempfile
+import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.json as pajson
@@ -34,17 +46,35 @@ from lifelong.errors import DataError
 from lifelong.storage import Storage, filesystem_for, is_uri
 
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+SUPPORTED = ", ".join(FORMAT_BY_SUFFIX)
+# Part of a validation's fingerprint (continual ledger): bump when the rules below change.
+RULES_VERSION = 2
+# Files up to this size are parsed from memory; larger ones from a local copy on disk.
+IN_MEMORY_BYTES = 64 << 20
+TRANSIENT_RETRIES = 3
 
 
 @dataclass
 class FileReport:
+    """What reading one file found. `state`: ok | bad (quarantine: unparseable, wrong schema, no
+    rows) | missing (gone before it could be read) | unreadable (I/O kept failing: try later) |
+    changing (modified while it was read: try later)."""
+
     path: str
     format: str | None
-    ok: bool
-    rows: int = 0
+    state: str
+    rows: int = 0  # valid rows
     size: int = 0
     sha256: str = ""
     reason: str = ""
+    read: int = 0  # rows parsed, valid or not
+    dropped: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)  # valid rows per split
+    mtime_ns: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
 
 
 @dataclass
@@ -67,7 +97,7 @@ class DataReport:
     def to_dict(self) -> dict:
         return {
             "source": self.source,
-            "files": [asdict(f) for f in self.used_files],
+            "files": [{k: v for k, v in asdict(f).items() if k not in ("state", "reason", "mtime_ns")} for f in self.used_files],
             "quarantined": [{"path": f.path, "reason": f.reason} for f in self.quarantined],
             "dropped_rows": self.dropped,
             "rows": self.rows,
@@ -83,142 +113,492 @@ class DataReport:
 
 
 # --- finding files ---------------------------------------------------------------------------
-def list_data_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
-    """Expand a file, a directory (recursively) or a glob into data files, sorted."""
-    fs, inner = filesystem_for(path)
-    if any(ch in inner for ch in "*?["):
-        parts = inner.split("/")
-        first_wild = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
-        base = "/".join(parts[:first_wild]) or "/"
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, inner)]
-    else:
-        info = fs.get_file_info(inner)
-        if info.type == pafs.FileType.NotFound:
-            raise DataError(f"data path '{path}' does not exist (set data.path to a file, a directory or a glob)")
-        if info.type == pafs.FileType.File:
-            files = [inner]
-        else:
-            infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-            files = [i.path for i in infos if i.type == pafs.FileType.File]
-    # Hidden and marker files (.crc, _SUCCESS) are not data.
-    files = sorted(f for f in files if not posixpath.basename(f).startswith((".", "_")))
-    if not files:
-        raise DataError(f"no data files match '{path}' (supported: .parquet, .jsonl, .json, .csv)")
-    return fs, files
-
-
-def detect_format(path: str, fmt: str) -> str | None:
+def detect_format(path: str, fmt: str = "auto") -> str | None:
+    """The one rule for what a file is (data.path and landing zones alike): data.format when set,
+    else the suffix, in any case (.parquet/.pq, .jsonl/.json/.ndjson, .csv)."""
     if fmt != "auto":
         return fmt
     return FORMAT_BY_SUFFIX.get(posixpath.splitext(path)[1].lower())
 
 
-def read_table(data: bytes, fmt: str) -> pa.Table:
-    if fmt == "parquet":
-        return pq.read_table(pa.BufferReader(data))
-    if fmt == "jsonl":
-        return pajson.read_json(io.BytesIO(data))
-    return pacsv.read_csv(io.BytesIO(data))
+def is_data_candidate(path: str) -> bool:
+    # Hidden and marker files (.crc, _SUCCESS, .tmp-…) are not data.
+    return not posixpath.basename(path).startswith((".", "_"))
 
 
-# SPREAD, not the default: inside a Tune trial the default would capture these tasks into the
-# trial's own tiny placement group, where they do not fit.
-@ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")
-def inspect_file(fs: pafs.FileSystem, path: str, fmt: str, columns: list[str]) -> FileReport:
-    """Parse one file fully (in a Ray task, not on the driver) and check its columns."""
-    actual = detect_format(path, fmt)
-    if actual is None:
-        return FileReport(path, None, False, reason=f"unknown file type '{posixpath.splitext(path)[1]}' (set data.format)")
+def list_files(fs: pafs.FileSystem, base: str, exclude: tuple[str, ...] = ()) -> list[pafs.FileInfo]:
+    """Every candidate file under `base` (recursively), sorted by path, except what lies under
+    `exclude` (e.g. a storage root placed inside a data directory: its own files are not data)."""
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    excluded = tuple(e.rstrip("/") + "/" for e in exclude)
+    return sorted((i for i in infos if i.type == pafs.FileType.File and is_data_candidate(i.path)
+                   and not i.path.startswith(excluded)), key=lambda i: i.path)
+
+
+def list_data_files(path: str, exclude: tuple[str, ...] = ()) -> tuple[pafs.FileSystem, list[str]]:
+    """Expand a file, a directory (recursively) or a glob into data files, sorted."""
+    import fnmatch
+
+    fs, inner = filesystem_for(path)
+    if any(ch in inner for ch in "*?["):
+        parts = inner.split("/")
+        first_wild = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
+        base = "/".join(parts[:first_wild]) or "/"
+        files = [i.path for i in list_files(fs, base, exclude) if fnmatch.fnmatch(i.path, inner)]
+    else:
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"data path '{path}' does not exist (set data.path to a file, a directory or a glob)")
+        files = [inner] if info.type == pafs.FileType.File else [i.path for i in list_files(fs, inner, exclude)]
+    if not files:
+        raise DataError(f"no data files match '{path}' (supported: {SUPPORTED})")
+    return fs, files
+
+
+def display_uri(fs: pafs.FileSystem, path: str) -> str:
+    """How a file inside `fs` is named to people and in records: a local path, or scheme://path
+    (built from the filesystem, never by pasting strings onto a URI that may carry a query)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    return f"{fs.type_name}://{path}"
+
+
+# --- one copy of a file, hashed on the way -----------------------------------------------------
+class Fetched:
+    """The bytes of one file as read once: in memory when small, else a local temporary copy."""
+
+    def __init__(self, data: bytes | None, local: str | None, size: int, sha256: str, mtime_ns: int | None = None):
+        self.data, self.local, self.size, self.sha256, self.mtime_ns = data, local, size, sha256, mtime_ns
+
+    def open(self) -> BinaryIO:
+        return io.BytesIO(self.data) if self.data is not None else open(self.local, "rb")
+
+    def tail(self, offset: int, keep_first_line: bool) -> Fetched:
+        """The bytes after `offset` (what was appended), led by the first line when asked (a CSV header)."""
+        with self.open() as f:
+            head = f.readline() if keep_first_line else b""
+            f.seek(offset)
+            rest = f.read()
+        return Fetched(head + rest, None, len(head) + len(rest), self.sha256, self.mtime_ns)
+
+    def close(self) -> None:
+        if self.local:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.local)
+
+
+class SourceGone(Exception):
+    pass
+
+
+class SourceUnstable(Exception):
+    pass
+
+
+def fetch(fs: pafs.FileSystem, path: str, prefix_size: int | None = None) -> tuple[Fetched, str | None]:
+    """Copy `path` once (streamed, hashed on the way). Returns the copy and, when `prefix_size`
+    is given, the SHA-256 of its first `prefix_size` bytes (to recognise an append).
+
+    Raises SourceGone when the file disappeared, SourceUnstable when it changed while being read
+    (size or modification time moved), OSError when reading kept failing (retried with backoff:
+    object stores throttle, connections reset, network mounts hiccup).
+    """
+    delay = 0.5
+    for attempt in range(TRANSIENT_RETRIES):
+        try:
+            return _fetch_once(fs, path, prefix_size)
+        except FileNotFoundError:
+            raise SourceGone(path) from None
+        except (SourceUnstable, SourceGone):
+            raise
+        except OSError:
+            if attempt == TRANSIENT_RETRIES - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _fetch_once(fs: pafs.FileSystem, path: str, prefix_size: int | None) -> tuple[Fetched, str | None]:
+    before = fs.get_file_info(path)
+    if before.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    digest, prefix_digest, size = hashlib.sha256(), None, 0
+    buffer, local, sink = None, None, None
     try:
-        with fs.open_input_stream(path) as f:
-            data = f.read()
-        table = read_table(data, actual)
+        with fs.open_input_stream(path) as src:
+            if before.size is not None and before.size <= IN_MEMORY_BYTES:
+                sink = buffer = io.BytesIO()
+            else:
+                fd, local = tempfile.mkstemp(prefix="lifelong-fetch-")
+                sink = os.fdopen(fd, "wb")
+            while chunk := src.read(1 << 20):
+                if prefix_size is not None and prefix_digest is None and size + len(chunk) >= prefix_size:
+                    cut = prefix_size - size
+                    digest.update(chunk[:cut])
+                    prefix_digest = digest.copy().hexdigest()
+                    digest.update(chunk[cut:])
+                else:
+                    digest.update(chunk)
+                sink.write(chunk)
+                size += len(chunk)
+        if local:
+            sink.close()
+        after = fs.get_file_info(path)
+        if after.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        if (after.size, after.mtime_ns) != (before.size, before.mtime_ns) or after.size != size:
+            raise SourceUnstable(f"{path} changed while it was read ({before.size} → {after.size} bytes)")
+    except BaseException:
+        if local:
+            with contextlib.suppress(Exception):
+                sink.close()
+            os.unlink(local)
+        raise
+    if prefix_size is not None and prefix_digest is None and size == prefix_size:
+        prefix_digest = digest.hexdigest()
+    return Fetched(buffer.getvalue() if buffer is not None else None, local, size, digest.hexdigest(), after.mtime_ns), prefix_digest
+
+
+# --- parsing and validating one file -------------------------------------------------------------
+@dataclass
+class ParsedFile:
+    """One file's rows by the rules of a DataConfig. `rows`: the valid ones (text, label, split);
+    `reason` set: the file as a whole is unusable (quarantine it)."""
+
+    rows: pa.Table | None
+    read: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    reason: str = ""
+
+
+ROWS_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int64()), ("split", pa.string())])
+
+
+def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = "") -> ParsedFile:
+    """Parse and validate one file (bytes already read): the one place where rows are judged.
+
+    Row reasons: empty_text, wrong_text_type (a list, object or number where text belongs),
+    invalid_utf8 (bytes that are not UTF-8, lone surrogates), malformed_line (a JSON line or CSV
+    row that does not parse), missing_label, wrong_label_type (lists, objects, booleans,
+    fractional numbers), unknown_label (not one of data.labels).
+    """
+    if fmt is None:
+        return ParsedFile(None, reason=f"unknown file type '{posixpath.splitext(name)[1]}' (supported: {SUPPORTED}; or set data.format)")
+    if source.size == 0:
+        return ParsedFile(None, reason="empty file (0 bytes)")
+    columns = [cfg.text_column] + ([cfg.label_column] if cfg.label_column else [])
+    dropped: Counter = Counter()
+    try:
+        if fmt == "parquet":
+            table = _read_parquet(source, columns)
+        elif fmt == "csv":
+            table = _read_csv(source, columns, dropped)
+        else:
+            table = _read_jsonl(source, columns, dropped)
+    except _SchemaError as e:
+        return ParsedFile(None, reason=f"wrong schema: {e}")
     except Exception as e:  # any parse failure means the file is unreadable as that format
-        return FileReport(path, actual, False, reason=f"unreadable as {actual}: {str(e).splitlines()[0][:300]}")
-    missing = [c for c in columns if c not in table.column_names]
+        return ParsedFile(None, reason=f"unreadable as {fmt}: {_first_line(e)}")
+    if table.num_rows == 0 and not dropped:
+        return ParsedFile(None, reason="holds no rows")
+    unparsed = sum(dropped.values())  # lines that never became rows
+    rows, row_drops = validate_table(table, cfg)
+    dropped.update(row_drops)
+    return ParsedFile(rows, read=table.num_rows + unparsed, dropped=dict(dropped))
+
+
+class _SchemaError(Exception):
+    pass
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def _check_columns(names: list[str], columns: list[str]) -> None:
+    missing = [c for c in columns if c not in names]
     if missing:
-        return FileReport(
-            path, actual, False, rows=table.num_rows, size=len(data),
-            reason=f"wrong schema: missing column(s) {missing}; columns are {table.column_names}",
+        raise _SchemaError(f"missing column(s) {missing}; columns are {names}")
+
+
+def _read_parquet(source: Fetched, columns: list[str]) -> pa.Table:
+    with source.open() as f:
+        pf = pq.ParquetFile(f)
+        _check_columns(pf.schema_arrow.names, columns)
+        return pf.read(columns=columns)
+
+
+def _block_size(size: int) -> int:
+    # One block for files up to 256 MB: a JSON line or CSV row never straddles two blocks.
+    return int(min(max(size + 1, 1 << 20), 256 << 20))
+
+
+def _read_csv(source: Fetched, columns: list[str], dropped: Counter) -> pa.Table:
+    def skip(row) -> str:
+        dropped["malformed_line"] += 1
+        return "skip"
+
+    with source.open() as f:
+        table = pacsv.read_csv(
+            f, read_options=pacsv.ReadOptions(block_size=_block_size(source.size)),
+            parse_options=pacsv.ParseOptions(invalid_row_handler=skip),
+            # Text stays text ("123" is a sentence too); UTF-8 is checked per row below.
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, check_utf8=False),
         )
-    return FileReport(path, actual, True, rows=table.num_rows, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    _check_columns(table.column_names, columns)
+    return table.select(columns)
 
 
-def quarantine(storage: Storage, area: str, fs: pafs.FileSystem, report: FileReport) -> str:
-    """Copy a rejected file under <root>/quarantine/<area>/ beside a note of why (the source is left alone)."""
-    name = posixpath.basename(report.path)
-    dest = f"quarantine/{area}/{name}"
-    storage.fs.create_dir(storage.path(f"quarantine/{area}"), recursive=True)
-    pafs.copy_files(report.path, storage.path(dest), source_filesystem=fs, destination_filesystem=storage.fs)
-    storage.write_json(
-        f"{dest}.reason.json",
-        {"source": report.path, "reason": report.reason, "quarantined_at": datetime.now(timezone.utc).isoformat()},
-    )
-    return dest
+def _read_jsonl(source: Fetched, columns: list[str], dropped: Counter) -> pa.Table:
+    try:
+        with source.open() as f:
+            table = pajson.read_json(f, read_options=pajson.ReadOptions(block_size=_block_size(source.size)))
+    except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
+        # One bad line (invalid UTF-8, a lone surrogate, a type that changes from row to row, a
+        # broken line) fails Arrow's reader for the whole file: judge it line by line instead.
+        return _read_jsonl_lines(source, columns, dropped)
+    _check_columns(table.column_names, columns)
+    return table.select(columns)
 
 
-# --- rows ------------------------------------------------------------------------------------
+def _read_jsonl_lines(source: Fetched, columns: list[str], dropped: Counter) -> pa.Table:
+    values = {c: [] for c in columns}
+    parsed, first_error = 0, None
+    with source.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                dropped["invalid_utf8"] += 1
+                first_error = first_error or f"line {number}: not UTF-8"
+                continue
+            except json.JSONDecodeError as e:
+                dropped["malformed_line"] += 1
+                first_error = first_error or f"line {number}: {e}"
+                continue
+            if not isinstance(obj, dict):
+                dropped["malformed_line"] += 1
+                first_error = first_error or f"line {number}: a JSON {type(obj).__name__}, not an object"
+                continue
+            parsed += 1
+            for c in columns:
+                values[c].append(obj.get(c))
+    if not parsed:
+        raise ValueError(first_error or "no JSON object in the file")
+    if all(v is None for v in values[columns[0]]):
+        raise _SchemaError(f"no line has the column '{columns[0]}'")
+    # Mixed Python values: each column becomes an Arrow array of what it can hold, and
+    # `validate_table` judges the rows (wrong types become wrong_text_type / wrong_label_type).
+    return pa.table({c: _python_column(v) for c, v in values.items()})
+
+
+def _python_column(values: list) -> pa.Array:
+    """Arbitrary JSON values → an Arrow string column where they are strings (or integer labels);
+    anything else becomes a marker the validator recognises as the wrong type."""
+    out = []
+    for v in values:
+        if v is None or isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, int) and not isinstance(v, bool):
+            out.append(_INT_PREFIX + str(v))
+        elif isinstance(v, float) and v.is_integer():
+            out.append(_INT_PREFIX + str(int(v)))
+        else:
+            out.append(_WRONG_TYPE)
+    return pa.array([_encodable(v) for v in out], pa.string())
+
+
+# Markers that cannot occur in real UTF-8 text (they are lone surrogates, which Arrow refuses in
+# data, so they are swapped for NUL-led tags that no valid row carries).
+_INT_PREFIX = "\x00int:"
+_WRONG_TYPE = "\x00wrong-type"
+_BAD_UTF8 = "\x00bad-utf8"
+
+
+def _encodable(v: str | None) -> str | None:
+    if v is None:
+        return None
+    try:
+        v.encode("utf-8")  # a lone surrogate (JSON "\ud800") cannot be UTF-8
+    except UnicodeEncodeError:
+        return _BAD_UTF8
+    return v
+
+
+def _strings(col: pa.ChunkedArray | pa.Array, reasons: np.ndarray, bad_type: str) -> pa.Array:
+    """A column as UTF-8 strings; rows that cannot be get their reason (first reason wins)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    t = arr.type
+    if pa.types.is_null(t):
+        return pa.nulls(len(arr), pa.string())
+    if pa.types.is_large_string(t):
+        arr = arr.cast(pa.string())
+        t = arr.type
+    if pa.types.is_string(t):
+        try:
+            arr.validate(full=True)  # invalid UTF-8 (CSV read unchecked, Parquet from a lax writer)
+        except pa.ArrowInvalid:
+            arr = _decode_each(arr.cast(pa.binary()).to_pylist(), reasons)
+        return _markers(arr, reasons, bad_type)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return _decode_each(arr.to_pylist(), reasons)
+    if pa.types.is_integer(t):
+        return pc.binary_join_element_wise(_INT_PREFIX, arr.cast(pa.string()), "")
+    if pa.types.is_floating(t):
+        integral = pc.and_(pc.is_finite(arr), pc.equal(pc.floor(arr), arr)).fill_null(True)
+        _mark(reasons, pc.and_(pc.invert(integral), pc.is_valid(arr)), bad_type)
+        as_int = pc.if_else(integral, arr, None).cast(pa.int64())
+        return pc.binary_join_element_wise(_INT_PREFIX, as_int.cast(pa.string()), "")
+    # Lists, structs, booleans, ...: not text, not a label.
+    _mark(reasons, pc.is_valid(arr), bad_type)
+    return pa.nulls(len(arr), pa.string())
+
+
+def _decode_each(values: list, reasons: np.ndarray) -> pa.Array:
+    out = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        try:
+            out.append(v.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(None)
+            if not reasons[i]:
+                reasons[i] = "invalid_utf8"
+    return pa.array(out, pa.string())
+
+
+def _markers(arr: pa.Array, reasons: np.ndarray, bad_type: str) -> pa.Array:
+    """Resolve the tags `_python_column` left: wrong types and bad UTF-8 become reasons."""
+    if not len(arr) or not pc.any(pc.starts_with(arr.fill_null(""), "\x00")).as_py():
+        return arr
+    _mark(reasons, pc.equal(arr, _WRONG_TYPE), bad_type)
+    _mark(reasons, pc.equal(arr, _BAD_UTF8), "invalid_utf8")
+    arr = pc.if_else(pc.or_(pc.equal(arr, _WRONG_TYPE), pc.equal(arr, _BAD_UTF8)), None, arr)
+    return arr
+
+
+def _mark(reasons: np.ndarray, mask: pa.Array, reason: str) -> None:
+    m = mask.fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    reasons[m & (reasons == "")] = reason
+
+
+def validate_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str, int]]:
+    """Judge every row: the valid ones as (text, label, split), the others counted by reason.
+    label is the index into data.labels (-1 without a label column)."""
+    n = table.num_rows
+    reasons = np.full(n, "", dtype=object)
+    text = _strings(table.column(cfg.text_column), reasons, "wrong_text_type")
+    if pa.types.is_string(text.type) and pc.any(pc.starts_with(text.fill_null(""), _INT_PREFIX)).as_py():
+        _mark(reasons, pc.starts_with(text.fill_null(""), _INT_PREFIX), "wrong_text_type")  # a number is not text
+    _mark(reasons, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text.fill_null(""))), 0), "empty_text")
+    if cfg.label_column:
+        label = _strings(table.column(cfg.label_column), reasons, "wrong_label_type")
+        label = pc.utf8_trim_whitespace(pc.replace_substring(label, _INT_PREFIX, ""))
+        _mark(reasons, pc.equal(pc.utf8_length(label.fill_null("")), 0), "missing_label")
+        index = pc.index_in(label, value_set=pa.array(cfg.labels or [], pa.string()))
+        _mark(reasons, index.is_null(), "unknown_label")
+    else:
+        label, index = pa.nulls(n, pa.string()), pa.array(np.full(n, -1, dtype=np.int64))
+    keep = pa.array(reasons == "")
+    texts = text.filter(keep)
+    names = label.filter(keep).fill_null("").to_pylist()
+    split = [split_of(t, lab, cfg.split_salt, cfg.validation_fraction) for t, lab in zip(texts.to_pylist(), names)]
+    rows = pa.Table.from_arrays([texts, index.filter(keep).cast(pa.int64()), pa.array(split, pa.string())], schema=ROWS_SCHEMA)
+    dropped = Counter(r for r in reasons if r)
+    return rows, dict(dropped)
+
+
 def split_of(text: str, label: str, salt: str, validation_fraction: float) -> str:
     digest = hashlib.blake2b(f"{salt}\x00{text}\x00{label}".encode(), digest_size=8).digest()
     return "validation" if int.from_bytes(digest, "big") / 2**64 < validation_fraction else "train"
 
 
-def validate_rows(batch: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
-    """Normalise to (text, label, split, drop_reason); label is an index into cfg.labels or -1."""
-    texts = batch[cfg.text_column]
-    raw_labels = batch[cfg.label_column] if cfg.label_column else pd.Series([None] * len(batch), index=batch.index)
-    label_ids = {name: i for i, name in enumerate(cfg.labels or [])}
-    out_text, out_label, out_split, out_reason = [], [], [], []
-    for text, label in zip(texts, raw_labels):
-        # pd.isna covers None, NaN and pd.NA (what Arrow nulls become in pandas).
-        text = "" if pd.isna(text) else str(text)
-        label_str = None if pd.isna(label) else str(label).strip()
-        reason, label_id = "", -1
-        if not text.strip():
-            reason = "empty_text"
-        elif cfg.label_column:
-            if not label_str:
-                reason = "missing_label"
-            elif label_str not in label_ids:
-                reason = "unknown_label"
-            else:
-                label_id = label_ids[label_str]
-        out_text.append(text)
-        out_label.append(label_id)
-        out_split.append(split_of(text, label_str or "", cfg.split_salt, cfg.validation_fraction) if not reason else "")
-        out_reason.append(reason)
-    return pd.DataFrame({"text": out_text, "label": np.asarray(out_label, dtype=np.int64), "split": out_split, "drop_reason": out_reason})
+def validation_fingerprint(cfg: DataConfig) -> str:
+    """What a file's validation depends on: when any of it changes, pending files are judged again."""
+    keys = ("format", "text_column", "label_column", "labels", "validation_fraction", "split_salt")
+    blob = json.dumps({"rules": RULES_VERSION, **{k: getattr(cfg, k) for k in keys}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _only(batch: pd.DataFrame, split: str | None) -> pd.DataFrame:
-    keep = batch["drop_reason"] == ""
-    if split is not None:
-        keep &= batch["split"] == split
-    return batch.loc[keep, ["text", "label"]]
+# --- reading files for a run (training, evaluation, export) ------------------------------------
+# SPREAD, not the default: inside a Tune trial the default would capture these tasks into the
+# trial's own tiny placement group, where they do not fit.
+@ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD", num_returns=2)
+def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> tuple[FileReport, pa.Table | None]:
+    """Copy, hash, parse and validate one file in a Ray task: (its report, its valid rows)."""
+    fmt = detect_format(path, cfg.format)
+    shown = display_uri(fs, path)
+    try:
+        fetched, _ = fetch(fs, path)
+    except SourceGone:
+        return FileReport(shown, fmt, "missing", reason="the file disappeared before it could be read"), None
+    except SourceUnstable as e:
+        return FileReport(shown, fmt, "changing", reason=str(e)), None
+    except OSError as e:
+        return FileReport(shown, fmt, "unreadable", reason=f"could not be read after {TRANSIENT_RETRIES} tries: {_first_line(e)}"), None
+    try:
+        parsed = parse_file(fetched, fmt, cfg, path)
+    finally:
+        fetched.close()
+    report = FileReport(shown, fmt, "bad" if parsed.reason else "ok", size=fetched.size, sha256=fetched.sha256, reason=parsed.reason,
+                        read=parsed.read, dropped=parsed.dropped, mtime_ns=fetched.mtime_ns,
+                        rows=parsed.rows.num_rows if parsed.rows is not None else 0, splits=split_counts(parsed.rows))
+    return report, parsed.rows
 
 
-def _count_rows(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch.groupby(["drop_reason", "split"]).size().reset_index(name="n")
+def split_counts(rows: pa.Table | None) -> dict[str, int]:
+    if rows is None or not rows.num_rows:
+        return {}
+    counts = rows.group_by("split").aggregate([("split", "count")])
+    return dict(zip(counts.column("split").to_pylist(), counts.column("split_count").to_pylist()))
 
 
-# --- the pipeline ----------------------------------------------------------------------------
+def quarantine(storage: Storage, area: str, fs: pafs.FileSystem, path: str, reason: str) -> str:
+    """Copy a rejected file under <root>/quarantine/<area>/ beside a note of why (the source is
+    left alone). Named by a digest of its full path too, so `a/part-0.jsonl` and `b/part-0.jsonl`
+    keep separate copies. A copy that fails (the source vanished) leaves the note alone."""
+    key = hashlib.sha256(display_uri(fs, path).encode()).hexdigest()[:10]
+    dest = f"quarantine/{area}/{key}-{posixpath.basename(path)}"
+    note = {"source": display_uri(fs, path), "reason": reason, "quarantined_at": datetime.now(timezone.utc).isoformat()}
+    try:
+        storage.fs.create_dir(storage.path(f"quarantine/{area}"), recursive=True)
+        pafs.copy_files(path, storage.path(dest), source_filesystem=fs, destination_filesystem=storage.fs)
+    except OSError as e:
+        note["copy"] = f"not copied: {_first_line(e)}"
+    storage.write_json(f"{dest}.reason.json", note)
+    return dest
+
+
 @dataclass
 class ValidatedData:
-    """Lazily read, validated rows plus the report of what was found."""
+    """Valid rows (text, label, split) held in the object store, plus the report of what was found."""
 
-    rows: ray.data.Dataset  # columns: text, label, split, drop_reason
+    rows: ray.data.Dataset
     report: DataReport
 
     def split(self, name: str | None) -> ray.data.Dataset:
-        """Valid rows of one split ("train", "validation") or of all (None)."""
-        return self.rows.map_batches(_only, fn_kwargs={"split": name}, batch_format="pandas")
+        """Valid rows of one split ("train", "validation") or of all (None): text, label."""
+        return self.rows.map_batches(_only, fn_kwargs={"split": name}, batch_format="pyarrow")
+
+
+def _only(batch: pa.Table, split: str | None) -> pa.Table:
+    if split is not None:
+        batch = batch.filter(pc.equal(batch.column("split"), split))
+    return batch.select(["text", "label"])
 
 
 def read_validated(cfg: DataConfig, storage: Storage, quarantine_area: str, path: str | None = None,
                    files: list[str] | None = None) -> ValidatedData:
-    """Find (or take `files`: paths or URIs on one filesystem), inspect, quarantine, read and
-    validate; fails only when nothing valid remains. The report's files follow `files`' order."""
+    """Find (or take `files`: paths or URIs on one filesystem), read, validate and quarantine;
+    fails only when nothing valid remains or a file cannot be read at all right now. Each file is
+    read once; its valid rows stay in the object store (spilled to disk when large) for every
+    later pass (counting, tokenizing, every epoch)."""
     if files:
         source = path or "(the given files)"
         fs, _ = filesystem_for(files[0])
@@ -227,39 +607,29 @@ def read_validated(cfg: DataConfig, storage: Storage, quarantine_area: str, path
         source = path or cfg.path
         if not is_uri(source):
             source = str(Path(source).expanduser().resolve())
-        fs, files = list_data_files(source)
-    columns = [cfg.text_column] + ([cfg.label_column] if cfg.label_column else [])
-    reports = ray.get([inspect_file.remote(fs, f, cfg.format, columns) for f in files])
-    for bad in (r for r in reports if not r.ok):
-        quarantine(storage, quarantine_area, fs, bad)
+        exclude = (storage.base,) if storage.is_local else ()
+        fs, files = list_data_files(source, exclude)
+    pairs = [read_file.remote(fs, f, cfg) for f in files]
+    reports = ray.get([report for report, _ in pairs])
+    trouble = [r for r in reports if r.state in ("missing", "unreadable", "changing")]
+    if trouble:
+        lines = "\n".join(f"  - {r.path}: {r.reason}" for r in trouble)
+        raise DataError(f"could not read every file of '{source}' (nothing was quarantined; run again once they are readable):\n{lines}")
+    for bad, inner in ((r, f) for r, f in zip(reports, files) if r.state == "bad"):
+        quarantine(storage, quarantine_area, fs, inner, bad.reason)
     report = DataReport(source=source, files=reports)
-    good = report.used_files
+    good = [(r, table) for r, (_, table) in zip(reports, pairs) if r.ok]
     if not good:
         reasons = "\n".join(f"  - {r.path}: {r.reason}" for r in reports)
         raise DataError(f"no readable data in '{source}'; every file was quarantined:\n{reasons}")
-
-    parts = []
-    for fmt in ("parquet", "jsonl", "csv"):
-        paths = [r.path for r in good if r.format == fmt]
-        if not paths:
-            continue
-        if fmt == "parquet":
-            ds = ray.data.read_parquet(paths, filesystem=fs, columns=columns, file_extensions=None)
-        elif fmt == "jsonl":
-            ds = ray.data.read_json(paths, filesystem=fs, file_extensions=None)  # pyarrow reads newline-delimited JSON
-        else:
-            ds = ray.data.read_csv(paths, filesystem=fs, file_extensions=None)
-        parts.append(ds.map_batches(validate_rows, fn_kwargs={"cfg": cfg}, batch_format="pandas"))
-    rows = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-    # One counting pass: each batch reports its counts per (drop reason, split); only those
-    # few numbers reach the driver (a groupby would shuffle every row).
-    for batch in rows.map_batches(_count_rows, batch_format="pandas").iter_batches(batch_format="pandas", batch_size=None):
-        for reason, split, n in zip(batch["drop_reason"], batch["split"], batch["n"]):
-            bucket, key = (report.dropped, reason) if reason else (report.rows, split)
-            bucket[key] = bucket.get(key, 0) + int(n)
+    for r in reports:
+        for reason, n in r.dropped.items():
+            report.dropped[reason] = report.dropped.get(reason, 0) + n
+        for split, n in r.splits.items():
+            report.rows[split] = report.rows.get(split, 0) + n
     if not report.rows:
         raise DataError(f"no valid rows in '{source}': {report.summary()}")
+    rows = ray.data.from_arrow_refs([table for r, table in good if r.rows])
     return ValidatedData(rows=rows, report=report)
 
 

@@ -29,7 +29,7 @@ JOBS = {p.stem: p for p in (PROJECT / "jobs").glob("*.py")}
 EXCLUDES = [".venv", ".git", "lifelong-store", "benchmarks/results", "**/__pycache__", ".pytest_cache", "*.egg-info"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # The flags each job script takes besides CONFIG and overrides.
-JOB_FLAGS = {"tune": {"--resume", "--promote"}, "continual": {"--once", "--force"}}
+JOB_FLAGS = {"tune": {"--resume", "--promote"}, "continual": {"--once", "--force"}, "pretrain": {"--resume"}, "finetune": {"--resume"}}
 
 
 def job_args(job: str, argv: list[str]) -> tuple[str, set[str], list[str]]:

@@ -309,7 +309,7 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     # The sweep's data (and its tokenizer, trained once under runs/<sweep>/), shared by every
     # trial unless the space changes the data itself.
     sweep_config = config.model_copy(update={"run_name": name})
-    data = prepare_data(sweep_config, storage, Registry(storage), materialize=shares_data(config))
+    data = prepare_data(sweep_config, storage, Registry(storage))
     prep = prepare_run(sweep_config, data)
     tokenizer_dir = data.tokenizer_dir
     print(f"[lifelong] sweep '{name}': {config.tune.num_samples} trials of {config.train.epochs} epochs, "

@@ -7,22 +7,25 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import ray
+import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from lifelong.config import JobConfig
-from lifelong.data import DataReport, read_validated, text_iterator, tokenized
+from lifelong.data import DataReport, ValidatedData, read_validated, text_iterator, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError
 from lifelong.export import ExportResult, export_files, should_export_on_register
 from lifelong.models import train_tokenizer
-from lifelong.registry import Registry
+from lifelong.registry import Registry, ResolvedModel
 from lifelong.storage import Storage
 from lifelong.train.ds_config import total_optimizer_steps
 from lifelong.train.loop import train_loop_per_worker
@@ -62,7 +65,7 @@ def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, t
         return str(path.resolve())
     if config.model.init_from:
         return str(registry.resolve(config.model.init_from).local_dir)
-    rel = f"runs/{config.resolved_run_name}/tokenizer"
+    rel = f"runs/{config.run_name or config.default_run_name}/tokenizer"
     if not storage.exists(f"{rel}/tokenizer.json"):
         with tempfile.TemporaryDirectory() as tmp:
             train_tokenizer(text_iterator(train_texts, config.model.tokenizer_train_rows), config.model.vocab_size, tmp)
@@ -74,29 +77,27 @@ def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, t
 
 @dataclass
 class PreparedData:
-    """The run's data, read, validated and tokenized (lazily, or materialized for a sweep)."""
+    """A run's data: tokenized splits materialized in the object store (read and tokenized once;
+    every epoch, every restarted worker group and every sweep trial iterates them without
+    starting a task, so training workers never wait on CPUs for their data)."""
 
-    validated: object  # ValidatedData; None where only the tokenized splits travel (sweep trials)
     report: DataReport
     tokenizer_dir: str
-    train_ds: object
-    val_ds: object
+    train_ds: ray.data.Dataset
+    val_ds: ray.data.Dataset
     train_examples: int
     val_examples: int
+    # Untokenized validation rows (text, label) for export's int8 gate; None in sweep trials.
+    validation_rows: ray.data.Dataset | None = None
 
     def for_trials(self) -> PreparedData:
         """What every trial of a sweep needs: the tokenized splits, not the raw rows."""
-        return dataclasses.replace(self, validated=None)
+        return dataclasses.replace(self, validation_rows=None)
 
 
-def prepare_data(config: JobConfig, storage: Storage, registry: Registry, tokenizer_dir: str | None = None,
-                 materialize: bool = False) -> PreparedData:
-    """Read and validate the data, settle the tokenizer, tokenize and count.
-
-    `materialize` keeps the tokenized splits in the object store (spilling to disk if need be),
-    so that the trials of a sweep read them instead of each re-running the pipeline.
-    """
-    validated = read_validated(config.require_data("training"), storage, quarantine_area=f"runs/{config.resolved_run_name}")
+def read_run_data(config: JobConfig, storage: Storage) -> ValidatedData:
+    """data.path read, validated and checked to give both splits."""
+    validated = read_validated(config.require_data("training"), storage, quarantine_area=f"training/{config.name}")
     report = validated.report
     for split in ("train", "validation"):
         if not report.rows.get(split):
@@ -105,15 +106,31 @@ def prepare_data(config: JobConfig, storage: Storage, registry: Registry, tokeni
                 "add rows or change data.validation_fraction"
             )
     print(f"[lifelong] data: {report.summary()}", flush=True)
+    return validated
 
-    tokenizer_dir = tokenizer_dir or prepare_tokenizer(config, storage, registry, validated.split("train"))
+
+def prepare_data(config: JobConfig, storage: Storage, registry: Registry, validated: ValidatedData | None = None,
+                 tokenizer_dir: str | None = None) -> PreparedData:
+    """From files (data.path): settle the tokenizer, tokenize, materialize and count."""
+    validated = validated or read_run_data(config, storage)
+    return _tokenized_data(config, storage, registry, validated.split("train"), validated.split("validation"),
+                           validated.report, tokenizer_dir)
+
+
+def prepare_data_from_tables(config: JobConfig, storage: Storage, registry: Registry, train: pa.Table, validation: pa.Table,
+                             report: DataReport) -> PreparedData:
+    """From rows already on the driver (a continual window: its new rows, a replay sample, its holdout)."""
+    return _tokenized_data(config, storage, registry, ray.data.from_arrow(train), ray.data.from_arrow(validation), report)
+
+
+def _tokenized_data(config: JobConfig, storage: Storage, registry: Registry, train_rows: ray.data.Dataset,
+                    val_rows: ray.data.Dataset, report: DataReport, tokenizer_dir: str | None = None) -> PreparedData:
+    tokenizer_dir = tokenizer_dir or prepare_tokenizer(config, storage, registry, train_rows)
     max_length = config.model.max_length
-    train_ds = tokenized(validated.split("train"), config.model.task, tokenizer_dir, max_length)
-    val_ds = tokenized(validated.split("validation"), config.model.task, tokenizer_dir, max_length)
-    if materialize:
-        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    train_ds = tokenized(train_rows, config.model.task, tokenizer_dir, max_length).materialize()
+    val_ds = tokenized(val_rows, config.model.task, tokenizer_dir, max_length).materialize()
     # Sizing the schedule needs the number of examples (packed blocks for causal LM).
-    return PreparedData(validated, report, tokenizer_dir, train_ds, val_ds, train_ds.count(), val_ds.count())
+    return PreparedData(report, tokenizer_dir, train_ds, val_ds, train_ds.count(), val_ds.count(), validation_rows=val_rows)
 
 
 @dataclass
@@ -123,7 +140,7 @@ class PreparedRun:
     config: JobConfig
     storage: Storage
     registry: Registry
-    parent: object
+    parent: ResolvedModel | None
     data: PreparedData
     total_steps: int
     gpu: bool
@@ -176,10 +193,21 @@ def build_trainer(prep: PreparedRun, run_name: str, callbacks=()) -> TorchTraine
     )
 
 
-def run_training(config: JobConfig) -> TrainingOutcome:
-    """Train per the config on the connected Ray cluster, then register the best checkpoint."""
-    run_name = config.resolved_run_name
-    prep = prepare_run(config)
+def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
+    """Train per the config on the connected Ray cluster, then register the best checkpoint.
+
+    A run is its config and its data: started again with both unchanged (after a crash, a lost
+    driver), it resumes from its checkpoints; with either changed it is another run. Without
+    `run_name` the run is named after both, so a changed one starts afresh; a `run_name` that
+    already holds a different run is refused unless `resume` (continue it anyway).
+    """
+    storage = Storage(config.storage.root)
+    registry = Registry(storage)
+    config = pin_init_from(config, registry)
+    validated = read_run_data(config, storage)
+    config = settle_run(config, storage, validated.report, resume)
+    run_name = config.run_name
+    prep = prepare_run(config, prepare_data(config, storage, registry, validated))
     trainer = build_trainer(prep, run_name)
     print(f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
           f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}", flush=True)
@@ -190,6 +218,72 @@ def run_training(config: JobConfig) -> TrainingOutcome:
     if result.error:
         raise LifelongError(f"training run '{run_name}' failed: {result.error}")
     return register_best(prep, result, run_name)
+
+
+def pin_init_from(config: JobConfig, registry: Registry) -> JobConfig:
+    """Resolve model.init_from once: an alias becomes NAME:VERSION for the driver, the workers and
+    the card alike (an alias moved during the run changes nothing)."""
+    if not config.model.init_from:
+        return config
+    parent = registry.resolve(config.model.init_from)
+    if parent.name is None:
+        return config
+    return config.model_copy(update={"model": config.model.model_copy(update={"init_from": parent.ref})})
+
+
+# What a run's identity is made of: what changes the weights it trains. Everything else (where
+# it runs, how often it logs, its retry budget, exports, serving, sweeps, cycles) may change
+# between a stop and its resume.
+_RUN_IDENTITY = {"model": None, "data": {"path"}, "train": {"max_failures", "log_every_steps", "checkpoint"},
+                 "scaling": {"placement_strategy", "cpus_per_worker", "gpus_per_worker"}}
+
+
+def run_identity(config: JobConfig, report: DataReport) -> dict:
+    dumped = config.model_dump(mode="json")
+    identity = {section: {k: v for k, v in dumped[section].items() if k not in (skip or ())}
+                for section, skip in _RUN_IDENTITY.items() if dumped.get(section) is not None}
+    identity["data_files"] = sorted(f.sha256 for f in report.used_files)
+    return identity
+
+
+def settle_run(config: JobConfig, storage: Storage, report: DataReport, resume: bool) -> JobConfig:
+    """The run's name (derived from its identity unless given) and its identity record
+    (`runs/<name>/lifelong-run.json`); refuses to mix two runs under one name."""
+    identity = run_identity(config, report)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    name = config.run_name or f"{config.default_run_name}-{digest[:10]}"
+    rel = f"runs/{name}/lifelong-run.json"
+    record = {"identity": identity, "digest": digest}
+    if not storage.exists(rel) and storage.exists(f"runs/{name}/checkpoint_manager_snapshot.json") and not resume:
+        raise ConfigError(f"run_name '{name}' holds checkpoints of a run that recorded no identity (started by an older "
+                          "version): pass another run_name=…, or --resume to continue it anyway")
+    if not storage.create_exclusive(rel, json.dumps(record, indent=2, sort_keys=True).encode()):
+        held = storage.read_json(rel)
+        if held.get("digest") != digest:
+            changed = _changed_keys(held.get("identity", {}), identity)
+            if not resume:
+                raise ConfigError(
+                    f"run_name '{name}' already holds another run under {storage.uri_of('runs', name)} "
+                    f"(changed since: {', '.join(changed) or 'its config'}): its checkpoints belong to that config and data. "
+                    f"Pass another run_name=…, drop run_name to get one named after this config and data, "
+                    f"or add --resume to continue '{name}' anyway")
+            print(f"[lifelong] --resume: continuing run '{name}' although {', '.join(changed)} changed", flush=True)
+        else:
+            print(f"[lifelong] run '{name}' exists with the same config and data: resuming it from its checkpoints", flush=True)
+    return config.model_copy(update={"run_name": name})
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{k}.")
+        else:
+            keys.append("data files" if k == "data_files" else f"{prefix}{k}")
+    return keys
 
 
 def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | None = None) -> TrainingOutcome:
@@ -220,21 +314,22 @@ def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | N
                     "precision": state.get("precision")},
             **(extra_card or {}),
         }
-        exported = export_on_register(config, Path(ckpt_dir) / "hf", card, prep.data.validated, work)
+        exported = export_on_register(config, Path(ckpt_dir) / "hf", card, prep.data.validation_rows, work)
         card["exports"] = exported.records
         version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card, extra_files=exported.files)
     epochs = [h["epoch"] for h in state.get("history", [])]
     return TrainingOutcome(run_name, result.path, version, config.name, card["metrics"], report, epochs)
 
 
-def export_on_register(config: JobConfig, model_dir: Path, card: dict, validated, workdir: str) -> ExportResult:
+def export_on_register(config: JobConfig, model_dir: Path, card: dict, validation_rows: ray.data.Dataset | None,
+                       workdir: str) -> ExportResult:
     """ONNX (and a gated int8 variant) of a new version, built before it is registered."""
     task = config.model.task
     if not should_export_on_register(config.export, task):
         return ExportResult()
     classification = task == "sequence-classification"
     formats = ("onnx", "onnx-int8") if classification and config.export.int8 else ("onnx",)
-    rows = validated.split("validation").take(config.export.eval_rows) if classification else None
+    rows = validation_rows.take(config.export.eval_rows) if classification and validation_rows is not None else None
     exported = export_files(model_dir, card, config.export, workdir, rows, formats)
     for fmt, record in exported.records.items():
         print(f"[lifelong] export {fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)
