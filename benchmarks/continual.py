@@ -71,7 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     windows, rows = (3, 300) if args.quick else (6, 1000)
 
-    from lifelong.continual.cycle import Stream, holdout_accuracies, run_cycle
+    from lifelong.continual.cycle import holdout_accuracies, run_cycle
+    from lifelong.continual.stream import Stream
     from lifelong.models import train_tokenizer
     from lifelong.registry import Registry
     from lifelong.runtime import connect

@@ -4,10 +4,10 @@
 """
 
 import sys
-import time
 
 from lifelong.config import load_config
-from lifelong.continual.cycle import check_continual, run_cycle
+from lifelong.continual.cycle import check_continual
+from lifelong.continual.daemon import run_cycles
 from lifelong.errors import LifelongError
 from lifelong.runtime import connect
 from lifelong.submit import job_args
@@ -17,10 +17,6 @@ try:
     config = load_config(path, overrides)
     check_continual(config)
     connect(config.ray.address, config.ray.num_cpus)
-    while True:
-        print(run_cycle(config, force="--force" in flags).summary(), flush=True)
-        if "--once" in flags:
-            break
-        time.sleep(config.continual.poll_interval_s)
+    run_cycles(config, once="--once" in flags, force="--force" in flags, show=lambda text: print(text, flush=True))
 except LifelongError as e:
     sys.exit(f"error: {e}")

@@ -22,7 +22,8 @@ from rich.table import Table
 
 from lifelong.cli import console, print_sweep_summary, print_training_summary
 from lifelong.config import load_config
-from lifelong.continual.cycle import past_window_drop, run_cycle
+from lifelong.continual.cycle import run_cycle
+from lifelong.continual.gates import past_window_drop
 from lifelong.continual.report import write_report
 from lifelong.registry import Registry
 from lifelong.runtime import connect

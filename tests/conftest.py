@@ -7,6 +7,11 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The moto S3 server's (fake) credentials, set before the session's Ray starts so that its worker
+# processes (which read landing zones and stores in the bucket) have them, as a node would.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lifelong-test-key", "AWS_SECRET_ACCESS_KEY": "lifelong-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+for _key, _value in S3_CREDENTIALS.items():
+    os.environ.setdefault(_key, _value)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")

@@ -47,11 +47,24 @@ def test_models_promote_rollback_list_show(store):
     (["models", "show", "demo@nope"], "'demo@nope' does not exist"),
     (["models", "rollback", "demo"], "no earlier version"),
     (["models", "promote", "demo:1", "--alias", "9bad"], "not a valid alias"),
+    (["models", "rollback", "no such model"], "'no such model' is not a valid model name"),
+    (["models", "rollback", "nosuch"], "no model named 'nosuch'"),
+    (["models", "rollback", "demo", "--alias", "bad alias"], "not a valid alias"),
+    (["models", "show", "demo:²"], "VERSION must be a number"),
+    (["models", "promote", "demo:1", "--alias", "champion\n"], "not a valid alias"),
+    (["models", "show", "demo\n@champion"], "is not a model reference"),
 ])
 def test_models_bad_arguments_get_clear_errors(store, args, message):
     out = lifelong(*args, "--root", store)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("root", ["nosuch://x", "s3://", "gs://bucket/x?region=&&&"])
+def test_a_malformed_storage_uri_gets_one_line(root):
+    out = lifelong("models", "list", "--root", root)
+    assert out.returncode == 2 and "cannot open the URI" in out.stderr and root in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2
 
 
 def test_unknown_command_and_missing_config():
@@ -114,8 +127,12 @@ def test_continual_refuses_bad_input_before_ray_starts(tmp_path):
         (["continual", config, root, f"continual.landing={landing}"], f"continual.landing '{landing}' is not a directory"),
         (["continual", config, root, "continual.landing=null"], "continual.landing is not set"),
         (["continual", config, root, f"continual.landing={tmp_path}", "model.task=causal-lm"], "needs model.task=sequence-classification"),
-        (["continual", "report"], "usage: lifelong continual report CONFIG"),
+        (["continual", "report"], "Missing argument 'config'"),
         (["continual", "report", config, root], "has no finished cycle yet"),
+        (["continual", "requeue", config, root], "name what to requeue: --hash HASH (repeatable) or --all"),
+        (["continual", "requeue", config, root, "--hash", "abc"], "--hash 'abc' names 0 file(s)"),
+        (["continual", "ledger", config, root, "--state", "eaten"], "--state 'eaten': use one of pending, consumed"),
+        (["continual", config, root, "continual.landing=nosuch://bucket/x"], "cannot open the URI 'nosuch://bucket/x'"),
         (["data", "stream", tmp_path / "s", "--classes", "9"], "--classes"),
     ]
     for args, message in cases:

@@ -14,14 +14,15 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from lifelong.config import DataConfig
 from lifelong.continual.ledger import Ledger
 from lifelong.errors import AliasConflict
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 
-from conftest import ROOT
+from conftest import ROOT, S3_CREDENTIALS
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lifelong-test-key", "AWS_SECRET_ACCESS_KEY": "lifelong-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = S3_CREDENTIALS
 
 
 def _free_port() -> int:
@@ -138,12 +139,15 @@ def test_two_writers_racing_to_move_an_alias_on_s3_exactly_one_wins(bucket, mode
     assert all(later["previous"] == earlier["version"] for earlier, later in zip(history, history[1:]))
 
 
-def test_ledger_on_s3_loses_no_update_when_writers_race(bucket, tmp_path):
+LABELS = DataConfig(path="unused", label_column="label", labels=["finance", "science", "sports", "weather"])
+
+
+def test_ledger_on_s3_loses_no_update_when_writers_race(ray_session, bucket, tmp_path):
     landing = tmp_path / "landing"
     landing.mkdir()
     (landing / "a.jsonl").write_text('{"text": "rain tonight", "label": "weather"}\n')
     ledger = Ledger(Storage(bucket), "s")
-    [record] = ledger.scan(str(landing)).new
+    [record] = ledger.scan(str(landing), LABELS).new
     digest = record["sha256"]
     # Eight writers each record another copy of the same bytes at once: all eight stay recorded.
     barrier = threading.Barrier(8)
@@ -156,11 +160,28 @@ def test_ledger_on_s3_loses_no_update_when_writers_race(bucket, tmp_path):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert sorted(ledger.record(digest)["copies"]) == [f"copy-{i}" for i in range(8)]
-    ledger.set_rows(digest, 1)
     ledger.consume([digest], "m:3")
     ledger.consume([digest], "m:4")  # already consumed: the first consumer stays on record
-    assert ledger.record(digest)["consumed_by"] == "m:3" and ledger.counts() == {"pending": 0, "consumed": 1, "quarantined": 0}
-    assert not ledger.scan(str(landing)).new  # nothing is new the second time
+    assert ledger.record(digest)["consumed_by"] == "m:3" and ledger.counts()["consumed"] == 1 and ledger.pending() == []
+    assert not ledger.scan(str(landing), LABELS).new  # nothing is new the second time
+
+
+def test_a_landing_zone_on_s3_with_its_endpoint_in_the_uri(ray_session, bucket, s3_server):
+    """The README's URI style for storage roots, used for a landing zone: per-file URIs are built
+    from the filesystem (no query pasted into them), the bytes are kept in the store."""
+    name, port = bucket.split("/")[2], s3_server["port"]
+    client = s3_server["client"]
+    client.put_object(Bucket=name, Key="landing/a.jsonl", Body=b'{"text": "rain tonight", "label": "weather"}\n')
+    client.put_object(Bucket=name, Key="landing/sub/b.NDJSON", Body=b'{"text": "shares fell", "label": "finance"}\n')
+    landing = f"s3://{name}/landing?endpoint_override=127.0.0.1:{port}&scheme=http"
+    ledger = Ledger(Storage(bucket), "s")
+    report = ledger.scan(landing, LABELS)
+    assert sorted(r["path"] for r in report.new) == [f"s3://{name}/landing/a.jsonl", f"s3://{name}/landing/sub/b.NDJSON"]
+    assert all(r["state"] == "pending" and r["check"]["rows"] == 1 for r in report.new)
+    assert all(ledger.storage.exists(r["object"]) for r in report.new)
+    client.delete_object(Bucket=name, Key="landing/a.jsonl")  # gone from the landing zone: its bytes are kept
+    assert ledger.check_pending(LABELS, landing) == [] and len(ledger.pending()) == 2
+    assert not ledger.scan(landing, LABELS).new
 
 
 def test_the_s3_lease_admits_one_holder_and_is_taken_over_when_its_holder_died(bucket):

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.table import Table
 
 from lifelong.errors import LifelongError
@@ -29,7 +30,10 @@ AddressOpt = Annotated[Optional[str], typer.Option("--address", help="Ray cluste
 RootOpt = Annotated[str, typer.Option("--root", envvar="LIFELONG_ROOT", help="Storage root (a directory or URI).")]
 
 
-def _train(job: str, config_path: Path, overrides: list[str] | None, address: str | None) -> None:
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run named by run_name although its config or data changed.")]
+
+
+def _train(job: str, config_path: Path, overrides: list[str] | None, address: str | None, resume: bool = False) -> None:
     from lifelong.config import load_config
     from lifelong.runtime import connect
     from lifelong.train.driver import run_training
@@ -41,7 +45,7 @@ def _train(job: str, config_path: Path, overrides: list[str] | None, address: st
         raise LifelongError(f"{config_path}: 'lifelong finetune' needs model.init_from (a registry reference or an HF directory)")
     where = connect(address or config.ray.address, config.ray.num_cpus, min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker)
     console.print(f"[bold]lifelong {job}[/] {config_path} on {where}")
-    outcome = run_training(config)
+    outcome = run_training(config, resume=resume)
     print_training_summary(outcome)
 
 
@@ -58,15 +62,17 @@ def print_training_summary(outcome) -> None:
 
 
 @app.command()
-def pretrain(config: ConfigArg, overrides: OverridesArg = None, address: AddressOpt = None) -> None:
-    """Pretrain a causal LM from scratch on Ray Train + DeepSpeed; register the best checkpoint."""
-    _train("pretrain", config, overrides, address)
+def pretrain(config: ConfigArg, overrides: OverridesArg = None, address: AddressOpt = None, resume: ResumeOpt = False) -> None:
+    """Pretrain a causal LM from scratch on Ray Train + DeepSpeed; register the best checkpoint.
+    The same config and data again resume the run from its checkpoints."""
+    _train("pretrain", config, overrides, address, resume)
 
 
 @app.command()
-def finetune(config: ConfigArg, overrides: OverridesArg = None, address: AddressOpt = None) -> None:
-    """Fine-tune from model.init_from (a registry version or an HF directory); register the best checkpoint."""
-    _train("finetune", config, overrides, address)
+def finetune(config: ConfigArg, overrides: OverridesArg = None, address: AddressOpt = None, resume: ResumeOpt = False) -> None:
+    """Fine-tune from model.init_from (a registry version or an HF directory); register the best checkpoint.
+    The same config and data again resume the run from its checkpoints."""
+    _train("finetune", config, overrides, address, resume)
 
 
 @app.command()
@@ -311,50 +317,125 @@ def data_stream(
                   f"{new_vocab:.0%} new words per class per window); copy them into the landing zone one at a time")
 
 
-@app.command(context_settings={"allow_interspersed_args": True})
-def continual(
-    config: Annotated[str, typer.Argument(help="A YAML config with a continual section, or 'report' followed by the config.")],
+class _RunByDefault(TyperGroup):
+    """`lifelong continual CONFIG` runs cycles; `report`, `requeue` and `ledger` are sub-commands."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+continual_app = typer.Typer(cls=_RunByDefault, no_args_is_help=True,
+                            help="Keep the champion learning from a landing zone: cycles of scan → retrain (+ replay) → gates → promote.")
+app.add_typer(continual_app, name="continual")
+
+
+@continual_app.command("run", context_settings={"allow_interspersed_args": True})
+def continual_run(
+    config: ConfigArg,
     overrides: OverridesArg = None,
     address: AddressOpt = None,
     once: Annotated[bool, typer.Option("--once", help="Run one cycle and exit (cron, a Ray job).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Train on what is pending even below continual.min_new_rows.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="report: where to write report.json and the plots.")] = None,
 ) -> None:
-    """Keep the champion learning from the landing zone: cycles of scan → retrain (+ replay) → gates → promote.
-
-    `lifelong continual report CONFIG` prints the continual-learning metrics and writes JSON + PNG plots."""
+    """Cycles on the landing zone (the default: `lifelong continual CONFIG`). A failed cycle is
+    reported and retried with backoff; Ctrl-C stops."""
     from lifelong.config import load_config
-
-    if config == "report":
-        if not overrides:
-            raise LifelongError("usage: lifelong continual report CONFIG [key=value ...]")
-        from lifelong.continual.report import write_report
-
-        cfg = load_config(Path(overrides[0]), overrides[1:])
-        report = write_report(cfg, out)
-        console.print(report.text, markup=False, highlight=False, soft_wrap=True)
-        console.print(f"written: {report.json_path}, {report.matrix_png}, {report.metrics_png}", soft_wrap=True)
-        return
-    import time
-
-    from lifelong.continual.cycle import check_continual, run_cycle
+    from lifelong.continual.cycle import check_continual
+    from lifelong.continual.daemon import run_cycles
     from lifelong.runtime import connect
 
-    cfg = load_config(Path(config), overrides or [])
+    cfg = load_config(config, overrides or [])
     check_continual(cfg)
     where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     console.print(f"[bold]lifelong continual[/] {config} on {where}: landing zone {cfg.continual.landing}"
-                  + ("" if once else f", polling every {cfg.continual.poll_interval_s:g} s (Ctrl-C stops between cycles)"))
-    while True:
-        outcome = run_cycle(cfg, force=force)
-        console.print(outcome.summary(), markup=False, highlight=False, soft_wrap=True)
-        if once:
-            return
-        try:
-            time.sleep(cfg.continual.poll_interval_s)
-        except KeyboardInterrupt:
-            console.print("stopped")
-            return
+                  + ("" if once else f", polling every {cfg.continual.poll_interval_s:g} s (Ctrl-C stops)"))
+    try:
+        run_cycles(cfg, once=once, force=force, show=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        console.print("stopped (an interrupted cycle carries on where it stopped next time)")
+
+
+@continual_app.command("report")
+def continual_report(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write report.json and the plots.")] = None,
+) -> None:
+    """The continual-learning metrics (accuracy matrix, ACC/BWT/FWT/forgetting) as text, JSON and PNG."""
+    from lifelong.config import load_config
+    from lifelong.continual.report import write_report
+
+    report = write_report(load_config(config, overrides or []), out)
+    console.print(report.text, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"written: {report.json_path}, {report.matrix_png}, {report.metrics_png}", soft_wrap=True)
+
+
+@continual_app.command("requeue")
+def continual_requeue(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    content: Annotated[Optional[list[str]], typer.Option("--hash", help="A quarantined file's content hash (or its first 12+ characters); repeatable.")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every quarantined and missing file.")] = False,
+) -> None:
+    """Put quarantined files back to pending, to be checked again (by the next cycle, under the
+    config as it is now): after fixing a config (labels, columns) or a cause of failure."""
+    from lifelong.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    if bool(content) == everything:
+        raise LifelongError("name what to requeue: --hash HASH (repeatable) or --all")
+    ledger, storage = _ledger(cfg)
+    with storage.lock(f"streams/{ledger.stream}/cycle"):  # not while a cycle runs
+        hashes = None if everything else [_full_hash(ledger, h) for h in content]
+        changed = ledger.requeue(hashes)
+    for r in changed:
+        console.print(f"requeued {r['path']} ({r['sha256'][:12]}…), was {r['requeued_from']['state']}: {r['requeued_from']['reason']}",
+                      markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{len(changed)} file(s) pending again in stream '{ledger.stream}'; the next cycle checks them")
+
+
+@continual_app.command("ledger")
+def continual_ledger(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    state: Annotated[Optional[str], typer.Option("--state", help="Only files in this state: pending, consumed, quarantined, superseded, missing.")] = None,
+) -> None:
+    """Every file the stream's landing zone ever received: its state, rows, drops and why."""
+    from lifelong.config import load_config
+    from lifelong.continual.ledger import STATES
+
+    if state is not None and state not in STATES:
+        raise LifelongError(f"--state {state!r}: use one of {', '.join(STATES)}")
+    ledger, _ = _ledger(load_config(config, overrides or []))
+    records = [r for r in ledger.records() if state is None or r["state"] == state]
+    table = Table(title=f"ledger of stream '{ledger.stream}' ({len(records)} file(s))")
+    for col in ("content", "path", "state", "rows", "dropped rows", "by / why"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        check = r.get("check") or {}
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(check.get("dropped", {}).items()))
+        table.add_row(r["sha256"][:12], r["path"], r["state"], str(check.get("rows", r.get("rows") or "")), dropped,
+                      r.get("consumed_by") or r.get("reason") or "")
+    console.print(table)
+
+
+def _ledger(cfg):
+    from lifelong.continual.cycle import stream_name
+    from lifelong.continual.ledger import Ledger
+    from lifelong.storage import Storage
+
+    storage = Storage(cfg.storage.root)
+    return Ledger(storage, stream_name(cfg)), storage
+
+
+def _full_hash(ledger, prefix: str) -> str:
+    matches = [r["sha256"] for r in ledger.records() if r["sha256"].startswith(prefix.strip().lower())]
+    if len(prefix.strip()) < 12 or len(matches) != 1:
+        raise LifelongError(f"--hash {prefix!r} names {len(matches)} file(s) of stream '{ledger.stream}': give 12 or more "
+                            "characters of one content hash (`lifelong continual ledger CONFIG` lists them)")
+    return matches[0]
 
 
 DashboardOpt = Annotated[Optional[str], typer.Option("--address", help="The head's dashboard, e.g. http://HEAD:8265 (else RAY_ADDRESS, else http://127.0.0.1:8265).")]
@@ -424,6 +505,11 @@ def jobs_stop(job_id: JobIdArg, address: DashboardOpt = None) -> None:
     console.print(f"{job_id}: {'stop requested' if stopped else 'was not running'}")
 
 
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -431,6 +517,12 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv)
     except LifelongError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line per line: logs get grepped
+        sys.exit(2)
+    except OSError as e:  # a store, a data path or a cluster cannot be reached: what and where, not a traceback
+        hint = ("check --address / RAY_ADDRESS, that the cluster is up, and RAY_AUTH_TOKEN if it requires a token"
+                if isinstance(e, ConnectionError) and "Ray cluster" in str(e)
+                else "check that the storage root, data paths and their endpoints are right and reachable")
+        Console(stderr=True).print(f"[bold red]error:[/] {_first_line(e)} ({hint})", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -1,74 +1,122 @@
 """The landing zone's ledger: every file that ever arrived, by content, and what became of it.
 
-    <root>/streams/<stream>/ledger/<sha256>.json     one record per distinct content
+    <root>/streams/<stream>/ledger/<sha256>.json        one record per distinct content (the truth)
+    <root>/streams/<stream>/ledger/open/<sha256>        a marker per pending record (cheap to list)
+    <root>/streams/<stream>/ledger/index.json           path → size, mtime, content (a cache)
+    <root>/streams/<stream>/objects/<sha[:2]>/<sha256>  the bytes as they landed (immutable)
+    <root>/streams/<stream>/rows/<sha256>-<fp>.parquet  their valid rows under validation rules <fp>
 
-A record: the content's hash, the path it arrived under (and any other paths the same bytes
-later arrived under), size, rows (once read), first seen, state (pending | consumed |
-quarantined), the reason (quarantined) or the version that consumed it, and, when the file
-replaced earlier content at the same path, the hash it rewrote.
+What the ledger guarantees:
+- **Exactly the recorded bytes are trained.** A new file is copied once into `objects/` while it
+  is hashed, and parsed and validated from that copy; cycles read only its stored rows. A file
+  that changes while it is read is left for the next poll; once recorded, later changes or the
+  deletion of the landing file do not alter what trains.
+- **Each content is trained at most once.** A copy under another name joins the record; a path
+  that comes back with new bytes is new data, and when the old bytes were still pending they are
+  `superseded` (never trained, never counted). Bytes appended to a consumed JSONL/CSV file are
+  recognised (the old content is its prefix) and only the new rows are trained.
+- **Nothing sticks the stream.** A file that cannot be parsed, has the wrong columns or no valid
+  row is `quarantined` with its reason (per file: the others go on); a bad row is dropped and
+  counted by reason on its file's record; I/O that keeps failing leaves the file for the next
+  poll, never quarantined; a recorded file whose content can no longer be found is `missing`.
+  `lifelong continual requeue` puts quarantined (and missing) files back once the cause is fixed.
+- **Consumed only after registration.** A file is marked consumed by the version trained on it
+  only after that version is registered (the cycle's window journal, `stream.py`, carries the
+  link across a crash), so a crash anywhere leaves it pending or consumed, never lost or doubled.
+- Records are created only-if-absent and updated by compare-and-swap (`Storage.replace_if`);
+  everything that changes the ledger runs under the stream's cycle lock.
 
-- Identity is the content: an identical copy under another name joins the record as a copy
-  and is not trained on twice; a path that comes back with new bytes is new data (its record
-  says which content it rewrote).
-- A file is marked consumed only after the version trained on it is registered, and that
-  version's card lists the hashes it consumed: `reconcile` marks them consumed if the process
-  died between the two, so a crash anywhere leaves a file pending or consumed, never lost or
-  counted twice.
-- Each record is its own object, created only-if-absent and updated by compare-and-swap
-  (`Storage.replace_if`: flock on local disks, If-Match on S3), so racing writers never lose
-  an update; one cycle runs at a time per stream (`Storage.lock`, a lease on S3).
+A poll reads the landing zone's listing, the index and the pending records: its cost grows with
+what is new and what is pending, not with the stream's history.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs as pafs
+import ray
 
+from lifelong.config import DataConfig
+from lifelong.data import (Fetched, SourceGone, SourceUnstable, _first_line, detect_format, display_uri, fetch, list_files,
+                           parse_file, split_counts, validation_fingerprint)
 from lifelong.errors import LifelongError
-from lifelong.storage import filesystem_for, is_uri
+from lifelong.storage import Storage, filesystem_for, is_uri
 
-SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
+STATES = ("pending", "consumed", "quarantined", "superseded", "missing")
+APPENDABLE = ("jsonl", "csv")  # line formats whose appended bytes parse on their own
 
 
 @dataclass
 class ScanReport:
     new: list[dict] = field(default_factory=list)          # records created by this scan
     rewritten: list[dict] = field(default_factory=list)    # of which: new bytes at a known path
+    appended: list[dict] = field(default_factory=list)     # of which: bytes appended to consumed content
+    superseded: list[dict] = field(default_factory=list)   # pending content replaced at its path before training
     copies: list[tuple[str, str]] = field(default_factory=list)  # (path, the path its content first came under)
+    vanished: list[str] = field(default_factory=list)      # listed, then gone before it could be read
+    deferred: list[tuple[str, str]] = field(default_factory=list)  # (path, why): read again next poll
     unchanged: int = 0
+    excluded: int = 0  # files under the storage root, when it lies inside the landing zone
+
+    @property
+    def quarantined(self) -> list[dict]:
+        return [r for r in self.new if r["state"] == "quarantined"]
 
     def lines(self) -> list[str]:
         out = [f"{len(self.new)} new file(s), {self.unchanged} already known"]
-        out += [f"{r['path']}: rewritten with new content (was {r['rewrites'][:12]}…): treated as new data" for r in self.rewritten]
+        out += [f"{r['path']}: rewritten with new content (was {r['rewrites'][:12]}…): treated as new data" for r in self.rewritten
+                if r not in self.appended]
+        out += [f"{r['path']}: {r['size'] - r['appends']['offset']} bytes appended to consumed content: only the new rows train"
+                for r in self.appended]
+        out += [f"{r['path']}: its pending content {r['sha256'][:12]}… was replaced before training: superseded" for r in self.superseded]
         out += [f"{path}: same content as {first}: not trained on again" for path, first in self.copies]
+        out += [f"{path}: vanished before it could be read" for path in self.vanished]
+        out += [f"{path}: {why}; read again next poll" for path, why in self.deferred]
+        if self.excluded:
+            out.append(f"{self.excluded} file(s) under the storage root (inside the landing zone) left out")
         return out
 
 
 class Ledger:
-    def __init__(self, storage, stream: str):
+    def __init__(self, storage: Storage, stream: str):
         self.storage, self.stream = storage, stream
-        self.dir = f"streams/{stream}/ledger"
+        self.base = f"streams/{stream}"
+        self.dir = f"{self.base}/ledger"
+
+    # --- paths -----------------------------------------------------------------------------
+    def object_rel(self, sha256: str) -> str:
+        return f"{self.base}/objects/{sha256[:2]}/{sha256}"
+
+    def rows_rel(self, sha256: str, fingerprint: str) -> str:
+        return f"{self.base}/rows/{sha256}-{fingerprint}.parquet"
 
     # --- reading ---------------------------------------------------------------------------
     def records(self) -> list[dict]:
-        names = [n for n in self.storage.listdir(self.dir) if n.endswith(".json")]
+        """Every record (reads the whole history: for listings and reports, not for polls)."""
+        names = [n for n in self.storage.listdir(self.dir) if n.endswith(".json") and n != "index.json"]
         return sorted((self.storage.read_json(f"{self.dir}/{n}") for n in names), key=lambda r: (r["first_seen"], r["path"]))
 
     def record(self, sha256: str) -> dict | None:
-        rel = f"{self.dir}/{sha256}.json"
-        return self.storage.read_json(rel) if self.storage.exists(rel) else None
+        read = self.storage.read_versioned(f"{self.dir}/{sha256}.json")
+        return json.loads(read[0]) if read else None
 
     def pending(self) -> list[dict]:
-        return [r for r in self.records() if r["state"] == "pending"]
+        """Pending records, oldest first: one listing of the open markers, one read each."""
+        out = []
+        for sha in self.storage.listdir(f"{self.dir}/open"):
+            record = self.record(sha)
+            if record is None or record["state"] != "pending":
+                self.storage.delete(f"{self.dir}/open/{sha}")  # left by a crash between two writes
+                continue
+            out.append(record)
+        return sorted(out, key=lambda r: (r["first_seen"], r["path"]))
 
     def counts(self) -> dict[str, int]:
-        out = {"pending": 0, "consumed": 0, "quarantined": 0}
+        out = dict.fromkeys(STATES, 0)
         for r in self.records():
             out[r["state"]] += 1
         return out
@@ -76,116 +124,277 @@ class Ledger:
     # --- writing ---------------------------------------------------------------------------
     def _create(self, record: dict) -> dict:
         """Record new content; if another writer recorded it first, theirs stands."""
-        rel = f"{self.dir}/{record['sha256']}.json"
-        if self.storage.create_exclusive(rel, _dump(record)):
+        if record["state"] == "pending":  # the marker first: a pending record is never unlisted
+            self.storage.write_bytes(f"{self.dir}/open/{record['sha256']}", b"")
+        if self.storage.create_exclusive(f"{self.dir}/{record['sha256']}.json", _dump(record)):
             return record
-        return self.storage.read_json(rel)
+        return self.record(record["sha256"])
 
     def _update(self, sha256: str, change) -> dict:
         """Apply `change(record)` by compare-and-swap, re-reading when another writer got in
-        between: no writer's update is lost (local disks, shared mounts and S3 alike)."""
+        between; keeps the open marker in step with the state."""
         rel = f"{self.dir}/{sha256}.json"
         for _ in range(100):
             read = self.storage.read_versioned(rel)
             if read is None:
                 raise KeyError(f"no ledger record for content {sha256} in stream '{self.stream}'")
             record = json.loads(read[0])
+            was = record["state"]
             if change(record) is False:  # nothing to change
                 return record
+            if record["state"] == "pending" and was != "pending":
+                self.storage.write_bytes(f"{self.dir}/open/{sha256}", b"")
             if self.storage.replace_if(rel, _dump(record), read[1]):
+                if was == "pending" and record["state"] != "pending":
+                    self.storage.delete(f"{self.dir}/open/{sha256}")
                 return record
         raise LifelongError(f"ledger record {sha256} of stream '{self.stream}': gave up after 100 concurrent updates")
 
-    def scan(self, landing: str) -> ScanReport:
-        """Record the landing zone's files not seen before (by content) as pending."""
+    def quarantine(self, sha256: str, reason: str) -> dict:
+        return self._update(sha256, lambda r: r.update(state="quarantined", reason=reason, quarantined_at=time.time()))
+
+    def consume(self, hashes: list[str], version: str) -> None:
+        """Mark the files consumed by `version` (call after it is registered); idempotent."""
+        def mark(r):
+            if r["state"] != "pending":
+                return False
+            r.update(state="consumed", consumed_by=version, consumed_at=time.time(), reason=None)
+        for digest in hashes:
+            self._update(digest, mark)
+
+    def requeue(self, hashes: list[str] | None = None) -> list[dict]:
+        """Quarantined (or missing) records back to pending, to be checked again under the
+        current config; `None`: all of them. Returns the records changed."""
+        if hashes is None:
+            hashes = [r["sha256"] for r in self.records() if r["state"] in ("quarantined", "missing")]
+        changed = []
+        for digest in hashes:
+            record = self.record(digest)
+            if record is None:
+                raise LifelongError(f"no file with content {digest} in the ledger of stream '{self.stream}' "
+                                    "(see `lifelong continual ledger CONFIG` for the hashes)")
+            if record["state"] not in ("quarantined", "missing"):
+                raise LifelongError(f"{record['path']} ({digest[:12]}…) is {record['state']}: only quarantined or missing files are requeued")
+
+            def back(r):
+                r.update(state="pending", requeued_from={"state": r["state"], "reason": r["reason"]}, reason=None, check=None)
+            changed.append(self._update(digest, back))
+        return changed
+
+    # --- the index: which content each path held when last seen ----------------------------------
+    def _index(self) -> dict[str, dict]:
+        rel = f"{self.dir}/index.json"
+        if self.storage.exists(rel):
+            return self.storage.read_json(rel)["paths"]
+        # First poll of this stream (or one written before the index existed): built once from the records.
+        paths = {}
+        for r in self.records():
+            for p in [r["path"], *r.get("copies", [])]:
+                paths[p] = {"size": r.get("size") if p == r["path"] else None, "mtime_ns": r.get("mtime_ns") if p == r["path"] else None,
+                            "sha256": r["sha256"]}
+        return paths
+
+    def _write_index(self, paths: dict[str, dict]) -> None:
+        self.storage.write_json(f"{self.dir}/index.json", {"paths": paths})
+
+    # --- scanning ----------------------------------------------------------------------------
+    def scan(self, landing: str, cfg: DataConfig) -> ScanReport:
+        """Record the landing zone's new and changed files: each is copied into the store (hashed
+        on the way), parsed and validated once, in Ray tasks."""
         if not is_uri(landing):  # absolute: Ray tasks read these paths from other working directories
             landing = str(Path(landing).expanduser().resolve())
         fs, base = filesystem_for(landing)
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = sorted((i for i in infos if i.type == pafs.FileType.File and i.path.endswith(SUFFIXES)
-                        and not posixpath.basename(i.path).startswith((".", "_"))), key=lambda i: i.path)
-        known = self.records()
-        by_hash = {r["sha256"]: r for r in known}
-        # The last content seen at each path: a different hash there is a rewrite.
-        by_path = {}
-        for r in known:
-            for p in [r["path"], *r.get("copies", [])]:
-                by_path[p] = r
-        # Unchanged files are not re-hashed: same path, size and modification time as recorded.
-        report = ScanReport()
-        for info in files:
-            uri = landing.rstrip("/") + "/" + posixpath.relpath(info.path, base) if "://" in landing else info.path
-            seen = by_path.get(uri)
-            if seen and seen.get("size") == info.size and seen.get("mtime_ns") == info.mtime_ns and seen["path"] == uri:
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            raise LifelongError(f"continual.landing '{landing}' is not a directory (any more): new data files are dropped there")
+        exclude = (self.storage.base,) if type(fs) is type(self.storage.fs) else ()
+        everything = list_files(fs, base)
+        listed = list_files(fs, base, exclude)
+        report = ScanReport(excluded=len(everything) - len(listed))
+        index = self._index()
+        now_at = {display_uri(fs, i.path): i for i in listed}
+        todo = []
+        for uri, info in now_at.items():
+            seen = index.get(uri)
+            if seen and seen["size"] == info.size and seen["mtime_ns"] == info.mtime_ns:
                 report.unchanged += 1
                 continue
-            digest = _sha256(fs, info.path)
-            if digest in by_hash:
-                record = by_hash[digest]
-                if uri != record["path"] and uri not in record.get("copies", []):
+            previous = self.record(seen["sha256"]) if seen else None
+            # Bytes appended to consumed content: hash the old length on the way to recognise it.
+            appendable = (previous and previous["state"] == "consumed" and previous.get("format") in APPENDABLE
+                          and previous["path"] == uri and info.size > previous["size"])
+            todo.append((uri, info, previous, appendable))
+        fingerprint = validation_fingerprint(cfg)
+        results = ray.get([ingest_file.remote(fs, info.path, self.storage, self.stream, cfg, fingerprint,
+                                              (previous["sha256"], previous["size"]) if appendable else None)
+                           for uri, info, previous, appendable in todo])
+        changed = False
+        for (uri, info, previous, _), got in zip(todo, results):
+            if got["status"] == "missing":
+                report.vanished.append(uri)
+                continue
+            if got["status"] != "ok":
+                report.deferred.append((uri, got["reason"]))
+                continue
+            changed = True
+            digest = got["sha256"]
+            index[uri] = {"size": got["size"], "mtime_ns": got["mtime_ns"], "sha256": digest}
+            known = self.record(digest)
+            if known is not None:
+                if uri != known["path"] and uri not in known.get("copies", []):
                     def add_copy(r, uri=uri):
                         if uri in r.setdefault("copies", []):
                             return False
                         r["copies"].append(uri)
-                    by_hash[digest] = record = self._update(digest, add_copy)
-                    report.copies.append((uri, record["path"]))
+                    known = self._update(digest, add_copy)
+                    report.copies.append((uri, known["path"]))
                 else:
                     report.unchanged += 1
-                continue
-            record = {"sha256": digest, "path": uri, "size": info.size, "mtime_ns": info.mtime_ns, "rows": None,
-                      "first_seen": time.time(), "state": "pending", "reason": None, "consumed_by": None}
-            if seen and seen["sha256"] != digest:
-                record["rewrites"] = seen["sha256"]
-                report.rewritten.append(record)
-            if self._create(record) is not record:  # another scanner recorded this content first
-                report.unchanged += 1
-                continue
-            by_hash[digest] = by_path[uri] = record
-            report.new.append(record)
+                if known["state"] == "superseded":  # the bytes are back in the landing zone
+                    self._update(digest, lambda r: r.update(state="pending", reason=None, superseded_by=None))
+            else:
+                record = {"sha256": digest, "path": uri, "size": got["size"], "mtime_ns": got["mtime_ns"], "format": got["format"],
+                          "object": got["object"], "first_seen": time.time(), "state": "pending", "reason": None,
+                          "consumed_by": None, "check": got["check"]}
+                if previous is not None and previous["sha256"] != digest:
+                    record["rewrites"] = previous["sha256"]
+                    if got.get("appends"):
+                        record["appends"] = got["appends"]
+                if got["check"].get("reason"):
+                    record.update(state="quarantined", reason=got["check"]["reason"], quarantined_at=time.time())
+                created = self._create(record)
+                if created is record:
+                    report.new.append(record)
+                    if "rewrites" in record:
+                        report.rewritten.append(record)
+                    if "appends" in record:
+                        report.appended.append(record)
+                else:
+                    report.unchanged += 1
+            if previous is not None and previous["sha256"] != digest and previous["state"] == "pending":
+                holders = [p for p, e in index.items() if e["sha256"] == previous["sha256"] and p in now_at]
+                if not holders:  # replaced before it was trained: those bytes are no longer data
+                    report.superseded.append(self._update(previous["sha256"], lambda r, d=digest, u=uri: r.update(
+                        state="superseded", superseded_by=d, reason=f"replaced at {u} by new content before it was trained")))
+        if changed:
+            self._write_index(index)
         return report
 
-    def set_rows(self, sha256: str, rows: int) -> None:
-        self._update(sha256, lambda r: r.update(rows=rows))
-
-    def quarantine(self, sha256: str, reason: str) -> None:
-        self._update(sha256, lambda r: r.update(state="quarantined", reason=reason))
-
-    def consume(self, hashes: list[str], version: str) -> None:
-        """Mark the files consumed by `version` (call after it is registered)."""
-        def mark(r):
-            if r["state"] != "pending":
-                return False
-            r.update(state="consumed", consumed_by=version, consumed_at=time.time())
-        for digest in hashes:
-            self._update(digest, mark)
-
-    def reconcile(self, registry, model: str) -> list[str]:
-        """Finish what a crash between registering a version and marking its files left undone:
-        pending files that a registered version's card says it consumed become consumed."""
-        fixed = []
-        pending = {r["sha256"] for r in self.pending()}
-        if not pending:
-            return fixed
-        for version in registry.versions(model):
-            card = registry.card(model, version)
-            stream = card.get("stream") or {}
-            if stream.get("name") != self.stream:
+    def check_pending(self, cfg: DataConfig, landing: str) -> list[dict]:
+        """Make every pending record's check current: content captured (older records kept only a
+        path) and validated under the config's rules (a changed config judges them again).
+        Quarantines what has no valid row and marks missing what can no longer be found.
+        Returns the records quarantined or marked missing here."""
+        fingerprint = validation_fingerprint(cfg)
+        stale = [r for r in self.pending() if (r.get("check") or {}).get("fp") != fingerprint]
+        fs, _ = filesystem_for(landing)  # where a record without a stored copy is looked for
+        results = ray.get([check_record.remote(self.storage, self.stream, fs, r, cfg, fingerprint) for r in stale])
+        out = []
+        for record, got in zip(stale, results):
+            if got["status"] == "missing":
+                out.append(self._update(record["sha256"], lambda r: r.update(
+                    state="missing", reason="its content was never captured and the landing file is gone or holds other bytes now")))
                 continue
-            hit = [h for h in stream.get("files", []) if h in pending]
-            if hit:
-                self.consume(hit, f"{model}:{version}")
-                fixed += hit
-                pending -= set(hit)
-        return fixed
+            if got["status"] != "ok":
+                continue  # unreadable right now: stays pending, checked again next poll
+            self._update(record["sha256"], lambda r, g=got: r.update(check=g["check"], object=g["object"]))
+        for record in self.pending():
+            check = record.get("check") or {}
+            if check.get("fp") != fingerprint:
+                continue
+            if check.get("reason"):
+                out.append(self.quarantine(record["sha256"], check["reason"]))
+            elif not check.get("rows"):
+                dropped = ", ".join(f"{k}={v}" for k, v in sorted(check.get("dropped", {}).items()))
+                out.append(self.quarantine(record["sha256"], f"no valid rows ({dropped or 'none read'})"))
+        return out
 
 
-def _sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+# --- Ray tasks: one file each, in parallel, off the driver ----------------------------------------
+@ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")
+def ingest_file(fs: pafs.FileSystem, path: str, storage: Storage, stream: str, cfg: DataConfig, fingerprint: str,
+                previous: tuple[str, int] | None) -> dict:
+    """Copy one landing file into the store (hashed on the way), parse and validate that copy."""
+    fmt = detect_format(path, cfg.format)
+    try:
+        fetched, prefix = fetch(fs, path, prefix_size=previous[1] if previous else None)
+    except SourceGone:
+        return {"status": "missing"}
+    except SourceUnstable:
+        return {"status": "changing", "reason": "still being written (it changed while it was read)"}
+    except OSError as e:
+        return {"status": "unreadable", "reason": f"could not be read ({_first_line(e)})"}
+    try:
+        ledger = Ledger(storage, stream)
+        obj = ledger.object_rel(fetched.sha256) if fmt else None
+        if obj:  # a file of no known data type is recorded and quarantined, not copied
+            _store(storage, obj, fetched)
+        appends = None
+        if previous and prefix == previous[0] and fmt in APPENDABLE and _ends_line(fetched, previous[1]):
+            appends = {"sha256": previous[0], "offset": previous[1]}
+        check = _check(ledger, fetched, fmt, cfg, fingerprint, path, appends)
+        return {"status": "ok", "sha256": fetched.sha256, "size": fetched.size, "mtime_ns": fetched.mtime_ns, "format": fmt,
+                "object": obj, "appends": appends, "check": check}
+    finally:
+        fetched.close()
+
+
+@ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")
+def check_record(storage: Storage, stream: str, landing_fs: pafs.FileSystem, record: dict, cfg: DataConfig, fingerprint: str) -> dict:
+    """Validate a recorded content again (from its stored copy; an older record without one is
+    captured from its landing path if the bytes there are still the recorded ones)."""
+    ledger = Ledger(storage, stream)
+    obj = ledger.object_rel(record["sha256"])
+    try:
+        if storage.exists(obj):
+            fetched, _ = fetch(storage.fs, storage.path(obj))
+        else:
+            fetched, _ = fetch(landing_fs, record["path"].split("://", 1)[-1])
+            if fetched.sha256 != record["sha256"]:
+                fetched.close()
+                return {"status": "missing"}
+            _store(storage, obj, fetched)
+    except SourceGone:
+        return {"status": "missing"}
+    except (SourceUnstable, OSError) as e:
+        return {"status": "unreadable", "reason": _first_line(e)}
+    try:
+        fmt = record.get("format") or detect_format(record["path"], cfg.format)
+        return {"status": "ok", "object": obj,
+                "check": _check(ledger, fetched, fmt, cfg, fingerprint, record["path"], record.get("appends"))}
+    finally:
+        fetched.close()
+
+
+def _check(ledger: Ledger, fetched: Fetched, fmt: str | None, cfg: DataConfig, fingerprint: str, name: str, appends: dict | None) -> dict:
+    source = fetched.tail(appends["offset"], keep_first_line=(fmt == "csv")) if appends else fetched
+    parsed = parse_file(source, fmt, cfg, name)
+    check = {"fp": fingerprint, "rows": 0, "read": parsed.read, "dropped": parsed.dropped, "splits": {}}
+    if parsed.reason:
+        check["reason"] = parsed.reason
+        return check
+    rel = ledger.rows_rel(fetched.sha256, fingerprint)
+    if not ledger.storage.exists(rel):
+        ledger.storage.write_table(rel, parsed.rows)
+    check.update(rows=parsed.rows.num_rows, splits=split_counts(parsed.rows))
+    return check
+
+
+def _store(storage: Storage, rel: str, fetched: Fetched) -> None:
+    """The landed bytes into the store, once (content-addressed: a second writer changes nothing)."""
+    if storage.exists(rel):
+        return
+    if fetched.data is not None:
+        storage.create_exclusive(rel, fetched.data)
+    else:
+        storage.create_exclusive_file(rel, fetched.local)
+
+
+def _ends_line(fetched: Fetched, offset: int) -> bool:
+    with fetched.open() as f:
+        f.seek(offset - 1)
+        return f.read(1) == b"\n"
 
 
 def _dump(record: dict) -> bytes:
     return json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+

@@ -13,13 +13,11 @@ and the other is told, rather than one silently dropping the other's rows.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import uuid
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lifelong.errors import LifelongError
 
@@ -40,35 +38,37 @@ class ReplayBuffer:
         if not state["generation"]:
             return None
         name = state.get("object", f"buffer-{state['generation']:06d}.parquet")
-        return pq.read_table(io.BytesIO(self.storage.read_bytes(f"{self.dir}/{name}")))
+        return self.storage.read_table(f"{self.dir}/{name}")
 
     def add(self, table: pa.Table, files: list[str]) -> dict:
         """Offer `table`'s rows (from the landing files `files`) to the reservoir; returns the new state.
-        Files already added are skipped whole."""
+        Files already added are skipped whole. Rows stay in Arrow: only slot indices are drawn."""
         read = self.storage.read_versioned(f"{self.dir}/state.json")
         state = json.loads(read[0]) if read else self.state()
         done = set(state["files"])
         if files and set(files) <= done:
             return state
         current = self.rows()
-        buffer = current.to_pylist() if current is not None else []
+        if current is None:
+            current = table.schema.empty_table()
+        # slots[i]: the row of concat(current, table) that buffer slot i holds.
+        slots = list(range(current.num_rows))
         seen = state["seen"]
         rng = random.Random(f"{self.seed}:{seen}")
-        for row in table.to_pylist():
+        for j in range(table.num_rows):
             seen += 1
-            if len(buffer) < self.capacity:
-                buffer.append(row)
+            if len(slots) < self.capacity:
+                slots.append(current.num_rows + j)
             else:
-                j = rng.randrange(seen)  # keep the new row with probability capacity / seen
-                if j < self.capacity:
-                    buffer[j] = row
+                r = rng.randrange(seen)  # keep the new row with probability capacity / seen
+                if r < self.capacity:
+                    slots[r] = current.num_rows + j
+        buffer = pa.concat_tables([current.cast(table.schema), table]).take(slots)
         generation = state["generation"] + 1
-        sink = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(buffer, schema=table.schema), sink)
         # Named per writer: of two racing writers, the pointer's winner names its own rows.
         name = f"buffer-{generation:06d}-{uuid.uuid4().hex[:8]}.parquet"
-        self.storage.write_bytes(f"{self.dir}/{name}", sink.getvalue())
-        new_state = {"generation": generation, "seen": seen, "files": sorted(done | set(files)), "rows": len(buffer), "object": name}
+        self.storage.write_table(f"{self.dir}/{name}", buffer)
+        new_state = {"generation": generation, "seen": seen, "files": sorted(done | set(files)), "rows": buffer.num_rows, "object": name}
         pointer = json.dumps(new_state, indent=2, sort_keys=True).encode()
         if not self.storage.replace_if(f"{self.dir}/state.json", pointer, read[1] if read else None):  # the pointer, last
             raise LifelongError(f"the replay buffer of {self.dir} was updated by another writer meanwhile; run the cycle again")

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lifelong.config import JobConfig
-from lifelong.continual.cycle import Stream, accuracy_matrix, stream_name
+from lifelong.continual.cycle import stream_name
+from lifelong.continual.gates import accuracy_matrix
+from lifelong.continual.stream import Stream
 from lifelong.continual.ledger import Ledger
 from lifelong.continual.metrics import metrics_over_cycles
 from lifelong.errors import LifelongError

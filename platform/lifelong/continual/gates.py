@@ -1,0 +1,61 @@
+"""The continual gates and the accuracy matrix: pure functions of numbers, tested directly.
+
+A candidate (the champion retrained on a new window) is compared with the champion on every
+window's holdout. It passes when it is about as good on the new window (`new_window_tolerance`)
+and forgets at most `max_forgetting` of accuracy on the past windows, on average.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+# The limits are inclusive: accuracies are fractions, and 0.79 - 0.80 must not fail a 0.01 tolerance
+# by a rounding error.
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reason: str
+    new_gap: float     # candidate minus champion on the new window
+    forgetting: float  # mean drop of the candidate against the champion on the past windows
+
+
+def past_window_drop(candidate: list[float], champion: list[float]) -> float:
+    """The forgetting gate's measure: the candidate's mean accuracy drop against the champion on
+    the past windows (every window but the last, the new one)."""
+    past = list(zip(candidate[:-1], champion[:-1]))
+    return sum(b - a for a, b in past) / len(past) if past else 0.0
+
+
+def judge(candidate: list[float], champion: list[float], new_window_tolerance: float, max_forgetting: float) -> GateDecision:
+    """Both lists: accuracy per window, oldest first, the new window last."""
+    if len(candidate) != len(champion) or not candidate:
+        raise ValueError(f"one accuracy per window for both models (got {len(candidate)} and {len(champion)})")
+    new_gap = candidate[-1] - champion[-1]
+    forgetting = past_window_drop(candidate, champion)
+    reasons = []
+    if new_gap < -new_window_tolerance - _EPS:
+        reasons.append(f"new window accuracy {candidate[-1]:.3f} is below the champion's {champion[-1]:.3f} by more than {new_window_tolerance}")
+    if forgetting > max_forgetting + _EPS:
+        reasons.append(f"forgets {forgetting:.3f} of accuracy on past windows (limit {max_forgetting})")
+    if reasons:
+        return GateDecision(False, "; ".join(reasons), new_gap, forgetting)
+    return GateDecision(True, f"new window {candidate[-1]:.3f} vs {champion[-1]:.3f}, forgetting {forgetting:.3f} (limit {max_forgetting})",
+                        new_gap, forgetting)
+
+
+def accuracy_matrix(windows: list[dict]) -> list[list[float | None]]:
+    """R[i][j] for the finished windows so far (in order); R[i-1][i] is the champion before
+    window i on window i. Each window holds `row` (the serving model after it, per window so
+    far) and `champion` (the champion before it, per window so far)."""
+    T = len(windows)
+    R = [[None] * T for _ in range(T)]
+    for i, w in enumerate(windows):
+        for j, value in enumerate(w["row"]):
+            R[i][j] = value
+        if i + 1 < T:
+            R[i][i + 1] = windows[i + 1]["champion"][i + 1]  # measured when window i+1 arrived
+    return R

@@ -1,0 +1,112 @@
+"""A stream's state on the storage root: the window journal, the holdouts, the finished windows.
+
+    <root>/streams/<s>/windows/<k>.json              one record per window: the cycle's journal
+    <root>/streams/<s>/holdouts/window-<k>.parquet   window k's holdout (its validation split)
+    <root>/streams/<s>/state.json                    the finished windows and their accuracies
+
+A window is opened (its number taken, exclusively) before anything is trained, with the files it
+will consume; every step of its cycle then moves its `status` forward:
+
+    open → registered → decided → promoted → replayed → consumed → done      (or failed)
+
+A cycle that stops anywhere (a crash, a kill, a failed training run) leaves its window unfinished;
+the next cycle finds it and carries on from the recorded step, with the same files, holdout, run
+name and version. So a window number is never reused, a holdout never belongs to another
+window, and each window registers one version. `state.json` is written from the journal when a
+window is done (the report and the gates read it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lifelong.continual.gates import accuracy_matrix
+from lifelong.continual.metrics import cl_metrics
+from lifelong.storage import Storage
+
+STEPS = ("open", "registered", "decided", "promoted", "replayed", "consumed", "done")
+ROWS = pa.schema([("text", pa.string()), ("label", pa.int64())])
+
+
+class Stream:
+    def __init__(self, storage: Storage, name: str):
+        self.storage, self.name = storage, name
+        self.dir = f"streams/{name}"
+
+    # --- finished windows ------------------------------------------------------------------
+    def state(self) -> dict:
+        rel = f"{self.dir}/state.json"
+        return self.storage.read_json(rel) if self.storage.exists(rel) else {"windows": [], "baseline": []}
+
+    def finished(self) -> list[dict]:
+        return self.state()["windows"]
+
+    def finish(self, summary: dict, baseline_value: float, start_version: int) -> dict:
+        """Add a finished window to state.json, with the CL metrics of the matrix so far (or
+        replace it, when a cycle that stopped right here is repeated)."""
+        state = self.state()
+        windows = [w for w in state["windows"] if w["window"] < summary["window"]]
+        baseline = list(state.get("baseline", []))[: len(windows)] + [baseline_value]
+        summary = {**summary, "metrics": cl_metrics(accuracy_matrix([*windows, summary]), baseline)}
+        new = {"windows": [*windows, summary], "baseline": baseline, "start_version": state.get("start_version") or start_version}
+        self.storage.write_json(f"{self.dir}/state.json", new)
+        return new
+
+    # --- the journal -----------------------------------------------------------------------
+    def _rel(self, k: int) -> str:
+        return f"{self.dir}/windows/{k:06d}.json"
+
+    def journal(self) -> list[dict]:
+        names = sorted(n for n in self.storage.listdir(f"{self.dir}/windows") if n.endswith(".json"))
+        return [self.storage.read_json(f"{self.dir}/windows/{n}") for n in names]
+
+    def unfinished(self) -> dict | None:
+        """The window a stopped cycle left behind, if any (at most one: cycles are serialised)."""
+        names = sorted(n for n in self.storage.listdir(f"{self.dir}/windows") if n.endswith(".json"))
+        if not names:
+            return None
+        last = self.storage.read_json(f"{self.dir}/windows/{names[-1]}")
+        return None if last["status"] in ("done", "failed") else last
+
+    def open_window(self, **fields) -> dict:
+        """Take the next window number (never one used before, finished or not) and record it."""
+        taken = [w["window"] for w in self.finished()]
+        taken += [int(n.split(".")[0]) for n in self.storage.listdir(f"{self.dir}/windows") if n.endswith(".json")]
+        k = max(taken, default=-1) + 1
+        record = {"window": k, "status": "open", "attempts": 0, "opened_at": time.time(), "phases": {}, **fields}
+        while not self.storage.create_exclusive(self._rel(k), _dump(record)):  # only under the cycle lock; never twice
+            k += 1
+            record["window"] = k
+        return record
+
+    def update(self, window: dict, **changes) -> dict:
+        """Record progress of the window (the cycle lock makes this the only writer)."""
+        new = {**window, **changes}
+        self.storage.write_json(self._rel(window["window"]), new)
+        return new
+
+    # --- holdouts --------------------------------------------------------------------------
+    def holdout_rel(self, window: int) -> str:
+        return f"{self.dir}/holdouts/window-{window:03d}.parquet"
+
+    def holdout(self, window: int) -> pa.Table:
+        return self.storage.read_table(self.holdout_rel(window))
+
+
+def window_rows(storage: Storage, rows_rels: list[str]) -> tuple[pa.Table, pa.Table]:
+    """A window's valid rows, read from what the ledger stored for its files: (train, holdout),
+    each (text, label index)."""
+    tables = [storage.read_table(rel) for rel in rows_rels]
+    rows = pa.concat_tables(tables) if tables else pa.table({"text": [], "label": [], "split": []})
+    is_train = pc.equal(rows.column("split"), "train")
+    train = rows.filter(is_train).select(["text", "label"]).cast(ROWS)
+    holdout = rows.filter(pc.invert(is_train)).select(["text", "label"]).cast(ROWS)
+    return train, holdout
+
+
+def _dump(record: dict) -> bytes:
+    return json.dumps(record, indent=2, sort_keys=True, default=str).encode()

@@ -1,0 +1,39 @@
+"""The continual gates, the accuracy matrix and the daemon's backoff: pure functions, checked on numbers."""
+
+import pytest
+
+from lifelong.continual.daemon import backoff
+from lifelong.continual.gates import accuracy_matrix, judge, past_window_drop
+
+
+def test_a_candidate_as_good_on_the_new_window_that_forgets_little_passes():
+    d = judge([0.9, 0.85, 0.8], [0.92, 0.86, 0.7], new_window_tolerance=0.01, max_forgetting=0.05)
+    assert d.passed and d.forgetting == pytest.approx(0.015) and d.new_gap == pytest.approx(0.1)
+    assert d.reason == "new window 0.800 vs 0.700, forgetting 0.015 (limit 0.05)"
+
+
+def test_each_gate_refuses_on_its_own_and_both_reasons_are_given():
+    worse = judge([0.9, 0.60], [0.9, 0.62], new_window_tolerance=0.01, max_forgetting=0.05)
+    assert not worse.passed and worse.reason == "new window accuracy 0.600 is below the champion's 0.620 by more than 0.01"
+    forgets = judge([0.5, 0.9], [0.9, 0.8], new_window_tolerance=0.01, max_forgetting=0.05)
+    assert not forgets.passed and forgets.reason == "forgets 0.400 of accuracy on past windows (limit 0.05)"
+    both = judge([0.5, 0.5], [0.9, 0.8], new_window_tolerance=0.01, max_forgetting=0.05)
+    assert not both.passed and both.reason.count(";") == 1
+
+
+def test_the_limits_are_inclusive_and_the_first_window_has_nothing_to_forget():
+    assert judge([0.70, 0.79], [0.75, 0.80], new_window_tolerance=0.01, max_forgetting=0.05).passed
+    assert past_window_drop([0.4], [0.9]) == 0.0
+    with pytest.raises(ValueError, match="one accuracy per window"):
+        judge([0.5], [0.5, 0.6], 0.01, 0.05)
+
+
+def test_the_accuracy_matrix_takes_rows_from_the_serving_model_and_the_diagonal_neighbour_from_the_next_window():
+    windows = [{"row": [0.9], "champion": [0.3]},
+               {"row": [0.8, 0.85], "champion": [0.9, 0.4]},
+               {"row": [0.7, 0.8, 0.9], "champion": [0.8, 0.85, 0.5]}]
+    assert accuracy_matrix(windows) == [[0.9, 0.4, None], [0.8, 0.85, 0.5], [0.7, 0.8, 0.9]]
+
+
+def test_the_daemon_waits_longer_after_each_failure_up_to_ten_intervals():
+    assert [backoff(30, n) for n in range(6)] == [30, 60, 120, 240, 300, 300]
