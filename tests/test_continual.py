@@ -91,18 +91,18 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
         print(first.summary())
         assert first.window == 0 and first.version is not None and first.status == expected_decision(first, config)
         ledger = Ledger(Storage(str(root)), "cl-topics")
-        records = {r["path"].rsplit("/", 1)[-1]: r for r in ledger.records()}
-        assert records["broken.parquet"]["state"] == "quarantined" and "unreadable as parquet" in records["broken.parquet"]["reason"]
+        records = {r.name: r for r in ledger.records()}
+        assert records["broken.parquet"].state == "quarantined" and "unreadable as parquet" in records["broken.parquet"].reason
         window0 = [r for n, r in records.items() if n.startswith("window-000")]
-        assert len(window0) == 2 and all(r["state"] == "consumed" and r["consumed_by"] == f"cl-topics:{first.version}" for r in window0)
+        assert len(window0) == 2 and all(r.state == "consumed" and r.consumed_by == f"cl-topics:{first.version}" for r in window0)
         assert ReplayBuffer(Storage(str(root)), "cl-topics", 4000).state()["files"] == sorted(first.files)
 
         drop(stream["windows"][1], landing)
         second = run_cycle(config)
         print(second.summary())
         assert second.window == 1 and second.replay_rows > 0 and second.status == expected_decision(second, config)
-        assert sorted(second.files) == sorted(r["sha256"] for r in Ledger(Storage(str(root)), "cl-topics").records()
-                                             if r["path"].rsplit("/", 1)[-1].startswith("window-001"))
+        assert sorted(second.files) == sorted(r.sha256 for r in Ledger(Storage(str(root)), "cl-topics").records()
+                                             if r.name.startswith("window-001"))
         assert run_cycle(config).status == "waiting"  # nothing new: no third version
 
         champion = registry.alias_version("cl-topics", "champion")
@@ -136,18 +136,18 @@ def check_invariants(root, registry, name="cl-topics"):
     per_window = Counter(c["stream"]["window"] for c in cards.values() if c.get("stream"))
     assert all(n == 1 for n in per_window.values()), per_window  # one version per window
     for r in Ledger(storage, name).records():
-        assert r["state"] in ("pending", "consumed", "quarantined"), r
-        if r["state"] == "consumed":  # only by a registered version whose card names it
-            assert r["sha256"] in cards[int(r["consumed_by"].split(":")[1])]["stream"]["files"], r
-        if r["state"] == "quarantined":
-            assert r["reason"], r
+        assert r.state in ("pending", "consumed", "quarantined"), r
+        if r.state == "consumed":  # only by a registered version whose card names it
+            assert r.sha256 in cards[int(r.consumed_by.split(":")[1])]["stream"]["files"], r
+        if r.state == "quarantined":
+            assert r.reason, r
     s = Stream(storage, name)
     journal = s.journal()
-    unfinished = [w["window"] for w in journal if w["status"] not in ("done", "failed")]
+    unfinished = [w.window for w in journal if w.status not in ("done", "failed")]
     assert len(unfinished) <= 1, journal
     finished = [w["window"] for w in s.finished()]
     assert finished == sorted(set(finished))
-    assert set(finished) - {w["window"] for w in journal if w["status"] == "done"} <= set(unfinished)
+    assert set(finished) - {w.window for w in journal if w.status == "done"} <= set(unfinished)
     champion = registry.alias_version(name, "champion")
     assert champion in cards
     seqs = [e["seq"] for e in registry.history(name, "champion")]
@@ -181,18 +181,18 @@ def test_a_cycle_killed_at_every_step_boundary_trains_every_byte_once(stream, ra
     assert outcome.window == 0 and outcome.recovered
     check_invariants(root, registry)
     ledger = Ledger(Storage(str(root)), "cl-topics")
-    records = {r["path"].rsplit("/", 1)[1]: r for r in ledger.records()}
-    assert records["broken.jsonl"]["state"] == "quarantined" and "unreadable as jsonl" in records["broken.jsonl"]["reason"]
+    records = {r.name: r for r in ledger.records()}
+    assert records["broken.jsonl"].state == "quarantined" and "unreadable as jsonl" in records["broken.jsonl"].reason
     window0 = [r for n, r in records.items() if n.startswith("window-000")]
-    assert sorted(outcome.files) == sorted(r["sha256"] for r in window0)
-    assert {r["state"] for r in window0} == {"consumed"} and {r["consumed_by"] for r in window0} == {f"cl-topics:{outcome.version}"}
-    assert outcome.new_rows == sum(r["check"]["rows"] for r in window0) == 240 - sum(
-        sum(r["check"]["dropped"].values()) for r in window0)
+    assert sorted(outcome.files) == sorted(r.sha256 for r in window0)
+    assert {r.state for r in window0} == {"consumed"} and {r.consumed_by for r in window0} == {f"cl-topics:{outcome.version}"}
+    assert outcome.new_rows == sum(r.rows for r in window0) == 240 - sum(
+        sum(r.check.dropped.values()) for r in window0)
     card = registry.card("cl-topics", outcome.version)
     assert [h["epoch"] for h in card["run"]["history"]] == [1, 2]  # the run killed mid-way resumed, not restarted twice
     s = Stream(Storage(str(root)), "cl-topics")
     holdout = s.holdout(0)
-    assert holdout.num_rows == sum(r["check"]["splits"].get("validation", 0) for r in window0)
+    assert holdout.num_rows == sum(r.check.splits.get("validation", 0) for r in window0)
     assert [w["window"] for w in s.finished()] == [0] and s.finished()[0]["version"] == outcome.version
     assert registry.alias_version("cl-topics", "champion") == (outcome.version if outcome.status == "promoted" else stream["v1"])
     assert ReplayBuffer(Storage(str(root)), "cl-topics", 4000).state()["files"] == sorted(outcome.files)
@@ -251,7 +251,7 @@ def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_onc
         # The landing zone disappears (an unmounted share): cycles fail, the daemon waits and goes on.
         away = landing.parent / "landing-away"
         landing.rename(away)
-        wait_for(lambda: "not a directory (any more)" in (tmp_path / "daemon.log").read_text(), "a failed cycle", 60, daemon)
+        wait_for(lambda: "landing' is not a directory" in (tmp_path / "daemon.log").read_text(), "a failed cycle", 60, daemon)
         away.rename(landing)
         sink = io.BytesIO()
         pd.DataFrame(ok[:10]).to_parquet(sink)
@@ -280,25 +280,25 @@ def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_onc
     print(out[-6000:])
     assert "Traceback" not in out and "cycle failed (1 in a row)" in out and "stopped" in out
 
-    records = {r["path"].rsplit("/", 1)[1] + ("" if r["state"] != "superseded" else "@old"): r for r in ledger.records()}
-    quarantined = {n: r["reason"] for n, r in records.items() if r["state"] == "quarantined"}
+    records = {r.name + ("" if r.state != "superseded" else "@old"): r for r in ledger.records()}
+    quarantined = {n: r.reason for n, r in records.items() if r.state == "quarantined"}
     assert set(quarantined) == {"truncated.parquet", "junk.jsonl", "nolabel.csv", "empty.jsonl"}, quarantined
     assert "unreadable as parquet" in quarantined["truncated.parquet"] and "unreadable as jsonl" in quarantined["junk.jsonl"]
     assert "missing column(s) ['label']" in quarantined["nolabel.csv"] and quarantined["empty.jsonl"] == "empty file (0 bytes)"
-    assert records["grow.jsonl@old"]["state"] == "superseded" and "replaced" in records["grow.jsonl@old"]["reason"]
-    dropped = {n: r["check"]["dropped"] for n, r in records.items() if r["state"] == "consumed"}
+    assert records["grow.jsonl@old"].state == "superseded" and "replaced" in records["grow.jsonl@old"].reason
+    dropped = {n: r.check.dropped for n, r in records.items() if r.state == "consumed"}
     assert dropped["utf8.jsonl"] == {"invalid_utf8": 1} and dropped["listtext.jsonl"] == {"wrong_text_type": 2}
     assert dropped["labels.jsonl"] == {"wrong_label_type": 2, "unknown_label": 2} and dropped["long.jsonl"] == {}
-    consumed = [r for r in records.values() if r["state"] == "consumed"]
-    assert {r["consumed_by"] for r in consumed} == {f"cl-topics:{registry.versions('cl-topics')[-1]}"}
-    assert {n for n, r in records.items() if r["state"] == "consumed"} >= {"early.jsonl", "grow.jsonl"}
+    consumed = [r for r in records.values() if r.state == "consumed"]
+    assert {r.consumed_by for r in consumed} == {f"cl-topics:{registry.versions('cl-topics')[-1]}"}
+    assert {n for n, r in records.items() if r.state == "consumed"} >= {"early.jsonl", "grow.jsonl"}
     # Every valid row trained once: the window's rows are exactly the valid rows of what landed.
     window = Stream(Storage(str(root)), "cl-topics").journal()[0]
-    train, holdout = window_rows(Storage(str(root)), [ledger.rows_rel(r["sha256"], window["fingerprint"]) for r in consumed])
+    train, holdout = window_rows(Storage(str(root)), [ledger.rows_rel(r.sha256, window.fingerprint) for r in consumed])
     texts = train.column("text").to_pylist() + holdout.column("text").to_pylist()
-    window0 = sum(r["check"]["rows"] for n, r in records.items() if n.startswith("window-000"))
+    window0 = sum(r.rows for n, r in records.items() if n.startswith("window-000"))
     assert len(texts) == len(set(texts)) == 20 + 20 + 3 + 2 + 1 + 1 + window0
-    assert registry.card("cl-topics", window["version"])["stream"]["new_rows"] == len(texts)
+    assert registry.card("cl-topics", window.version)["stream"]["new_rows"] == len(texts)
 
 
 @pytest.mark.timeout(1200)

@@ -40,8 +40,8 @@ def test_copies_rewrites_and_rescans(ray_session, tmp_path, zone):
 
     first = ledger.scan(str(landing), cfg())
     assert len(first.new) == 2 and not first.copies and not first.rewritten
-    assert {r["state"] for r in ledger.records()} == {"pending"}
-    assert all(ledger.storage.exists(r["object"]) for r in first.new)  # the landed bytes, in the store
+    assert {r.state for r in ledger.records()} == {"pending"}
+    assert all(ledger.storage.exists(r.object) for r in first.new)  # the landed bytes, in the store
 
     again = ledger.scan(str(landing), cfg())  # nothing changed: nothing new, nothing read
     assert not again.new and again.unchanged == 2
@@ -55,14 +55,14 @@ def test_copies_rewrites_and_rescans(ray_session, tmp_path, zone):
     assert ledger.scan(str(landing), cfg()).unchanged == 3  # and the copy is not hashed again next poll
 
     # A consumed path rewritten with other content: new data, flagged as a rewrite of the old hash.
-    old_hash = next(r["sha256"] for r in ledger.records() if r["path"] == str(original))
+    old_hash = next(r.sha256 for r in ledger.records() if r.path == str(original))
     ledger.consume([old_hash], "topics-clf:1")
     original.write_text('{"text": "rain storm tonight", "label": "weather"}\n')
     rewrite = ledger.scan(str(landing), cfg())
-    assert len(rewrite.new) == 1 and rewrite.rewritten[0]["rewrites"] == old_hash
-    assert rewrite.rewritten[0]["path"] == str(original) and rewrite.rewritten[0]["state"] == "pending"
+    assert len(rewrite.new) == 1 and rewrite.rewritten[0].rewrites == old_hash
+    assert rewrite.rewritten[0].path == str(original) and rewrite.rewritten[0].state == "pending"
     assert any("rewritten with new content" in line for line in rewrite.lines())
-    assert ledger.record(old_hash)["state"] == "consumed"  # the old content stays on record
+    assert ledger.record(old_hash).state == "consumed"  # the old content stays on record
 
 
 def test_content_changed_while_pending_is_superseded_and_trains_once(ray_session, zone):
@@ -74,23 +74,23 @@ def test_content_changed_while_pending_is_superseded_and_trains_once(ray_session
     with open(f, "a") as out:
         out.write(lines(10, 30))
     appended = ledger.scan(str(landing), cfg())
-    assert [r["sha256"] for r in appended.superseded] == [first["sha256"]]
-    assert ledger.record(first["sha256"])["state"] == "superseded"
-    assert ledger.record(first["sha256"])["superseded_by"] == appended.new[0]["sha256"]
+    assert [r.sha256 for r in appended.superseded] == [first.sha256]
+    assert ledger.record(first.sha256).state == "superseded"
+    assert ledger.record(first.sha256).superseded_by == appended.new[0].sha256
     ledger.check_pending(cfg(), str(landing))
     [pending] = ledger.pending()
-    assert pending["sha256"] == appended.new[0]["sha256"] and pending["check"]["rows"] == 40
+    assert pending.sha256 == appended.new[0].sha256 and pending.rows == 40
 
     # Changed again, and the landing copy changes once more after the scan: what trains is the
     # content the ledger recorded (its stored rows), not what the path holds when a cycle reads.
     f.write_text(lines(5, 100))
     recorded = ledger.scan(str(landing), cfg()).new[0]
     f.write_text(lines(7, 200))
-    train, holdout = window_rows(ledger.storage, [ledger.rows_rel(recorded["sha256"], validation_fingerprint(cfg()))])
+    train, holdout = window_rows(ledger.storage, [ledger.rows_rel(recorded.sha256, validation_fingerprint(cfg()))])
     assert sorted(train.column("text").to_pylist() + holdout.column("text").to_pylist()) == sorted(
         json.loads(line)["text"] for line in lines(5, 100).splitlines())
-    states = {r["sha256"]: r["state"] for r in ledger.records()}
-    assert states[pending["sha256"]] == "superseded" and list(states.values()).count("pending") == 1
+    states = {r.sha256: r.state for r in ledger.records()}
+    assert states[pending.sha256] == "superseded" and list(states.values()).count("pending") == 1
 
 
 def test_rows_appended_to_a_consumed_file_are_trained_alone(ray_session, zone):
@@ -98,13 +98,13 @@ def test_rows_appended_to_a_consumed_file_are_trained_alone(ray_session, zone):
     (landing / "log.jsonl").write_text(lines(30))
     (landing / "log.csv").write_text("text,label\n" + "".join(f"dry sunny day {i},weather\n" for i in range(20)))
     first = ledger.scan(str(landing), cfg()).new
-    ledger.consume([r["sha256"] for r in first], "m:1")
+    ledger.consume([r.sha256 for r in first], "m:1")
     with open(landing / "log.jsonl", "a") as out:
         out.write(lines(6, 30))
     with open(landing / "log.csv", "a") as out:
         out.write("".join(f"dry sunny day {i},weather\n" for i in range(20, 24)))
     report = ledger.scan(str(landing), cfg())
-    assert {r["path"].rsplit("/", 1)[1]: r["check"]["rows"] for r in report.appended} == {"log.jsonl": 6, "log.csv": 4}
+    assert {r.name: r.rows for r in report.appended} == {"log.jsonl": 6, "log.csv": 4}
     assert any("appended to consumed content" in line for line in report.lines())
 
 
@@ -115,13 +115,13 @@ def test_a_pending_file_that_vanished_before_its_content_was_kept_is_missing_and
     (landing / "gone.jsonl").write_text(lines(12))
     (landing / "kept.jsonl").write_text(lines(12, 50))
     for r in ledger.scan(str(landing), cfg()).new:
-        ledger.storage.delete(r["object"])
-        ledger._update(r["sha256"], lambda rec: rec.update(object=None, check=None))  # as the old ledger wrote them
+        ledger.storage.delete(r.object)
+        ledger._set(r.sha256, object=None, check=None)  # as the previous ledger wrote them
     (landing / "gone.jsonl").unlink()
     set_aside = ledger.check_pending(cfg(), str(landing))
-    assert [(r["path"].rsplit("/", 1)[1], r["state"]) for r in set_aside] == [("gone.jsonl", "missing")]
+    assert [(r.name, r.state) for r in set_aside] == [("gone.jsonl", "missing")]
     [kept] = ledger.pending()
-    assert kept["path"].endswith("kept.jsonl") and kept["check"]["rows"] == 12 and ledger.storage.exists(kept["object"])
+    assert kept.path.endswith("kept.jsonl") and kept.rows == 12 and ledger.storage.exists(kept.object)
 
 
 def test_one_suffix_rule_for_data_path_and_landing_and_the_store_inside_the_landing_zone(ray_session, tmp_path):
@@ -137,9 +137,9 @@ def test_one_suffix_rule_for_data_path_and_landing_and_the_store_inside_the_land
     storage = Storage(str(landing / "store"))
     ledger = Ledger(storage, "topics")
     first = ledger.scan(str(landing), cfg())
-    assert sorted(r["path"].rsplit("/", 1)[1] for r in first.new) == ["a.ndjson", "b.JSONL", "c.txt", "d.pq"]
-    assert [r["path"].rsplit("/", 1)[1] for r in first.quarantined] == ["c.txt"]
-    assert "unknown file type '.txt'" in first.quarantined[0]["reason"]
+    assert sorted(r.name for r in first.new) == ["a.ndjson", "b.JSONL", "c.txt", "d.pq"]
+    assert [r.name for r in first.quarantined] == ["c.txt"]
+    assert "unknown file type '.txt'" in first.quarantined[0].reason
     second = ledger.scan(str(landing), cfg())
     assert not second.new and second.excluded > 0 and second.unchanged == 4
 
@@ -151,18 +151,18 @@ def test_a_config_mistake_quarantines_per_file_and_requeue_brings_them_back(ray_
     wrong = cfg(labels=["rain", "snow"])  # labels renamed by mistake: no row is valid
     ledger.scan(str(landing), wrong)
     set_aside = ledger.check_pending(wrong, str(landing))
-    assert sorted(r["state"] for r in set_aside) == ["quarantined", "quarantined"]
-    assert all(r["reason"] == "no valid rows (unknown_label=10)" for r in set_aside)
+    assert sorted(r.state for r in set_aside) == ["quarantined", "quarantined"]
+    assert all(r.reason == "no valid rows (unknown_label=10)" for r in set_aside)
     assert ledger.pending() == []
     back = ledger.requeue()  # all of them, after the config is fixed
-    assert len(back) == 2 and {r["requeued_from"]["state"] for r in back} == {"quarantined"}
+    assert len(back) == 2 and {r.requeued_from["state"] for r in back} == {"quarantined"}
     ledger.check_pending(cfg(), str(landing))
-    assert sorted(r["check"]["rows"] for r in ledger.pending()) == [10, 10]
-    ledger.consume([r["sha256"] for r in ledger.pending()], "m:1")
-    ledger.consume([r["sha256"] for r in ledger.records()], "m:2")  # a second mark changes nothing: consumed once
-    assert {r["consumed_by"] for r in ledger.records()} == {"m:1"}
+    assert sorted(r.rows for r in ledger.pending()) == [10, 10]
+    ledger.consume([r.sha256 for r in ledger.pending()], "m:1")
+    ledger.consume([r.sha256 for r in ledger.records()], "m:2")  # a second mark changes nothing: consumed once
+    assert {r.consumed_by for r in ledger.records()} == {"m:1"}
     with pytest.raises(Exception, match="only quarantined or missing files are requeued"):
-        ledger.requeue([ledger.records()[0]["sha256"]])
+        ledger.requeue([ledger.records()[0].sha256])
 
 
 def test_a_poll_with_nothing_new_costs_the_same_after_ten_times_the_history(ray_session, zone, monkeypatch):
@@ -176,7 +176,7 @@ def test_a_poll_with_nothing_new_costs_the_same_after_ten_times_the_history(ray_
         for i in range(start, start + n):
             (landing / f"f{i:04d}.jsonl").write_text(lines(2, 1000 * i))
         ledger.scan(str(landing), cfg())
-        ledger.consume([r["sha256"] for r in ledger.pending()], "m:1")
+        ledger.consume([r.sha256 for r in ledger.pending()], "m:1")
 
     def poll() -> int:
         reads.clear()
@@ -214,14 +214,14 @@ def test_a_file_that_cannot_be_read_right_now_is_left_for_the_next_poll_not_quar
     (landing / "flaky.jsonl").symlink_to("/proc/self/mem")
     (landing / "fine.jsonl").write_text(lines(4))
     report = ledger.scan(str(landing), cfg())
-    assert [r["path"].rsplit("/", 1)[1] for r in report.new] == ["fine.jsonl"]
+    assert [r.name for r in report.new] == ["fine.jsonl"]
     assert [(p.rsplit("/", 1)[1], "could not be read" in why) for p, why in report.deferred] == [("flaky.jsonl", True)]
     assert any("flaky.jsonl: could not be read" in line and "read again next poll" in line for line in report.lines())
     assert len(ledger.records()) == 1
     (landing / "flaky.jsonl").unlink()
     (landing / "flaky.jsonl").write_text(lines(3, 40))
     again = ledger.scan(str(landing), cfg())
-    assert [r["path"].rsplit("/", 1)[1] for r in again.new] == ["flaky.jsonl"] and again.new[0]["check"]["rows"] == 3
+    assert [r.name for r in again.new] == ["flaky.jsonl"] and again.new[0].rows == 3
 
 
 def test_a_cycle_takes_whole_files_oldest_first_up_to_its_row_cap(ray_session, zone):
@@ -232,7 +232,7 @@ def test_a_cycle_takes_whole_files_oldest_first_up_to_its_row_cap(ray_session, z
         (landing / f"f{i}.jsonl").write_text(lines(n, 100 * i))
         ledger.scan(str(landing), cfg())  # one at a time: first seen in this order
     pending = ledger.pending()
-    assert [r["path"].rsplit("/", 1)[1] for r in pick_files(pending, 25)] == ["f0.jsonl", "f1.jsonl"]
+    assert [r.name for r in pick_files(pending, 25)] == ["f0.jsonl", "f1.jsonl"]
     assert len(pick_files(pending, 1000)) == 4
-    ledger.consume([r["sha256"] for r in pending[:3]], "m:1")
-    assert [r["check"]["rows"] for r in pick_files(ledger.pending(), 25)] == [40]  # a file above the cap goes alone
+    ledger.consume([r.sha256 for r in pending[:3]], "m:1")
+    assert [r.rows for r in pick_files(ledger.pending(), 25)] == [40]  # a file above the cap goes alone

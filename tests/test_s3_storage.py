@@ -148,21 +148,21 @@ def test_ledger_on_s3_loses_no_update_when_writers_race(ray_session, bucket, tmp
     (landing / "a.jsonl").write_text('{"text": "rain tonight", "label": "weather"}\n')
     ledger = Ledger(Storage(bucket), "s")
     [record] = ledger.scan(str(landing), LABELS).new
-    digest = record["sha256"]
+    digest = record.sha256
     # Eight writers each record another copy of the same bytes at once: all eight stay recorded.
     barrier = threading.Barrier(8)
 
     def add_copy(i):
         barrier.wait()
-        Ledger(Storage(bucket), "s")._update(digest, lambda r: r.setdefault("copies", []).append(f"copy-{i}"))
+        Ledger(Storage(bucket), "s")._update(digest, lambda r: r.copies.append(f"copy-{i}"))
 
     threads = [threading.Thread(target=add_copy, args=(i,)) for i in range(8)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert sorted(ledger.record(digest)["copies"]) == [f"copy-{i}" for i in range(8)]
+    assert sorted(ledger.record(digest).copies) == [f"copy-{i}" for i in range(8)]
     ledger.consume([digest], "m:3")
     ledger.consume([digest], "m:4")  # already consumed: the first consumer stays on record
-    assert ledger.record(digest)["consumed_by"] == "m:3" and ledger.counts()["consumed"] == 1 and ledger.pending() == []
+    assert ledger.record(digest).consumed_by == "m:3" and ledger.counts()["consumed"] == 1 and ledger.pending() == []
     assert not ledger.scan(str(landing), LABELS).new  # nothing is new the second time
 
 
@@ -176,9 +176,9 @@ def test_a_landing_zone_on_s3_with_its_endpoint_in_the_uri(ray_session, bucket, 
     landing = f"s3://{name}/landing?endpoint_override=127.0.0.1:{port}&scheme=http"
     ledger = Ledger(Storage(bucket), "s")
     report = ledger.scan(landing, LABELS)
-    assert sorted(r["path"] for r in report.new) == [f"s3://{name}/landing/a.jsonl", f"s3://{name}/landing/sub/b.NDJSON"]
-    assert all(r["state"] == "pending" and r["check"]["rows"] == 1 for r in report.new)
-    assert all(ledger.storage.exists(r["object"]) for r in report.new)
+    assert sorted(r.path for r in report.new) == [f"s3://{name}/landing/a.jsonl", f"s3://{name}/landing/sub/b.NDJSON"]
+    assert all(r.state == "pending" and r.rows == 1 for r in report.new)
+    assert all(ledger.storage.exists(r.object) for r in report.new)
     client.delete_object(Bucket=name, Key="landing/a.jsonl")  # gone from the landing zone: its bytes are kept
     assert ledger.check_pending(LABELS, landing) == [] and len(ledger.pending()) == 2
     assert not ledger.scan(landing, LABELS).new

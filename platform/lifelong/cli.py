@@ -391,7 +391,7 @@ def continual_requeue(
         hashes = None if everything else [_full_hash(ledger, h) for h in content]
         changed = ledger.requeue(hashes)
     for r in changed:
-        console.print(f"requeued {r['path']} ({r['sha256'][:12]}…), was {r['requeued_from']['state']}: {r['requeued_from']['reason']}",
+        console.print(f"requeued {r.path} ({r.sha256[:12]}…), was {r.requeued_from['state']}: {r.requeued_from['reason']}",
                       markup=False, highlight=False, soft_wrap=True)
     console.print(f"{len(changed)} file(s) pending again in stream '{ledger.stream}'; the next cycle checks them")
 
@@ -409,15 +409,13 @@ def continual_ledger(
     if state is not None and state not in STATES:
         raise LifelongError(f"--state {state!r}: use one of {', '.join(STATES)}")
     ledger, _ = _ledger(load_config(config, overrides or []))
-    records = [r for r in ledger.records() if state is None or r["state"] == state]
+    records = [r for r in ledger.records() if state is None or r.state == state]
     table = Table(title=f"ledger of stream '{ledger.stream}' ({len(records)} file(s))")
     for col in ("content", "path", "state", "rows", "dropped rows", "by / why"):
         table.add_column(col, overflow="fold")
     for r in records:
-        check = r.get("check") or {}
-        dropped = ", ".join(f"{k}={v}" for k, v in sorted(check.get("dropped", {}).items()))
-        table.add_row(r["sha256"][:12], r["path"], r["state"], str(check.get("rows", r.get("rows") or "")), dropped,
-                      r.get("consumed_by") or r.get("reason") or "")
+        dropped = ", ".join(f"{k}={v}" for k, v in sorted(r.check.dropped.items())) if r.check else ""
+        table.add_row(r.sha256[:12], r.path, r.state, str(r.rows) if r.check else "", dropped, r.consumed_by or r.reason or "")
     console.print(table)
 
 
@@ -431,7 +429,7 @@ def _ledger(cfg):
 
 
 def _full_hash(ledger, prefix: str) -> str:
-    matches = [r["sha256"] for r in ledger.records() if r["sha256"].startswith(prefix.strip().lower())]
+    matches = [r.sha256 for r in ledger.records() if r.sha256.startswith(prefix.strip().lower())]
     if len(prefix.strip()) < 12 or len(matches) != 1:
         raise LifelongError(f"--hash {prefix!r} names {len(matches)} file(s) of stream '{ledger.stream}': give 12 or more "
                             "characters of one content hash (`lifelong continual ledger CONFIG` lists them)")

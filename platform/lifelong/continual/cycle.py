@@ -32,9 +32,9 @@ import pyarrow as pa
 
 from lifelong.config import JobConfig
 from lifelong.continual.gates import judge
-from lifelong.continual.ledger import Ledger
+from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
-from lifelong.continual.stream import ROWS, Stream, window_rows
+from lifelong.continual.stream import ROWS, Decision, Stream, Window, window_rows
 from lifelong.data import DataReport, FileReport, validation_fingerprint
 from lifelong.errors import AliasConflict, LifelongError
 from lifelong.registry import Registry
@@ -122,34 +122,30 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
         window = stream.unfinished()
         scan_lines, quarantined = [], []
         if window is not None:
-            say(f"carrying on window {window['window']} of stream '{name}' from step '{window['status']}' (its cycle had stopped)")
+            say(f"carrying on window {window.window} of stream '{name}' from step '{window.status}' (its cycle had stopped)")
         else:
             t0 = time.perf_counter()
             scan = ledger.scan(c.landing, data_cfg)
             set_aside = scan.quarantined + ledger.check_pending(data_cfg, c.landing)
             scan_lines = scan.lines()
-            quarantined = [(r["path"], r["reason"]) for r in set_aside]  # the summary lists them
-            pending = ledger.pending()
-            picked = pick_files(pending, c.max_rows_per_cycle)
-            waiting = why_wait(picked, pending, c, force)
+            quarantined = [(r.path, r.reason) for r in set_aside]  # the summary lists them
+            picked = pick_files(ledger.pending(), c.max_rows_per_cycle)
+            waiting = why_wait(picked, c, force)
             if waiting:
                 return CycleOutcome(name, reason=waiting, scan=scan_lines, quarantined=quarantined,
                                     quarantined_total=_count_quarantined(ledger, quarantined), seconds=time.perf_counter() - started)
             champion = registry.resolve(f"{config.name}@champion")
             window = stream.open_window(
-                files=[r["sha256"] for r in picked], paths=[r["path"] for r in picked], fingerprint=validation_fingerprint(data_cfg),
-                champion_before=champion.version, new_rows=sum(r["check"]["rows"] for r in picked),
-                phases={"scan": time.perf_counter() - t0})
+                files=[r.sha256 for r in picked], paths=[r.path for r in picked], fingerprint=validation_fingerprint(data_cfg),
+                champion_before=champion.version, new_rows=sum(r.rows for r in picked), phases={"scan": time.perf_counter() - t0})
         window = advance(config, storage, registry, stream, ledger, window)
-        state = stream.state()
+        d = window.decision
         return CycleOutcome(
-            name, status=window["decision"]["status"], reason=window["decision"]["reason"], window=window["window"],
-            version=window["version"], champion_before=window["champion_before"], files=window["files"],
-            new_rows=window["new_rows"], replay_rows=window.get("replay_rows", 0),
-            accuracy={"candidate": window["decision"]["candidate"], "champion": window["decision"]["champion"]},
-            metrics=state["windows"][-1].get("metrics", {}), scan=scan_lines, quarantined=quarantined,
-            quarantined_total=_count_quarantined(ledger, quarantined), recovered=not scan_lines,
-            seconds=time.perf_counter() - started, phases=window["phases"],
+            name, status=d.status, reason=d.reason, window=window.window, version=window.version,
+            champion_before=window.champion_before, files=window.files, new_rows=window.new_rows, replay_rows=window.replay_rows,
+            accuracy={"candidate": d.candidate, "champion": d.champion}, metrics=stream.finished()[-1].get("metrics", {}),
+            scan=scan_lines, quarantined=quarantined, quarantined_total=_count_quarantined(ledger, quarantined),
+            recovered=not scan_lines, seconds=time.perf_counter() - started, phases=window.phases,
         )
 
 
@@ -157,31 +153,30 @@ def say(message: str) -> None:
     print(f"[lifelong] {message}", flush=True)
 
 
-def pick_files(pending: list[dict], max_rows: int) -> list[dict]:
+def pick_files(pending: list[FileRecord], max_rows: int) -> list[FileRecord]:
     """Pending files with valid rows, oldest first, up to `max_rows` (at least one file): the
     rest waits for the next cycle, so a backlog never lands on the driver at once."""
     picked, rows = [], 0
     for record in pending:
-        n = (record.get("check") or {}).get("rows", 0)
-        if not n:
+        if not record.rows:
             continue
-        if picked and rows + n > max_rows:
+        if picked and rows + record.rows > max_rows:
             break
         picked.append(record)
-        rows += n
+        rows += record.rows
     return picked
 
 
-def why_wait(picked: list[dict], pending: list[dict], c, force: bool) -> str:
+def why_wait(picked: list[FileRecord], c, force: bool) -> str:
     """Why this cycle does not train (empty: it does)."""
     if not picked:
         return "no new files with valid rows pending"
-    rows = sum(r["check"]["rows"] for r in picked)
+    rows = sum(r.rows for r in picked)
     splits = {}
     for r in picked:
-        for split, n in r["check"].get("splits", {}).items():
+        for split, n in r.check.splits.items():
             splits[split] = splits.get(split, 0) + n
-    waited = time.time() - min(r["first_seen"] for r in picked)
+    waited = time.time() - min(r.first_seen for r in picked)
     if not force and rows < c.min_new_rows and not (c.max_wait_s and waited >= c.max_wait_s):
         return f"waiting: {rows} new rows pending, a cycle starts at {c.min_new_rows}" + (
             f" or after {c.max_wait_s:.0f} s ({waited:.0f} s so far)" if c.max_wait_s else "")
@@ -196,47 +191,47 @@ def _count_quarantined(ledger: Ledger, fresh: list) -> int:
 
 
 # --- the steps of a window ------------------------------------------------------------------------
-def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, window: dict) -> dict:
+def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, window: Window) -> Window:
     """Carry the window from its recorded step to done; each step is recorded when it is through."""
-    if window["status"] == "open":
+    if window.status == "open":
         window = _train_and_register(config, storage, registry, stream, ledger, window)
-    if window["status"] == "registered":
+    if window.status == "registered":
         window = _decide(config, storage, stream, window)
-    if window["status"] == "decided":
+    if window.status == "decided":
         window = _apply_decision(config, registry, stream, window)
-    if window["status"] == "promoted":
+    if window.status == "promoted":
         t0 = time.perf_counter()
-        train, _ = window_rows(storage, [ledger.rows_rel(h, window["fingerprint"]) for h in window["files"]])
+        train, _ = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files])
         # The buffer is filled under both strategies, so that a stream can switch to replay later.
-        ReplayBuffer(storage, stream.name, config.continual.replay_capacity, seed=config.train.seed).add(train, window["files"])
-        window = stream.update(window, status="replayed", phases={**window["phases"], "replay": time.perf_counter() - t0})
-    if window["status"] == "replayed":
-        ledger.consume(window["files"], f"{config.name}:{window['version']}")
+        ReplayBuffer(storage, stream.name, config.continual.replay_capacity, seed=config.train.seed).add(train, window.files)
+        window = stream.update(window, status="replayed", phases={**window.phases, "replay": time.perf_counter() - t0})
+    if window.status == "replayed":
+        ledger.consume(window.files, f"{config.name}:{window.version}")
         window = stream.update(window, status="consumed")
-    if window["status"] == "consumed":
-        d = window["decision"]
-        serving = d["candidate"] if d["status"] == "promoted" else d["champion"]
-        summary = {"window": window["window"], "files": window["files"], "version": window["version"], "status": d["status"],
-                   "reason": d["reason"], "champion_before": window["champion_before"], "row": serving,
-                   "candidate": d["candidate"], "champion": d["champion"], "new_rows": window["new_rows"],
-                   "replay_rows": window.get("replay_rows", 0), "finished_at": time.time()}
-        stream.finish(summary, d["baseline"], d["start_version"])
+    if window.status == "consumed":
+        d = window.decision
+        summary = {"window": window.window, "files": window.files, "version": window.version, "status": d.status,
+                   "reason": d.reason, "champion_before": window.champion_before,
+                   "row": d.candidate if d.status == "promoted" else d.champion,  # the model serving after this window
+                   "candidate": d.candidate, "champion": d.champion, "new_rows": window.new_rows,
+                   "replay_rows": window.replay_rows, "finished_at": time.time()}
+        stream.finish(summary, d.baseline, d.start_version)
         window = stream.update(window, status="done", finished_at=time.time())
     return window
 
 
-def _train_and_register(config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, window: dict) -> dict:
+def _train_and_register(config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, window: Window) -> Window:
     """Window k's holdout and training set, a Ray Train run from the pinned champion, a version."""
     from lifelong.train.driver import build_trainer, prepare_data_from_tables, prepare_run, register_best
 
-    c, k = config.continual, window["window"]
+    c, k = config.continual, window.window
     run = run_name(stream.name, window)
     t0 = time.perf_counter()
-    train, holdout = window_rows(storage, [ledger.rows_rel(h, window["fingerprint"]) for h in window["files"]])
+    train, holdout = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files])
     # The holdout, kept for every later cycle's evaluation (label names, as users write them).
     # Rewritten on every attempt: its content follows from the window's files alone.
     cols, labels = config.data, config.data.labels
-    stream.storage.write_table(stream.holdout_rel(k), pa.table({
+    storage.write_table(stream.holdout_rel(k), pa.table({
         cols.text_column: holdout.column("text"), cols.label_column: pa.array([labels[i] for i in holdout.column("label").to_pylist()])}))
 
     parts, replay_rows = [train], 0
@@ -246,11 +241,11 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
         if sample is not None:
             replay_rows = sample.num_rows
             parts.append(sample.select(["text", "label"]).cast(ROWS))
-    champion_ref = f"{config.name}:{window['champion_before']}"
+    champion_ref = f"{config.name}:{window.champion_before}"
     cycle_config = config.model_copy(update={"run_name": run, "model": config.model.model_copy(update={"init_from": champion_ref})})
-    say(f"cycle window {k}: {window['new_rows']} new rows ({len(window['files'])} files) + {replay_rows} replayed, "
-        f"from {champion_ref}, run '{run}'" + (f" (attempt {window['attempts'] + 1})" if window["attempts"] else ""))
-    registered = _registered_for(registry, config.name, stream.name, k) if window.get("train_started") else None
+    say(f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed, "
+        f"from {champion_ref}, run '{run}'" + (f" (attempt {window.attempts + 1})" if window.attempts else ""))
+    registered = _registered_for(registry, config.name, stream.name, k) if window.train_started else None
     if registered is not None:  # the cycle stopped between registering and recording it
         say(f"cycle window {k}: already registered as {config.name}:{registered}")
         return stream.update(window, status="registered", version=registered, replay_rows=replay_rows)
@@ -265,11 +260,11 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
         if result.error:
             raise LifelongError(f"cycle training run '{run}' failed: {result.error}")
         trained = register_best(prep, result, run, extra_card={"stream": {
-            "name": stream.name, "window": k, "files": window["files"], "strategy": c.strategy,
-            "new_rows": window["new_rows"], "replay_rows": replay_rows, "champion_before": window["champion_before"]}})
+            "name": stream.name, "window": k, "files": window.files, "strategy": c.strategy,
+            "new_rows": window.new_rows, "replay_rows": replay_rows, "champion_before": window.champion_before}})
     except Exception as e:
         raise _failed(config, stream, ledger, window, e) from None
-    phases = {**window["phases"], "prepare": t1 - t0, "train": t2 - t1, "register": time.perf_counter() - t2}
+    phases = {**window.phases, "prepare": t1 - t0, "train": t2 - t1, "register": time.perf_counter() - t2}
     return stream.update(window, status="registered", version=trained.version, replay_rows=replay_rows, phases=phases)
 
 
@@ -279,78 +274,73 @@ def _registered_for(registry: Registry, model: str, stream: str, k: int) -> int 
     return found[-1] if found else None
 
 
-def run_name(stream: str, window: dict) -> str:
+def run_name(stream: str, window: Window) -> str:
     """Window k's Ray Train run: a re-started cycle resumes it (same window, same files)."""
-    files_key = hashlib.sha256("".join(sorted(window["files"])).encode()).hexdigest()[:10]
-    return f"{stream}-w{window['window']:03d}-{files_key}"
+    files_key = hashlib.sha256("".join(sorted(window.files)).encode()).hexdigest()[:10]
+    return f"{stream}-w{window.window:03d}-{files_key}"
 
 
-def window_report(ledger: Ledger, window: dict, train_rows: int, holdout_rows: int) -> DataReport:
+def window_report(ledger: Ledger, window: Window, train_rows: int, holdout_rows: int) -> DataReport:
     """What the window's version trained on, for its card: the files as the ledger recorded them."""
     files, dropped = [], {}
-    for digest in window["files"]:
+    for digest in window.files:
         r = ledger.record(digest)
-        check = r.get("check") or {}
-        files.append(FileReport(r["path"], r.get("format"), "ok", rows=check.get("rows", 0), size=r["size"], sha256=digest,
-                                read=check.get("read", 0), dropped=check.get("dropped", {}), splits=check.get("splits", {})))
-        for reason, n in check.get("dropped", {}).items():
+        check = r.check
+        files.append(FileReport(r.path, r.format, "ok", rows=check.rows, size=r.size or 0, sha256=digest,
+                                read=check.read, dropped=check.dropped, splits=check.splits))
+        for reason, n in check.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
     return DataReport(f"stream {ledger.stream}", files, dropped, {"train": train_rows, "validation": holdout_rows})
 
 
-def _failed(config: JobConfig, stream: Stream, ledger: Ledger, window: dict, error: Exception) -> LifelongError:
+def _failed(config: JobConfig, stream: Stream, ledger: Ledger, window: Window, error: Exception) -> LifelongError:
     """Count a failed attempt; after max_attempts, give the window up and quarantine its files."""
-    attempts = window["attempts"] + 1
+    attempts = window.attempts + 1
     why = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
     limit = config.continual.max_attempts
+    k = window.window
     if attempts < limit:
         stream.update(window, attempts=attempts, last_error=why)
-        return LifelongError(f"cycle window {window['window']}: training failed (attempt {attempts} of {limit}): {why}; "
-                             "the next cycle tries again")
+        return LifelongError(f"cycle window {k}: training failed (attempt {attempts} of {limit}): {why}; the next cycle tries again")
     stream.update(window, attempts=attempts, last_error=why, status="failed", failed_at=time.time())
-    for digest in window["files"]:
-        ledger.quarantine(digest, f"window {window['window']} failed to train {attempts} times: {why}; "
-                                  "fix the cause, then `lifelong continual requeue CONFIG --all`")
-    return LifelongError(f"cycle window {window['window']} failed to train {attempts} times ({why}): "
-                         f"its {len(window['files'])} file(s) are quarantined; fix the cause, then `lifelong continual requeue CONFIG --all`")
+    for digest in window.files:
+        ledger.quarantine(digest, f"window {k} failed to train {attempts} times: {why}; fix the cause, then `lifelong continual requeue CONFIG --all`")
+    return LifelongError(f"cycle window {k} failed to train {attempts} times ({why}): its {len(window.files)} file(s) are "
+                         "quarantined; fix the cause, then `lifelong continual requeue CONFIG --all`")
 
 
-def _decide(config: JobConfig, storage: Storage, stream: Stream, window: dict) -> dict:
+def _decide(config: JobConfig, storage: Storage, stream: Stream, window: Window) -> Window:
     """Score candidate, champion and the stream's first model on every window's holdout; gate."""
     c = config.continual
     finished = stream.finished()
-    state = stream.state()
-    start = state.get("start_version") or window["champion_before"]
-    refs = [f"{config.name}:{window['version']}", f"{config.name}:{window['champion_before']}"]
-    if start != window["champion_before"]:
+    start = stream.state().get("start_version") or window.champion_before
+    refs = [f"{config.name}:{window.version}", f"{config.name}:{window.champion_before}"]
+    if start != window.champion_before:
         refs.append(f"{config.name}:{start}")
     t0 = time.perf_counter()
-    scored = holdout_accuracies(config, storage, stream, refs, [w["window"] for w in finished] + [window["window"]])
+    scored = holdout_accuracies(config, storage, stream, refs, [w["window"] for w in finished] + [window.window])
     cand, champ = scored[0], scored[1]
     gate = judge(cand, champ, c.gates.new_window_tolerance, c.gates.max_forgetting)
     status = ("promoted" if c.promote else "passed") if gate.passed else "rejected"
-    decision = {"status": status, "reason": gate.reason, "candidate": cand, "champion": champ,
-                "baseline": scored[-1][-1], "start_version": start}
-    return stream.update(window, status="decided", decision=decision,
-                         phases={**window["phases"], "evaluate": time.perf_counter() - t0})
+    decision = Decision(status=status, reason=gate.reason, candidate=cand, champion=champ, baseline=scored[-1][-1], start_version=start)
+    return stream.update(window, status="decided", decision=decision, phases={**window.phases, "evaluate": time.perf_counter() - t0})
 
 
-def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, window: dict) -> dict:
+def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, window: Window) -> Window:
     """Move the alias the decision names; a move someone made meanwhile wins (the candidate then
     becomes challenger). Repeating this after a crash finds the alias already moved."""
-    name, version, d = config.name, window["version"], dict(window["decision"])
-    aliases = registry.aliases(name)
-    alias = {"promoted": "champion", "passed": "challenger"}.get(d["status"], "challenger")
-    if aliases.get(alias, {}).get("version") != version:
-        if d["status"] == "rejected":
-            registry.move_alias(name, "challenger", version, reason=f"rejected by the gates: {d['reason']}")
+    name, version, d = config.name, window.version, window.decision
+    alias = "champion" if d.status == "promoted" else "challenger"
+    if registry.aliases(name).get(alias, {}).get("version") != version:
+        if d.status == "rejected":
+            registry.move_alias(name, "challenger", version, reason=f"rejected by the gates: {d.reason}")
         else:
             try:  # only from the champion the gates compared against
-                registry.move_alias(name, alias, version, reason=f"passed the gates of window {window['window']}: {d['reason']}",
-                                    expect=window["champion_before"] if alias == "champion" else ...)
+                registry.move_alias(name, alias, version, reason=f"passed the gates of window {window.window}: {d.reason}",
+                                    expect=window.champion_before if alias == "champion" else ...)
             except AliasConflict as e:
-                d.update(status="rejected", reason=f"not promoted: {e}")
-                registry.move_alias(name, "challenger", version, reason=d["reason"])
+                d = d.model_copy(update={"status": "rejected", "reason": f"not promoted: {e}"})
+                registry.move_alias(name, "challenger", version, reason=d.reason)
     return stream.update(window, status="promoted", decision=d)
 
 

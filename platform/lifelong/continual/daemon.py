@@ -44,11 +44,14 @@ def run_cycles(config: JobConfig, *, once: bool = False, force: bool = False, sh
             raise
         except Exception as e:
             failures += 1
-            _log(log, e)
-            kind = "" if isinstance(e, LifelongError) else f"{type(e).__name__}: "
             first = (str(e).strip().splitlines() or [""])[0][:400]
-            show(f"cycle failed ({failures} in a row): {kind}{first}\n  traceback in {log}; "
-                 f"next try in {backoff(config.continual.poll_interval_s, failures):.0f} s (the stream picks up where it stopped)")
+            if isinstance(e, LifelongError):  # a message for people: it says what and where
+                said = first
+            else:  # a bug or an unexpected failure: the traceback is kept for whoever looks into it
+                _log(log, e)
+                said = f"{type(e).__name__}: {first} (traceback in {log})"
+            show(f"cycle failed ({failures} in a row): {said}\n  next try in {backoff(config.continual.poll_interval_s, failures):.0f} s; "
+                 "the stream carries on where it stopped")
         sleep(backoff(config.continual.poll_interval_s, failures))
 
 

@@ -36,9 +36,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow.fs as pafs
 import ray
+from pydantic import BaseModel, ConfigDict, Field
 
 from lifelong.config import DataConfig
 from lifelong.data import (Fetched, SourceGone, SourceUnstable, _first_line, detect_format, display_uri, fetch, list_files,
@@ -50,12 +52,82 @@ STATES = ("pending", "consumed", "quarantined", "superseded", "missing")
 APPENDABLE = ("jsonl", "csv")  # line formats whose appended bytes parse on their own
 
 
+class FileCheck(BaseModel):
+    """A file's validation under one set of rules (`fp`: `data.validation_fingerprint`)."""
+
+    fp: str
+    rows: int = 0  # valid rows
+    read: int = 0
+    dropped: dict[str, int] = Field(default_factory=dict)
+    splits: dict[str, int] = Field(default_factory=dict)
+    reason: str | None = None  # set: the file as a whole is unusable
+
+
+class Appended(BaseModel):
+    sha256: str  # the consumed content this file's bytes begin with
+    offset: int
+
+
+class FileRecord(BaseModel):
+    """One distinct content that landed, and what became of it (`ledger/<sha256>.json`)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # fields of newer versions survive a rewrite
+
+    sha256: str
+    path: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    first_seen: float
+    state: Literal["pending", "consumed", "quarantined", "superseded", "missing"]
+    reason: str | None = None
+    format: str | None = None
+    object: str | None = None  # the stored bytes (None: records of the previous ledger, unknown file types)
+    copies: list[str] = Field(default_factory=list)
+    check: FileCheck | None = None
+    consumed_by: str | None = None
+    consumed_at: float | None = None
+    quarantined_at: float | None = None
+    rewrites: str | None = None
+    appends: Appended | None = None
+    superseded_by: str | None = None
+    requeued_from: dict | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.check.rows if self.check else 0
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+@dataclass
+class Ingested:
+    """What reading one file gave a Ray task (`ingest_file`, `check_record`)."""
+
+    status: Literal["ok", "missing", "changing", "unreadable"]
+    reason: str = ""
+    sha256: str = ""
+    size: int = 0
+    mtime_ns: int | None = None
+    format: str | None = None
+    object: str | None = None
+    appends: Appended | None = None
+    check: FileCheck | None = None
+
+
+class IndexEntry(BaseModel):
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str
+
+
 @dataclass
 class ScanReport:
-    new: list[dict] = field(default_factory=list)          # records created by this scan
-    rewritten: list[dict] = field(default_factory=list)    # of which: new bytes at a known path
-    appended: list[dict] = field(default_factory=list)     # of which: bytes appended to consumed content
-    superseded: list[dict] = field(default_factory=list)   # pending content replaced at its path before training
+    new: list[FileRecord] = field(default_factory=list)          # records created by this scan
+    rewritten: list[FileRecord] = field(default_factory=list)    # of which: new bytes at a known path
+    appended: list[FileRecord] = field(default_factory=list)     # of which: bytes appended to consumed content
+    superseded: list[FileRecord] = field(default_factory=list)   # pending content replaced at its path before training
     copies: list[tuple[str, str]] = field(default_factory=list)  # (path, the path its content first came under)
     vanished: list[str] = field(default_factory=list)      # listed, then gone before it could be read
     deferred: list[tuple[str, str]] = field(default_factory=list)  # (path, why): read again next poll
@@ -63,16 +135,16 @@ class ScanReport:
     excluded: int = 0  # files under the storage root, when it lies inside the landing zone
 
     @property
-    def quarantined(self) -> list[dict]:
-        return [r for r in self.new if r["state"] == "quarantined"]
+    def quarantined(self) -> list[FileRecord]:
+        return [r for r in self.new if r.state == "quarantined"]
 
     def lines(self) -> list[str]:
         out = [f"{len(self.new)} new file(s), {self.unchanged} already known"]
-        out += [f"{r['path']}: rewritten with new content (was {r['rewrites'][:12]}…): treated as new data" for r in self.rewritten
-                if r not in self.appended]
-        out += [f"{r['path']}: {r['size'] - r['appends']['offset']} bytes appended to consumed content: only the new rows train"
+        out += [f"{r.path}: rewritten with new content (was {r.rewrites[:12]}…): treated as new data" for r in self.rewritten
+                if r.appends is None]
+        out += [f"{r.path}: {r.size - r.appends.offset} bytes appended to consumed content: only the new rows train"
                 for r in self.appended]
-        out += [f"{r['path']}: its pending content {r['sha256'][:12]}… was replaced before training: superseded" for r in self.superseded]
+        out += [f"{r.path}: its pending content {r.sha256[:12]}… was replaced before training: superseded" for r in self.superseded]
         out += [f"{path}: same content as {first}: not trained on again" for path, first in self.copies]
         out += [f"{path}: vanished before it could be read" for path in self.vanished]
         out += [f"{path}: {why}; read again next poll" for path, why in self.deferred]
@@ -95,42 +167,43 @@ class Ledger:
         return f"{self.base}/rows/{sha256}-{fingerprint}.parquet"
 
     # --- reading ---------------------------------------------------------------------------
-    def records(self) -> list[dict]:
+    def records(self) -> list[FileRecord]:
         """Every record (reads the whole history: for listings and reports, not for polls)."""
         names = [n for n in self.storage.listdir(self.dir) if n.endswith(".json") and n != "index.json"]
-        return sorted((self.storage.read_json(f"{self.dir}/{n}") for n in names), key=lambda r: (r["first_seen"], r["path"]))
+        return sorted((FileRecord.model_validate_json(self.storage.read_bytes(f"{self.dir}/{n}")) for n in names),
+                      key=lambda r: (r.first_seen, r.path))
 
-    def record(self, sha256: str) -> dict | None:
+    def record(self, sha256: str) -> FileRecord | None:
         read = self.storage.read_versioned(f"{self.dir}/{sha256}.json")
-        return json.loads(read[0]) if read else None
+        return FileRecord.model_validate_json(read[0]) if read else None
 
-    def pending(self) -> list[dict]:
+    def pending(self) -> list[FileRecord]:
         """Pending records, oldest first: one listing of the open markers, one read each."""
         out = []
         for sha in self.storage.listdir(f"{self.dir}/open"):
             record = self.record(sha)
-            if record is None or record["state"] != "pending":
+            if record is None or record.state != "pending":
                 self.storage.delete(f"{self.dir}/open/{sha}")  # left by a crash between two writes
                 continue
             out.append(record)
-        return sorted(out, key=lambda r: (r["first_seen"], r["path"]))
+        return sorted(out, key=lambda r: (r.first_seen, r.path))
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
         for r in self.records():
-            out[r["state"]] += 1
+            out[r.state] += 1
         return out
 
     # --- writing ---------------------------------------------------------------------------
-    def _create(self, record: dict) -> dict:
+    def _create(self, record: FileRecord) -> FileRecord:
         """Record new content; if another writer recorded it first, theirs stands."""
-        if record["state"] == "pending":  # the marker first: a pending record is never unlisted
-            self.storage.write_bytes(f"{self.dir}/open/{record['sha256']}", b"")
-        if self.storage.create_exclusive(f"{self.dir}/{record['sha256']}.json", _dump(record)):
+        if record.state == "pending":  # the marker first: a pending record is never unlisted
+            self.storage.write_bytes(f"{self.dir}/open/{record.sha256}", b"")
+        if self.storage.create_exclusive(f"{self.dir}/{record.sha256}.json", _dump(record)):
             return record
-        return self.record(record["sha256"])
+        return self.record(record.sha256)
 
-    def _update(self, sha256: str, change) -> dict:
+    def _update(self, sha256: str, change) -> FileRecord:
         """Apply `change(record)` by compare-and-swap, re-reading when another writer got in
         between; keeps the open marker in step with the state."""
         rel = f"{self.dir}/{sha256}.json"
@@ -138,64 +211,71 @@ class Ledger:
             read = self.storage.read_versioned(rel)
             if read is None:
                 raise KeyError(f"no ledger record for content {sha256} in stream '{self.stream}'")
-            record = json.loads(read[0])
-            was = record["state"]
+            record = FileRecord.model_validate_json(read[0])
+            was = record.state
             if change(record) is False:  # nothing to change
                 return record
-            if record["state"] == "pending" and was != "pending":
+            if record.state == "pending" and was != "pending":
                 self.storage.write_bytes(f"{self.dir}/open/{sha256}", b"")
             if self.storage.replace_if(rel, _dump(record), read[1]):
-                if was == "pending" and record["state"] != "pending":
+                if was == "pending" and record.state != "pending":
                     self.storage.delete(f"{self.dir}/open/{sha256}")
                 return record
         raise LifelongError(f"ledger record {sha256} of stream '{self.stream}': gave up after 100 concurrent updates")
 
-    def quarantine(self, sha256: str, reason: str) -> dict:
-        return self._update(sha256, lambda r: r.update(state="quarantined", reason=reason, quarantined_at=time.time()))
+    def _set(self, sha256: str, **fields) -> FileRecord:
+        def change(r: FileRecord):
+            for k, v in fields.items():
+                setattr(r, k, v)
+        return self._update(sha256, change)
+
+    def quarantine(self, sha256: str, reason: str) -> FileRecord:
+        return self._set(sha256, state="quarantined", reason=reason, quarantined_at=time.time())
 
     def consume(self, hashes: list[str], version: str) -> None:
         """Mark the files consumed by `version` (call after it is registered); idempotent."""
-        def mark(r):
-            if r["state"] != "pending":
+        def mark(r: FileRecord):
+            if r.state != "pending":
                 return False
-            r.update(state="consumed", consumed_by=version, consumed_at=time.time(), reason=None)
+            r.state, r.consumed_by, r.consumed_at, r.reason = "consumed", version, time.time(), None
         for digest in hashes:
             self._update(digest, mark)
 
-    def requeue(self, hashes: list[str] | None = None) -> list[dict]:
+    def requeue(self, hashes: list[str] | None = None) -> list[FileRecord]:
         """Quarantined (or missing) records back to pending, to be checked again under the
         current config; `None`: all of them. Returns the records changed."""
         if hashes is None:
-            hashes = [r["sha256"] for r in self.records() if r["state"] in ("quarantined", "missing")]
+            hashes = [r.sha256 for r in self.records() if r.state in ("quarantined", "missing")]
         changed = []
         for digest in hashes:
             record = self.record(digest)
             if record is None:
                 raise LifelongError(f"no file with content {digest} in the ledger of stream '{self.stream}' "
                                     "(see `lifelong continual ledger CONFIG` for the hashes)")
-            if record["state"] not in ("quarantined", "missing"):
-                raise LifelongError(f"{record['path']} ({digest[:12]}…) is {record['state']}: only quarantined or missing files are requeued")
+            if record.state not in ("quarantined", "missing"):
+                raise LifelongError(f"{record.path} ({digest[:12]}…) is {record.state}: only quarantined or missing files are requeued")
 
-            def back(r):
-                r.update(state="pending", requeued_from={"state": r["state"], "reason": r["reason"]}, reason=None, check=None)
+            def back(r: FileRecord):
+                r.requeued_from = {"state": r.state, "reason": r.reason}
+                r.state, r.reason, r.check = "pending", None, None
             changed.append(self._update(digest, back))
         return changed
 
     # --- the index: which content each path held when last seen ----------------------------------
-    def _index(self) -> dict[str, dict]:
+    def _index(self) -> dict[str, IndexEntry]:
         rel = f"{self.dir}/index.json"
         if self.storage.exists(rel):
-            return self.storage.read_json(rel)["paths"]
+            return {p: IndexEntry.model_validate(e) for p, e in self.storage.read_json(rel)["paths"].items()}
         # First poll of this stream (or one written before the index existed): built once from the records.
         paths = {}
         for r in self.records():
-            for p in [r["path"], *r.get("copies", [])]:
-                paths[p] = {"size": r.get("size") if p == r["path"] else None, "mtime_ns": r.get("mtime_ns") if p == r["path"] else None,
-                            "sha256": r["sha256"]}
+            for p in [r.path, *r.copies]:
+                own = p == r.path
+                paths[p] = IndexEntry(size=r.size if own else None, mtime_ns=r.mtime_ns if own else None, sha256=r.sha256)
         return paths
 
-    def _write_index(self, paths: dict[str, dict]) -> None:
-        self.storage.write_json(f"{self.dir}/index.json", {"paths": paths})
+    def _write_index(self, paths: dict[str, IndexEntry]) -> None:
+        self.storage.write_json(f"{self.dir}/index.json", {"paths": {p: e.model_dump() for p, e in paths.items()}})
 
     # --- scanning ----------------------------------------------------------------------------
     def scan(self, landing: str, cfg: DataConfig) -> ScanReport:
@@ -215,114 +295,110 @@ class Ledger:
         todo = []
         for uri, info in now_at.items():
             seen = index.get(uri)
-            if seen and seen["size"] == info.size and seen["mtime_ns"] == info.mtime_ns:
+            if seen and seen.size == info.size and seen.mtime_ns == info.mtime_ns:
                 report.unchanged += 1
                 continue
-            previous = self.record(seen["sha256"]) if seen else None
+            previous = self.record(seen.sha256) if seen else None
             # Bytes appended to consumed content: hash the old length on the way to recognise it.
-            appendable = (previous and previous["state"] == "consumed" and previous.get("format") in APPENDABLE
-                          and previous["path"] == uri and info.size > previous["size"])
+            appendable = (previous is not None and previous.state == "consumed" and previous.format in APPENDABLE
+                          and previous.path == uri and previous.size is not None and info.size > previous.size)
             todo.append((uri, info, previous, appendable))
         fingerprint = validation_fingerprint(cfg)
         results = ray.get([ingest_file.remote(fs, info.path, self.storage, self.stream, cfg, fingerprint,
-                                              (previous["sha256"], previous["size"]) if appendable else None)
+                                              (previous.sha256, previous.size) if appendable else None)
                            for uri, info, previous, appendable in todo])
         changed = False
         for (uri, info, previous, _), got in zip(todo, results):
-            if got["status"] == "missing":
+            if got.status == "missing":
                 report.vanished.append(uri)
                 continue
-            if got["status"] != "ok":
-                report.deferred.append((uri, got["reason"]))
+            if got.status != "ok":
+                report.deferred.append((uri, got.reason))
                 continue
             changed = True
-            digest = got["sha256"]
-            index[uri] = {"size": got["size"], "mtime_ns": got["mtime_ns"], "sha256": digest}
+            digest = got.sha256
+            index[uri] = IndexEntry(size=got.size, mtime_ns=got.mtime_ns, sha256=digest)
             known = self.record(digest)
             if known is not None:
-                if uri != known["path"] and uri not in known.get("copies", []):
-                    def add_copy(r, uri=uri):
-                        if uri in r.setdefault("copies", []):
+                if uri != known.path and uri not in known.copies:
+                    def add_copy(r: FileRecord, uri=uri):
+                        if uri in r.copies:
                             return False
-                        r["copies"].append(uri)
+                        r.copies = [*r.copies, uri]
                     known = self._update(digest, add_copy)
-                    report.copies.append((uri, known["path"]))
+                    report.copies.append((uri, known.path))
                 else:
                     report.unchanged += 1
-                if known["state"] == "superseded":  # the bytes are back in the landing zone
-                    self._update(digest, lambda r: r.update(state="pending", reason=None, superseded_by=None))
+                if known.state == "superseded":  # the bytes are back in the landing zone
+                    self._set(digest, state="pending", reason=None, superseded_by=None)
             else:
-                record = {"sha256": digest, "path": uri, "size": got["size"], "mtime_ns": got["mtime_ns"], "format": got["format"],
-                          "object": got["object"], "first_seen": time.time(), "state": "pending", "reason": None,
-                          "consumed_by": None, "check": got["check"]}
-                if previous is not None and previous["sha256"] != digest:
-                    record["rewrites"] = previous["sha256"]
-                    if got.get("appends"):
-                        record["appends"] = got["appends"]
-                if got["check"].get("reason"):
-                    record.update(state="quarantined", reason=got["check"]["reason"], quarantined_at=time.time())
-                created = self._create(record)
-                if created is record:
+                record = FileRecord(sha256=digest, path=uri, size=got.size, mtime_ns=got.mtime_ns, format=got.format,
+                                    object=got.object, first_seen=time.time(), state="pending", check=got.check)
+                if previous is not None and previous.sha256 != digest:
+                    record.rewrites = previous.sha256
+                    record.appends = got.appends
+                if got.check.reason:
+                    record.state, record.reason, record.quarantined_at = "quarantined", got.check.reason, time.time()
+                if self._create(record) is record:
                     report.new.append(record)
-                    if "rewrites" in record:
+                    if record.rewrites:
                         report.rewritten.append(record)
-                    if "appends" in record:
+                    if record.appends:
                         report.appended.append(record)
                 else:
                     report.unchanged += 1
-            if previous is not None and previous["sha256"] != digest and previous["state"] == "pending":
-                holders = [p for p, e in index.items() if e["sha256"] == previous["sha256"] and p in now_at]
+            if previous is not None and previous.sha256 != digest and previous.state == "pending":
+                holders = [p for p, e in index.items() if e.sha256 == previous.sha256 and p in now_at]
                 if not holders:  # replaced before it was trained: those bytes are no longer data
-                    report.superseded.append(self._update(previous["sha256"], lambda r, d=digest, u=uri: r.update(
-                        state="superseded", superseded_by=d, reason=f"replaced at {u} by new content before it was trained")))
+                    report.superseded.append(self._set(previous.sha256, state="superseded", superseded_by=digest,
+                                                       reason=f"replaced at {uri} by new content before it was trained"))
         if changed:
             self._write_index(index)
         return report
 
-    def check_pending(self, cfg: DataConfig, landing: str) -> list[dict]:
+    def check_pending(self, cfg: DataConfig, landing: str) -> list[FileRecord]:
         """Make every pending record's check current: content captured (older records kept only a
         path) and validated under the config's rules (a changed config judges them again).
         Quarantines what has no valid row and marks missing what can no longer be found.
         Returns the records quarantined or marked missing here."""
         fingerprint = validation_fingerprint(cfg)
-        stale = [r for r in self.pending() if (r.get("check") or {}).get("fp") != fingerprint]
+        stale = [r for r in self.pending() if r.check is None or r.check.fp != fingerprint]
         fs, _ = filesystem_for(landing)  # where a record without a stored copy is looked for
         results = ray.get([check_record.remote(self.storage, self.stream, fs, r, cfg, fingerprint) for r in stale])
         out = []
         for record, got in zip(stale, results):
-            if got["status"] == "missing":
-                out.append(self._update(record["sha256"], lambda r: r.update(
-                    state="missing", reason="its content was never captured and the landing file is gone or holds other bytes now")))
-                continue
-            if got["status"] != "ok":
-                continue  # unreadable right now: stays pending, checked again next poll
-            self._update(record["sha256"], lambda r, g=got: r.update(check=g["check"], object=g["object"]))
+            if got.status == "missing":
+                out.append(self._set(record.sha256, state="missing",
+                                     reason="its content was never captured and the landing file is gone or holds other bytes now"))
+            elif got.status == "ok":
+                self._set(record.sha256, check=got.check, object=got.object)
+            # else: unreadable right now; stays pending, checked again next poll
         for record in self.pending():
-            check = record.get("check") or {}
-            if check.get("fp") != fingerprint:
+            check = record.check
+            if check is None or check.fp != fingerprint:
                 continue
-            if check.get("reason"):
-                out.append(self.quarantine(record["sha256"], check["reason"]))
-            elif not check.get("rows"):
-                dropped = ", ".join(f"{k}={v}" for k, v in sorted(check.get("dropped", {}).items()))
-                out.append(self.quarantine(record["sha256"], f"no valid rows ({dropped or 'none read'})"))
+            if check.reason:
+                out.append(self.quarantine(record.sha256, check.reason))
+            elif not check.rows:
+                dropped = ", ".join(f"{k}={v}" for k, v in sorted(check.dropped.items()))
+                out.append(self.quarantine(record.sha256, f"no valid rows ({dropped or 'none read'})"))
         return out
 
 
 # --- Ray tasks: one file each, in parallel, off the driver ----------------------------------------
 @ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")
 def ingest_file(fs: pafs.FileSystem, path: str, storage: Storage, stream: str, cfg: DataConfig, fingerprint: str,
-                previous: tuple[str, int] | None) -> dict:
+                previous: tuple[str, int] | None) -> Ingested:
     """Copy one landing file into the store (hashed on the way), parse and validate that copy."""
     fmt = detect_format(path, cfg.format)
     try:
         fetched, prefix = fetch(fs, path, prefix_size=previous[1] if previous else None)
     except SourceGone:
-        return {"status": "missing"}
+        return Ingested("missing")
     except SourceUnstable:
-        return {"status": "changing", "reason": "still being written (it changed while it was read)"}
+        return Ingested("changing", "still being written (it changed while it was read)")
     except OSError as e:
-        return {"status": "unreadable", "reason": f"could not be read ({_first_line(e)})"}
+        return Ingested("unreadable", f"could not be read ({_first_line(e)})")
     try:
         ledger = Ledger(storage, stream)
         obj = ledger.object_rel(fetched.sha256) if fmt else None
@@ -330,53 +406,51 @@ def ingest_file(fs: pafs.FileSystem, path: str, storage: Storage, stream: str, c
             _store(storage, obj, fetched)
         appends = None
         if previous and prefix == previous[0] and fmt in APPENDABLE and _ends_line(fetched, previous[1]):
-            appends = {"sha256": previous[0], "offset": previous[1]}
-        check = _check(ledger, fetched, fmt, cfg, fingerprint, path, appends)
-        return {"status": "ok", "sha256": fetched.sha256, "size": fetched.size, "mtime_ns": fetched.mtime_ns, "format": fmt,
-                "object": obj, "appends": appends, "check": check}
+            appends = Appended(sha256=previous[0], offset=previous[1])
+        return Ingested("ok", sha256=fetched.sha256, size=fetched.size, mtime_ns=fetched.mtime_ns, format=fmt, object=obj,
+                        appends=appends, check=_check(ledger, fetched, fmt, cfg, fingerprint, path, appends))
     finally:
         fetched.close()
 
 
 @ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")
-def check_record(storage: Storage, stream: str, landing_fs: pafs.FileSystem, record: dict, cfg: DataConfig, fingerprint: str) -> dict:
+def check_record(storage: Storage, stream: str, landing_fs: pafs.FileSystem, record: FileRecord, cfg: DataConfig, fingerprint: str) -> Ingested:
     """Validate a recorded content again (from its stored copy; an older record without one is
     captured from its landing path if the bytes there are still the recorded ones)."""
     ledger = Ledger(storage, stream)
-    obj = ledger.object_rel(record["sha256"])
+    obj = ledger.object_rel(record.sha256)
     try:
         if storage.exists(obj):
             fetched, _ = fetch(storage.fs, storage.path(obj))
         else:
-            fetched, _ = fetch(landing_fs, record["path"].split("://", 1)[-1])
-            if fetched.sha256 != record["sha256"]:
+            fetched, _ = fetch(landing_fs, record.path.split("://", 1)[-1])
+            if fetched.sha256 != record.sha256:
                 fetched.close()
-                return {"status": "missing"}
+                return Ingested("missing")
             _store(storage, obj, fetched)
     except SourceGone:
-        return {"status": "missing"}
+        return Ingested("missing")
     except (SourceUnstable, OSError) as e:
-        return {"status": "unreadable", "reason": _first_line(e)}
+        return Ingested("unreadable", _first_line(e))
     try:
-        fmt = record.get("format") or detect_format(record["path"], cfg.format)
-        return {"status": "ok", "object": obj,
-                "check": _check(ledger, fetched, fmt, cfg, fingerprint, record["path"], record.get("appends"))}
+        fmt = record.format or detect_format(record.path, cfg.format)
+        return Ingested("ok", object=obj, check=_check(ledger, fetched, fmt, cfg, fingerprint, record.path, record.appends))
     finally:
         fetched.close()
 
 
-def _check(ledger: Ledger, fetched: Fetched, fmt: str | None, cfg: DataConfig, fingerprint: str, name: str, appends: dict | None) -> dict:
-    source = fetched.tail(appends["offset"], keep_first_line=(fmt == "csv")) if appends else fetched
+def _check(ledger: Ledger, fetched: Fetched, fmt: str | None, cfg: DataConfig, fingerprint: str, name: str,
+           appends: Appended | None) -> FileCheck:
+    """Parse and validate stored bytes (only what was appended, for an append); their valid rows
+    go to rows/<sha>-<fp>.parquet, where cycles read them."""
+    source = fetched.tail(appends.offset, keep_first_line=(fmt == "csv")) if appends else fetched
     parsed = parse_file(source, fmt, cfg, name)
-    check = {"fp": fingerprint, "rows": 0, "read": parsed.read, "dropped": parsed.dropped, "splits": {}}
     if parsed.reason:
-        check["reason"] = parsed.reason
-        return check
+        return FileCheck(fp=fingerprint, read=parsed.read, dropped=parsed.dropped, reason=parsed.reason)
     rel = ledger.rows_rel(fetched.sha256, fingerprint)
     if not ledger.storage.exists(rel):
         ledger.storage.write_table(rel, parsed.rows)
-    check.update(rows=parsed.rows.num_rows, splits=split_counts(parsed.rows))
-    return check
+    return FileCheck(fp=fingerprint, rows=parsed.rows.num_rows, read=parsed.read, dropped=parsed.dropped, splits=split_counts(parsed.rows))
 
 
 def _store(storage: Storage, rel: str, fetched: Fetched) -> None:
@@ -395,6 +469,6 @@ def _ends_line(fetched: Fetched, offset: int) -> bool:
         return f.read(1) == b"\n"
 
 
-def _dump(record: dict) -> bytes:
-    return json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+def _dump(record: FileRecord) -> bytes:
+    return json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
 

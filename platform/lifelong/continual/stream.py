@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
 
 from lifelong.continual.gates import accuracy_matrix
 from lifelong.continual.metrics import cl_metrics
@@ -30,6 +32,39 @@ from lifelong.storage import Storage
 
 STEPS = ("open", "registered", "decided", "promoted", "replayed", "consumed", "done")
 ROWS = pa.schema([("text", pa.string()), ("label", pa.int64())])
+
+
+class Decision(BaseModel):
+    status: Literal["promoted", "passed", "rejected"]
+    reason: str
+    candidate: list[float]  # accuracy per window (finished ones, then the new one)
+    champion: list[float]
+    baseline: float         # the stream's first model on the new window (forward transfer's reference)
+    start_version: int
+
+
+class Window(BaseModel):
+    """One window's record in the journal (`windows/<k>.json`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    window: int
+    status: Literal["open", "registered", "decided", "promoted", "replayed", "consumed", "done", "failed"] = "open"
+    files: list[str]            # content hashes, oldest first
+    paths: list[str] = Field(default_factory=list)
+    fingerprint: str            # the validation rules its rows were checked under
+    champion_before: int
+    new_rows: int
+    replay_rows: int = 0
+    attempts: int = 0
+    last_error: str | None = None
+    version: int | None = None
+    decision: Decision | None = None
+    phases: dict[str, float] = Field(default_factory=dict)
+    opened_at: float = Field(default_factory=time.time)
+    train_started: float | None = None
+    finished_at: float | None = None
+    failed_at: float | None = None
 
 
 class Stream:
@@ -60,33 +95,32 @@ class Stream:
     def _rel(self, k: int) -> str:
         return f"{self.dir}/windows/{k:06d}.json"
 
-    def journal(self) -> list[dict]:
-        names = sorted(n for n in self.storage.listdir(f"{self.dir}/windows") if n.endswith(".json"))
-        return [self.storage.read_json(f"{self.dir}/windows/{n}") for n in names]
+    def _names(self) -> list[str]:
+        return sorted(n for n in self.storage.listdir(f"{self.dir}/windows") if n.endswith(".json"))
 
-    def unfinished(self) -> dict | None:
+    def journal(self) -> list[Window]:
+        return [Window.model_validate_json(self.storage.read_bytes(f"{self.dir}/windows/{n}")) for n in self._names()]
+
+    def unfinished(self) -> Window | None:
         """The window a stopped cycle left behind, if any (at most one: cycles are serialised)."""
-        names = sorted(n for n in self.storage.listdir(f"{self.dir}/windows") if n.endswith(".json"))
+        names = self._names()
         if not names:
             return None
-        last = self.storage.read_json(f"{self.dir}/windows/{names[-1]}")
-        return None if last["status"] in ("done", "failed") else last
+        last = Window.model_validate_json(self.storage.read_bytes(f"{self.dir}/windows/{names[-1]}"))
+        return None if last.status in ("done", "failed") else last
 
-    def open_window(self, **fields) -> dict:
+    def open_window(self, **fields) -> Window:
         """Take the next window number (never one used before, finished or not) and record it."""
-        taken = [w["window"] for w in self.finished()]
-        taken += [int(n.split(".")[0]) for n in self.storage.listdir(f"{self.dir}/windows") if n.endswith(".json")]
-        k = max(taken, default=-1) + 1
-        record = {"window": k, "status": "open", "attempts": 0, "opened_at": time.time(), "phases": {}, **fields}
-        while not self.storage.create_exclusive(self._rel(k), _dump(record)):  # only under the cycle lock; never twice
-            k += 1
-            record["window"] = k
+        taken = [w["window"] for w in self.finished()] + [int(n.split(".")[0]) for n in self._names()]
+        record = Window(window=max(taken, default=-1) + 1, **fields)
+        while not self.storage.create_exclusive(self._rel(record.window), _dump(record)):  # under the cycle lock: never twice
+            record.window += 1
         return record
 
-    def update(self, window: dict, **changes) -> dict:
+    def update(self, window: Window, **changes) -> Window:
         """Record progress of the window (the cycle lock makes this the only writer)."""
-        new = {**window, **changes}
-        self.storage.write_json(self._rel(window["window"]), new)
+        new = window.model_copy(update=changes)
+        self.storage.write_bytes(self._rel(new.window), _dump(new))
         return new
 
     # --- holdouts --------------------------------------------------------------------------
@@ -108,5 +142,5 @@ def window_rows(storage: Storage, rows_rels: list[str]) -> tuple[pa.Table, pa.Ta
     return train, holdout
 
 
-def _dump(record: dict) -> bytes:
-    return json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+def _dump(window: Window) -> bytes:
+    return json.dumps(window.model_dump(mode="json"), indent=2, sort_keys=True).encode()

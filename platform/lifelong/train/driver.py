@@ -127,6 +127,10 @@ def _tokenized_data(config: JobConfig, storage: Storage, registry: Registry, tra
                     val_rows: ray.data.Dataset, report: DataReport, tokenizer_dir: str | None = None) -> PreparedData:
     tokenizer_dir = tokenizer_dir or prepare_tokenizer(config, storage, registry, train_rows)
     max_length = config.model.max_length
+    # Shuffled once, across files (rows arrive file by file, a continual window's new rows before
+    # its replayed ones): the materialized order is every epoch's, and the loop's local shuffle
+    # buffer alone would leave the last file's rows at the end of every epoch.
+    train_rows = train_rows.random_shuffle(seed=config.train.seed)
     train_ds = tokenized(train_rows, config.model.task, tokenizer_dir, max_length).materialize()
     val_ds = tokenized(val_rows, config.model.task, tokenizer_dir, max_length).materialize()
     # Sizing the schedule needs the number of examples (packed blocks for causal LM).
