@@ -26,7 +26,7 @@ quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python jobs/quickstart.py
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15
 
 # On a CUDA machine: the tests marked gpu (training with nccl, serving on CUDA); skipped elsewhere.
 test-gpu: $(STAMP)

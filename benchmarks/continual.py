@@ -45,8 +45,9 @@ def starting_model(registry, name: str, tokenizer_dir: str, work: Path, seed: in
     from lifelong.models import build_model, load_tokenizer
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(task="sequence-classification", hf_config={"n_layer": 2, "n_embd": 64, "n_head": 2},
-                      max_length=32, tokenizer=tokenizer_dir)
+    cfg = ModelConfig(
+        task="sequence-classification", hf_config={"n_layer": 2, "n_embd": 64, "n_head": 2}, max_length=32, tokenizer=tokenizer_dir
+    )
     model = build_model(cfg, load_tokenizer(tokenizer_dir), labels=LABELS)
     model.save_pretrained(work / "start")
     for f in Path(tokenizer_dir).iterdir():
@@ -58,10 +59,23 @@ def starting_model(registry, name: str, tokenizer_dir: str, work: Path, seed: in
 def config(root: Path, landing: Path, strategy: str, seed: int, *extra: str):
     from lifelong.config import load_config
 
-    return load_config(ROOT / "configs/gpt2/tiny_continual.yaml", [
-        f"storage.root={root}", f"data.path={landing}", f"continual.landing={landing}", f"continual.strategy={strategy}",
-        "continual.min_new_rows=1", "continual.gates.max_forgetting=1.0", "continual.gates.new_window_tolerance=1.0",
-        "scaling.num_workers=1", "train.epochs=3", "train.lr=3e-3", f"train.seed={seed}", *extra])
+    return load_config(
+        ROOT / "configs/gpt2/tiny_continual.yaml",
+        [
+            f"storage.root={root}",
+            f"data.path={landing}",
+            f"continual.landing={landing}",
+            f"continual.strategy={strategy}",
+            "continual.min_new_rows=1",
+            "continual.gates.max_forgetting=1.0",
+            "continual.gates.new_window_tolerance=1.0",
+            "scaling.num_workers=1",
+            "train.epochs=3",
+            "train.lr=3e-3",
+            f"train.seed={seed}",
+            *extra,
+        ],
+    )
 
 
 def main() -> None:
@@ -101,17 +115,25 @@ def main() -> None:
         for strategy in ("replay", "naive") if w else ("replay",):
             outcome = run_cycle(config(stores[strategy], landing, strategy, seed))
             print(outcome.summary(), flush=True)
-            cycles[strategy].append({"window": w, "seconds": outcome.seconds, "phases": outcome.phases, "new_rows": outcome.new_rows,
-                                     "replay_rows": outcome.replay_rows, "version": outcome.version, "accuracy": outcome.accuracy,
-                                     "metrics": outcome.metrics})
+            cycles[strategy].append(
+                {
+                    "window": w,
+                    "seconds": outcome.seconds,
+                    "phases": outcome.phases,
+                    "new_rows": outcome.new_rows,
+                    "replay_rows": outcome.replay_rows,
+                    "version": outcome.version,
+                    "accuracy": outcome.accuracy,
+                    "metrics": outcome.metrics,
+                }
+            )
         if w == 0:
             shutil.copytree(stores["replay"], stores["naive"])  # naive continues from the same champion and ledger
     # naive's window 0 is replay's (the same cycle)
     cycles["naive"].insert(0, cycles["replay"][0])
 
     # Full retraining from the starting model on every window's training rows, when the last one arrived.
-    full_cfg = config(stores["replay"], landing, "replay", seed, f"model.init_from={name}:{start}",
-                      f"run_name=full-retrain-{windows}w")
+    full_cfg = config(stores["replay"], landing, "replay", seed, f"model.init_from={name}:{start}", f"run_name=full-retrain-{windows}w")
     t0 = time.perf_counter()
     full = run_training(full_cfg)
     stream = Stream(Storage(str(stores["replay"])), full_cfg.continual.stream or full_cfg.name)
@@ -127,30 +149,65 @@ def main() -> None:
     time_ratio = replay_last["seconds"] / full_seconds
     less = 1 - forgetting["replay"] / forgetting["naive"] if forgetting["naive"] else None
     figures = [
-        {"name": "continual_update_time", "value": round(time_ratio, 2), "unit": "x full retraining's wall time (last window)",
-         "target": "<= 0.33", "met": time_ratio <= 1 / 3, "platform": round(replay_last["seconds"]), "baseline": round(full_seconds),
-         "baseline_unit": "s (incremental cycle vs full retraining)"},
-        {"name": "continual_average_accuracy", "value": round(100 * (acc["replay"] - acc["full"]), 1), "unit": "points vs full retraining",
-         "target": ">= -1", "met": acc["replay"] >= acc["full"] - 0.01, "platform": round(acc["replay"], 3), "baseline": round(acc["full"], 3),
-         "baseline_unit": f"average accuracy over {windows} windows"},
-        {"name": "continual_forgetting", "value": round(100 * less, 1) if less is not None else None, "unit": "% less forgetting with replay",
-         "target": ">= 50", "met": less is not None and less >= 0.5, "platform": round(forgetting["replay"], 3),
-         "baseline": round(forgetting["naive"], 3), "baseline_unit": "forgetting (replay vs naive)"},
+        {
+            "name": "continual_update_time",
+            "value": round(time_ratio, 2),
+            "unit": "x full retraining's wall time (last window)",
+            "target": "<= 0.33",
+            "met": time_ratio <= 1 / 3,
+            "platform": round(replay_last["seconds"]),
+            "baseline": round(full_seconds),
+            "baseline_unit": "s (incremental cycle vs full retraining)",
+        },
+        {
+            "name": "continual_average_accuracy",
+            "value": round(100 * (acc["replay"] - acc["full"]), 1),
+            "unit": "points vs full retraining",
+            "target": ">= -1",
+            "met": acc["replay"] >= acc["full"] - 0.01,
+            "platform": round(acc["replay"], 3),
+            "baseline": round(acc["full"], 3),
+            "baseline_unit": f"average accuracy over {windows} windows",
+        },
+        {
+            "name": "continual_forgetting",
+            "value": round(100 * less, 1) if less is not None else None,
+            "unit": "% less forgetting with replay",
+            "target": ">= 50",
+            "met": less is not None and less >= 0.5,
+            "platform": round(forgetting["replay"], 3),
+            "baseline": round(forgetting["naive"], 3),
+            "baseline_unit": "forgetting (replay vs naive)",
+        },
     ]
-    result = {"benchmark": "continual", "command": "python benchmarks/continual.py" + (" --quick" if args.quick else ""),
-              "machine": "2 CPU cores, no GPU", "date": date.today().isoformat(),
-              "setup": {"windows": windows, "rows_per_window": rows, "seed": seed, "epochs": 3, "workers": 1, "replay_ratio": 1.0},
-              "summary": {"average_accuracy": acc, "forgetting": forgetting, "full_retrain": {
-                  "seconds": full_seconds, "accuracy_per_window": full_acc, "train_rows": full.data.rows.get("train")},
-                  "incremental_last_cycle": {"seconds": replay_last["seconds"], "phases": replay_last["phases"],
-                                             "rows": replay_last["new_rows"] + replay_last["replay_rows"]},
-                  "incremental_total_seconds": sum(c["seconds"] for c in cycles["replay"])},
-              "figures": figures, "cycles": cycles}
+    result = {
+        "benchmark": "continual",
+        "command": "python benchmarks/continual.py" + (" --quick" if args.quick else ""),
+        "machine": "2 CPU cores, no GPU",
+        "date": date.today().isoformat(),
+        "setup": {"windows": windows, "rows_per_window": rows, "seed": seed, "epochs": 3, "workers": 1, "replay_ratio": 1.0},
+        "summary": {
+            "average_accuracy": acc,
+            "forgetting": forgetting,
+            "full_retrain": {"seconds": full_seconds, "accuracy_per_window": full_acc, "train_rows": full.data.rows.get("train")},
+            "incremental_last_cycle": {
+                "seconds": replay_last["seconds"],
+                "phases": replay_last["phases"],
+                "rows": replay_last["new_rows"] + replay_last["replay_rows"],
+            },
+            "incremental_total_seconds": sum(c["seconds"] for c in cycles["replay"]),
+        },
+        "figures": figures,
+        "cycles": cycles,
+    }
     out = HERE / "results" / ("continual_quick.json" if args.quick else "continual.json")
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: result["summary"][k] for k in ("average_accuracy", "forgetting")}, indent=2))
     for f in figures:
-        print(f"{f['name']}: {f['value']} {f['unit']} (target {f['target']}: {'met' if f['met'] else 'not met'}); {f['platform']} vs {f['baseline']} {f['baseline_unit']}")
+        met = "met" if f["met"] else "not met"
+        print(
+            f"{f['name']}: {f['value']} {f['unit']} (target {f['target']}: {met}); {f['platform']} vs {f['baseline']} {f['baseline_unit']}"
+        )
     print(f"wrote {out}")
 
 

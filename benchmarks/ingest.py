@@ -94,12 +94,13 @@ def plain_loop(files: list[str], tokenizer_dir: str) -> dict:
         reader = pq.read_table if path.endswith(".parquet") else pacsv.read_csv if path.endswith(".csv") else pajson.read_json
         table = reader(path)
         texts, labels = table.column("text").to_pylist(), table.column("label").to_pylist()
-        valid = [(t, LABELS.index(l)) for t, l in zip(texts, labels) if isinstance(t, str) and t.strip() and l in LABELS]
+        valid = [(t, LABELS.index(y)) for t, y in zip(texts, labels) if isinstance(t, str) and t.strip() and y in LABELS]
         for start in range(0, len(valid), 512):
-            chunk = valid[start:start + 512]
+            chunk = valid[start : start + 512]
             enc = tok([t for t, _ in chunk], truncation=True, max_length=MAX_LENGTH, padding="max_length", return_tensors="np")
-            kept.append((enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64),
-                         np.array([l for _, l in chunk], dtype=np.int64)))
+            kept.append(
+                (enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64), np.array([y for _, y in chunk], dtype=np.int64))
+            )
             rows += len(chunk)
     seconds = time.perf_counter() - started
     return {"rows": rows, "seconds": seconds, "peak_mb": memory.stop()}
@@ -115,7 +116,9 @@ def platform_pass(files: list[str], tokenizer_dir: str, store: str) -> dict:
     started = time.perf_counter()
     validated = read_validated(cfg, Storage(store), "ingest-bench", files=files)
     rows = 0
-    for batch in tokenized(validated.split(None), "sequence-classification", tokenizer_dir, MAX_LENGTH).iter_batches(batch_size=512, batch_format="numpy"):
+    for batch in tokenized(validated.split(None), "sequence-classification", tokenizer_dir, MAX_LENGTH).iter_batches(
+        batch_size=512, batch_format="numpy"
+    ):
         rows += len(batch["labels"])
     seconds = time.perf_counter() - started
     return {"rows": rows, "seconds": seconds, "peak_mb": memory.stop()}
@@ -158,35 +161,64 @@ def main() -> None:
         listing = work / f"files-{rows_per_file}.json"
         listing.write_text(json.dumps(files))
         for repeat in range(args.repeats):
-            base = json.loads(subprocess.run(
-                [sys.executable, __file__, "--baseline-only", str(listing), tokenizer_dir],
-                check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "platform")}).stdout.splitlines()[-1])
+            base = json.loads(
+                subprocess.run(
+                    [sys.executable, __file__, "--baseline-only", str(listing), tokenizer_dir],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env={**os.environ, "PYTHONPATH": str(ROOT / "platform")},
+                ).stdout.splitlines()[-1]
+            )
             plat = platform_pass(files, tokenizer_dir, str(work / "store"))
             for side, r in (("platform", plat), ("baseline", base)):
                 runs.append({"side": side, "rows_per_file": rows_per_file, "repeat": repeat, **r, "rows_per_s": r["rows"] / r["seconds"]})
-                print(f"{side:8s} {r['rows']:7d} rows  {r['seconds']:6.1f} s  {r['rows'] / r['seconds']:8.0f} rows/s  peak +{r['peak_mb']:.0f} MB", flush=True)
+                speed = r["rows"] / r["seconds"]
+                print(f"{side:8s} {r['rows']:7d} rows  {r['seconds']:6.1f} s  {speed:8.0f} rows/s  peak +{r['peak_mb']:.0f} MB", flush=True)
     ray.shutdown()
 
     def med(side, size, key):
         return statistics.median(r[key] for r in runs if r["side"] == side and r["rows_per_file"] == size)
 
     small, large = sizes
-    summary = {side: {str(size * 8): {k: round(med(side, size, k), 1) for k in ("rows_per_s", "seconds", "peak_mb")} for size in sizes}
-               for side in ("platform", "baseline")}
+    summary = {
+        side: {str(size * 8): {k: round(med(side, size, k), 1) for k in ("rows_per_s", "seconds", "peak_mb")} for size in sizes}
+        for side in ("platform", "baseline")
+    }
     growth = {side: round(med(side, large, "peak_mb") / max(med(side, small, "peak_mb"), 1.0), 2) for side in ("platform", "baseline")}
     figures = [
-        {"name": "ingest_throughput_200k" if not args.quick else "ingest_throughput_50k",
-         "value": round(med("platform", large, "rows_per_s") / med("baseline", large, "rows_per_s"), 2), "unit": "x the plain loop's rows/s",
-         "target": None, "met": None, "platform": round(med("platform", large, "rows_per_s")), "baseline": round(med("baseline", large, "rows_per_s")),
-         "baseline_unit": "rows/s (read + validate + tokenize, median)"},
-        {"name": "ingest_peak_memory_growth_10x", "value": growth["platform"], "unit": "x peak memory for 10x data (Ray tasks + Ray Data)",
-         "target": None, "met": None, "platform": round(med("platform", large, "peak_mb")), "baseline": round(med("baseline", large, "peak_mb")),
-         "baseline_unit": f"MB above idle at {large * 8} rows (plain loop grows {growth['baseline']}x)"},
+        {
+            "name": "ingest_throughput_200k" if not args.quick else "ingest_throughput_50k",
+            "value": round(med("platform", large, "rows_per_s") / med("baseline", large, "rows_per_s"), 2),
+            "unit": "x the plain loop's rows/s",
+            "target": None,
+            "met": None,
+            "platform": round(med("platform", large, "rows_per_s")),
+            "baseline": round(med("baseline", large, "rows_per_s")),
+            "baseline_unit": "rows/s (read + validate + tokenize, median)",
+        },
+        {
+            "name": "ingest_peak_memory_growth_10x",
+            "value": growth["platform"],
+            "unit": "x peak memory for 10x data (Ray tasks + Ray Data)",
+            "target": None,
+            "met": None,
+            "platform": round(med("platform", large, "peak_mb")),
+            "baseline": round(med("baseline", large, "peak_mb")),
+            "baseline_unit": f"MB above idle at {large * 8} rows (plain loop grows {growth['baseline']}x)",
+        },
     ]
-    result = {"benchmark": "ingest", "command": "python benchmarks/ingest.py" + (" --quick" if args.quick else ""),
-              "machine": "2 CPU cores, no GPU", "date": date.today().isoformat(),
-              "setup": {"files": 8, "rows_per_file": sizes, "max_length": MAX_LENGTH, "repeats": args.repeats, "ray_cpus": 2},
-              "summary": summary, "peak_memory_growth_10x": growth, "figures": figures, "runs": runs}
+    result = {
+        "benchmark": "ingest",
+        "command": "python benchmarks/ingest.py" + (" --quick" if args.quick else ""),
+        "machine": "2 CPU cores, no GPU",
+        "date": date.today().isoformat(),
+        "setup": {"files": 8, "rows_per_file": sizes, "max_length": MAX_LENGTH, "repeats": args.repeats, "ray_cpus": 2},
+        "summary": summary,
+        "peak_memory_growth_10x": growth,
+        "figures": figures,
+        "runs": runs,
+    }
     out = HERE / "results" / ("ingest_quick.json" if args.quick else "ingest.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({"summary": summary, "growth": growth}, indent=2))

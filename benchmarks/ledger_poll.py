@@ -47,6 +47,7 @@ class Reads:
             def counted(storage, rel, real=real):
                 self.n += 1
                 return real(storage, rel)
+
             setattr(Storage, name, counted)
 
 
@@ -76,16 +77,23 @@ def measure(ledger, landing: Path, cfg, reads: Reads, repeats: int) -> dict:
         ledger.records()
         out["baseline"].append(time.perf_counter() - t0)
         out["baseline_reads"] = reads.n
-    return {"platform_s": statistics.median(out["platform"]), "baseline_s": statistics.median(out["baseline"]),
-            "platform_reads": out["platform_reads"], "baseline_reads": out["baseline_reads"]}
+    return {
+        "platform_s": statistics.median(out["platform"]),
+        "baseline_s": statistics.median(out["baseline"]),
+        "platform_reads": out["platform_reads"],
+        "baseline_reads": out["baseline_reads"],
+    }
 
 
 def moto() -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import boto3
 
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
@@ -121,7 +129,11 @@ def main() -> None:
             work = Path(tempfile.mkdtemp(prefix="poll-bench-"))
             landing = work / "landing"
             landing.mkdir()
-            root = str(work / "store") if store_kind == "local" else f"s3://bench/{store_kind}-{os.getpid()}?endpoint_override=127.0.0.1:{port}&scheme=http"
+            root = (
+                str(work / "store")
+                if store_kind == "local"
+                else f"s3://bench/{store_kind}-{os.getpid()}?endpoint_override=127.0.0.1:{port}&scheme=http"
+            )
             ledger = Ledger(Storage(root), "bench")
             grow(ledger, landing, cfg, 0, small)
             at_small = measure(ledger, landing, cfg, reads, args.repeats)
@@ -136,19 +148,40 @@ def main() -> None:
     figures = []
     for kind, by in results.items():
         a, b = by[str(small)], by[str(large)]
-        figures.append({
-            "name": f"poll_seconds_{kind}_{large}_files", "value": round(b["baseline_s"] / b["platform_s"], 1),
-            "unit": f"x faster than reading the history ({large} consumed files)", "target": None, "met": None,
-            "platform": round(b["platform_s"] * 1000, 1), "baseline": round(b["baseline_s"] * 1000, 1), "baseline_unit": "ms per poll (median)"})
-        figures.append({
-            "name": f"poll_growth_{kind}_10x_history", "value": round(b["platform_s"] / a["platform_s"], 2),
-            "unit": f"x poll time for 10x history ({small} → {large} files; reads {a['platform_reads']} → {b['platform_reads']})",
-            "target": None, "met": None, "platform": b["platform_reads"], "baseline": b["baseline_reads"],
-            "baseline_unit": f"objects read per poll at {large} files (the old floor grows {round(b['baseline_s'] / a['baseline_s'], 1)}x in time)"})
-    result = {"benchmark": "ledger_poll", "command": "python benchmarks/ledger_poll.py" + (" --quick" if args.quick else ""),
-              "machine": "2 CPU cores, no GPU", "date": date.today().isoformat(),
-              "setup": {"history": [small, large], "repeats": args.repeats, "s3": "moto_server on loopback"},
-              "results": results, "figures": figures}
+        figures.append(
+            {
+                "name": f"poll_seconds_{kind}_{large}_files",
+                "value": round(b["baseline_s"] / b["platform_s"], 1),
+                "unit": f"x faster than reading the history ({large} consumed files)",
+                "target": None,
+                "met": None,
+                "platform": round(b["platform_s"] * 1000, 1),
+                "baseline": round(b["baseline_s"] * 1000, 1),
+                "baseline_unit": "ms per poll (median)",
+            }
+        )
+        figures.append(
+            {
+                "name": f"poll_growth_{kind}_10x_history",
+                "value": round(b["platform_s"] / a["platform_s"], 2),
+                "unit": f"x poll time for 10x history ({small} → {large} files; reads {a['platform_reads']} → {b['platform_reads']})",
+                "target": None,
+                "met": None,
+                "platform": b["platform_reads"],
+                "baseline": b["baseline_reads"],
+                "baseline_unit": f"objects read per poll at {large} files "
+                f"(the old floor grows {b['baseline_s'] / a['baseline_s']:.1f}x in time)",
+            }
+        )
+    result = {
+        "benchmark": "ledger_poll",
+        "command": "python benchmarks/ledger_poll.py" + (" --quick" if args.quick else ""),
+        "machine": "2 CPU cores, no GPU",
+        "date": date.today().isoformat(),
+        "setup": {"history": [small, large], "repeats": args.repeats, "s3": "moto_server on loopback"},
+        "results": results,
+        "figures": figures,
+    }
     out = HERE / "results" / ("ledger_poll_quick.json" if args.quick else "ledger_poll.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(figures, indent=2))

@@ -1,6 +1,6 @@
 """Rebuild the README's performance table from benchmarks/results/*.json (the full runs).
 
-    python benchmarks/readme_table.py
+python benchmarks/readme_table.py
 """
 
 import json
@@ -20,8 +20,10 @@ def rows() -> list[str]:
             target = f"{f['target']} ({'met' if f['met'] else 'not met'})" if f.get("target") else "—"
             extra = f" (MFU {f['platform_mfu']:.1%})" if "platform_mfu" in f else ""
             base_extra = f" (MFU {f['baseline_mfu']:.1%})" if "baseline_mfu" in f else ""
-            out.append(f"| {f['name']} | {f['value']} {f['unit']} | {target} | {f['platform']} {f.get('baseline_unit', '')}{extra} "
-                       f"| {f['baseline']} {f.get('baseline_unit', '')}{base_extra} | `{result['command']}` ({result['date']}) |")
+            out.append(
+                f"| {f['name']} | {f['value']} {f['unit']} | {target} | {f['platform']} {f.get('baseline_unit', '')}{extra} "
+                f"| {f['baseline']} {f.get('baseline_unit', '')}{base_extra} | `{result['command']}` ({result['date']}) |"
+            )
     return out
 
 

@@ -67,7 +67,9 @@ def build_tiny(work: Path, train_rows) -> tuple[Path, int]:
     out = work / "tiny"
     tok = train_tokenizer([r["text"] for r in train_rows], 2000, out)
     torch.manual_seed(0)
-    cfg = ModelConfig(task="sequence-classification", hf_config={"n_layer": 2, "n_embd": 64, "n_head": 2}, max_length=64, tokenizer=str(out))
+    cfg = ModelConfig(
+        task="sequence-classification", hf_config={"n_layer": 2, "n_embd": 64, "n_head": 2}, max_length=64, tokenizer=str(out)
+    )
     model = build_model(cfg, tok, labels=LABELS)
     finetune(model, tok, list(train_rows), epochs=3, lr=2e-3, max_length=64)
     model.save_pretrained(out)
@@ -83,7 +85,8 @@ def build_minilm(work: Path, train_rows) -> tuple[Path, int]:
     tok = AutoTokenizer.from_pretrained(str(src))
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(src), num_labels=4, id2label=dict(enumerate(LABELS)), label2id={l: i for i, l in enumerate(LABELS)}, use_safetensors=True)
+        str(src), num_labels=4, id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)}, use_safetensors=True
+    )
     finetune(model, tok, list(train_rows)[:480], epochs=1, lr=5e-5, max_length=128)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -125,26 +128,44 @@ def backend_figures(name, model_dir, card, texts, reps) -> tuple[list[dict], dic
         for _ in range(5):
             for b, clf in backends.items():
                 raw[(b, batch)] += time_calls(lambda: clf.probabilities(sample), max(reps // 5, 4))
-    stats = {f"{b}_batch{batch}": {"p50_ms": percentile(t, 50) * 1e3, "p99_ms": percentile(t, 99) * 1e3,
-                                   "texts_per_s": batch * len(t) / sum(t)} for (b, batch), t in raw.items()}
+    stats = {
+        f"{b}_batch{batch}": {"p50_ms": percentile(t, 50) * 1e3, "p99_ms": percentile(t, 99) * 1e3, "texts_per_s": batch * len(t) / sum(t)}
+        for (b, batch), t in raw.items()
+    }
     figures = []
     for batch in (1, 16):
         torch_p50 = stats[f"torch_batch{batch}"]["p50_ms"]
         for b, target in (("onnx", 1.5), ("onnx-int8", 2.0)):
             p50 = stats[f"{b}_batch{batch}"]["p50_ms"]
-            figures.append({
-                "name": f"{name}_{b.replace('-', '_')}_vs_torch_p50_speedup_batch{batch}", "value": round(torch_p50 / p50, 2), "unit": "x",
-                "target": f">= {target}", "met": torch_p50 / p50 >= target,
-                "platform": round(p50, 3), "baseline": round(torch_p50, 3), "baseline_unit": "ms p50",
-                "platform_p99_ms": round(stats[f"{b}_batch{batch}"]["p99_ms"], 3), "baseline_p99_ms": round(stats[f"torch_batch{batch}"]["p99_ms"], 3),
-            })
+            figures.append(
+                {
+                    "name": f"{name}_{b.replace('-', '_')}_vs_torch_p50_speedup_batch{batch}",
+                    "value": round(torch_p50 / p50, 2),
+                    "unit": "x",
+                    "target": f">= {target}",
+                    "met": torch_p50 / p50 >= target,
+                    "platform": round(p50, 3),
+                    "baseline": round(torch_p50, 3),
+                    "baseline_unit": "ms p50",
+                    "platform_p99_ms": round(stats[f"{b}_batch{batch}"]["p99_ms"], 3),
+                    "baseline_p99_ms": round(stats[f"torch_batch{batch}"]["p99_ms"], 3),
+                }
+            )
     int8 = card["exports"]["onnx-int8"]
     drop = int8["accuracy_drop"] * 100
-    figures.append({
-        "name": f"{name}_int8_accuracy_drop", "value": round(drop, 2), "unit": "points", "target": "<= 1", "met": drop <= 1,
-        "platform": round(int8["accuracy_int8"], 4), "baseline": round(int8["accuracy_fp32"], 4), "baseline_unit": "accuracy (int8 vs fp32)",
-        "rows": int8["rows"],
-    })
+    figures.append(
+        {
+            "name": f"{name}_int8_accuracy_drop",
+            "value": round(drop, 2),
+            "unit": "points",
+            "target": "<= 1",
+            "met": drop <= 1,
+            "platform": round(int8["accuracy_int8"], 4),
+            "baseline": round(int8["accuracy_fp32"], 4),
+            "baseline_unit": "accuracy (int8 vs fp32)",
+            "rows": int8["rows"],
+        }
+    )
     return figures, stats
 
 
@@ -153,8 +174,11 @@ def deploy(root: Path, name: str, port: int, **serve_keys) -> str:
     from lifelong.config import absolute_paths, validate_config
     from lifelong.serve import deploy as deploy_app
 
-    raw = {"name": name, "storage": {"root": str(root)},
-           "serve": {"port": port, "app_name": f"bench-{name}", "route_prefix": f"/{name}", "threads_per_replica": THREADS, **serve_keys}}
+    raw = {
+        "name": name,
+        "storage": {"root": str(root)},
+        "serve": {"port": port, "app_name": f"bench-{name}", "route_prefix": f"/{name}", "threads_per_replica": THREADS, **serve_keys},
+    }
     return deploy_app(absolute_paths(validate_config(raw)))
 
 
@@ -169,6 +193,7 @@ async def load(url: str, texts: list[str], concurrency: int, total: int, time_li
     latencies, failures, sent = [], 0, 0
     deadline = time.monotonic() + time_limit
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+
         async def worker(i):
             nonlocal failures, sent
             while sent < total and time.monotonic() < deadline:
@@ -181,11 +206,17 @@ async def load(url: str, texts: list[str], concurrency: int, total: int, time_li
                     ok = False
                 latencies.append(time.perf_counter() - start)
                 failures += not ok
+
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         wall = time.perf_counter() - start
-    return {"requests": len(latencies), "failures": failures, "rps": len(latencies) / wall,
-            "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3}
+    return {
+        "requests": len(latencies),
+        "failures": failures,
+        "rps": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+    }
 
 
 def serve_floor(port: int, reps: int) -> list[float]:
@@ -205,7 +236,9 @@ def serve_floor(port: int, reps: int) -> list[float]:
     serve.run(Echo.bind(), name="bench-echo", route_prefix="/echo")
     try:
         with httpx.Client(timeout=30) as client:
-            return time_calls(lambda: client.post(f"http://127.0.0.1:{port}/echo/v1/predict", json={"texts": ["x"]}).raise_for_status(), reps, warmup=20)
+            return time_calls(
+                lambda: client.post(f"http://127.0.0.1:{port}/echo/v1/predict", json={"texts": ["x"]}).raise_for_status(), reps, warmup=20
+            )
     finally:
         serve.delete("bench-echo")
 
@@ -223,13 +256,29 @@ def serve_overhead(root, name, port, model_dir, card, texts, reps) -> dict:
     finally:
         undeploy(name)
     floor = serve_floor(port, reps)
-    d50, d99, h50, h99 = (percentile(direct, 50) * 1e3, percentile(direct, 99) * 1e3, percentile(http, 50) * 1e3, percentile(http, 99) * 1e3)
-    return {"name": f"{name}_serve_added_latency_p50", "value": round(h50 - d50, 2), "unit": "ms", "target": None, "met": None,
-            "platform": round(h50, 3), "baseline": round(d50, 3), "baseline_unit": "ms p50 (HTTP via Serve vs direct call)",
-            "platform_p99_ms": round(h99, 3), "baseline_p99_ms": round(d99, 3), "added_p99_ms": round(h99 - d99, 2),
-            "serve_floor_p50_ms": round(percentile(floor, 50) * 1e3, 3), "serve_floor_p99_ms": round(percentile(floor, 99) * 1e3, 3),
-            "note": "includes serve.batch_wait_timeout_s=0.005 (a lone request waits for company); serve_floor = "
-                    "a FastAPI ingress on Serve that does no work, measured in the same run"}
+    d50, d99, h50, h99 = (
+        percentile(direct, 50) * 1e3,
+        percentile(direct, 99) * 1e3,
+        percentile(http, 50) * 1e3,
+        percentile(http, 99) * 1e3,
+    )
+    return {
+        "name": f"{name}_serve_added_latency_p50",
+        "value": round(h50 - d50, 2),
+        "unit": "ms",
+        "target": None,
+        "met": None,
+        "platform": round(h50, 3),
+        "baseline": round(d50, 3),
+        "baseline_unit": "ms p50 (HTTP via Serve vs direct call)",
+        "platform_p99_ms": round(h99, 3),
+        "baseline_p99_ms": round(d99, 3),
+        "added_p99_ms": round(h99 - d99, 2),
+        "serve_floor_p50_ms": round(percentile(floor, 50) * 1e3, 3),
+        "serve_floor_p99_ms": round(percentile(floor, 99) * 1e3, 3),
+        "note": "includes serve.batch_wait_timeout_s=0.005 (a lone request waits for company); serve_floor = "
+        "a FastAPI ingress on Serve that does no work, measured in the same run",
+    }
 
 
 def batching_gain(root, name, port, texts, total) -> tuple[dict, dict]:
@@ -243,10 +292,20 @@ def batching_gain(root, name, port, texts, total) -> tuple[dict, dict]:
             undeploy(name)
         print(f"  {name} {label}: {runs[label]}", flush=True)
     gain = runs["batched"]["rps"] / runs["unbatched"]["rps"]
-    return ({"name": f"{name}_batching_throughput_gain_c32", "value": round(gain, 2), "unit": "x", "target": ">= 3", "met": gain >= 3,
-             "platform": round(runs["batched"]["rps"], 1), "baseline": round(runs["unbatched"]["rps"], 1),
-             "baseline_unit": "requests/s at concurrency 32 (max batch 16 vs 1)",
-             "failures": runs["batched"]["failures"] + runs["unbatched"]["failures"]}, runs)
+    return (
+        {
+            "name": f"{name}_batching_throughput_gain_c32",
+            "value": round(gain, 2),
+            "unit": "x",
+            "target": ">= 3",
+            "met": gain >= 3,
+            "platform": round(runs["batched"]["rps"], 1),
+            "baseline": round(runs["unbatched"]["rps"], 1),
+            "baseline_unit": "requests/s at concurrency 32 (max batch 16 vs 1)",
+            "failures": runs["batched"]["failures"] + runs["unbatched"]["failures"],
+        },
+        runs,
+    )
 
 
 def swap_under_load(root, registry, name, port, versions, texts, swaps) -> tuple[list[dict], list]:
@@ -282,9 +341,17 @@ def swap_under_load(root, registry, name, port, versions, texts, swaps) -> tuple
                 time.sleep(0.05)
             first_answer = next((t for t, _, v in results if v == new and t >= moved), None)
             swap = info["swaps"][-1]
-            committed_after = (np.datetime64(swap["committed_at"].replace("+00:00", "")) - np.datetime64(swap["alias_moved_at"].replace("+00:00", ""))) / np.timedelta64(1, "ms") / 1e3
-            measured.append({"alias_move_to_all_replicas_s": float(committed_after),
-                             "alias_move_to_first_new_answer_s": (first_answer - moved) if first_answer else None})
+            committed_after = (
+                (np.datetime64(swap["committed_at"].replace("+00:00", "")) - np.datetime64(swap["alias_moved_at"].replace("+00:00", "")))
+                / np.timedelta64(1, "ms")
+                / 1e3
+            )
+            measured.append(
+                {
+                    "alias_move_to_all_replicas_s": float(committed_after),
+                    "alias_move_to_first_new_answer_s": (first_answer - moved) if first_answer else None,
+                }
+            )
             time.sleep(2)
     finally:
         stop.set()
@@ -293,13 +360,33 @@ def swap_under_load(root, registry, name, port, versions, texts, swaps) -> tuple
         undeploy(name)
     failed = sum(1 for _, status, _ in results if status != 200)
     seconds = [m["alias_move_to_all_replicas_s"] for m in measured]
-    return ([
-        {"name": f"{name}_swap_seconds_to_every_replica", "value": round(statistics.median(seconds), 2), "unit": "s", "target": None, "met": None,
-         "platform": round(max(seconds), 2), "baseline": round(min(seconds), 2), "baseline_unit": "s (max / min of swaps)",
-         "swaps": len(seconds), "poll_interval_s": 0.5},
-        {"name": f"{name}_swap_failed_requests", "value": failed, "unit": "requests", "target": "== 0", "met": failed == 0,
-         "platform": len(results), "baseline": failed, "baseline_unit": "requests sent / failed"},
-    ], measured)
+    return (
+        [
+            {
+                "name": f"{name}_swap_seconds_to_every_replica",
+                "value": round(statistics.median(seconds), 2),
+                "unit": "s",
+                "target": None,
+                "met": None,
+                "platform": round(max(seconds), 2),
+                "baseline": round(min(seconds), 2),
+                "baseline_unit": "s (max / min of swaps)",
+                "swaps": len(seconds),
+                "poll_interval_s": 0.5,
+            },
+            {
+                "name": f"{name}_swap_failed_requests",
+                "value": failed,
+                "unit": "requests",
+                "target": "== 0",
+                "met": failed == 0,
+                "platform": len(results),
+                "baseline": failed,
+                "baseline_unit": "requests sent / failed",
+            },
+        ],
+        measured,
+    )
 
 
 def main() -> None:
@@ -360,7 +447,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores, no GPU",
         "date": date.today().isoformat(),
         "setup": f"{THREADS} intra-op thread per backend / replica; ONNX Runtime CPU EP; torch eager fp32 inference_mode; "
-                 f"latencies over {reps} calls per backend and batch; Serve on the embedded local Ray, client on loopback",
+        f"latencies over {reps} calls per backend and batch; Serve on the embedded local Ray, client on loopback",
         "figures": figures,
         "raw": raw,
     }

@@ -68,7 +68,7 @@ def baseline_tokens_per_s(model_cfg, tokenizer_dir: str, corpus: Path, seq_len: 
     for step in range(warmup + steps):
         if step == warmup:
             started = time.perf_counter()
-        batch = blocks[(step * GLOBAL_BATCH) % (len(blocks) - GLOBAL_BATCH):][:GLOBAL_BATCH]
+        batch = blocks[(step * GLOBAL_BATCH) % (len(blocks) - GLOBAL_BATCH) :][:GLOBAL_BATCH]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -80,16 +80,24 @@ def baseline_tokens_per_s(model_cfg, tokenizer_dir: str, corpus: Path, seq_len: 
 
 def platform_tokens_per_s(size: str, precision: str, root: Path, corpus: Path, tokenizer_dir: str, steps: int, rep: int) -> float:
     from conftest import make_config
-
     from lifelong.train.driver import run_training
 
     model_cfg, _, seq_len, _, _ = SIZES[size]
     config = make_config(
-        "gpt2/tiny_pretrain.yaml", f"name=bench-{size}", f"run_name=bench-{size}-{precision}-{rep}",
-        f"data.path={corpus}", f"storage.root={root}", f"model.tokenizer={tokenizer_dir}",
-        f"model.hf_config={json.dumps(model_cfg)}", f"model.max_length={seq_len}",
-        f"train.precision={precision}", "train.epochs=2", f"train.max_steps_per_epoch={steps}",
-        f"train.batch_size={GLOBAL_BATCH // WORKERS}", f"scaling.num_workers={WORKERS}", "train.log_every_steps=1000",
+        "gpt2/tiny_pretrain.yaml",
+        f"name=bench-{size}",
+        f"run_name=bench-{size}-{precision}-{rep}",
+        f"data.path={corpus}",
+        f"storage.root={root}",
+        f"model.tokenizer={tokenizer_dir}",
+        f"model.hf_config={json.dumps(model_cfg)}",
+        f"model.max_length={seq_len}",
+        f"train.precision={precision}",
+        "train.epochs=2",
+        f"train.max_steps_per_epoch={steps}",
+        f"train.batch_size={GLOBAL_BATCH // WORKERS}",
+        f"scaling.num_workers={WORKERS}",
+        "train.log_every_steps=1000",
     )
     outcome = run_training(config)
     return outcome.metrics["train_tokens_per_s"]  # epoch 2, the best (=last) checkpoint's
@@ -104,10 +112,11 @@ def main() -> None:
     args = parser.parse_args()
     reps = args.reps or (1 if args.quick else 3)
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from lifelong.models import train_tokenizer
     from lifelong.runtime import connect
     from lifelong.synth import write_text_corpus
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="lifelong-bench-"))
     corpus = work / "corpus.jsonl"
@@ -134,15 +143,21 @@ def main() -> None:
                 print(f"{size} {precision} rep {rep}: platform {ours[-1]:.0f} tok/s, baseline {base[-1]:.0f} tok/s", flush=True)
             p, b = statistics.median(ours), statistics.median(base)
             raw[f"{size}_{precision}"] = {"platform": ours, "baseline": base, "params": params}
-            figures.append({
-                "name": f"{size}_{precision}_platform_vs_pytorch_throughput", "value": round(p / b, 3), "unit": "x",
-                "target": ">= 0.8" if size == "small" else None,
-                "met": (p / b >= 0.8) if size == "small" else None,
-                "platform": round(p), "baseline": round(b), "baseline_unit": "tokens/s",
-                "params": params,
-                "platform_mfu": round(p * fpt / peaks[precision], 4),
-                "baseline_mfu": round(b * fpt / peaks[precision], 4),
-            })
+            figures.append(
+                {
+                    "name": f"{size}_{precision}_platform_vs_pytorch_throughput",
+                    "value": round(p / b, 3),
+                    "unit": "x",
+                    "target": ">= 0.8" if size == "small" else None,
+                    "met": (p / b >= 0.8) if size == "small" else None,
+                    "platform": round(p),
+                    "baseline": round(b),
+                    "baseline_unit": "tokens/s",
+                    "params": params,
+                    "platform_mfu": round(p * fpt / peaks[precision], 4),
+                    "baseline_mfu": round(b * fpt / peaks[precision], 4),
+                }
+            )
     result = {
         "benchmark": "train_throughput",
         "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:]),
@@ -150,7 +165,7 @@ def main() -> None:
         "date": date.today().isoformat(),
         "peak_flops": {k: round(v) for k, v in peaks.items()},
         "setup": f"platform: {WORKERS} Ray Train workers x 1 CPU, DeepSpeed ZeRO-2, batch {GLOBAL_BATCH // WORKERS}/worker; "
-                 f"baseline: 1 process, {os.cpu_count()} threads, batch {GLOBAL_BATCH}; seq len per size; medians of {reps}",
+        f"baseline: 1 process, {os.cpu_count()} threads, batch {GLOBAL_BATCH}; seq len per size; medians of {reps}",
         "figures": figures,
         "raw": raw,
     }

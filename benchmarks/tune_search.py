@@ -52,19 +52,29 @@ def sweep_stats(results, target: float, started: float, finished: float, epochs:
         training = float((history["epoch_seconds"] + history["val_seconds"]).sum())
         startup = float(first["time_total_s"] - first["epoch_seconds"] - first["val_seconds"])
         setup = float(first["setup_seconds"])
-        trials.append({
-            "trial": result.metrics.get("trial_id"), "epochs": int(history["epoch"].max()),
-            "best_val_loss": float(history["val_loss"].min()), "wall_s": float(history["time_total_s"].iloc[-1]),
-            "training_s": training, "startup_s": startup, "setup_in_loop_s": setup, "startup_before_loop_s": startup - setup,
-        })
+        trials.append(
+            {
+                "trial": result.metrics.get("trial_id"),
+                "epochs": int(history["epoch"].max()),
+                "best_val_loss": float(history["val_loss"].min()),
+                "wall_s": float(history["time_total_s"].iloc[-1]),
+                "training_s": training,
+                "startup_s": startup,
+                "setup_in_loop_s": setup,
+                "startup_before_loop_s": startup - setup,
+            }
+        )
         for _, row in history.iterrows():
             # Tune stamps results in whole seconds; the trial's own clock orders those of one second.
             rows.append((trial_start + float(row["time_total_s"]), float(row["val_loss"])))
     rows.sort()
     to_target = next(((i + 1, at - started) for i, (at, loss) in enumerate(rows) if loss <= target), (None, None))
     return {
-        "trials": len(trials), "trial_epochs": len(rows), "max_trial_epochs": len(trials) * epochs,
-        "trial_epochs_to_target": to_target[0], "seconds_to_target": to_target[1],
+        "trials": len(trials),
+        "trial_epochs": len(rows),
+        "max_trial_epochs": len(trials) * epochs,
+        "trial_epochs_to_target": to_target[0],
+        "seconds_to_target": to_target[1],
         "best_val_loss": min((t["best_val_loss"] for t in trials), default=math.inf),
         "stopped_early": sum(t["epochs"] < epochs for t in trials),
         "sweep_wall_s": finished - started,
@@ -99,30 +109,81 @@ def finite(obj):
 
 def make_figures(summary: dict, overhead: dict, n_seeds: int, trials: int, target: float) -> list[dict]:
     a, b = summary["tpe_asha"], summary["random_no_stop"]
-    inf = lambda v: math.inf if v is None else v
+
+    def inf(v):
+        return math.inf if v is None else v
+
     ratio = inf(b["trial_epochs_to_target"]) / inf(a["trial_epochs_to_target"]) if math.isfinite(inf(a["trial_epochs_to_target"])) else 0.0
     wall_ratio = inf(b["seconds_to_target"]) / inf(a["seconds_to_target"]) if math.isfinite(inf(a["seconds_to_target"])) else 0.0
-    shown = lambda v: "not reached" if v is None or v == math.inf else round(v, 1)
-    rounded = lambda v: round(v, 2) if math.isfinite(v) else "inf"
+
+    def shown(v):
+        return "not reached" if v is None or v == math.inf else round(v, 1)
+
+    def rounded(v):
+        return round(v, 2) if math.isfinite(v) else "inf"
+
     return [
-        {"name": "tune_trial_epochs_to_target", "value": rounded(ratio), "unit": "x fewer with TPE+ASHA", "target": ">= 2", "met": ratio >= 2,
-         "platform": shown(a["trial_epochs_to_target"]), "baseline": shown(b["trial_epochs_to_target"]),
-         "baseline_unit": f"trial-epochs to val_loss <= {target} (median, {n_seeds} seeds)"},
-        {"name": "tune_wall_to_target", "value": rounded(wall_ratio), "unit": "x faster with TPE+ASHA", "target": None, "met": None,
-         "platform": shown(a["seconds_to_target"]), "baseline": shown(b["seconds_to_target"]), "baseline_unit": "s (median)"},
-        {"name": "tune_trial_epochs_per_sweep", "value": rounded(b["trial_epochs"] / a["trial_epochs"]), "unit": "x fewer with TPE+ASHA",
-         "target": None, "met": None, "platform": a["trial_epochs"], "baseline": b["trial_epochs"],
-         "baseline_unit": f"trial-epochs for {trials} trials (median)"},
-        {"name": "tune_best_val_loss_within_budget", "value": round(a["best_val_loss"], 4), "unit": "val_loss (TPE+ASHA)",
-         "target": None, "met": None, "platform": round(a["best_val_loss"], 4), "baseline": round(b["best_val_loss"], 4),
-         "baseline_unit": f"best val_loss of {trials} trials (median)"},
-        {"name": "tune_training_share_of_trial_wall", "value": round(overhead["training_share_of_trial_wall"], 3),
-         "unit": "(train + validate seconds / trial wall seconds)", "target": None, "met": None,
-         "platform": round(overhead["sum_training_s"]), "baseline": round(overhead["sum_trial_wall_s"]),
-         "baseline_unit": "s (all trials: training / trial wall)"},
-        {"name": "tune_per_trial_startup", "value": round(overhead["startup_s_median"], 1), "unit": "s (median)", "target": None, "met": None,
-         "platform": round(overhead["startup_before_loop_s_median"], 1), "baseline": round(overhead["setup_in_loop_s_median"], 1),
-         "baseline_unit": "s (before the loop: trial actor, Train controller, worker group, data split / in it: model load + DeepSpeed init)"},
+        {
+            "name": "tune_trial_epochs_to_target",
+            "value": rounded(ratio),
+            "unit": "x fewer with TPE+ASHA",
+            "target": ">= 2",
+            "met": ratio >= 2,
+            "platform": shown(a["trial_epochs_to_target"]),
+            "baseline": shown(b["trial_epochs_to_target"]),
+            "baseline_unit": f"trial-epochs to val_loss <= {target} (median, {n_seeds} seeds)",
+        },
+        {
+            "name": "tune_wall_to_target",
+            "value": rounded(wall_ratio),
+            "unit": "x faster with TPE+ASHA",
+            "target": None,
+            "met": None,
+            "platform": shown(a["seconds_to_target"]),
+            "baseline": shown(b["seconds_to_target"]),
+            "baseline_unit": "s (median)",
+        },
+        {
+            "name": "tune_trial_epochs_per_sweep",
+            "value": rounded(b["trial_epochs"] / a["trial_epochs"]),
+            "unit": "x fewer with TPE+ASHA",
+            "target": None,
+            "met": None,
+            "platform": a["trial_epochs"],
+            "baseline": b["trial_epochs"],
+            "baseline_unit": f"trial-epochs for {trials} trials (median)",
+        },
+        {
+            "name": "tune_best_val_loss_within_budget",
+            "value": round(a["best_val_loss"], 4),
+            "unit": "val_loss (TPE+ASHA)",
+            "target": None,
+            "met": None,
+            "platform": round(a["best_val_loss"], 4),
+            "baseline": round(b["best_val_loss"], 4),
+            "baseline_unit": f"best val_loss of {trials} trials (median)",
+        },
+        {
+            "name": "tune_training_share_of_trial_wall",
+            "value": round(overhead["training_share_of_trial_wall"], 3),
+            "unit": "(train + validate seconds / trial wall seconds)",
+            "target": None,
+            "met": None,
+            "platform": round(overhead["sum_training_s"]),
+            "baseline": round(overhead["sum_trial_wall_s"]),
+            "baseline_unit": "s (all trials: training / trial wall)",
+        },
+        {
+            "name": "tune_per_trial_startup",
+            "value": round(overhead["startup_s_median"], 1),
+            "unit": "s (median)",
+            "target": None,
+            "met": None,
+            "platform": round(overhead["startup_before_loop_s_median"], 1),
+            "baseline": round(overhead["setup_in_loop_s_median"], 1),
+            "baseline_unit": "s (before the loop: trial actor, Train controller, worker group, data split / "
+            "in it: model load + DeepSpeed init)",
+        },
     ]
 
 
@@ -166,8 +227,14 @@ def main() -> None:
     store = work / "store"
     connect(num_cpus=args.concurrency + 1, dashboard=True)
 
-    pretrain = make_config("gpt2/tiny_pretrain.yaml", f"data.path={work / 'corpus.jsonl'}", f"storage.root={store}",
-                           "train.epochs=2", "train.max_steps_per_epoch=40", "scaling.num_workers=1")
+    pretrain = make_config(
+        "gpt2/tiny_pretrain.yaml",
+        f"data.path={work / 'corpus.jsonl'}",
+        f"storage.root={store}",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=40",
+        "scaling.num_workers=1",
+    )
     base = run_training(pretrain)
     Registry(Storage(str(store))).move_alias("tiny-gpt2", "champion", base.version)
 
@@ -175,9 +242,16 @@ def main() -> None:
     for seed in seeds:
         for method, (search, scheduler) in METHODS.items():  # alternate, so drift hits both alike
             config = make_config(
-                "gpt2/tiny_tune.yaml", f"data.path={work / 'topics.jsonl'}", f"storage.root={store}",
-                f"name=bench-{method}-{seed}", f"tune.seed={seed}", f"tune.search={search}", f"tune.scheduler={scheduler}",
-                f"tune.num_samples={trials}", f"tune.max_concurrent_trials={args.concurrency}", "train.epochs=4",
+                "gpt2/tiny_tune.yaml",
+                f"data.path={work / 'topics.jsonl'}",
+                f"storage.root={store}",
+                f"name=bench-{method}-{seed}",
+                f"tune.seed={seed}",
+                f"tune.search={search}",
+                f"tune.scheduler={scheduler}",
+                f"tune.num_samples={trials}",
+                f"tune.max_concurrent_trials={args.concurrency}",
+                "train.epochs=4",
             )
             started = time.time()
             outcome = run_sweep(config)
@@ -185,9 +259,12 @@ def main() -> None:
             stats = sweep_stats(outcome.results, args.target, started, finished, config.train.epochs)
             stats["seed"] = seed
             runs[method].append(stats)
-            print(f"[bench] seed {seed} {method}: {stats['trial_epochs_to_target']} trial-epochs / "
-                  f"{stats['seconds_to_target']} s to val_loss <= {args.target}; best {stats['best_val_loss']:.4f}; "
-                  f"{stats['trial_epochs']} trial-epochs in {stats['sweep_wall_s']:.0f} s", flush=True)
+            print(
+                f"[bench] seed {seed} {method}: {stats['trial_epochs_to_target']} trial-epochs / "
+                f"{stats['seconds_to_target']} s to val_loss <= {args.target}; best {stats['best_val_loss']:.4f}; "
+                f"{stats['trial_epochs']} trial-epochs in {stats['sweep_wall_s']:.0f} s",
+                flush=True,
+            )
 
     summary = {}
     for method, stats in runs.items():
@@ -218,7 +295,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores, no GPU",
         "date": date.today().isoformat(),
         "setup": f"{trials} trials per sweep, 4 epochs x 25 steps max each, {args.concurrency} concurrent trials of 1 worker, "
-                 f"seeds {seeds}, target val_loss <= {args.target}; Ray {args.concurrency + 1} logical CPUs on {os.cpu_count()} cores",
+        f"seeds {seeds}, target val_loss <= {args.target}; Ray {args.concurrency + 1} logical CPUs on {os.cpu_count()} cores",
         "summary": summary,
         "overhead": overhead,
         "figures": figures,

@@ -1,6 +1,6 @@
 """Ray job: continual learning on the landing zone (one cycle with --once, else a polling loop).
 
-    ray job submit --working-dir . -- python jobs/continual.py configs/gpt2/tiny_continual.yaml --once [key=value ...]
+ray job submit --working-dir . -- python jobs/continual.py configs/gpt2/tiny_continual.yaml --once [key=value ...]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Ray job: fine-tune from model.init_from on Ray Train + DeepSpeed, then register its best checkpoint.
 
-    ray job submit --working-dir . -- python jobs/finetune.py configs/gpt2/tiny_finetune.yaml [--resume] [key=value ...]
+ray job submit --working-dir . -- python jobs/finetune.py configs/gpt2/tiny_finetune.yaml [--resume] [key=value ...]
 """
 
 import sys

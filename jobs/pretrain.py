@@ -1,6 +1,6 @@
 """Ray job: pretrain a causal LM on Ray Train + DeepSpeed, then register its best checkpoint.
 
-    ray job submit --working-dir . -- python jobs/pretrain.py configs/gpt2/tiny_pretrain.yaml [--resume] [key=value ...]
+ray job submit --working-dir . -- python jobs/pretrain.py configs/gpt2/tiny_pretrain.yaml [--resume] [key=value ...]
 """
 
 import sys

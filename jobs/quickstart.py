@@ -47,11 +47,21 @@ landing = (data / f"landing-{stamp}").resolve()
 landing.mkdir(parents=True)
 
 pretrain = load_config("configs/gpt2/tiny_pretrain.yaml", [f"run_name=quickstart-pretrain-{stamp}"])
-sweep = load_config("configs/gpt2/tiny_tune.yaml", [
-    f"tune.sweep_name=quickstart-{stamp}", "tune.num_samples=4", "tune.startup_trials=2", "train.epochs=3"])
-cycles = load_config("configs/gpt2/tiny_continual.yaml", [
-    f"data.path={landing}", f"continual.landing={landing}", f"continual.stream=quickstart-{stamp}",
-    "continual.min_new_rows=100", "train.epochs=3", "train.lr=3e-3", "scaling.num_workers=1"])
+sweep = load_config(
+    "configs/gpt2/tiny_tune.yaml", [f"tune.sweep_name=quickstart-{stamp}", "tune.num_samples=4", "tune.startup_trials=2", "train.epochs=3"]
+)
+cycles = load_config(
+    "configs/gpt2/tiny_continual.yaml",
+    [
+        f"data.path={landing}",
+        f"continual.landing={landing}",
+        f"continual.stream=quickstart-{stamp}",
+        "continual.min_new_rows=100",
+        "train.epochs=3",
+        "train.lr=3e-3",
+        "scaling.num_workers=1",
+    ],
+)
 served = load_config("configs/gpt2/tiny_serve.yaml", ["serve.poll_interval_s=0.5"])
 where = connect(num_cpus=4, dashboard=True)  # the dashboard's state API lets ASHA free stopped trials
 console.print(f"[bold]quickstart[/] on {where}; storage root {pretrain.storage.root}")
@@ -127,8 +137,14 @@ console.print(report.text, markup=False, highlight=False, soft_wrap=True)
 console.print(f"plots: {report.matrix_png}, {report.metrics_png}", soft_wrap=True)
 by_version = collections.Counter(v for status, v in answers if status == 200)
 failed = [a for a in answers if a[0] != 200]
-console.print(f"the endpoint answered {len(answers)} requests: " + ", ".join(f"version {v}: {n}" for v, n in sorted(by_version.items()))
-              + f"; failed requests: {len(failed)}" + (f" (first: {failed[0]})" if failed else ""))
-console.print(f"[bold green]quickstart done[/] in {time.monotonic() - started:.0f} s. Next: lifelong continual "
-              f"configs/gpt2/tiny_continual.yaml · lifelong models list · lifelong continual report CONFIG")
+console.print(
+    f"the endpoint answered {len(answers)} requests: "
+    + ", ".join(f"version {v}: {n}" for v, n in sorted(by_version.items()))
+    + f"; failed requests: {len(failed)}"
+    + (f" (first: {failed[0]})" if failed else "")
+)
+console.print(
+    f"[bold green]quickstart done[/] in {time.monotonic() - started:.0f} s. Next: lifelong continual "
+    f"configs/gpt2/tiny_continual.yaml · lifelong models list · lifelong continual report CONFIG"
+)
 raise SystemExit(1 if failed else 0)

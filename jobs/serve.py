@@ -1,6 +1,6 @@
 """Ray job: deploy the Serve app that follows serve.alias; it keeps running after this job ends.
 
-    ray job submit --working-dir . -- python jobs/serve.py configs/gpt2/tiny_serve.yaml serve.host=0.0.0.0
+ray job submit --working-dir . -- python jobs/serve.py configs/gpt2/tiny_serve.yaml serve.host=0.0.0.0
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Ray job: a hyperparameter sweep (Ray Tune + Optuna + ASHA) over Ray Train + DeepSpeed trials.
 
-    ray job submit --working-dir . -- python jobs/tune.py configs/gpt2/tiny_tune.yaml [--resume] [--promote] [key=value ...]
+ray job submit --working-dir . -- python jobs/tune.py configs/gpt2/tiny_tune.yaml [--resume] [--promote] [key=value ...]
 """
 
 import sys

@@ -9,7 +9,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The moto S3 server's (fake) credentials, set before the session's Ray starts so that its worker
 # processes (which read landing zones and stores in the bucket) have them, as a node would.
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lifelong-test-key", "AWS_SECRET_ACCESS_KEY": "lifelong-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "lifelong-test-key",
+    "AWS_SECRET_ACCESS_KEY": "lifelong-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 for _key, _value in S3_CREDENTIALS.items():
     os.environ.setdefault(_key, _value)
 
@@ -52,8 +56,13 @@ def pretrained(ray_session, demo_data, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("store")
     config = make_config(
-        "gpt2/tiny_pretrain.yaml", f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={root}",
-        "train.epochs=2", "train.max_steps_per_epoch=40", "train.deepspeed.zero_stage=2", "scaling.num_workers=2",
+        "gpt2/tiny_pretrain.yaml",
+        f"data.path={demo_data / 'corpus.jsonl'}",
+        f"storage.root={root}",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=40",
+        "train.deepspeed.zero_stage=2",
+        "scaling.num_workers=2",
     )
     outcome = run_training(config)
     return {"outcome": outcome, "root": root, "config": config}
@@ -101,8 +110,12 @@ def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-clas
     model.save_pretrained(workdir / "hf")
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, workdir / "hf" / f.name)
-    card = {"task": task, "labels": LABELS if task == "sequence-classification" else None,
-            "metrics": {"seed": seed}, "config": {"model": cfg.model_dump(mode="json")}}
+    card = {
+        "task": task,
+        "labels": LABELS if task == "sequence-classification" else None,
+        "metrics": {"seed": seed},
+        "config": {"model": cfg.model_dump(mode="json")},
+    }
     exported = None
     if export:
         formats = ("onnx", "onnx-int8") if task == "sequence-classification" else ("onnx",)

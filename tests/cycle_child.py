@@ -52,6 +52,7 @@ def before(owner, name):
 
 def during_training(root: str) -> None:
     """Die once the window's run has written a checkpoint, while Ray Train is still running it."""
+
     def watch():
         while not glob.glob(os.path.join(root, "runs", "*-w*", "checkpoint_*", "state.json")):
             time.sleep(0.2)

@@ -42,18 +42,21 @@ def test_models_promote_rollback_list_show(store):
     assert Registry(Storage(str(store))).aliases("demo")["challenger"]["version"] == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["models", "promote", "demo:9"], "demo:9 does not exist"),
-    (["models", "show", "demo@nope"], "'demo@nope' does not exist"),
-    (["models", "rollback", "demo"], "no earlier version"),
-    (["models", "promote", "demo:1", "--alias", "9bad"], "not a valid alias"),
-    (["models", "rollback", "no such model"], "'no such model' is not a valid model name"),
-    (["models", "rollback", "nosuch"], "no model named 'nosuch'"),
-    (["models", "rollback", "demo", "--alias", "bad alias"], "not a valid alias"),
-    (["models", "show", "demo:²"], "VERSION must be a number"),
-    (["models", "promote", "demo:1", "--alias", "champion\n"], "not a valid alias"),
-    (["models", "show", "demo\n@champion"], "is not a model reference"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["models", "promote", "demo:9"], "demo:9 does not exist"),
+        (["models", "show", "demo@nope"], "'demo@nope' does not exist"),
+        (["models", "rollback", "demo"], "no earlier version"),
+        (["models", "promote", "demo:1", "--alias", "9bad"], "not a valid alias"),
+        (["models", "rollback", "no such model"], "'no such model' is not a valid model name"),
+        (["models", "rollback", "nosuch"], "no model named 'nosuch'"),
+        (["models", "rollback", "demo", "--alias", "bad alias"], "not a valid alias"),
+        (["models", "show", "demo:²"], "VERSION must be a number"),
+        (["models", "promote", "demo:1", "--alias", "champion\n"], "not a valid alias"),
+        (["models", "show", "demo\n@champion"], "is not a model reference"),
+    ],
+)
 def test_models_bad_arguments_get_clear_errors(store, args, message):
     out = lifelong(*args, "--root", store)
     assert out.returncode == 2
@@ -79,8 +82,19 @@ def test_evaluate_prints_table_and_json(pretrained, demo_data, tmp_path):
     address = pretrained["outcome"] and __import__("ray").get_runtime_context().gcs_address
     ref = f"tiny-gpt2:{pretrained['outcome'].version}"
     out_json = tmp_path / "eval.json"
-    proc = lifelong("evaluate", f"{CONFIGS}/gpt2/tiny_pretrain.yaml", f"storage.root={pretrained['root']}",
-                    "--model", ref, "--data", demo_data / "corpus.jsonl", "--json", out_json, "--address", address)
+    proc = lifelong(
+        "evaluate",
+        f"{CONFIGS}/gpt2/tiny_pretrain.yaml",
+        f"storage.root={pretrained['root']}",
+        "--model",
+        ref,
+        "--data",
+        demo_data / "corpus.jsonl",
+        "--json",
+        out_json,
+        "--address",
+        address,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout
     result = json.loads(out_json.read_text())
@@ -154,9 +168,15 @@ def test_submit_refuses_bad_input_before_anything_travels(tmp_path):
         (["submit", "pretrain", tmp_path / "nope.yaml", nobody], "no such config file"),
         (["submit", "pretrain", outside, root, nobody], "is outside the project"),
         (["submit", "pretrain", config, nobody], "storage.root is the relative path './lifelong-store'"),
-        (["submit", "pretrain", config, root, "data.path=not/here.jsonl", nobody], "data.path 'not/here.jsonl' is relative but not in the project"),
+        (
+            ["submit", "pretrain", config, root, "data.path=not/here.jsonl", nobody],
+            "data.path 'not/here.jsonl' is relative but not in the project",
+        ),
         (["submit", "pretrain", config, root, "train.lr=-1", nobody], "train.lr"),
-        (["submit", "continual", f"{CONFIGS}/gpt2/tiny_continual.yaml", root, "--forever", nobody], "does not take --forever (its flags: --force, --once)"),
+        (
+            ["submit", "continual", f"{CONFIGS}/gpt2/tiny_continual.yaml", root, "--forever", nobody],
+            "does not take --forever (its flags: --force, --once)",
+        ),
         (["submit", "pretrain", config, root, f"data.path={tmp_path}", "--address=127.0.0.1:6379"], "is not a dashboard URL"),
         (["submit", "pretrain", config, root, f"data.path={tmp_path}", nobody], "cannot reach the Ray dashboard at http://127.0.0.1:9"),
         (["jobs", "list", "--address", "http://127.0.0.1:9"], "cannot reach the Ray dashboard"),

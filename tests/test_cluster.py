@@ -19,7 +19,6 @@ import psutil
 import pytest
 
 from conftest import ROOT
-
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 
@@ -39,8 +38,14 @@ def _free_ports(n: int) -> list[int]:
 
 def _node_ports() -> list[str]:
     agent, grpc, metrics, env_agent, manager, objects = _free_ports(6)
-    return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}", f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={env_agent}", f"--node-manager-port={manager}", f"--object-manager-port={objects}"]
+    return [
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={env_agent}",
+        f"--node-manager-port={manager}",
+        f"--object-manager-port={objects}",
+    ]
 
 
 class LocalCluster:
@@ -52,20 +57,41 @@ class LocalCluster:
         self.gcs_port, self.dash_port, self.client_port = _free_ports(3)
         self.address = f"http://127.0.0.1:{self.dash_port}"
         # As on a real node, the project's environment is the one on PATH (job entrypoints run `python`).
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "HF_HUB_OFFLINE": "1",
-                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "HF_HUB_OFFLINE": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
         self.env.pop("RAY_ADDRESS", None)
         self.procs: dict[str, subprocess.Popen] = {}
 
     def _start(self, name: str, args: list[str]) -> None:
         log = open(Path(self.temp) / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
-                                            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def start(self, workers: tuple[str, ...] = ("worker-a", "worker-b")) -> LocalCluster:
-        self._start("head", ["--head", f"--port={self.gcs_port}", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}", f"--ray-client-server-port={self.client_port}",
-                             "--num-cpus=2", *_node_ports()])
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--node-ip-address=127.0.0.1",
+                f"--temp-dir={self.temp}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dash_port}",
+                f"--ray-client-server-port={self.client_port}",
+                "--num-cpus=2",
+                *_node_ports(),
+            ],
+        )
         self._wait_for(lambda: self._nodes() >= 1, "the head node")
         for i, name in enumerate(workers):
             self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", *_node_ports()])
@@ -155,16 +181,36 @@ def test_submit_with_token_auth_streams_logs_and_registers(cluster, demo_data, t
     # Without a token, and with a wrong one: refused with a message that says which.
     missing = lifelong("jobs", "list", "--address", cluster.address, env=client_env(cluster, None, tmp_path))
     assert missing.returncode == 2 and "requires a token" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
-    wrong = lifelong("submit", "pretrain", *pretrain_args(root, demo_data / "corpus.jsonl"), "--address", cluster.address,
-                     env=client_env(cluster, "not-the-token", tmp_path))
+    wrong = lifelong(
+        "submit",
+        "pretrain",
+        *pretrain_args(root, demo_data / "corpus.jsonl"),
+        "--address",
+        cluster.address,
+        env=client_env(cluster, "not-the-token", tmp_path),
+    )
     assert wrong.returncode == 2 and "refused the token from RAY_AUTH_TOKEN" in wrong.stderr
     assert "not-the-token" not in wrong.stdout + wrong.stderr and cluster.token not in wrong.stdout + wrong.stderr
     assert not root.exists()  # nothing ran
 
     env = client_env(cluster, cluster.token, tmp_path)
-    done = lifelong("submit", "pretrain", *pretrain_args(root, demo_data / "corpus.jsonl", "name=submitted-gpt2", "train.epochs=1",
-                                                          "train.max_steps_per_epoch=10", "scaling.num_workers=1"),
-                    "--address", cluster.address, "--id", "lifelong-test-submit", env=env)
+    done = lifelong(
+        "submit",
+        "pretrain",
+        *pretrain_args(
+            root,
+            demo_data / "corpus.jsonl",
+            "name=submitted-gpt2",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=10",
+            "scaling.num_workers=1",
+        ),
+        "--address",
+        cluster.address,
+        "--id",
+        "lifelong-test-submit",
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted lifelong-test-submit" in done.stdout and "SUCCEEDED" in done.stdout
     assert "[lifelong] worker 0/1 on node" in done.stdout and "registered submitted-gpt2:1" in done.stdout  # the job's own log, streamed
@@ -185,9 +231,18 @@ def test_a_two_node_deepspeed_run_survives_losing_a_node(cluster, demo_data, tmp
     2 nodes left and resumes from that checkpoint."""
     root = tmp_path / "shared-store"
     env = client_env(cluster, cluster.token, tmp_path)
-    args = pretrain_args(root, demo_data / "corpus.jsonl", "name=spread-gpt2", "run_name=spread", "train.epochs=3",
-                         "train.max_steps_per_epoch=30", "train.deepspeed.zero_stage=2", "scaling.num_workers=2",
-                         "scaling.placement_strategy=STRICT_SPREAD", "train.max_failures=2")
+    args = pretrain_args(
+        root,
+        demo_data / "corpus.jsonl",
+        "name=spread-gpt2",
+        "run_name=spread",
+        "train.epochs=3",
+        "train.max_steps_per_epoch=30",
+        "train.deepspeed.zero_stage=2",
+        "scaling.num_workers=2",
+        "scaling.placement_strategy=STRICT_SPREAD",
+        "train.max_failures=2",
+    )
     started = lifelong("submit", "pretrain", *args, "--address", cluster.address, "--id", "lifelong-test-spread", "--no-wait", env=env)
     assert started.returncode == 0, started.stdout + started.stderr
     runs = root / "runs" / "spread"

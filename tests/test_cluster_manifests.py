@@ -14,7 +14,6 @@ import ray
 import yaml
 
 from conftest import ROOT
-
 from lifelong.config import load_config
 from lifelong.submit import JOB_FLAGS
 
@@ -47,7 +46,9 @@ def test_every_manifest_parses_and_names_things_that_exist():
             kinds.setdefault(doc["kind"], []).append(path.name)
             spec = doc["spec"]
             cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
-            assert cluster["rayVersion"] == ray.__version__, f"{path.name}: rayVersion {cluster['rayVersion']} vs installed {ray.__version__}"
+            assert cluster["rayVersion"] == ray.__version__, (
+                f"{path.name}: rayVersion {cluster['rayVersion']} vs installed {ray.__version__}"
+            )
             pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
             for pod in pods:
                 for container in pod["spec"]["containers"]:

@@ -15,11 +15,11 @@ import uuid
 
 import psutil
 import pytest
+from test_cluster import BIN, LocalCluster, client_env, pretrain_args
 
 from conftest import ROOT
 from lifelong.registry import Registry
 from lifelong.storage import Storage
-from test_cluster import BIN, LocalCluster, client_env, pretrain_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -46,7 +46,10 @@ def train_workers(cluster: LocalCluster) -> list[psutil.Process]:
 
 
 def free_cpus(cluster: LocalCluster, env: dict) -> float:
-    code = f"import ray; ray.init(address='127.0.0.1:{cluster.gcs_port}', logging_level='ERROR'); print(ray.available_resources().get('CPU', 0))"
+    code = (
+        f"import ray; ray.init(address='127.0.0.1:{cluster.gcs_port}', logging_level='ERROR'); "
+        "print(ray.available_resources().get('CPU', 0))"
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -60,11 +63,24 @@ def test_a_killed_worker_resumes_on_a_persistent_cluster_and_the_next_run_is_not
         root = tmp_path / "store"
 
         def pretrain(run: str, epochs: int):
-            args = pretrain_args(root, demo_data / "corpus.jsonl", f"run_name={run}", f"train.epochs={epochs}",
-                                 "train.max_steps_per_epoch=30", "scaling.num_workers=2", "train.max_failures=2")
+            args = pretrain_args(
+                root,
+                demo_data / "corpus.jsonl",
+                f"run_name={run}",
+                f"train.epochs={epochs}",
+                "train.max_steps_per_epoch=30",
+                "scaling.num_workers=2",
+                "train.max_failures=2",
+            )
             log = open(tmp_path / f"{run}.log", "w")
-            return subprocess.Popen([str(BIN / "lifelong"), "pretrain", *args, "--address", address], env=env, cwd=ROOT,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log
+            return subprocess.Popen(
+                [str(BIN / "lifelong"), "pretrain", *args, "--address", address],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ), log
 
         first, log = pretrain("killed", epochs=4)
         try:

@@ -31,9 +31,18 @@ pytestmark = pytest.mark.slow
 
 def cl_config(root, landing, name, *extra):
     return make_config(
-        "gpt2/tiny_continual.yaml", f"name={name}", f"storage.root={root}", f"data.path={landing}",
-        f"continual.landing={landing}", f"model.init_from={name}@champion", "scaling.num_workers=2",
-        "train.epochs=3", "train.lr=3e-3", "continual.min_new_rows=100", "continual.gates.max_forgetting=0.15", *extra,
+        "gpt2/tiny_continual.yaml",
+        f"name={name}",
+        f"storage.root={root}",
+        f"data.path={landing}",
+        f"continual.landing={landing}",
+        f"model.init_from={name}@champion",
+        "scaling.num_workers=2",
+        "train.epochs=3",
+        "train.lr=3e-3",
+        "continual.min_new_rows=100",
+        "continual.gates.max_forgetting=0.15",
+        *extra,
     )
 
 
@@ -68,8 +77,23 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
 
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
     config = cl_config(root, landing, "cl-topics")
-    url = deploy(absolute_paths(validate_config({"name": "cl-topics", "storage": {"root": str(root)}, "serve": {
-        "port": serve_port, "num_replicas": 2, "poll_interval_s": 0.3, "route_prefix": "/cl", "app_name": "cl-topics"}})))
+    url = deploy(
+        absolute_paths(
+            validate_config(
+                {
+                    "name": "cl-topics",
+                    "storage": {"root": str(root)},
+                    "serve": {
+                        "port": serve_port,
+                        "num_replicas": 2,
+                        "poll_interval_s": 0.3,
+                        "route_prefix": "/cl",
+                        "app_name": "cl-topics",
+                    },
+                }
+            )
+        )
+    )
     results, stop = [], threading.Event()
 
     def load():
@@ -101,8 +125,9 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
         second = run_cycle(config)
         print(second.summary())
         assert second.window == 1 and second.replay_rows > 0 and second.status == expected_decision(second, config)
-        assert sorted(second.files) == sorted(r.sha256 for r in Ledger(Storage(str(root)), "cl-topics").records()
-                                             if r.name.startswith("window-001"))
+        assert sorted(second.files) == sorted(
+            r.sha256 for r in Ledger(Storage(str(root)), "cl-topics").records() if r.name.startswith("window-001")
+        )
         assert run_cycle(config).status == "waiting"  # nothing new: no third version
 
         champion = registry.alias_version("cl-topics", "champion")
@@ -111,8 +136,11 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
         for o in (first, second):
             if o.status == "rejected":
                 assert registry.aliases("cl-topics")["challenger"]["version"] == o.version or o is first
+
         # The endpoint ends on the champion, having lost no request on the way.
-        served = lambda: httpx.post(url + "/v1/predict", json={"texts": ["x"]}, timeout=30).json()["version"]
+        def served():
+            return httpx.post(url + "/v1/predict", json={"texts": ["x"]}, timeout=30).json()["version"]
+
         deadline = time.monotonic() + 60
         while served() != champion and time.monotonic() < deadline:
             time.sleep(0.3)
@@ -125,8 +153,17 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
     assert {v for _, v in results} == {stream["v1"], *promoted}
 
 
-KILL_POINTS = ["after-scan", "after-read", "after-holdout", "during-training", "after-register", "after-promote",
-               "after-consume", "before-state", "after-state"]
+KILL_POINTS = [
+    "after-scan",
+    "after-read",
+    "after-holdout",
+    "during-training",
+    "after-register",
+    "after-promote",
+    "after-consume",
+    "before-state",
+    "after-state",
+]
 
 
 def check_invariants(root, registry, name="cl-topics"):
@@ -160,9 +197,19 @@ def test_a_cycle_killed_at_every_step_boundary_trains_every_byte_once(stream, ra
     window: every next cycle carries on where the last one died. Then the invariants, and a
     second window that gets the next number, its own holdout and its own version."""
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
-    args = ["name=cl-topics", f"storage.root={root}", f"data.path={landing}", f"continual.landing={landing}",
-            "model.init_from=cl-topics@champion", "scaling.num_workers=1", "train.epochs=2", "train.lr=3e-3",
-            "export.on_register=never", "continual.min_new_rows=100", "continual.gates.max_forgetting=1.0"]
+    args = [
+        "name=cl-topics",
+        f"storage.root={root}",
+        f"data.path={landing}",
+        f"continual.landing={landing}",
+        "model.init_from=cl-topics@champion",
+        "scaling.num_workers=1",
+        "train.epochs=2",
+        "train.lr=3e-3",
+        "export.on_register=never",
+        "continual.min_new_rows=100",
+        "continual.gates.max_forgetting=1.0",
+    ]
     config_path = os.path.join(CONFIGS, "gpt2", "tiny_continual.yaml")
     drop(stream["windows"][0], landing)
     (landing / "broken.jsonl").write_bytes(b"\x00\x01 not json at all\n")
@@ -170,7 +217,9 @@ def test_a_cycle_killed_at_every_step_boundary_trains_every_byte_once(stream, ra
     child = os.path.join(os.path.dirname(__file__), "cycle_child.py")
     for step in KILL_POINTS:
         proc = subprocess.run([sys.executable, child, address, step, config_path, *args], capture_output=True, text=True, timeout=600)
-        print(f"--- killed at {step}:\n" + "\n".join(line for line in proc.stdout.splitlines() if line.startswith(("[lifelong]", "[child]"))))
+        print(
+            f"--- killed at {step}:\n" + "\n".join(line for line in proc.stdout.splitlines() if line.startswith(("[lifelong]", "[child]")))
+        )
         assert proc.returncode == -9, (step, proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
         assert "[child] killed" in proc.stdout, (step, proc.stdout[-2000:])
         check_invariants(root, registry)
@@ -186,8 +235,7 @@ def test_a_cycle_killed_at_every_step_boundary_trains_every_byte_once(stream, ra
     window0 = [r for n, r in records.items() if n.startswith("window-000")]
     assert sorted(outcome.files) == sorted(r.sha256 for r in window0)
     assert {r.state for r in window0} == {"consumed"} and {r.consumed_by for r in window0} == {f"cl-topics:{outcome.version}"}
-    assert outcome.new_rows == sum(r.rows for r in window0) == 240 - sum(
-        sum(r.check.dropped.values()) for r in window0)
+    assert outcome.new_rows == sum(r.rows for r in window0) == 240 - sum(sum(r.check.dropped.values()) for r in window0)
     card = registry.card("cl-topics", outcome.version)
     assert [h["epoch"] for h in card["run"]["history"]] == [1, 2]  # the run killed mid-way resumed, not restarted twice
     s = Stream(Storage(str(root)), "cl-topics")
@@ -233,16 +281,38 @@ def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_onc
     and unknown labels, a file deleted after the scan, a file appended to while pending, and the
     landing zone itself gone for a while. It never stops; every row is accounted for."""
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
-    args = ["name=cl-topics", f"storage.root={root}", f"data.path={landing}", f"continual.landing={landing}",
-            "model.init_from=cl-topics@champion", "scaling.num_workers=1", "train.epochs=1", "export.on_register=never",
-            "continual.min_new_rows=200", "continual.poll_interval_s=1", "continual.gates.max_forgetting=1.0"]
+    args = [
+        "name=cl-topics",
+        f"storage.root={root}",
+        f"data.path={landing}",
+        f"continual.landing={landing}",
+        "model.init_from=cl-topics@champion",
+        "scaling.num_workers=1",
+        "train.epochs=1",
+        "export.on_register=never",
+        "continual.min_new_rows=200",
+        "continual.poll_interval_s=1",
+        "continual.gates.max_forgetting=1.0",
+    ]
     ok = [{"text": f"calm sunny morning number {i}", "label": "weather"} for i in range(50)]
-    land(landing / "early.jsonl", jsonl(ok[:20]))   # deleted after the scan: its content was kept
+    land(landing / "early.jsonl", jsonl(ok[:20]))  # deleted after the scan: its content was kept
     land(landing / "grow.jsonl", jsonl(ok[20:30]))  # appended to while pending
     log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "lifelong.cli", "continual", os.path.join(CONFIGS, "gpt2", "tiny_continual.yaml"),
-                               *args, "--address", ray_session.get_runtime_context().gcs_address],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lifelong.cli",
+            "continual",
+            os.path.join(CONFIGS, "gpt2", "tiny_continual.yaml"),
+            *args,
+            "--address",
+            ray_session.get_runtime_context().gcs_address,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     ledger = Ledger(Storage(str(root)), "cl-topics")
     try:
         wait_for(lambda: len(ledger.pending()) == 2, "the first scan", 120, daemon)
@@ -262,8 +332,18 @@ def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_onc
         land(landing / "empty.jsonl", b"")
         land(landing / "long.jsonl", jsonl([{"text": "storm " * 500_000, "label": "weather"}, ok[43]]))
         land(landing / "listtext.jsonl", jsonl([{"text": ["a", "list"], "label": "sports"}, {"text": ["b"], "label": "sports"}, ok[44]]))
-        land(landing / "labels.jsonl", jsonl([{"text": "x1", "label": ["weather"]}, {"text": "x2", "label": 3.5},
-                                               {"text": "x3", "label": "astrology"}, {"text": "x4", "label": "cooking"}, ok[45]]))
+        land(
+            landing / "labels.jsonl",
+            jsonl(
+                [
+                    {"text": "x1", "label": ["weather"]},
+                    {"text": "x2", "label": 3.5},
+                    {"text": "x3", "label": "astrology"},
+                    {"text": "x4", "label": "cooking"},
+                    ok[45],
+                ]
+            ),
+        )
         for f in sorted(stream["windows"][0].iterdir()):  # last: 240 rows that pass min_new_rows
             land(landing / f"window-000-{f.name}", f.read_bytes())
         wait_for(lambda: len(Stream(Storage(str(root)), "cl-topics").finished()) == 1, "the first window", 600, daemon)
@@ -311,10 +391,17 @@ def test_replay_forgets_less_than_naive_on_the_drifting_stream(ray_session, tiny
         landing = base / "landing"
         landing.mkdir(parents=True)
         registry = Registry(Storage(str(base / "replay")))
-        registry.move_alias("cl-topics", "champion", register_tiny(registry, "cl-topics", tiny_tokenizer, base / "work", seed=seed, rows=topic_rows[:60]))
+        registry.move_alias(
+            "cl-topics", "champion", register_tiny(registry, "cl-topics", tiny_tokenizer, base / "work", seed=seed, rows=topic_rows[:60])
+        )
         windows = write_stream(base / "windows", windows=2, rows_per_window=200, files_per_window=1, seed=seed)
-        common = ("scaling.num_workers=1", "train.epochs=2", f"train.seed={seed}", "continual.gates.max_forgetting=1.0",
-                  "export.on_register=never")
+        common = (
+            "scaling.num_workers=1",
+            "train.epochs=2",
+            f"train.seed={seed}",
+            "continual.gates.max_forgetting=1.0",
+            "export.on_register=never",
+        )
         drop(windows[0], landing)
         print(run_cycle(cl_config(base / "replay", landing, "cl-topics", *common)).summary())
         shutil.copytree(base / "replay", base / "naive")  # both continue from the same champion and ledger

@@ -28,10 +28,17 @@ def good_rows(n, start=0):
 def test_bad_files_are_quarantined_and_bad_rows_counted(ray_session, tmp_path):
     d = tmp_path / "in"
     d.mkdir()
-    write_jsonl(d / "a.jsonl", good_rows(20) + [
-        {"text": "", "label": "pos"}, {"text": "   ", "label": "neg"}, {"text": None, "label": "neg"},
-        {"text": "fine text", "label": "maybe"}, {"text": "no label here", "label": None},
-    ])
+    write_jsonl(
+        d / "a.jsonl",
+        good_rows(20)
+        + [
+            {"text": "", "label": "pos"},
+            {"text": "   ", "label": "neg"},
+            {"text": None, "label": "neg"},
+            {"text": "fine text", "label": "maybe"},
+            {"text": "no label here", "label": None},
+        ],
+    )
     pd.DataFrame(good_rows(10, 100)).to_parquet(d / "b.parquet")
     pd.DataFrame(good_rows(10, 200)).to_csv(d / "c.csv", index=False)
     (d / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
@@ -71,10 +78,25 @@ def test_rows_of_every_wrong_shape_are_dropped_by_reason_not_a_traceback(ray_ses
     d.mkdir()
     (d / "utf8.jsonl").write_bytes(b'{"text": "fine words", "label": "pos"}\n{"text": "bad \xff\xfe byte", "label": "neg"}\n')
     (d / "surrogate.jsonl").write_bytes(b'{"text": "fine", "label": "neg"}\n{"text": "x \\ud800 y", "label": "pos"}\n')
-    write_jsonl(d / "listtext.jsonl", [{"text": ["a", "list"], "label": "pos"}, {"text": {"an": "object"}, "label": "neg"},
-                                       {"text": 42, "label": "neg"}, {"text": "plain", "label": "neg"}])
-    write_jsonl(d / "labels.jsonl", [{"text": "one", "label": ["pos"]}, {"text": "two", "label": {"v": 1}}, {"text": "three", "label": True},
-                                     {"text": "four", "label": 0.5}, {"text": "five", "label": "pos"}])
+    write_jsonl(
+        d / "listtext.jsonl",
+        [
+            {"text": ["a", "list"], "label": "pos"},
+            {"text": {"an": "object"}, "label": "neg"},
+            {"text": 42, "label": "neg"},
+            {"text": "plain", "label": "neg"},
+        ],
+    )
+    write_jsonl(
+        d / "labels.jsonl",
+        [
+            {"text": "one", "label": ["pos"]},
+            {"text": "two", "label": {"v": 1}},
+            {"text": "three", "label": True},
+            {"text": "four", "label": 0.5},
+            {"text": "five", "label": "pos"},
+        ],
+    )
     (d / "cells.csv").write_bytes(b"text,label\nok text,pos\nbad \xff cell,neg\n123,neg\n")
     write_jsonl(d / "long.jsonl", [{"text": "word " * 400_000, "label": "pos"}, {"text": "short", "label": "neg"}])
     pd.DataFrame({"text": [["a"], ["b"]], "label": ["pos", "neg"]}).to_parquet(d / "listcol.parquet")

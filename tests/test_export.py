@@ -1,12 +1,10 @@
 """ONNX export: parity with PyTorch, int8 measured and gated, add-only exports, backends agree."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import LABELS, register_tiny
+from conftest import register_tiny
 from lifelong.cli import main
 from lifelong.config import ExportSection
 from lifelong.export import ExportError, export_files
@@ -30,14 +28,18 @@ def run_cli(*args):
     return exit_info.value.code
 
 
-def test_export_adds_onnx_and_int8_to_an_existing_version_without_rewriting_it(ray_session, store, tiny_tokenizer, topic_rows, demo_data, capsys):
+def test_export_adds_onnx_and_int8_to_an_existing_version_without_rewriting_it(
+    ray_session, store, tiny_tokenizer, topic_rows, demo_data, capsys
+):
     registry = store["registry"]
     version = register_tiny(registry, "plain", tiny_tokenizer, store["work"], seed=7, export=False)
     card_path = store["root"] / f"registry/plain/versions/{version}/card.json"
     before = card_path.read_bytes()
     assert "exports" not in registry.card("plain", version)
 
-    code = run_cli("export", f"plain:{version}", "--root", str(store["root"]), "--data", str(demo_data / "topics.jsonl"), "--max-accuracy-drop", "1.0")
+    code = run_cli(
+        "export", f"plain:{version}", "--root", str(store["root"]), "--data", str(demo_data / "topics.jsonl"), "--max-accuracy-drop", "1.0"
+    )
     assert code in (0, None), capsys.readouterr()
     card = registry.card("plain", version)
     assert card_path.read_bytes() == before  # the card itself is never rewritten

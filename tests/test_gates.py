@@ -29,9 +29,11 @@ def test_the_limits_are_inclusive_and_the_first_window_has_nothing_to_forget():
 
 
 def test_the_accuracy_matrix_takes_rows_from_the_serving_model_and_the_diagonal_neighbour_from_the_next_window():
-    windows = [{"row": [0.9], "champion": [0.3]},
-               {"row": [0.8, 0.85], "champion": [0.9, 0.4]},
-               {"row": [0.7, 0.8, 0.9], "champion": [0.8, 0.85, 0.5]}]
+    windows = [
+        {"row": [0.9], "champion": [0.3]},
+        {"row": [0.8, 0.85], "champion": [0.9, 0.4]},
+        {"row": [0.7, 0.8, 0.9], "champion": [0.8, 0.85, 0.5]},
+    ]
     assert accuracy_matrix(windows) == [[0.9, 0.4, None], [0.8, 0.85, 0.5], [0.7, 0.8, 0.9]]
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conftest import LABELS, register_tiny
-
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 
@@ -60,9 +59,15 @@ def test_a_serve_replica_on_a_gpu_answers(ray_session, serve_port, version):
     from lifelong.serve import deploy
 
     registry, v = version
-    config = absolute_paths(validate_config({"name": "gpu-topics", "storage": {"root": registry.storage.base},
-                                             "serve": {"port": serve_port, "num_replicas": 1, "gpus_per_replica": 0.5,
-                                                       "backend": "torch", "route_prefix": "/gpu"}}))
+    config = absolute_paths(
+        validate_config(
+            {
+                "name": "gpu-topics",
+                "storage": {"root": registry.storage.base},
+                "serve": {"port": serve_port, "num_replicas": 1, "gpus_per_replica": 0.5, "backend": "torch", "route_prefix": "/gpu"},
+            }
+        )
+    )
     url = deploy(config)
     try:
         r = httpx.post(f"{url}/v1/predict", json={"texts": TEXTS}, timeout=60)

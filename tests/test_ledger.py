@@ -88,7 +88,8 @@ def test_content_changed_while_pending_is_superseded_and_trains_once(ray_session
     f.write_text(lines(7, 200))
     train, holdout = window_rows(ledger.storage, [ledger.rows_rel(recorded.sha256, validation_fingerprint(cfg()))])
     assert sorted(train.column("text").to_pylist() + holdout.column("text").to_pylist()) == sorted(
-        json.loads(line)["text"] for line in lines(5, 100).splitlines())
+        json.loads(line)["text"] for line in lines(5, 100).splitlines()
+    )
     states = {r.sha256: r.state for r in ledger.records()}
     assert states[pending.sha256] == "superseded" and list(states.values()).count("pending") == 1
 

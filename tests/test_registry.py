@@ -68,7 +68,12 @@ def test_alias_moves_rollback_and_history(registry, model_dir):
         registry.rollback("m")
     history = registry.history("m", "champion")
     assert [(e["kind"], e["version"]) for e in history] == [
-        ("promote", 1), ("promote", 2), ("promote", 3), ("rollback", 2), ("rollback", 1)]
+        ("promote", 1),
+        ("promote", 2),
+        ("promote", 3),
+        ("rollback", 2),
+        ("rollback", 1),
+    ]
     assert registry.resolve("m@champion").version == 1
 
 
@@ -101,8 +106,9 @@ def test_interrupted_move_leaves_pointer_and_history_consistent(registry, model_
         registry.register_version("m", model_dir, {})
     registry.move_alias("m", "champion", 1)
     # A mover that died after writing its event but before the pointer: the event is ignored.
-    registry.storage.write_json("registry/m/history/champion/00000002.json",
-                                {"alias": "champion", "version": 2, "seq": 2, "kind": "promote", "moved_at": "9999"})
+    registry.storage.write_json(
+        "registry/m/history/champion/00000002.json", {"alias": "champion", "version": 2, "seq": 2, "kind": "promote", "moved_at": "9999"}
+    )
     assert registry.alias_version("m", "champion") == 1
     assert [e["version"] for e in registry.history("m", "champion")] == [1]
 
@@ -141,8 +147,9 @@ def test_rollback_follows_the_alias_sequence_not_the_writers_clocks(registry, mo
 
     for _ in range(3):
         registry.register_version("m", model_dir, {})
-    clocks = iter(["2026-11-29T10:00:00.000+00:00", "2026-11-29T09:00:00.000+00:00", "2026-11-29T10:00:01.000+00:00",
-                   "2026-11-29T10:00:02.000+00:00"])
+    clocks = iter(
+        ["2026-11-29T10:00:00.000+00:00", "2026-11-29T09:00:00.000+00:00", "2026-11-29T10:00:01.000+00:00", "2026-11-29T10:00:02.000+00:00"]
+    )
     monkeypatch.setattr(registry_module, "_now", lambda: next(clocks))
     for v in (1, 2, 3):
         registry.move_alias("m", "champion", v)

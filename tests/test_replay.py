@@ -17,7 +17,12 @@ def test_reservoir_is_bounded_uniform_and_idempotent_per_file(tmp_path):
     assert buffer.rows() is None and buffer.sample(10, seed=0) is None
     for w in range(4):
         state = buffer.add(window(w, 300), files=[f"hash-{w}"])
-    assert {k: state[k] for k in ("generation", "seen", "files", "rows")} == {"generation": 4, "seen": 1200, "files": ["hash-0", "hash-1", "hash-2", "hash-3"], "rows": 300}
+    assert {k: state[k] for k in ("generation", "seen", "files", "rows")} == {
+        "generation": 4,
+        "seen": 1200,
+        "files": ["hash-0", "hash-1", "hash-2", "hash-3"],
+        "rows": 300,
+    }
     labels = buffer.rows().column("label").to_pylist()
     # Uniform over the 1200 rows seen: each window holds about a quarter (75) of the 300 kept.
     counts = {c: labels.count(c) for c in ("c0", "c1", "c2", "c3")}
@@ -47,11 +52,13 @@ def test_of_two_writers_adding_at_once_one_wins_and_the_other_is_told(tmp_path, 
     a.add(window(0, 20), ["w0"])
     # b reads the pointer, then a moves it before b writes: b's compare-and-swap must fail.
     real = storage.read_versioned
+
     def read_then_let_a_in(rel):
         got = real(rel)
         monkeypatch.setattr(storage, "read_versioned", real)
         a.add(window(1, 20), ["w1"])
         return got
+
     monkeypatch.setattr(storage, "read_versioned", read_then_let_a_in)
     with pytest.raises(LifelongError, match="updated by another writer meanwhile"):
         b.add(window(2, 20), ["w2"])

@@ -14,13 +14,12 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from conftest import ROOT, S3_CREDENTIALS
 from lifelong.config import DataConfig
 from lifelong.continual.ledger import Ledger
 from lifelong.errors import AliasConflict
 from lifelong.registry import Registry
 from lifelong.storage import Storage
-
-from conftest import ROOT, S3_CREDENTIALS
 
 CREDENTIALS = S3_CREDENTIALS
 
@@ -215,9 +214,20 @@ def test_a_training_run_with_its_storage_root_on_s3(bucket, demo_data, tmp_path,
     registered version and its card all land in the bucket; the version loads back from there."""
     env = {**os.environ, **CREDENTIALS, "HF_HUB_OFFLINE": "1", "LIFELONG_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "lifelong.cli", "pretrain", os.path.join(ROOT, "configs/gpt2/tiny_pretrain.yaml"),
-           f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={bucket}", "name=s3-gpt2",
-           "train.epochs=1", "train.max_steps_per_epoch=10", "scaling.num_workers=1", "export.on_register=never"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lifelong.cli",
+        "pretrain",
+        os.path.join(ROOT, "configs/gpt2/tiny_pretrain.yaml"),
+        f"data.path={demo_data / 'corpus.jsonl'}",
+        f"storage.root={bucket}",
+        "name=s3-gpt2",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=10",
+        "scaling.num_workers=1",
+        "export.on_register=never",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr  # never logged

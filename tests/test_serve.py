@@ -1,6 +1,5 @@
 """Ray Serve on the local Ray: the HTTP API, hot-swap under load, refused versions, auth."""
 
-import json
 import os
 import threading
 import time
@@ -16,14 +15,19 @@ from lifelong.registry import Registry
 from lifelong.storage import Storage
 
 TOKEN = "test-token-4f1c"
-TEXTS = ["stocks and bonds rallied after the central bank decision",
-         "the telescope found a new planet orbiting a distant star",
-         "rain tomorrow " * 40]  # longer than the model's 32 tokens
+TEXTS = [
+    "stocks and bonds rallied after the central bank decision",
+    "the telescope found a new planet orbiting a distant star",
+    "rain tomorrow " * 40,
+]  # longer than the model's 32 tokens
 
 
 def serve_config(root, name, port, **serve):
-    raw = {"name": name, "storage": {"root": str(root)},
-           "serve": {"port": port, "num_replicas": 2, "poll_interval_s": 0.3, "max_texts_per_request": 8, **serve}}
+    raw = {
+        "name": name,
+        "storage": {"root": str(root)},
+        "serve": {"port": port, "num_replicas": 2, "poll_interval_s": 0.3, "max_texts_per_request": 8, **serve},
+    }
     return absolute_paths(validate_config(raw))
 
 
@@ -54,8 +58,17 @@ def app(ray_session, serve_port, tiny_tokenizer, topic_rows, tmp_path_factory):
     config = serve_config(root, "topics", serve_port, auth={"token_env": "LIFELONG_TEST_TOKEN"}, max_batch_size=8)
     url = deploy(config)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
-    yield {"url": url, "client": client, "registry": registry, "root": root, "work": work, "v1": v1, "v2": v2,
-           "tokenizer": tiny_tokenizer, "rows": topic_rows}
+    yield {
+        "url": url,
+        "client": client,
+        "registry": registry,
+        "root": root,
+        "work": work,
+        "v1": v1,
+        "v2": v2,
+        "tokenizer": tiny_tokenizer,
+        "rows": topic_rows,
+    }
     client.close()
     serve.delete("topics")
 
@@ -158,8 +171,11 @@ def swap_under_load(app, move, old, new, threads=4, limit=800):
         wait_for(lambda: len(results) >= 60, timeout=60, interval=0.05)
         moved_at = time.monotonic()
         move()
-        wait_for(lambda: (sum(1 for r in results if r[3] == new) >= 150 and len(results) >= 300) or len(results) >= limit,
-                 timeout=120, interval=0.05)
+        wait_for(
+            lambda: (sum(1 for r in results if r[3] == new) >= 150 and len(results) >= 300) or len(results) >= limit,
+            timeout=120,
+            interval=0.05,
+        )
     finally:
         stop.set()
         for w in workers:
@@ -200,7 +216,10 @@ def test_corrupt_or_incompatible_version_is_refused_and_the_old_keeps_serving(ap
     lm = register_tiny(registry, "topics", app["tokenizer"], app["work"], task="causal-lm", seed=4, export=False)
     for candidate, why in ((bad, "ONNX Runtime cannot load"), (lm, "causal-lm")):
         registry.move_alias("topics", "champion", candidate)
-        info = wait_for(lambda: (i := client.get("/v1/model").json())["last_swap_error"] and i["last_swap_error"]["version"] == candidate and i, timeout=60)
+        info = wait_for(
+            lambda: (i := client.get("/v1/model").json())["last_swap_error"] and i["last_swap_error"]["version"] == candidate and i,
+            timeout=60,
+        )
         assert why in info["last_swap_error"]["error"] and info["version"] == serving
         r = client.post("/v1/predict", json={"texts": TEXTS})
         assert r.status_code == 200 and r.json()["version"] == serving
@@ -245,8 +264,14 @@ def test_autoscaling_config_deploys_and_serves(app, serve_port):
 
     from lifelong.serve import deploy
 
-    config = serve_config(app["root"], "topics", serve_port, app_name="topics-auto", route_prefix="/auto",
-                          autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4})
+    config = serve_config(
+        app["root"],
+        "topics",
+        serve_port,
+        app_name="topics-auto",
+        route_prefix="/auto",
+        autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    )
     url = deploy(config)
     try:
         r = httpx.post(url + "/v1/predict", json={"texts": ["markets"]}, timeout=30)

@@ -39,15 +39,19 @@ def test_pretrain_loss_falls_and_registered_version_generates(pretrained):
     prompt = tok("The import statement", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert out.shape[1] == prompt["input_ids"].shape[1] + 8
-    assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).strip()
+    assert tok.decode(out[0, prompt["input_ids"].shape[1] :]).strip()
 
 
 def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, demo_data):
     root = pretrained["root"]
     parent = f"tiny-gpt2:{pretrained['outcome'].version}"
     config = make_config(
-        "gpt2/tiny_finetune.yaml", f"data.path={demo_data / 'topics.jsonl'}", f"storage.root={root}",
-        f"model.init_from={parent}", "model.freeze_embeddings=true", "train.epochs=4",
+        "gpt2/tiny_finetune.yaml",
+        f"data.path={demo_data / 'topics.jsonl'}",
+        f"storage.root={root}",
+        f"model.init_from={parent}",
+        "model.freeze_embeddings=true",
+        "train.epochs=4",
     )
     outcome = run_training(config)
     assert outcome.metrics["val_accuracy"] > 0.6  # 4 balanced classes: chance is 0.25
@@ -81,9 +85,15 @@ def test_train_last_n_layers_under_zero3_keeps_lower_layers(pretrained, tmp_path
     root = pretrained["root"]
     parent = f"tiny-gpt2:{pretrained['outcome'].version}"
     config = make_config(
-        "gpt2/tiny_pretrain.yaml", f"data.path={pretrained['config'].data.path}", f"storage.root={root}",
-        "name=tiny-gpt2-top", f"model.init_from={parent}", "model.train_last_n_layers=1", "train.epochs=1",
-        "train.max_steps_per_epoch=5", "train.deepspeed.zero_stage=3",
+        "gpt2/tiny_pretrain.yaml",
+        f"data.path={pretrained['config'].data.path}",
+        f"storage.root={root}",
+        "name=tiny-gpt2-top",
+        f"model.init_from={parent}",
+        "model.train_last_n_layers=1",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=5",
+        "train.deepspeed.zero_stage=3",
     )
     outcome = run_training(config)
     registry = Registry(Storage(str(root)))
@@ -97,8 +107,12 @@ def test_train_last_n_layers_under_zero3_keeps_lower_layers(pretrained, tmp_path
 @pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "bf16"), (3, "fp32"), (3, "bf16")])
 def test_zero_stages_and_precisions_complete(ray_session, demo_data, tmp_path, stage, precision):
     config = make_config(
-        "gpt2/tiny_pretrain.yaml", f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={tmp_path}",
-        "train.epochs=1", "train.max_steps_per_epoch=4", f"train.deepspeed.zero_stage={stage}",
+        "gpt2/tiny_pretrain.yaml",
+        f"data.path={demo_data / 'corpus.jsonl'}",
+        f"storage.root={tmp_path}",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=4",
+        f"train.deepspeed.zero_stage={stage}",
         f"train.precision={precision}",
     )
     outcome = run_training(config)
@@ -112,20 +126,28 @@ def test_zero_stages_and_precisions_complete(ray_session, demo_data, tmp_path, s
 
 
 def test_fp16_on_cpu_cluster_is_refused(ray_session, demo_data, tmp_path):
-    config = make_config("gpt2/tiny_pretrain.yaml", f"data.path={demo_data / 'corpus.jsonl'}",
-                         f"storage.root={tmp_path}", "train.precision=fp16")
+    config = make_config(
+        "gpt2/tiny_pretrain.yaml", f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={tmp_path}", "train.precision=fp16"
+    )
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         run_training(config)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp_path):
-    overrides = [f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={tmp_path}", "run_name=resume-me",
-                 "train.epochs=4", "train.max_steps_per_epoch=15"]
+    overrides = [
+        f"data.path={demo_data / 'corpus.jsonl'}",
+        f"storage.root={tmp_path}",
+        "run_name=resume-me",
+        "train.epochs=4",
+        "train.max_steps_per_epoch=15",
+    ]
     config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt2", "tiny_pretrain.yaml")
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         [sys.executable, "-m", "lifelong.cli", "pretrain", config_path, *overrides, "--address", address],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     run_dir = Path(tmp_path) / "runs" / "resume-me"
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
@@ -169,8 +191,14 @@ def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_tw
     return its version; now it is a new run. A run_name that holds another config or data is
     refused (naming run_name and --resume); --resume continues it anyway."""
     first, root = pretrained["outcome"], pretrained["root"]
-    small = [f"data.path={pretrained['config'].data.path}", f"storage.root={root}", "train.epochs=1", "train.max_steps_per_epoch=3",
-             "scaling.num_workers=1", "export.on_register=never"]
+    small = [
+        f"data.path={pretrained['config'].data.path}",
+        f"storage.root={root}",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=3",
+        "scaling.num_workers=1",
+        "export.on_register=never",
+    ]
     changed = run_training(make_config("gpt2/tiny_pretrain.yaml", *small, "train.lr=1e-3"))
     assert changed.run_name != first.run_name and changed.version != first.version
     registry = Registry(Storage(str(root)))
@@ -178,7 +206,9 @@ def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_tw
     assert registry.card("tiny-gpt2", first.version)["config"]["train"]["lr"] == 2e-3
 
     named = [*small, f"run_name={changed.run_name}"]
-    with pytest.raises(ConfigError, match=rf"run_name '{changed.run_name}' already holds another run .*changed since: train.lr\).*--resume"):
+    with pytest.raises(
+        ConfigError, match=rf"run_name '{changed.run_name}' already holds another run .*changed since: train.lr\).*--resume"
+    ):
         run_training(make_config("gpt2/tiny_pretrain.yaml", *named, "train.lr=5e-4"))
     other = tmp_path / "other.jsonl"
     other.write_text("".join(line for i, line in enumerate(open(pretrained["config"].data.path).readlines()) if i % 2))
@@ -195,8 +225,12 @@ def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_tw
 def test_same_config_trains_on_gpus_with_nccl(ray_session, demo_data, tmp_path):
     """The CPU config unchanged but for the scaling: GPUs are detected, precision auto picks bf16/fp16."""
     config = make_config(
-        "gpt2/tiny_pretrain.yaml", f"data.path={demo_data / 'corpus.jsonl'}", f"storage.root={tmp_path}",
-        "train.epochs=2", "train.max_steps_per_epoch=20", f"scaling.num_workers={min(2, torch.cuda.device_count())}",
+        "gpt2/tiny_pretrain.yaml",
+        f"data.path={demo_data / 'corpus.jsonl'}",
+        f"storage.root={tmp_path}",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=20",
+        f"scaling.num_workers={min(2, torch.cuda.device_count())}",
     )
     outcome = run_training(config)
     card = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version)

@@ -20,9 +20,12 @@ TUNE_YAML = "gpt2/tiny_tune.yaml"
 
 def sweep_overrides(pretrained, demo_data, name: str, *extra: str) -> list[str]:
     return [
-        f"data.path={demo_data / 'topics.jsonl'}", f"storage.root={pretrained['root']}",
-        f"model.init_from=tiny-gpt2:{pretrained['outcome'].version}", f"name={name}",
-        "train.max_steps_per_epoch=15", *extra,
+        f"data.path={demo_data / 'topics.jsonl'}",
+        f"storage.root={pretrained['root']}",
+        f"model.init_from=tiny-gpt2:{pretrained['outcome'].version}",
+        f"name={name}",
+        "train.max_steps_per_epoch=15",
+        *extra,
     ]
 
 
@@ -50,11 +53,20 @@ def test_failure_budget_stops_the_sweep_only_past_its_limit():
 def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data):
     # Optuna's three seeded start-up samples (seed 8) put lr=1e30, a non-finite loss, on exactly
     # one trial; TPE picks the last two and may try it again: up to 2 failures are allowed.
-    config = make_config(TUNE_YAML, *sweep_overrides(
-        pretrained, demo_data, "tune-smoke", "train.epochs=3", "tune.num_samples=5", "tune.seed=8",
-        "tune.max_failed_trials=2", "tune.max_concurrent_trials=3",
-        "tune.space={train.lr: {choice: [3e-3, 1e-4, 1e-2, 1e30]}, model.train_last_n_layers: {randint: [1, 3]}}",
-    ))
+    config = make_config(
+        TUNE_YAML,
+        *sweep_overrides(
+            pretrained,
+            demo_data,
+            "tune-smoke",
+            "train.epochs=3",
+            "tune.num_samples=5",
+            "tune.seed=8",
+            "tune.max_failed_trials=2",
+            "tune.max_concurrent_trials=3",
+            "tune.space={train.lr: {choice: [3e-3, 1e-4, 1e-2, 1e30]}, model.train_last_n_layers: {randint: [1, 3]}}",
+        ),
+    )
     outcome = run_sweep(config)
 
     table = pd.read_csv(outcome.csv)
@@ -80,14 +92,18 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_trials(pretrained, demo_data, tmp_path, ray_session):
-    overrides = sweep_overrides(pretrained, demo_data, "tune-resume", "train.epochs=2", "tune.num_samples=4",
-                                "tune.max_concurrent_trials=2", "tune.scheduler=none")
+    overrides = sweep_overrides(
+        pretrained, demo_data, "tune-resume", "train.epochs=2", "tune.num_samples=4", "tune.max_concurrent_trials=2", "tune.scheduler=none"
+    )
     sweep_dir = Path(pretrained["root"]) / "tune" / "tune-resume-sweep"
     address = ray_session.get_runtime_context().gcs_address
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "lifelong.cli", "tune", f"{CONFIGS}/{TUNE_YAML}", *overrides, "--address", address],
-                                  stdout=out, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "lifelong.cli", "tune", f"{CONFIGS}/{TUNE_YAML}", *overrides, "--address", address],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     # Kill the driver once its saved state has a trial finished and another still running.
     deadline = time.monotonic() + 420
     while time.monotonic() < deadline and driver.poll() is None:

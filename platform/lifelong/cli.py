@@ -10,12 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 from rich.table import Table
+from typer.core import TyperGroup
 
 from lifelong.errors import LifelongError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="Keep transformer models learning on Ray.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="Keep transformer models learning on Ray."
+)
 models_app = typer.Typer(no_args_is_help=True, help="Versions and aliases in the model registry.")
 data_app = typer.Typer(no_args_is_help=True, help="Demo data the project generates (synthetic).")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster (Ray's Job Submission API).")
@@ -40,10 +42,14 @@ def _train(job: str, config_path: Path, overrides: list[str] | None, address: st
 
     config = load_config(config_path, overrides or [])
     if job == "pretrain" and config.model.task != "causal-lm":
-        raise LifelongError(f"{config_path}: 'lifelong pretrain' trains a causal-lm; for model.task={config.model.task} use 'lifelong finetune'")
+        raise LifelongError(
+            f"{config_path}: 'lifelong pretrain' trains a causal-lm; for model.task={config.model.task} use 'lifelong finetune'"
+        )
     if job == "finetune" and not config.model.init_from:
         raise LifelongError(f"{config_path}: 'lifelong finetune' needs model.init_from (a registry reference or an HF directory)")
-    where = connect(address or config.ray.address, config.ray.num_cpus, min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker)
+    where = connect(
+        address or config.ray.address, config.ray.num_cpus, min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker
+    )
     console.print(f"[bold]lifelong {job}[/] {config_path} on {where}")
     outcome = run_training(config, resume=resume)
     print_training_summary(outcome)
@@ -80,8 +86,12 @@ def tune(
     config: ConfigArg,
     overrides: OverridesArg = None,
     address: AddressOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep of this config whose driver stopped (finished trials are kept).")] = False,
-    promote: Annotated[bool, typer.Option("--promote", help="Give the best trial's version the champion alias (default: challenger).")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the sweep of this config whose driver stopped (finished trials are kept).")
+    ] = False,
+    promote: Annotated[
+        bool, typer.Option("--promote", help="Give the best trial's version the champion alias (default: challenger).")
+    ] = False,
 ) -> None:
     """Search hyperparameters (tune.space) with Ray Tune: Optuna TPE or random, ASHA early stopping;
     each trial a Ray Train + DeepSpeed run; the best trial is registered."""
@@ -94,7 +104,9 @@ def tune(
     if not cfg.tune.space:
         raise LifelongError(f"{config}: tune.space is empty: add the keys to search, e.g. tune.space.train.lr={{loguniform: [1e-4, 1e-2]}}")
     check_resumable(Storage(cfg.storage.root), sweep_name(cfg), resume)  # before Ray starts: it is a typo more often than not
-    where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, dashboard=True)
+    where = connect(
+        address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, dashboard=True
+    )
     console.print(f"[bold]lifelong tune[/] {config}{' --resume' if resume else ''} on {where}")
     print_sweep_summary(run_sweep(cfg, resume=resume, promote=promote))
 
@@ -151,9 +163,15 @@ def evaluate(
 def export(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS of the version to export")],
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also build the int8 variant (classification; gated on accuracy).")] = True,
-    tolerance: Annotated[Optional[float], typer.Option("--tolerance", help="Max |ONNX - PyTorch| logit difference (default: export.parity_tolerance).")] = None,
-    max_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Max int8 accuracy drop as a fraction (0.01 = 1 point).")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Labelled data for the int8 gate (default: the version's validation split).")] = None,
+    tolerance: Annotated[
+        Optional[float], typer.Option("--tolerance", help="Max |ONNX - PyTorch| logit difference (default: export.parity_tolerance).")
+    ] = None,
+    max_drop: Annotated[
+        Optional[float], typer.Option("--max-accuracy-drop", help="Max int8 accuracy drop as a fraction (0.01 = 1 point).")
+    ] = None,
+    data: Annotated[
+        Optional[str], typer.Option("--data", help="Labelled data for the int8 gate (default: the version's validation split).")
+    ] = None,
     root: RootOpt = "./lifelong-store",
     address: AddressOpt = None,
 ) -> None:
@@ -253,8 +271,13 @@ def models_show(ref: Annotated[str, typer.Argument(help="NAME@ALIAS or NAME:VERS
     resolved = registry.resolve(ref)
     if resolved.name is None:
         raise LifelongError(f"'{ref}' is a directory, not a registry reference")
-    print(json.dumps({"card": resolved.card, "aliases": registry.aliases(resolved.name),
-                      "history": registry.history(resolved.name)}, indent=2, default=str))
+    print(
+        json.dumps(
+            {"card": resolved.card, "aliases": registry.aliases(resolved.name), "history": registry.history(resolved.name)},
+            indent=2,
+            default=str,
+        )
+    )
 
 
 @models_app.command("promote")
@@ -313,8 +336,10 @@ def data_stream(
     from lifelong.synth import write_stream
 
     dirs = write_stream(out, windows, rows, files, seed, classes, new_vocab)
-    console.print(f"wrote {len(dirs)} windows of {rows} rows under {out} (synthetic; {classes} of 4 classes per window, "
-                  f"{new_vocab:.0%} new words per class per window); copy them into the landing zone one at a time")
+    console.print(
+        f"wrote {len(dirs)} windows of {rows} rows under {out} (synthetic; {classes} of 4 classes per window, "
+        f"{new_vocab:.0%} new words per class per window); copy them into the landing zone one at a time"
+    )
 
 
 class _RunByDefault(TyperGroup):
@@ -326,8 +351,11 @@ class _RunByDefault(TyperGroup):
         return super().parse_args(ctx, args)
 
 
-continual_app = typer.Typer(cls=_RunByDefault, no_args_is_help=True,
-                            help="Keep the champion learning from a landing zone: cycles of scan → retrain (+ replay) → gates → promote.")
+continual_app = typer.Typer(
+    cls=_RunByDefault,
+    no_args_is_help=True,
+    help="Keep the champion learning from a landing zone: cycles of scan → retrain (+ replay) → gates → promote.",
+)
 app.add_typer(continual_app, name="continual")
 
 
@@ -349,8 +377,10 @@ def continual_run(
     cfg = load_config(config, overrides or [])
     check_continual(cfg)
     where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    console.print(f"[bold]lifelong continual[/] {config} on {where}: landing zone {cfg.continual.landing}"
-                  + ("" if once else f", polling every {cfg.continual.poll_interval_s:g} s (Ctrl-C stops)"))
+    console.print(
+        f"[bold]lifelong continual[/] {config} on {where}: landing zone {cfg.continual.landing}"
+        + ("" if once else f", polling every {cfg.continual.poll_interval_s:g} s (Ctrl-C stops)")
+    )
     try:
         run_cycles(cfg, once=once, force=force, show=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
     except KeyboardInterrupt:
@@ -376,7 +406,9 @@ def continual_report(
 def continual_requeue(
     config: ConfigArg,
     overrides: OverridesArg = None,
-    content: Annotated[Optional[list[str]], typer.Option("--hash", help="A quarantined file's content hash (or its first 12+ characters); repeatable.")] = None,
+    content: Annotated[
+        Optional[list[str]], typer.Option("--hash", help="A quarantined file's content hash (or its first 12+ characters); repeatable.")
+    ] = None,
     everything: Annotated[bool, typer.Option("--all", help="Every quarantined and missing file.")] = False,
 ) -> None:
     """Put quarantined files back to pending, to be checked again (by the next cycle, under the
@@ -391,8 +423,12 @@ def continual_requeue(
         hashes = None if everything else [_full_hash(ledger, h) for h in content]
         changed = ledger.requeue(hashes)
     for r in changed:
-        console.print(f"requeued {r.path} ({r.sha256[:12]}…), was {r.requeued_from['state']}: {r.requeued_from['reason']}",
-                      markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"requeued {r.path} ({r.sha256[:12]}…), was {r.requeued_from['state']}: {r.requeued_from['reason']}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(f"{len(changed)} file(s) pending again in stream '{ledger.stream}'; the next cycle checks them")
 
 
@@ -400,7 +436,9 @@ def continual_requeue(
 def continual_ledger(
     config: ConfigArg,
     overrides: OverridesArg = None,
-    state: Annotated[Optional[str], typer.Option("--state", help="Only files in this state: pending, consumed, quarantined, superseded, missing.")] = None,
+    state: Annotated[
+        Optional[str], typer.Option("--state", help="Only files in this state: pending, consumed, quarantined, superseded, missing.")
+    ] = None,
 ) -> None:
     """Every file the stream's landing zone ever received: its state, rows, drops and why."""
     from lifelong.config import load_config
@@ -431,12 +469,17 @@ def _ledger(cfg):
 def _full_hash(ledger, prefix: str) -> str:
     matches = [r.sha256 for r in ledger.records() if r.sha256.startswith(prefix.strip().lower())]
     if len(prefix.strip()) < 12 or len(matches) != 1:
-        raise LifelongError(f"--hash {prefix!r} names {len(matches)} file(s) of stream '{ledger.stream}': give 12 or more "
-                            "characters of one content hash (`lifelong continual ledger CONFIG` lists them)")
+        raise LifelongError(
+            f"--hash {prefix!r} names {len(matches)} file(s) of stream '{ledger.stream}': give 12 or more "
+            "characters of one content hash (`lifelong continual ledger CONFIG` lists them)"
+        )
     return matches[0]
 
 
-DashboardOpt = Annotated[Optional[str], typer.Option("--address", help="The head's dashboard, e.g. http://HEAD:8265 (else RAY_ADDRESS, else http://127.0.0.1:8265).")]
+DashboardOpt = Annotated[
+    Optional[str],
+    typer.Option("--address", help="The head's dashboard, e.g. http://HEAD:8265 (else RAY_ADDRESS, else http://127.0.0.1:8265)."),
+]
 JobIdArg = Annotated[str, typer.Argument(help="A job's submission id (raysubmit_...).")]
 
 
@@ -472,19 +515,26 @@ def jobs_list(address: DashboardOpt = None) -> None:
     for col in ("id", "status", "started", "ended"):
         table.add_column(col, no_wrap=True)
     table.add_column("entrypoint", overflow="fold")
+
     def stamp(ms):
         return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
 
     for info in sorted(_call(address, jobs.list_jobs), key=lambda i: i.start_time or 0, reverse=True):
-        table.add_row(info.submission_id or info.job_id or "", str(info.status), stamp(info.start_time), stamp(info.end_time), info.entrypoint)
+        table.add_row(
+            info.submission_id or info.job_id or "", str(info.status), stamp(info.start_time), stamp(info.end_time), info.entrypoint
+        )
     console.print(table)
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: JobIdArg, address: DashboardOpt = None,
-              follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False) -> None:
+def jobs_logs(
+    job_id: JobIdArg,
+    address: DashboardOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+) -> None:
     """A job's driver output."""
-    from lifelong.submit import _call, client, follow as follow_job, resolve_address
+    from lifelong.submit import _call, client, resolve_address
+    from lifelong.submit import follow as follow_job
 
     jobs = client(address)
     if follow:
@@ -517,9 +567,11 @@ def main(argv: list[str] | None = None) -> None:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line per line: logs get grepped
         sys.exit(2)
     except OSError as e:  # a store, a data path or a cluster cannot be reached: what and where, not a traceback
-        hint = ("check --address / RAY_ADDRESS, that the cluster is up, and RAY_AUTH_TOKEN if it requires a token"
-                if isinstance(e, ConnectionError) and "Ray cluster" in str(e)
-                else "check that the storage root, data paths and their endpoints are right and reachable")
+        hint = (
+            "check --address / RAY_ADDRESS, that the cluster is up, and RAY_AUTH_TOKEN if it requires a token"
+            if isinstance(e, ConnectionError) and "Ray cluster" in str(e)
+            else "check that the storage root, data paths and their endpoints are right and reachable"
+        )
         Console(stderr=True).print(f"[bold red]error:[/] {_first_line(e)} ({hint})", highlight=False, soft_wrap=True)
         sys.exit(2)
 

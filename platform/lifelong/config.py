@@ -250,7 +250,11 @@ class TuneSection(Section):
                 # choice may hold strings that merely look numeric ("1") for a string key.
                 self.space[key] = {kind: [_number(a) if isinstance(a, str) and _EXPONENT.match(a) else a for a in args]}
                 continue
-            if not isinstance(args, list) or len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            if (
+                not isinstance(args, list)
+                or len(args) != 2
+                or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+            ):
                 raise ValueError(f"{where}: {kind} needs [low, high] numbers (got {args!r})")
             low, high = args
             if low >= high:
@@ -341,10 +345,7 @@ class JobConfig(Section):
                     "checkpoint) or model.tokenizer (a tokenizer directory)"
                 )
         if t.precision == "fp16" and self.scaling.use_gpu is False:
-            raise ValueError(
-                "train.precision=fp16 needs CUDA but scaling.use_gpu is false: "
-                "use train.precision=bf16 or fp32 on CPUs"
-            )
+            raise ValueError("train.precision=fp16 needs CUDA but scaling.use_gpu is false: use train.precision=bf16 or fp32 on CPUs")
         if m.train_last_n_layers is not None and m.init_from is None:
             raise ValueError(
                 "model.train_last_n_layers freezes pretrained layers, but model.init_from is "
@@ -373,7 +374,9 @@ class JobConfig(Section):
                     first = e.errors()[0]
                     where = ".".join(str(p) for p in first["loc"])
                     why = first["msg"].removeprefix("Value error, ")
-                    raise ValueError(f"tune.space.{key}: the value {value!r} makes an invalid config ({where + ': ' if where else ''}{why})") from None
+                    raise ValueError(
+                        f"tune.space.{key}: the value {value!r} makes an invalid config ({where + ': ' if where else ''}{why})"
+                    ) from None
 
     def require_data(self, job: str) -> DataConfig:
         if self.data is None:
@@ -424,9 +427,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    f"while reading a mapping (line {seen[key] + 1})", node.start_mark,
+                    f"while reading a mapping (line {seen[key] + 1})",
+                    node.start_mark,
                     f"key '{key}' is given twice: at line {seen[key] + 1} and at line {key_node.start_mark.line + 1}; keep one",
-                    key_node.start_mark)
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -455,10 +460,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: s
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(
-                f"override '{item}' (for {source}) is not of the form key.path=value, "
-                "e.g. train.lr=3e-4"
-            )
+            raise ConfigError(f"override '{item}' (for {source}) is not of the form key.path=value, e.g. train.lr=3e-4")
         *parents, leaf = key.split(".")
         node = raw
         for i, part in enumerate(parents):

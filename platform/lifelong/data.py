@@ -131,8 +131,10 @@ def list_files(fs: pafs.FileSystem, base: str, exclude: tuple[str, ...] = ()) ->
     `exclude` (e.g. a storage root placed inside a data directory: its own files are not data)."""
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
     excluded = tuple(e.rstrip("/") + "/" for e in exclude)
-    return sorted((i for i in infos if i.type == pafs.FileType.File and is_data_candidate(i.path)
-                   and not i.path.startswith(excluded)), key=lambda i: i.path)
+    return sorted(
+        (i for i in infos if i.type == pafs.FileType.File and is_data_candidate(i.path) and not i.path.startswith(excluded)),
+        key=lambda i: i.path,
+    )
 
 
 def list_data_files(path: str, exclude: tuple[str, ...] = ()) -> tuple[pafs.FileSystem, list[str]]:
@@ -342,7 +344,8 @@ def _read_csv(source: Fetched, columns: list[str], dropped: Counter) -> pa.Table
 
     with source.open() as f:
         table = pacsv.read_csv(
-            f, read_options=pacsv.ReadOptions(block_size=_block_size(source.size)),
+            f,
+            read_options=pacsv.ReadOptions(block_size=_block_size(source.size)),
             parse_options=pacsv.ParseOptions(invalid_row_handler=skip),
             # Text stays text ("123" is a sentence too); UTF-8 is checked per row below.
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, check_utf8=False),
@@ -546,9 +549,19 @@ def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> tuple[FileRepo
         parsed = parse_file(fetched, fmt, cfg, path)
     finally:
         fetched.close()
-    report = FileReport(shown, fmt, "bad" if parsed.reason else "ok", size=fetched.size, sha256=fetched.sha256, reason=parsed.reason,
-                        read=parsed.read, dropped=parsed.dropped, mtime_ns=fetched.mtime_ns,
-                        rows=parsed.rows.num_rows if parsed.rows is not None else 0, splits=split_counts(parsed.rows))
+    report = FileReport(
+        shown,
+        fmt,
+        "bad" if parsed.reason else "ok",
+        size=fetched.size,
+        sha256=fetched.sha256,
+        reason=parsed.reason,
+        read=parsed.read,
+        dropped=parsed.dropped,
+        mtime_ns=fetched.mtime_ns,
+        rows=parsed.rows.num_rows if parsed.rows is not None else 0,
+        splits=split_counts(parsed.rows),
+    )
     return report, parsed.rows
 
 
@@ -593,8 +606,9 @@ def _only(batch: pa.Table, split: str | None) -> pa.Table:
     return batch.select(["text", "label"])
 
 
-def read_validated(cfg: DataConfig, storage: Storage, quarantine_area: str, path: str | None = None,
-                   files: list[str] | None = None) -> ValidatedData:
+def read_validated(
+    cfg: DataConfig, storage: Storage, quarantine_area: str, path: str | None = None, files: list[str] | None = None
+) -> ValidatedData:
     """Find (or take `files`: paths or URIs on one filesystem), read, validate and quarantine;
     fails only when nothing valid remains or a file cannot be read at all right now. Each file is
     read once; its valid rows stay in the object store (spilled to disk when large) for every

@@ -85,8 +85,11 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     validated = read_validated(config.require_data("evaluate"), storage, quarantine_area="evaluate", path=data_path)
     rows = tokenized(validated.split(None), task, str(resolved.local_dir), config.model.max_length)
     scored = rows.map_batches(
-        Scorer, fn_constructor_kwargs={"storage_root": storage.root_uri, "ref": ref, "task": task},
-        batch_size=batch_size, batch_format="numpy", concurrency=workers,
+        Scorer,
+        fn_constructor_kwargs={"storage_root": storage.root_uri, "ref": ref, "task": task},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=workers,
     )
     parts = [b for b in scored.iter_batches(batch_size=4096, batch_format="pandas")]
     if not parts:

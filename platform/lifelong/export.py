@@ -75,11 +75,17 @@ def export_onnx(torch_model: nn.Module, out_path: Path, opset: int, max_length: 
         warnings.simplefilter("ignore", category=FutureWarning)
         try:
             torch.onnx.export(
-                LogitsOnly(torch_model).eval(), (), str(out_path),
+                LogitsOnly(torch_model).eval(),
+                (),
+                str(out_path),
                 kwargs={"input_ids": input_ids, "attention_mask": attention_mask},
-                input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits"],
                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                opset_version=opset, dynamo=True, external_data=big, verbose=False,
+                opset_version=opset,
+                dynamo=True,
+                external_data=big,
+                verbose=False,
             )
         except Exception as e:  # the exporter raises many types; all mean "this model did not export"
             raise ExportError(f"torch.onnx.export failed for {type(torch_model).__name__}: {e}") from None
@@ -164,8 +170,12 @@ def export_files(
         for extra in workdir.glob("model.onnx.data"):
             result.files[extra.name] = extra
         result.records["onnx"] = {
-            **measured, "parity_tolerance": cfg.parity_tolerance, "opset": cfg.opset, "max_length": max_length,
-            "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "onnxruntime": onnxruntime.__version__,
+            **measured,
+            "parity_tolerance": cfg.parity_tolerance,
+            "opset": cfg.opset,
+            "max_length": max_length,
+            "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+            "onnxruntime": onnxruntime.__version__,
         }
     if "onnx-int8" in formats:
         if task != "sequence-classification":
@@ -181,8 +191,12 @@ def export_files(
         acc_int8 = accuracy(Classifier(model_dir, "onnx-int8", card, onnx_path=int8_path), scored)
         drop = acc_fp32 - acc_int8
         record = {
-            "accuracy_fp32": acc_fp32, "accuracy_int8": acc_int8, "accuracy_drop": drop, "rows": len(scored),
-            "max_accuracy_drop": cfg.int8_max_accuracy_drop, "quantization": "onnxruntime quantize_dynamic QInt8 weights",
+            "accuracy_fp32": acc_fp32,
+            "accuracy_int8": acc_int8,
+            "accuracy_drop": drop,
+            "rows": len(scored),
+            "max_accuracy_drop": cfg.int8_max_accuracy_drop,
+            "quantization": "onnxruntime quantize_dynamic QInt8 weights",
         }
         if drop <= cfg.int8_max_accuracy_drop:
             result.files["model.int8.onnx"] = int8_path
@@ -210,7 +224,9 @@ def validation_rows(data_cfg, storage, limit: int, path: str | None = None) -> l
     return validated.split(None if path else "validation").take(limit)
 
 
-def export_version(registry, name: str, version: int, cfg: ExportSection, rows: list[dict] | None, formats: tuple[str, ...]) -> ExportResult:
+def export_version(
+    registry, name: str, version: int, cfg: ExportSection, rows: list[dict] | None, formats: tuple[str, ...]
+) -> ExportResult:
     """Add the missing `formats` to an existing version (files + records, nothing rewritten)."""
     from lifelong.registry import format_of
 

@@ -133,8 +133,15 @@ class TorchLogits:
 class Classifier:
     """Texts → label probabilities for one version, with the chosen backend."""
 
-    def __init__(self, model_dir: str | Path, backend: str = "onnx", card: dict | None = None, threads: int = 1,
-                 onnx_path: str | Path | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        backend: str = "onnx",
+        card: dict | None = None,
+        threads: int = 1,
+        onnx_path: str | Path | None = None,
+        device: str = "cpu",
+    ):
         """`onnx_path` overrides the version's ONNX file (export scores files before they are stored)."""
         model_dir = Path(model_dir)
         if backend not in BACKENDS:
@@ -198,10 +205,13 @@ class Generator:
             generator_kwargs = {"do_sample": True, "temperature": temperature, "top_k": 50}
         with torch.inference_mode():
             out = self.model.generate(
-                torch.tensor([ids], device=self.logits.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.logits.device),
-                max_new_tokens=new_tokens, pad_token_id=self.encode.pad_id, **generator_kwargs,
+                torch.tensor([ids], device=self.logits.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.logits.device),
+                max_new_tokens=new_tokens,
+                pad_token_id=self.encode.pad_id,
+                **generator_kwargs,
             )
-        continuation = out[0, len(ids):].tolist()
+        continuation = out[0, len(ids) :].tolist()
         return {
             "text": self.encode.tokenizer.decode(continuation, skip_special_tokens=True),
             "tokens": len(continuation),

@@ -108,7 +108,10 @@ def parse_ref(text: str) -> ModelRef | None:
 def code_version() -> str:
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -134,8 +137,10 @@ class Registry:
         self._check_name(name)
         if not self.versions(name):
             known = self.models()
-            raise RegistryError(f"no model named '{name}' in {self.storage.root_uri}/registry"
-                                + (f"; models: {', '.join(known)}" if known else "; the registry is empty"))
+            raise RegistryError(
+                f"no model named '{name}' in {self.storage.root_uri}/registry"
+                + (f"; models: {', '.join(known)}" if known else "; the registry is empty")
+            )
 
     def models(self) -> list[str]:
         return [m for m in self.storage.listdir("registry") if NAME_RE.fullmatch(m)]
@@ -276,8 +281,9 @@ class Registry:
             )
         return self.storage.read_json(path)
 
-    def move_alias(self, name: str, alias: str, version: int, *, reason: str = "", kind: str = "promote",
-                   expect: int | None | type(...) = ...) -> dict:
+    def move_alias(
+        self, name: str, alias: str, version: int, *, reason: str = "", kind: str = "promote", expect: int | None | type(...) = ...
+    ) -> dict:
         """Point `alias` at `version` atomically and log the move; returns the event.
 
         `expect`: the version the caller saw the alias at (None: unset). If another writer moved
@@ -295,12 +301,21 @@ class Registry:
             if expect is not ... and held != expect:
                 if current is None:
                     raise AliasConflict(f"{name}@{alias} is not set; this move expected it at {expect}")
-                raise AliasConflict(f"{name}@{alias} was moved to {held} by another writer (seq {current['seq']}, "
-                                    f"{current['kind']} at {current['moved_at']}); this move expected it at {expect}")
+                raise AliasConflict(
+                    f"{name}@{alias} was moved to {held} by another writer (seq {current['seq']}, "
+                    f"{current['kind']} at {current['moved_at']}); this move expected it at {expect}"
+                )
             if current:
                 self._record_event(name, alias, current)  # a mover that died before logging its event
-            event = {"alias": alias, "version": version, "previous": held, "seq": (current["seq"] if current else 0) + 1,
-                     "kind": kind, "reason": reason, "moved_at": _now()}
+            event = {
+                "alias": alias,
+                "version": version,
+                "previous": held,
+                "seq": (current["seq"] if current else 0) + 1,
+                "kind": kind,
+                "reason": reason,
+                "moved_at": _now(),
+            }
             data = json.dumps(event, indent=2, sort_keys=True).encode()
             if self.storage.replace_if(pointer_path, data, read[1] if read else None):
                 self._record_event(name, alias, event)
@@ -316,8 +331,14 @@ class Registry:
                 self.storage.write_bytes(rel, data)
 
     def history(self, name: str, alias: str | None = None) -> list[dict]:
-        aliases = [alias] if alias else sorted(set(self.storage.listdir(f"registry/{name}/history"))
-                                               | {a[: -len(".json")] for a in self.storage.listdir(f"registry/{name}/aliases") if a.endswith(".json")})
+        aliases = (
+            [alias]
+            if alias
+            else sorted(
+                set(self.storage.listdir(f"registry/{name}/history"))
+                | {a[: -len(".json")] for a in self.storage.listdir(f"registry/{name}/aliases") if a.endswith(".json")}
+            )
+        )
         events = []
         for a in aliases:
             pointer = f"registry/{name}/aliases/{a}.json"
@@ -365,8 +386,7 @@ class Registry:
             if (path / "config.json").is_file():
                 return ResolvedModel(local_dir=path.resolve())
             raise RegistryError(
-                f"'{text}' is neither a model reference (NAME@ALIAS, NAME:VERSION) nor an HF model "
-                "directory (a folder with config.json)"
+                f"'{text}' is neither a model reference (NAME@ALIAS, NAME:VERSION) nor an HF model directory (a folder with config.json)"
             )
         version = ref.version if ref.alias is None else self.alias_version(ref.name, ref.alias)
         card = self.card(ref.name, version)

@@ -15,7 +15,6 @@ Since no replica serves while any is between hold and commit, once v has answere
 version never answers again, across all replicas. A hold lasts a few milliseconds.
 """
 
-
 import asyncio
 import hashlib
 import hmac
@@ -126,7 +125,11 @@ def load_version(settings: dict, version: int) -> Loaded:
         model = Classifier(model_dir, settings["backend"], card, threads=settings["threads"], device=settings.get("device", "cpu"))
         out = model.predict(SMOKE_TEXTS)
         probs = np.asarray([list(p["probabilities"].values()) for p in out])
-        if probs.shape != (len(SMOKE_TEXTS), len(model.labels)) or not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(1), 1, atol=1e-3):
+        if (
+            probs.shape != (len(SMOKE_TEXTS), len(model.labels))
+            or not np.all(np.isfinite(probs))
+            or not np.allclose(probs.sum(1), 1, atol=1e-3)
+        ):
             raise LifelongError(f"{name}:{version} failed its smoke test: probabilities {probs.tolist()}")
     else:
         model = Generator(model_dir, card, threads=settings["threads"], device=settings.get("device", "cpu"))
@@ -202,7 +205,10 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid")
-        return JSONResponse(status_code=400, content={"error": f"the request body is not valid JSON: {detail.get('ctx', {}).get('error', detail['msg'])}", "field": "body"})
+        return JSONResponse(
+            status_code=400,
+            content={"error": f"the request body is not valid JSON: {detail.get('ctx', {}).get('error', detail['msg'])}", "field": "body"},
+        )
     problems = [{"field": _field(e["loc"]), "message": e["msg"]} for e in errors]
     text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
     return JSONResponse(status_code=422, content={"error": text, "errors": problems})
@@ -365,31 +371,49 @@ class ModelServer:
         if expected is None:
             return
         if credentials is None or credentials.scheme.lower() != "bearer":
-            raise HTTPException(401, {"error": "authorization: a bearer token is required", "field": "authorization"}, headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                {"error": "authorization: a bearer token is required", "field": "authorization"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         given = hashlib.sha256(credentials.credentials.encode()).hexdigest()
         if not hmac.compare_digest(given, expected):
-            raise HTTPException(401, {"error": "authorization: the bearer token is wrong", "field": "authorization"}, headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401, {"error": "authorization: the bearer token is wrong", "field": "authorization"}, headers={"WWW-Authenticate": "Bearer"}
+            )
 
     @api.post("/v1/predict", response_model=PredictResponse)
-    async def predict(self, body: PredictRequest, response: Response, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> PredictResponse:
+    async def predict(
+        self, body: PredictRequest, response: Response, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> PredictResponse:
         """Label and probabilities per text, from the version serving now."""
         self._authorize(credentials)
         if self.task != "sequence-classification":
             raise _reject(400, "texts", f"this deployment serves a {self.task} model: use POST /v1/generate")
         if len(body.texts) > self.settings["max_texts"]:
-            raise _reject(413, "texts", f"{len(body.texts)} texts; at most {self.settings['max_texts']} per request (serve.max_texts_per_request)")
+            raise _reject(
+                413, "texts", f"{len(body.texts)} texts; at most {self.settings['max_texts']} per request (serve.max_texts_per_request)"
+            )
         for i, text in enumerate(body.texts):
             if not text.strip():
                 raise _reject(422, f"texts[{i}]", "empty text")
             if len(text) > self.settings["max_text_chars"]:
-                raise _reject(413, f"texts[{i}]", f"{len(text)} characters; at most {self.settings['max_text_chars']} (serve.max_text_chars)")
+                raise _reject(
+                    413, f"texts[{i}]", f"{len(text)} characters; at most {self.settings['max_text_chars']} (serve.max_text_chars)"
+                )
         loaded, predictions = await self.predict_batch(body.texts)
         response.headers["X-Lifelong-Replica"] = self.replica
-        return PredictResponse(model=self.settings["model"], version=loaded.version, max_length=loaded.model.max_length,
-                               predictions=[Prediction(**p) for p in predictions])
+        return PredictResponse(
+            model=self.settings["model"],
+            version=loaded.version,
+            max_length=loaded.model.max_length,
+            predictions=[Prediction(**p) for p in predictions],
+        )
 
     @api.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, body: GenerateRequest, response: Response, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> GenerateResponse:
+    async def generate(
+        self, body: GenerateRequest, response: Response, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> GenerateResponse:
         """A continuation of the prompt (causal-LM versions, PyTorch backend)."""
         self._authorize(credentials)
         if self.task != "causal-lm":
@@ -454,8 +478,7 @@ class AliasFollower:
         threading.Thread(target=self._follow, daemon=True).start()
 
     async def state(self) -> dict:
-        return {"active": self.active, "last_swap_error": self.last_swap_error, "swaps": self.swaps[-20:],
-                "refused": self.refused}
+        return {"active": self.active, "last_swap_error": self.last_swap_error, "swaps": self.swaps[-20:], "refused": self.refused}
 
     def _follow(self) -> None:
         servers = serve.get_deployment_handle(SERVER, self.settings["app_name"])
@@ -506,8 +529,17 @@ class AliasFollower:
         servers.broadcast("commit", version).results(timeout_s=600, return_exceptions=True)
         previous, self.active = self.active, version
         self.last_swap_error = None
-        self.swaps.append({"from": previous, "to": version, "kind": pointer.get("kind"), "alias_moved_at": pointer.get("moved_at"),
-                           "committed_at": _now(), "seconds_after_seen": round(time.monotonic() - started, 3), "replicas": len(prepared)})
+        self.swaps.append(
+            {
+                "from": previous,
+                "to": version,
+                "kind": pointer.get("kind"),
+                "alias_moved_at": pointer.get("moved_at"),
+                "committed_at": _now(),
+                "seconds_after_seen": round(time.monotonic() - started, 3),
+                "replicas": len(prepared),
+            }
+        )
         logger.info("follower: every replica now serves %s:%s (was %s)", name, version, previous)
 
 

@@ -57,8 +57,10 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
         try:
             return pafs.FileSystem.from_uri(path)
         except (pa.ArrowException, OSError, ValueError) as e:
-            raise LifelongError(f"cannot open the URI '{path}': {str(e).splitlines()[0]} "
-                                "(use a local path, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, or another filesystem pyarrow knows)") from None
+            raise LifelongError(
+                f"cannot open the URI '{path}': {str(e).splitlines()[0]} "
+                "(use a local path, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, or another filesystem pyarrow knows)"
+            ) from None
     if path.startswith("file://"):
         path = path[len("file://") :]
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
@@ -114,7 +116,9 @@ class _S3Conditional:
         if endpoint and "://" not in endpoint:
             endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
         self.client = boto3.client(
-            "s3", endpoint_url=endpoint or None, region_name=query.get("region") or None,
+            "s3",
+            endpoint_url=endpoint or None,
+            region_name=query.get("region") or None,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}),
         )
 

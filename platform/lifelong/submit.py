@@ -40,7 +40,9 @@ def job_args(job: str, argv: list[str]) -> tuple[str, set[str], list[str]]:
         raise LifelongError(f"usage: jobs/{job}.py CONFIG {' '.join(f'[{f}]' for f in sorted(known))} [key=value ...]")
     flags = {a for a in argv[1:] if a.startswith("--")}
     if flags - known:
-        raise LifelongError(f"jobs/{job}.py does not take {', '.join(sorted(flags - known))} (its flags: {', '.join(sorted(known)) or 'none'})")
+        raise LifelongError(
+            f"jobs/{job}.py does not take {', '.join(sorted(flags - known))} (its flags: {', '.join(sorted(known)) or 'none'})"
+        )
     return argv[0], flags, [a for a in argv[1:] if not a.startswith("--")]
 
 
@@ -138,8 +140,16 @@ def entrypoint(job: str, config_path: Path, overrides: list[str]) -> str:
     return f"python jobs/{job}.py " + shlex.join([str(rel), *flags, *overrides])
 
 
-def submit(job: str, config_path: Path, overrides: list[str], address: str | None, *, wait: bool = True,
-           submission_id: str | None = None, out=sys.stdout) -> tuple[str, str]:
+def submit(
+    job: str,
+    config_path: Path,
+    overrides: list[str],
+    address: str | None,
+    *,
+    wait: bool = True,
+    submission_id: str | None = None,
+    out=sys.stdout,
+) -> tuple[str, str]:
     """Submit; with `wait`, stream the logs until the job ends. Returns (job id, final status)."""
     command = entrypoint(job, config_path, overrides)
     address = resolve_address(address)
@@ -150,8 +160,14 @@ def submit(job: str, config_path: Path, overrides: list[str], address: str | Non
         # The uploaded platform/ comes first, so the job runs the code that was submitted.
         "env_vars": {"PYTHONPATH": "platform", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
     }
-    job_id = _call(address, jobs.submit_job, entrypoint=command, runtime_env=runtime_env, submission_id=submission_id,
-                   metadata={"lifelong_job": job, "config": str(config_path)})
+    job_id = _call(
+        address,
+        jobs.submit_job,
+        entrypoint=command,
+        runtime_env=runtime_env,
+        submission_id=submission_id,
+        metadata={"lifelong_job": job, "config": str(config_path)},
+    )
     print(f"[lifelong] submitted {job_id} to {address}: {command}", file=out, flush=True)
     if not wait:
         return job_id, str(_call(address, jobs.get_job_status, job_id))
@@ -161,6 +177,7 @@ def submit(job: str, config_path: Path, overrides: list[str], address: str | Non
 
 def follow(jobs, address: str, job_id: str, out=sys.stdout) -> str:
     """Print the job's logs as they come; return its final status."""
+
     async def tail():
         async for chunk in jobs.tail_job_logs(job_id):
             out.write(chunk)
@@ -169,8 +186,11 @@ def follow(jobs, address: str, job_id: str, out=sys.stdout) -> str:
     try:
         asyncio.run(tail())
     except KeyboardInterrupt:
-        print(f"\n[lifelong] stopped following; {job_id} keeps running (lifelong jobs stop {job_id} --address {address})",
-              file=out, flush=True)
+        print(
+            f"\n[lifelong] stopped following; {job_id} keeps running (lifelong jobs stop {job_id} --address {address})",
+            file=out,
+            flush=True,
+        )
         raise
     except Exception as e:  # the stream broke (dashboard restarted): the status still tells the end
         print(f"[lifelong] log stream ended early: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=out, flush=True)

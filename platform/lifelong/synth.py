@@ -91,8 +91,15 @@ def window_classes(window: int, labels: list[str], per_window: int) -> list[str]
     return [labels[(start + k) % len(labels)] for k in range(per_window)]
 
 
-def write_stream(out: str | Path, windows: int = 4, rows_per_window: int = 400, files_per_window: int = 2,
-                 seed: int = 0, classes_per_window: int = 2, new_vocab_fraction: float = 0.5) -> list[Path]:
+def write_stream(
+    out: str | Path,
+    windows: int = 4,
+    rows_per_window: int = 400,
+    files_per_window: int = 2,
+    seed: int = 0,
+    classes_per_window: int = 2,
+    new_vocab_fraction: float = 0.5,
+) -> list[Path]:
     """Write windows of labelled files under out/window-000/, window-001/, …; returns the window dirs.
 
     Every window has rows of only `classes_per_window` of the 4 classes (all of them when it is

@@ -206,14 +206,21 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
     storage = Storage(config.storage.root)
     name = sweep_name(config)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config.model_dump(mode="json"), sweep=name,
-                             data=data.for_trials() if shares_data(config) else None),
+        tune.with_parameters(
+            run_trial, base=config.model_dump(mode="json"), sweep=name, data=data.for_trials() if shares_data(config) else None
+        ),
         {"cpu": TRIAL_DRIVER_CPU},
     )
     if resume:  # run_sweep has checked that the sweep exists (or not) before preparing its data
         # Restores the searcher (Optuna's history) and the scheduler with the trials.
-        return tune.Tuner.restore(storage.path("tune", name), trainable=trainable, storage_filesystem=storage.fs,
-                                  resume_unfinished=True, resume_errored=False, restart_errored=False)
+        return tune.Tuner.restore(
+            storage.path("tune", name),
+            trainable=trainable,
+            storage_filesystem=storage.fs,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+        )
     t = config.tune
     concurrency = max_concurrency(config)
     if t.search == "optuna":
@@ -231,17 +238,34 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
     if t.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="epoch", metric=t.metric, mode=t.mode, max_t=config.train.epochs,
-                                  grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            metric=t.metric,
+            mode=t.mode,
+            max_t=config.train.epochs,
+            grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+        )
     budget = FailureBudget(t.max_failed_trials)
     return tune.Tuner(
         trainable,
         param_space=param_space(config),
-        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=t.num_samples, trial_dirname_creator=trial_dirname,
-                                    max_concurrent_trials=concurrency if t.search == "optuna" else None),
-        run_config=tune.RunConfig(name=name, storage_path=storage.path("tune"), storage_filesystem=storage.fs, stop=budget, callbacks=[budget, Progress(config)],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                  verbose=0),  # Progress prints one line per event instead
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=t.num_samples,
+            trial_dirname_creator=trial_dirname,
+            max_concurrent_trials=concurrency if t.search == "optuna" else None,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage.path("tune"),
+            storage_filesystem=storage.fs,
+            stop=budget,
+            callbacks=[budget, Progress(config)],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            verbose=0,
+        ),  # Progress prints one line per event instead
     )
 
 
@@ -254,15 +278,17 @@ def trials_table(results, config: JobConfig) -> pd.DataFrame:
         best = (values.min() if t.mode == "min" else values.max()) if len(values) else float("nan")
         epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
         status = "errored" if result.error else "finished"
-        rows.append({
-            "trial": _trial_id(result),
-            **{k: result.config.get(k) for k in t.space},
-            f"best_{t.metric}": best,
-            "epochs": epochs,
-            "stopped_early": bool(not result.error and epochs < config.train.epochs),
-            "status": status,
-            "error": _first_line(result.error) if result.error else "",
-        })
+        rows.append(
+            {
+                "trial": _trial_id(result),
+                **{k: result.config.get(k) for k in t.space},
+                f"best_{t.metric}": best,
+                "epochs": epochs,
+                "stopped_early": bool(not result.error and epochs < config.train.epochs),
+                "status": status,
+                "error": _first_line(result.error) if result.error else "",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -312,9 +338,12 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     data = prepare_data(sweep_config, storage, Registry(storage))
     prep = prepare_run(sweep_config, data)
     tokenizer_dir = data.tokenizer_dir
-    print(f"[lifelong] sweep '{name}': {config.tune.num_samples} trials of {config.train.epochs} epochs, "
-          f"{config.tune.search} search, scheduler {config.tune.scheduler}, up to {max_concurrency(config)} at once; "
-          f"{'shared' if shares_data(config) else 'per-trial'} data ({data.train_examples} training examples)", flush=True)
+    print(
+        f"[lifelong] sweep '{name}': {config.tune.num_samples} trials of {config.train.epochs} epochs, "
+        f"{config.tune.search} search, scheduler {config.tune.scheduler}, up to {max_concurrency(config)} at once; "
+        f"{'shared' if shares_data(config) else 'per-trial'} data ({data.train_examples} training examples)",
+        flush=True,
+    )
     results = build_tuner(config, data, resume).fit()
 
     out_dir = Path(storage.path("tune", name)) if storage.is_local else local_cache_dir("tune", name)
@@ -326,8 +355,11 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
 
     failed = int((table["status"] == "errored").sum()) if len(table) else 0
     if failed > config.tune.max_failed_trials:
-        print(f"[lifelong] sweep '{name}' stopped: {failed} trials failed (tune.max_failed_trials={config.tune.max_failed_trials}); "
-              f"trials it cut short count as stopped early; {len(table)} of {config.tune.num_samples} trials ran", flush=True)
+        print(
+            f"[lifelong] sweep '{name}' stopped: {failed} trials failed (tune.max_failed_trials={config.tune.max_failed_trials}); "
+            f"trials it cut short count as stopped early; {len(table)} of {config.tune.num_samples} trials ran",
+            flush=True,
+        )
     finished = [r for r in results if not r.error and r.metrics and config.tune.metric in r.metrics]
     if not finished:
         return SweepOutcome(name, config.name, results.experiment_path, table, str(csv), str(plot), None, None, None, results)
@@ -336,9 +368,23 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     run_name = trial_run_name(name, best.metrics["trial_id"])
     best_config = trial_config(config.model_dump(mode="json"), params, run_name, tokenizer_dir)
     train_result = ray.train.Result.from_path(storage.path("runs", run_name), storage_filesystem=storage.fs)
-    outcome = register_best(dataclasses.replace(prep, config=best_config), train_result, run_name,
-                            extra_card={"sweep": {"name": name, "params": params, "path": results.experiment_path}})
+    outcome = register_best(
+        dataclasses.replace(prep, config=best_config),
+        train_result,
+        run_name,
+        extra_card={"sweep": {"name": name, "params": params, "path": results.experiment_path}},
+    )
     alias = "champion" if promote else "challenger"
     prep.registry.move_alias(config.name, alias, outcome.version, reason=f"best trial of sweep {name}")
-    return SweepOutcome(name, config.name, results.experiment_path, table, str(csv), str(plot),
-                        {"run": run_name, "params": params, "metrics": outcome.metrics}, outcome.version, alias, results)
+    return SweepOutcome(
+        name,
+        config.name,
+        results.experiment_path,
+        table,
+        str(csv),
+        str(plot),
+        {"run": run_name, "params": params, "metrics": outcome.metrics},
+        outcome.version,
+        alias,
+        results,
+    )

@@ -69,15 +69,21 @@ class CycleOutcome:
         lines += [f"  landing zone: {line}" for line in self.scan]
         lines += [f"  quarantined: {path}: {reason}" for path, reason in self.quarantined]
         if self.quarantined_total:
-            lines.append(f"  {self.quarantined_total} file(s) quarantined in this stream: `lifelong continual ledger CONFIG --state quarantined` "
-                         "lists them; `lifelong continual requeue CONFIG --all` retries them once fixed")
+            lines.append(
+                f"  {self.quarantined_total} file(s) quarantined in this stream: `lifelong continual ledger CONFIG --state quarantined` "
+                "lists them; `lifelong continual requeue CONFIG --all` retries them once fixed"
+            )
         if self.status == "waiting":
             lines.append(f"  {self.reason}")
             return "\n".join(lines)
-        lines.append(f"  trained on {len(self.files)} new file(s), {self.new_rows} new rows + {self.replay_rows} replayed, "
-                     f"from version {self.champion_before}, in {self.seconds:.0f} s → version {self.version}")
+        lines.append(
+            f"  trained on {len(self.files)} new file(s), {self.new_rows} new rows + {self.replay_rows} replayed, "
+            f"from version {self.champion_before}, in {self.seconds:.0f} s → version {self.version}"
+        )
         cand, champ = self.accuracy.get("candidate", []), self.accuracy.get("champion", [])
-        lines.append("  accuracy per window: " + "  ".join(f"w{j}: {c:.3f} (champion {b:.3f})" for j, (c, b) in enumerate(zip(cand, champ))))
+        lines.append(
+            "  accuracy per window: " + "  ".join(f"w{j}: {c:.3f} (champion {b:.3f})" for j, (c, b) in enumerate(zip(cand, champ)))
+        )
         if self.phases:
             lines.append("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in self.phases.items()))
         lines.append(f"  decision: {self.status}: {self.reason}")
@@ -105,8 +111,9 @@ def check_continual(config: JobConfig) -> None:
     if config.model.task != "sequence-classification":
         raise LifelongError(f"continual learning gates on accuracy: it needs model.task=sequence-classification (got {config.model.task})")
     if not config.data or not config.data.labels:
-        raise LifelongError("continual learning needs data.text_column, data.label_column and data.labels: "
-                            "every landing file is checked against them")
+        raise LifelongError(
+            "continual learning needs data.text_column, data.label_column and data.labels: every landing file is checked against them"
+        )
 
 
 def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
@@ -132,20 +139,43 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             picked = pick_files(ledger.pending(), c.max_rows_per_cycle)
             waiting = why_wait(picked, c, force)
             if waiting:
-                return CycleOutcome(name, reason=waiting, scan=scan_lines, quarantined=quarantined,
-                                    quarantined_total=_count_quarantined(ledger, quarantined), seconds=time.perf_counter() - started)
+                return CycleOutcome(
+                    name,
+                    reason=waiting,
+                    scan=scan_lines,
+                    quarantined=quarantined,
+                    quarantined_total=_count_quarantined(ledger, quarantined),
+                    seconds=time.perf_counter() - started,
+                )
             champion = registry.resolve(f"{config.name}@champion")
             window = stream.open_window(
-                files=[r.sha256 for r in picked], paths=[r.path for r in picked], fingerprint=validation_fingerprint(data_cfg),
-                champion_before=champion.version, new_rows=sum(r.rows for r in picked), phases={"scan": time.perf_counter() - t0})
+                files=[r.sha256 for r in picked],
+                paths=[r.path for r in picked],
+                fingerprint=validation_fingerprint(data_cfg),
+                champion_before=champion.version,
+                new_rows=sum(r.rows for r in picked),
+                phases={"scan": time.perf_counter() - t0},
+            )
         window = advance(config, storage, registry, stream, ledger, window)
         d = window.decision
         return CycleOutcome(
-            name, status=d.status, reason=d.reason, window=window.window, version=window.version,
-            champion_before=window.champion_before, files=window.files, new_rows=window.new_rows, replay_rows=window.replay_rows,
-            accuracy={"candidate": d.candidate, "champion": d.champion}, metrics=stream.finished()[-1].get("metrics", {}),
-            scan=scan_lines, quarantined=quarantined, quarantined_total=_count_quarantined(ledger, quarantined),
-            recovered=not scan_lines, seconds=time.perf_counter() - started, phases=window.phases,
+            name,
+            status=d.status,
+            reason=d.reason,
+            window=window.window,
+            version=window.version,
+            champion_before=window.champion_before,
+            files=window.files,
+            new_rows=window.new_rows,
+            replay_rows=window.replay_rows,
+            accuracy={"candidate": d.candidate, "champion": d.champion},
+            metrics=stream.finished()[-1].get("metrics", {}),
+            scan=scan_lines,
+            quarantined=quarantined,
+            quarantined_total=_count_quarantined(ledger, quarantined),
+            recovered=not scan_lines,
+            seconds=time.perf_counter() - started,
+            phases=window.phases,
         )
 
 
@@ -179,7 +209,8 @@ def why_wait(picked: list[FileRecord], c, force: bool) -> str:
     waited = time.time() - min(r.first_seen for r in picked)
     if not force and rows < c.min_new_rows and not (c.max_wait_s and waited >= c.max_wait_s):
         return f"waiting: {rows} new rows pending, a cycle starts at {c.min_new_rows}" + (
-            f" or after {c.max_wait_s:.0f} s ({waited:.0f} s so far)" if c.max_wait_s else "")
+            f" or after {c.max_wait_s:.0f} s ({waited:.0f} s so far)" if c.max_wait_s else ""
+        )
     if not splits.get("validation") or not splits.get("train"):
         return f"waiting: the new rows do not yet give both a training and a holdout split ({splits})"
     return ""
@@ -210,11 +241,20 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
         window = stream.update(window, status="consumed")
     if window.status == "consumed":
         d = window.decision
-        summary = {"window": window.window, "files": window.files, "version": window.version, "status": d.status,
-                   "reason": d.reason, "champion_before": window.champion_before,
-                   "row": d.candidate if d.status == "promoted" else d.champion,  # the model serving after this window
-                   "candidate": d.candidate, "champion": d.champion, "new_rows": window.new_rows,
-                   "replay_rows": window.replay_rows, "finished_at": time.time()}
+        summary = {
+            "window": window.window,
+            "files": window.files,
+            "version": window.version,
+            "status": d.status,
+            "reason": d.reason,
+            "champion_before": window.champion_before,
+            "row": d.candidate if d.status == "promoted" else d.champion,  # the model serving after this window
+            "candidate": d.candidate,
+            "champion": d.champion,
+            "new_rows": window.new_rows,
+            "replay_rows": window.replay_rows,
+            "finished_at": time.time(),
+        }
         stream.finish(summary, d.baseline, d.start_version)
         window = stream.update(window, status="done", finished_at=time.time())
     return window
@@ -231,8 +271,15 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
     # The holdout, kept for every later cycle's evaluation (label names, as users write them).
     # Rewritten on every attempt: its content follows from the window's files alone.
     cols, labels = config.data, config.data.labels
-    storage.write_table(stream.holdout_rel(k), pa.table({
-        cols.text_column: holdout.column("text"), cols.label_column: pa.array([labels[i] for i in holdout.column("label").to_pylist()])}))
+    storage.write_table(
+        stream.holdout_rel(k),
+        pa.table(
+            {
+                cols.text_column: holdout.column("text"),
+                cols.label_column: pa.array([labels[i] for i in holdout.column("label").to_pylist()]),
+            }
+        ),
+    )
 
     parts, replay_rows = [train], 0
     if c.strategy == "replay":
@@ -243,25 +290,46 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
             parts.append(sample.select(["text", "label"]).cast(ROWS))
     champion_ref = f"{config.name}:{window.champion_before}"
     cycle_config = config.model_copy(update={"run_name": run, "model": config.model.model_copy(update={"init_from": champion_ref})})
-    say(f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed, "
-        f"from {champion_ref}, run '{run}'" + (f" (attempt {window.attempts + 1})" if window.attempts else ""))
+    say(
+        f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed, "
+        f"from {champion_ref}, run '{run}'" + (f" (attempt {window.attempts + 1})" if window.attempts else "")
+    )
     registered = _registered_for(registry, config.name, stream.name, k) if window.train_started else None
     if registered is not None:  # the cycle stopped between registering and recording it
         say(f"cycle window {k}: already registered as {config.name}:{registered}")
         return stream.update(window, status="registered", version=registered, replay_rows=replay_rows)
     window = stream.update(window, train_started=time.time())
     try:
-        data = prepare_data_from_tables(cycle_config, storage, registry, pa.concat_tables(parts), holdout,
-                                        window_report(ledger, window, train.num_rows, holdout.num_rows))
+        data = prepare_data_from_tables(
+            cycle_config,
+            storage,
+            registry,
+            pa.concat_tables(parts),
+            holdout,
+            window_report(ledger, window, train.num_rows, holdout.num_rows),
+        )
         prep = prepare_run(cycle_config, data)
         t1 = time.perf_counter()
         result = build_trainer(prep, run).fit()
         t2 = time.perf_counter()
         if result.error:
             raise LifelongError(f"cycle training run '{run}' failed: {result.error}")
-        trained = register_best(prep, result, run, extra_card={"stream": {
-            "name": stream.name, "window": k, "files": window.files, "strategy": c.strategy,
-            "new_rows": window.new_rows, "replay_rows": replay_rows, "champion_before": window.champion_before}})
+        trained = register_best(
+            prep,
+            result,
+            run,
+            extra_card={
+                "stream": {
+                    "name": stream.name,
+                    "window": k,
+                    "files": window.files,
+                    "strategy": c.strategy,
+                    "new_rows": window.new_rows,
+                    "replay_rows": replay_rows,
+                    "champion_before": window.champion_before,
+                }
+            },
+        )
     except Exception as e:
         raise _failed(config, stream, ledger, window, e) from None
     phases = {**window.phases, "prepare": t1 - t0, "train": t2 - t1, "register": time.perf_counter() - t2}
@@ -269,8 +337,9 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
 
 
 def _registered_for(registry: Registry, model: str, stream: str, k: int) -> int | None:
-    found = registry.find_versions(model, lambda card: (card.get("stream") or {}).get("name") == stream
-                                   and (card.get("stream") or {}).get("window") == k)
+    found = registry.find_versions(
+        model, lambda card: (card.get("stream") or {}).get("name") == stream and (card.get("stream") or {}).get("window") == k
+    )
     return found[-1] if found else None
 
 
@@ -286,8 +355,19 @@ def window_report(ledger: Ledger, window: Window, train_rows: int, holdout_rows:
     for digest in window.files:
         r = ledger.record(digest)
         check = r.check
-        files.append(FileReport(r.path, r.format, "ok", rows=check.rows, size=r.size or 0, sha256=digest,
-                                read=check.read, dropped=check.dropped, splits=check.splits))
+        files.append(
+            FileReport(
+                r.path,
+                r.format,
+                "ok",
+                rows=check.rows,
+                size=r.size or 0,
+                sha256=digest,
+                read=check.read,
+                dropped=check.dropped,
+                splits=check.splits,
+            )
+        )
         for reason, n in check.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
     return DataReport(f"stream {ledger.stream}", files, dropped, {"train": train_rows, "validation": holdout_rows})
@@ -304,9 +384,13 @@ def _failed(config: JobConfig, stream: Stream, ledger: Ledger, window: Window, e
         return LifelongError(f"cycle window {k}: training failed (attempt {attempts} of {limit}): {why}; the next cycle tries again")
     stream.update(window, attempts=attempts, last_error=why, status="failed", failed_at=time.time())
     for digest in window.files:
-        ledger.quarantine(digest, f"window {k} failed to train {attempts} times: {why}; fix the cause, then `lifelong continual requeue CONFIG --all`")
-    return LifelongError(f"cycle window {k} failed to train {attempts} times ({why}): its {len(window.files)} file(s) are "
-                         "quarantined; fix the cause, then `lifelong continual requeue CONFIG --all`")
+        ledger.quarantine(
+            digest, f"window {k} failed to train {attempts} times: {why}; fix the cause, then `lifelong continual requeue CONFIG --all`"
+        )
+    return LifelongError(
+        f"cycle window {k} failed to train {attempts} times ({why}): its {len(window.files)} file(s) are "
+        "quarantined; fix the cause, then `lifelong continual requeue CONFIG --all`"
+    )
 
 
 def _decide(config: JobConfig, storage: Storage, stream: Stream, window: Window) -> Window:
@@ -336,8 +420,13 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
             registry.move_alias(name, "challenger", version, reason=f"rejected by the gates: {d.reason}")
         else:
             try:  # only from the champion the gates compared against
-                registry.move_alias(name, alias, version, reason=f"passed the gates of window {window.window}: {d.reason}",
-                                    expect=window.champion_before if alias == "champion" else ...)
+                registry.move_alias(
+                    name,
+                    alias,
+                    version,
+                    reason=f"passed the gates of window {window.window}: {d.reason}",
+                    expect=window.champion_before if alias == "champion" else ...,
+                )
             except AliasConflict as e:
                 d = d.model_copy(update={"status": "rejected", "reason": f"not promoted: {e}"})
                 registry.move_alias(name, "challenger", version, reason=d.reason)
@@ -352,12 +441,21 @@ def holdout_accuracies(config: JobConfig, storage: Storage, stream: Stream, refs
     score = ray.remote(num_cpus=1)(_score_holdouts)
     cols = config.data
     rels = [stream.holdout_rel(j) for j in windows]
-    return ray.get([score.remote(storage, ref, rels, cols.text_column, cols.label_column, cols.labels,
-                                 config.model.max_length) for ref in refs])
+    return ray.get(
+        [score.remote(storage, ref, rels, cols.text_column, cols.label_column, cols.labels, config.model.max_length) for ref in refs]
+    )
 
 
-def _score_holdouts(storage: Storage, ref: str, rels: list[str], text_column: str, label_column: str,
-                    labels: list[str], max_length: int, batch_size: int = 64) -> list[float]:
+def _score_holdouts(
+    storage: Storage,
+    ref: str,
+    rels: list[str],
+    text_column: str,
+    label_column: str,
+    labels: list[str],
+    max_length: int,
+    batch_size: int = 64,
+) -> list[float]:
     import pandas as pd
     import torch
 
@@ -369,12 +467,13 @@ def _score_holdouts(storage: Storage, ref: str, rels: list[str], text_column: st
     accuracies = []
     for rel in rels:
         table = storage.read_table(rel)
-        rows = pd.DataFrame({"text": table.column(text_column).to_pylist(),
-                             "label": [labels.index(v) for v in table.column(label_column).to_pylist()]})
+        rows = pd.DataFrame(
+            {"text": table.column(text_column).to_pylist(), "label": [labels.index(v) for v in table.column(label_column).to_pylist()]}
+        )
         correct = 0
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
-                enc = tokenize_for_classification(rows.iloc[start:start + batch_size], str(resolved.local_dir), max_length)
+                enc = tokenize_for_classification(rows.iloc[start : start + batch_size], str(resolved.local_dir), max_length)
                 logits = model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
                 correct += int((logits.argmax(-1) == torch.tensor(enc["labels"])).sum())
         accuracies.append(correct / max(len(rows), 1))

@@ -21,7 +21,7 @@ from lifelong.storage import local_cache_dir
 
 def backoff(poll_interval_s: float, failures: int) -> float:
     """Seconds to wait after `failures` failed cycles in a row (0: the plain poll interval)."""
-    return min(poll_interval_s * 2 ** failures, poll_interval_s * 10) if failures else poll_interval_s
+    return min(poll_interval_s * 2**failures, poll_interval_s * 10) if failures else poll_interval_s
 
 
 def run_cycles(config: JobConfig, *, once: bool = False, force: bool = False, show=print, sleep=time.sleep) -> None:
@@ -50,8 +50,10 @@ def run_cycles(config: JobConfig, *, once: bool = False, force: bool = False, sh
             else:  # a bug or an unexpected failure: the traceback is kept for whoever looks into it
                 _log(log, e)
                 said = f"{type(e).__name__}: {first} (traceback in {log})"
-            show(f"cycle failed ({failures} in a row): {said}\n  next try in {backoff(config.continual.poll_interval_s, failures):.0f} s; "
-                 "the stream carries on where it stopped")
+            show(
+                f"cycle failed ({failures} in a row): {said}\n  next try in {backoff(config.continual.poll_interval_s, failures):.0f} s; "
+                "the stream carries on where it stopped"
+            )
         sleep(backoff(config.continual.poll_interval_s, failures))
 
 

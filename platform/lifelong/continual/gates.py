@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 # The limits are inclusive: accuracies are fractions, and 0.79 - 0.80 must not fail a 0.01 tolerance
 # by a rounding error.
 _EPS = 1e-9
@@ -19,7 +18,7 @@ _EPS = 1e-9
 class GateDecision:
     passed: bool
     reason: str
-    new_gap: float     # candidate minus champion on the new window
+    new_gap: float  # candidate minus champion on the new window
     forgetting: float  # mean drop of the candidate against the champion on the past windows
 
 
@@ -38,13 +37,19 @@ def judge(candidate: list[float], champion: list[float], new_window_tolerance: f
     forgetting = past_window_drop(candidate, champion)
     reasons = []
     if new_gap < -new_window_tolerance - _EPS:
-        reasons.append(f"new window accuracy {candidate[-1]:.3f} is below the champion's {champion[-1]:.3f} by more than {new_window_tolerance}")
+        reasons.append(
+            f"new window accuracy {candidate[-1]:.3f} is below the champion's {champion[-1]:.3f} by more than {new_window_tolerance}"
+        )
     if forgetting > max_forgetting + _EPS:
         reasons.append(f"forgets {forgetting:.3f} of accuracy on past windows (limit {max_forgetting})")
     if reasons:
         return GateDecision(False, "; ".join(reasons), new_gap, forgetting)
-    return GateDecision(True, f"new window {candidate[-1]:.3f} vs {champion[-1]:.3f}, forgetting {forgetting:.3f} (limit {max_forgetting})",
-                        new_gap, forgetting)
+    return GateDecision(
+        True,
+        f"new window {candidate[-1]:.3f} vs {champion[-1]:.3f}, forgetting {forgetting:.3f} (limit {max_forgetting})",
+        new_gap,
+        forgetting,
+    )
 
 
 def accuracy_matrix(windows: list[dict]) -> list[list[float | None]]:

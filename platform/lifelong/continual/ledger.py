@@ -43,8 +43,19 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from lifelong.config import DataConfig
-from lifelong.data import (Fetched, SourceGone, SourceUnstable, _first_line, detect_format, display_uri, fetch, list_files,
-                           parse_file, split_counts, validation_fingerprint)
+from lifelong.data import (
+    Fetched,
+    SourceGone,
+    SourceUnstable,
+    _first_line,
+    detect_format,
+    display_uri,
+    fetch,
+    list_files,
+    parse_file,
+    split_counts,
+    validation_fingerprint,
+)
 from lifelong.errors import LifelongError
 from lifelong.storage import Storage, filesystem_for, is_uri
 
@@ -124,12 +135,12 @@ class IndexEntry(BaseModel):
 
 @dataclass
 class ScanReport:
-    new: list[FileRecord] = field(default_factory=list)          # records created by this scan
-    rewritten: list[FileRecord] = field(default_factory=list)    # of which: new bytes at a known path
-    appended: list[FileRecord] = field(default_factory=list)     # of which: bytes appended to consumed content
-    superseded: list[FileRecord] = field(default_factory=list)   # pending content replaced at its path before training
+    new: list[FileRecord] = field(default_factory=list)  # records created by this scan
+    rewritten: list[FileRecord] = field(default_factory=list)  # of which: new bytes at a known path
+    appended: list[FileRecord] = field(default_factory=list)  # of which: bytes appended to consumed content
+    superseded: list[FileRecord] = field(default_factory=list)  # pending content replaced at its path before training
     copies: list[tuple[str, str]] = field(default_factory=list)  # (path, the path its content first came under)
-    vanished: list[str] = field(default_factory=list)      # listed, then gone before it could be read
+    vanished: list[str] = field(default_factory=list)  # listed, then gone before it could be read
     deferred: list[tuple[str, str]] = field(default_factory=list)  # (path, why): read again next poll
     unchanged: int = 0
     excluded: int = 0  # files under the storage root, when it lies inside the landing zone
@@ -140,10 +151,12 @@ class ScanReport:
 
     def lines(self) -> list[str]:
         out = [f"{len(self.new)} new file(s), {self.unchanged} already known"]
-        out += [f"{r.path}: rewritten with new content (was {r.rewrites[:12]}…): treated as new data" for r in self.rewritten
-                if r.appends is None]
-        out += [f"{r.path}: {r.size - r.appends.offset} bytes appended to consumed content: only the new rows train"
-                for r in self.appended]
+        out += [
+            f"{r.path}: rewritten with new content (was {r.rewrites[:12]}…): treated as new data"
+            for r in self.rewritten
+            if r.appends is None
+        ]
+        out += [f"{r.path}: {r.size - r.appends.offset} bytes appended to consumed content: only the new rows train" for r in self.appended]
         out += [f"{r.path}: its pending content {r.sha256[:12]}… was replaced before training: superseded" for r in self.superseded]
         out += [f"{path}: same content as {first}: not trained on again" for path, first in self.copies]
         out += [f"{path}: vanished before it could be read" for path in self.vanished]
@@ -170,8 +183,10 @@ class Ledger:
     def records(self) -> list[FileRecord]:
         """Every record (reads the whole history: for listings and reports, not for polls)."""
         names = [n for n in self.storage.listdir(self.dir) if n.endswith(".json") and n != "index.json"]
-        return sorted((FileRecord.model_validate_json(self.storage.read_bytes(f"{self.dir}/{n}")) for n in names),
-                      key=lambda r: (r.first_seen, r.path))
+        return sorted(
+            (FileRecord.model_validate_json(self.storage.read_bytes(f"{self.dir}/{n}")) for n in names),
+            key=lambda r: (r.first_seen, r.path),
+        )
 
     def record(self, sha256: str) -> FileRecord | None:
         read = self.storage.read_versioned(f"{self.dir}/{sha256}.json")
@@ -227,6 +242,7 @@ class Ledger:
         def change(r: FileRecord):
             for k, v in fields.items():
                 setattr(r, k, v)
+
         return self._update(sha256, change)
 
     def quarantine(self, sha256: str, reason: str) -> FileRecord:
@@ -234,10 +250,12 @@ class Ledger:
 
     def consume(self, hashes: list[str], version: str) -> None:
         """Mark the files consumed by `version` (call after it is registered); idempotent."""
+
         def mark(r: FileRecord):
             if r.state != "pending":
                 return False
             r.state, r.consumed_by, r.consumed_at, r.reason = "consumed", version, time.time(), None
+
         for digest in hashes:
             self._update(digest, mark)
 
@@ -250,14 +268,17 @@ class Ledger:
         for digest in hashes:
             record = self.record(digest)
             if record is None:
-                raise LifelongError(f"no file with content {digest} in the ledger of stream '{self.stream}' "
-                                    "(see `lifelong continual ledger CONFIG` for the hashes)")
+                raise LifelongError(
+                    f"no file with content {digest} in the ledger of stream '{self.stream}' "
+                    "(see `lifelong continual ledger CONFIG` for the hashes)"
+                )
             if record.state not in ("quarantined", "missing"):
                 raise LifelongError(f"{record.path} ({digest[:12]}…) is {record.state}: only quarantined or missing files are requeued")
 
             def back(r: FileRecord):
                 r.requeued_from = {"state": r.state, "reason": r.reason}
                 r.state, r.reason, r.check = "pending", None, None
+
             changed.append(self._update(digest, back))
         return changed
 
@@ -300,13 +321,24 @@ class Ledger:
                 continue
             previous = self.record(seen.sha256) if seen else None
             # Bytes appended to consumed content: hash the old length on the way to recognise it.
-            appendable = (previous is not None and previous.state == "consumed" and previous.format in APPENDABLE
-                          and previous.path == uri and previous.size is not None and info.size > previous.size)
+            appendable = (
+                previous is not None
+                and previous.state == "consumed"
+                and previous.format in APPENDABLE
+                and previous.path == uri
+                and previous.size is not None
+                and info.size > previous.size
+            )
             todo.append((uri, info, previous, appendable))
         fingerprint = validation_fingerprint(cfg)
-        results = ray.get([ingest_file.remote(fs, info.path, self.storage, self.stream, cfg, fingerprint,
-                                              (previous.sha256, previous.size) if appendable else None)
-                           for uri, info, previous, appendable in todo])
+        results = ray.get(
+            [
+                ingest_file.remote(
+                    fs, info.path, self.storage, self.stream, cfg, fingerprint, (previous.sha256, previous.size) if appendable else None
+                )
+                for uri, info, previous, appendable in todo
+            ]
+        )
         changed = False
         for (uri, info, previous, _), got in zip(todo, results):
             if got.status == "missing":
@@ -321,10 +353,12 @@ class Ledger:
             known = self.record(digest)
             if known is not None:
                 if uri != known.path and uri not in known.copies:
+
                     def add_copy(r: FileRecord, uri=uri):
                         if uri in r.copies:
                             return False
                         r.copies = [*r.copies, uri]
+
                     known = self._update(digest, add_copy)
                     report.copies.append((uri, known.path))
                 else:
@@ -332,8 +366,17 @@ class Ledger:
                 if known.state == "superseded":  # the bytes are back in the landing zone
                     self._set(digest, state="pending", reason=None, superseded_by=None)
             else:
-                record = FileRecord(sha256=digest, path=uri, size=got.size, mtime_ns=got.mtime_ns, format=got.format,
-                                    object=got.object, first_seen=time.time(), state="pending", check=got.check)
+                record = FileRecord(
+                    sha256=digest,
+                    path=uri,
+                    size=got.size,
+                    mtime_ns=got.mtime_ns,
+                    format=got.format,
+                    object=got.object,
+                    first_seen=time.time(),
+                    state="pending",
+                    check=got.check,
+                )
                 if previous is not None and previous.sha256 != digest:
                     record.rewrites = previous.sha256
                     record.appends = got.appends
@@ -350,8 +393,14 @@ class Ledger:
             if previous is not None and previous.sha256 != digest and previous.state == "pending":
                 holders = [p for p, e in index.items() if e.sha256 == previous.sha256 and p in now_at]
                 if not holders:  # replaced before it was trained: those bytes are no longer data
-                    report.superseded.append(self._set(previous.sha256, state="superseded", superseded_by=digest,
-                                                       reason=f"replaced at {uri} by new content before it was trained"))
+                    report.superseded.append(
+                        self._set(
+                            previous.sha256,
+                            state="superseded",
+                            superseded_by=digest,
+                            reason=f"replaced at {uri} by new content before it was trained",
+                        )
+                    )
         if changed:
             self._write_index(index)
         return report
@@ -368,8 +417,13 @@ class Ledger:
         out = []
         for record, got in zip(stale, results):
             if got.status == "missing":
-                out.append(self._set(record.sha256, state="missing",
-                                     reason="its content was never captured and the landing file is gone or holds other bytes now"))
+                out.append(
+                    self._set(
+                        record.sha256,
+                        state="missing",
+                        reason="its content was never captured and the landing file is gone or holds other bytes now",
+                    )
+                )
             elif got.status == "ok":
                 self._set(record.sha256, check=got.check, object=got.object)
             # else: unreadable right now; stays pending, checked again next poll
@@ -387,8 +441,9 @@ class Ledger:
 
 # --- Ray tasks: one file each, in parallel, off the driver ----------------------------------------
 @ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")
-def ingest_file(fs: pafs.FileSystem, path: str, storage: Storage, stream: str, cfg: DataConfig, fingerprint: str,
-                previous: tuple[str, int] | None) -> Ingested:
+def ingest_file(
+    fs: pafs.FileSystem, path: str, storage: Storage, stream: str, cfg: DataConfig, fingerprint: str, previous: tuple[str, int] | None
+) -> Ingested:
     """Copy one landing file into the store (hashed on the way), parse and validate that copy."""
     fmt = detect_format(path, cfg.format)
     try:
@@ -407,14 +462,24 @@ def ingest_file(fs: pafs.FileSystem, path: str, storage: Storage, stream: str, c
         appends = None
         if previous and prefix == previous[0] and fmt in APPENDABLE and _ends_line(fetched, previous[1]):
             appends = Appended(sha256=previous[0], offset=previous[1])
-        return Ingested("ok", sha256=fetched.sha256, size=fetched.size, mtime_ns=fetched.mtime_ns, format=fmt, object=obj,
-                        appends=appends, check=_check(ledger, fetched, fmt, cfg, fingerprint, path, appends))
+        return Ingested(
+            "ok",
+            sha256=fetched.sha256,
+            size=fetched.size,
+            mtime_ns=fetched.mtime_ns,
+            format=fmt,
+            object=obj,
+            appends=appends,
+            check=_check(ledger, fetched, fmt, cfg, fingerprint, path, appends),
+        )
     finally:
         fetched.close()
 
 
 @ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")
-def check_record(storage: Storage, stream: str, landing_fs: pafs.FileSystem, record: FileRecord, cfg: DataConfig, fingerprint: str) -> Ingested:
+def check_record(
+    storage: Storage, stream: str, landing_fs: pafs.FileSystem, record: FileRecord, cfg: DataConfig, fingerprint: str
+) -> Ingested:
     """Validate a recorded content again (from its stored copy; an older record without one is
     captured from its landing path if the bytes there are still the recorded ones)."""
     ledger = Ledger(storage, stream)
@@ -439,8 +504,9 @@ def check_record(storage: Storage, stream: str, landing_fs: pafs.FileSystem, rec
         fetched.close()
 
 
-def _check(ledger: Ledger, fetched: Fetched, fmt: str | None, cfg: DataConfig, fingerprint: str, name: str,
-           appends: Appended | None) -> FileCheck:
+def _check(
+    ledger: Ledger, fetched: Fetched, fmt: str | None, cfg: DataConfig, fingerprint: str, name: str, appends: Appended | None
+) -> FileCheck:
     """Parse and validate stored bytes (only what was appended, for an append); their valid rows
     go to rows/<sha>-<fp>.parquet, where cycles read them."""
     source = fetched.tail(appends.offset, keep_first_line=(fmt == "csv")) if appends else fetched
@@ -471,4 +537,3 @@ def _ends_line(fetched: Fetched, offset: int) -> bool:
 
 def _dump(record: FileRecord) -> bytes:
     return json.dumps(record.model_dump(mode="json"), indent=2, sort_keys=True).encode()
-

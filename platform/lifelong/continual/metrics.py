@@ -33,7 +33,7 @@ def cl_metrics(R: list[list[float | None]], baseline: list[float | None] | None 
         pairs = [(last[j], R[j][j]) for j in range(T - 1)]
         if all(a is not None and b is not None for a, b in pairs):
             bwt = fmean(a - b for a, b in pairs)
-        peaks = [[R[l][j] for l in range(j, T - 1)] for j in range(T - 1)]
+        peaks = [[R[i][j] for i in range(j, T - 1)] for j in range(T - 1)]
         if all(v is not None for col in peaks for v in col) and all(v is not None for v in last[:-1]):
             forgetting = fmean(max(col) - last[j] for j, col in enumerate(peaks))
         if baseline is not None and len(baseline) >= T:

@@ -9,9 +9,9 @@ from pathlib import Path
 from lifelong.config import JobConfig
 from lifelong.continual.cycle import stream_name
 from lifelong.continual.gates import accuracy_matrix
-from lifelong.continual.stream import Stream
 from lifelong.continual.ledger import Ledger
 from lifelong.continual.metrics import metrics_over_cycles
+from lifelong.continual.stream import Stream
 from lifelong.errors import LifelongError
 from lifelong.storage import Storage, local_cache_dir
 
@@ -34,9 +34,13 @@ def build(config: JobConfig) -> dict:
         raise LifelongError(f"stream '{name}' has no finished cycle yet under {storage.uri_of('streams', name)}")
     R = accuracy_matrix(windows)
     return {
-        "stream": name, "model": config.name,
-        "windows": [{k: w[k] for k in ("window", "version", "status", "reason", "champion_before", "new_rows", "replay_rows")} for w in windows],
-        "accuracy_matrix": R, "baseline": state.get("baseline", []),
+        "stream": name,
+        "model": config.name,
+        "windows": [
+            {k: w[k] for k in ("window", "version", "status", "reason", "champion_before", "new_rows", "replay_rows")} for w in windows
+        ],
+        "accuracy_matrix": R,
+        "baseline": state.get("baseline", []),
         "metrics_over_cycles": metrics_over_cycles(R, state.get("baseline")),
         "ledger": Ledger(storage, name).counts(),
     }
@@ -44,16 +48,24 @@ def build(config: JobConfig) -> dict:
 
 def render(data: dict) -> str:
     R, T = data["accuracy_matrix"], len(data["accuracy_matrix"])
-    lines = [f"stream '{data['stream']}' ({data['model']}): {T} window(s); ledger {data['ledger']}", "",
-             "accuracy matrix R[i][j] (row: the champion after window i; column: window j's holdout)",
-             "        " + "".join(f"   w{j:<4}" for j in range(T))]
+    lines = [
+        f"stream '{data['stream']}' ({data['model']}): {T} window(s); ledger {data['ledger']}",
+        "",
+        "accuracy matrix R[i][j] (row: the champion after window i; column: window j's holdout)",
+        "        " + "".join(f"   w{j:<4}" for j in range(T)),
+    ]
     for i, row in enumerate(R):
         lines.append(f"after w{i:<2}" + "".join(f"  {v:6.3f}" if v is not None else "       -" for v in row))
     lines += ["", f"{'cycle':<6} {'version':>7} {'decision':<9} {'ACC':>6} {'BWT':>7} {'FWT':>7} {'forget':>7}"]
+
+    def f(v):
+        return f"{v:7.3f}" if v is not None else "      -"
+
     for w, m in zip(data["windows"], data["metrics_over_cycles"]):
-        f = lambda v: f"{v:7.3f}" if v is not None else "      -"
-        lines.append(f"{w['window']:<6} {w['version']:>7} {w['status']:<9} {m['average_accuracy']:6.3f} {f(m['backward_transfer'])} "
-                     f"{f(m['forward_transfer'])} {f(m['forgetting'])}")
+        lines.append(
+            f"{w['window']:<6} {w['version']:>7} {w['status']:<9} {m['average_accuracy']:6.3f} {f(m['backward_transfer'])} "
+            f"{f(m['forward_transfer'])} {f(m['forgetting'])}"
+        )
     return "\n".join(lines)
 
 
@@ -66,7 +78,11 @@ def write_report(config: JobConfig, out: Path | None = None) -> Report:
     data = build(config)
     storage = Storage(config.storage.root)
     if out is None:
-        out = Path(storage.path("streams", data["stream"], "report")) if storage.is_local else local_cache_dir("streams", data["stream"], "report")
+        out = (
+            Path(storage.path("streams", data["stream"], "report"))
+            if storage.is_local
+            else local_cache_dir("streams", data["stream"], "report")
+        )
     out.mkdir(parents=True, exist_ok=True)
     json_path, matrix_png, metrics_png = out / "report.json", out / "matrix.png", out / "metrics.png"
     json_path.write_text(json.dumps(data, indent=2) + "\n")

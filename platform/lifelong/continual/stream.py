@@ -39,7 +39,7 @@ class Decision(BaseModel):
     reason: str
     candidate: list[float]  # accuracy per window (finished ones, then the new one)
     champion: list[float]
-    baseline: float         # the stream's first model on the new window (forward transfer's reference)
+    baseline: float  # the stream's first model on the new window (forward transfer's reference)
     start_version: int
 
 
@@ -50,9 +50,9 @@ class Window(BaseModel):
 
     window: int
     status: Literal["open", "registered", "decided", "promoted", "replayed", "consumed", "done", "failed"] = "open"
-    files: list[str]            # content hashes, oldest first
+    files: list[str]  # content hashes, oldest first
     paths: list[str] = Field(default_factory=list)
-    fingerprint: str            # the validation rules its rows were checked under
+    fingerprint: str  # the validation rules its rows were checked under
     champion_before: int
     new_rows: int
     replay_rows: int = 0

@@ -1,7 +1,7 @@
 """The driver of a training run: data → tokenizer → TorchTrainer (DeepSpeed workers) → registry.
 
-    read + validate (Ray Data) ─▶ tokenizer (given, from init_from, or trained on the corpus)
-        ─▶ TorchTrainer(datasets=train/validation) ─▶ best checkpoint ─▶ registry version
+read + validate (Ray Data) ─▶ tokenizer (given, from init_from, or trained on the corpus)
+    ─▶ TorchTrainer(datasets=train/validation) ─▶ best checkpoint ─▶ registry version
 """
 
 from __future__ import annotations
@@ -102,29 +102,38 @@ def read_run_data(config: JobConfig, storage: Storage) -> ValidatedData:
     for split in ("train", "validation"):
         if not report.rows.get(split):
             raise DataError(
-                f"the {split} split of '{report.source}' is empty ({report.summary()}); "
-                "add rows or change data.validation_fraction"
+                f"the {split} split of '{report.source}' is empty ({report.summary()}); add rows or change data.validation_fraction"
             )
     print(f"[lifelong] data: {report.summary()}", flush=True)
     return validated
 
 
-def prepare_data(config: JobConfig, storage: Storage, registry: Registry, validated: ValidatedData | None = None,
-                 tokenizer_dir: str | None = None) -> PreparedData:
+def prepare_data(
+    config: JobConfig, storage: Storage, registry: Registry, validated: ValidatedData | None = None, tokenizer_dir: str | None = None
+) -> PreparedData:
     """From files (data.path): settle the tokenizer, tokenize, materialize and count."""
     validated = validated or read_run_data(config, storage)
-    return _tokenized_data(config, storage, registry, validated.split("train"), validated.split("validation"),
-                           validated.report, tokenizer_dir)
+    return _tokenized_data(
+        config, storage, registry, validated.split("train"), validated.split("validation"), validated.report, tokenizer_dir
+    )
 
 
-def prepare_data_from_tables(config: JobConfig, storage: Storage, registry: Registry, train: pa.Table, validation: pa.Table,
-                             report: DataReport) -> PreparedData:
+def prepare_data_from_tables(
+    config: JobConfig, storage: Storage, registry: Registry, train: pa.Table, validation: pa.Table, report: DataReport
+) -> PreparedData:
     """From rows already on the driver (a continual window: its new rows, a replay sample, its holdout)."""
     return _tokenized_data(config, storage, registry, ray.data.from_arrow(train), ray.data.from_arrow(validation), report)
 
 
-def _tokenized_data(config: JobConfig, storage: Storage, registry: Registry, train_rows: ray.data.Dataset,
-                    val_rows: ray.data.Dataset, report: DataReport, tokenizer_dir: str | None = None) -> PreparedData:
+def _tokenized_data(
+    config: JobConfig,
+    storage: Storage,
+    registry: Registry,
+    train_rows: ray.data.Dataset,
+    val_rows: ray.data.Dataset,
+    report: DataReport,
+    tokenizer_dir: str | None = None,
+) -> PreparedData:
     tokenizer_dir = tokenizer_dir or prepare_tokenizer(config, storage, registry, train_rows)
     max_length = config.model.max_length
     # Shuffled once, across files (rows arrive file by file, a continual window's new rows before
@@ -178,9 +187,17 @@ def build_trainer(prep: PreparedRun, run_name: str, callbacks=()) -> TorchTraine
     ckpt = config.train.checkpoint
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "tokenizer_dir": prep.data.tokenizer_dir, "total_steps": prep.total_steps},
-        scaling_config=ray.train.ScalingConfig(num_workers=config.scaling.num_workers, use_gpu=prep.gpu, resources_per_worker=resources,
-                                              placement_strategy=config.scaling.placement_strategy),
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "tokenizer_dir": prep.data.tokenizer_dir,
+            "total_steps": prep.total_steps,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=prep.gpu,
+            resources_per_worker=resources,
+            placement_strategy=config.scaling.placement_strategy,
+        ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=prep.storage.path("runs"),
@@ -213,8 +230,11 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
     run_name = config.run_name
     prep = prepare_run(config, prepare_data(config, storage, registry, validated))
     trainer = build_trainer(prep, run_name)
-    print(f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
-          f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}", flush=True)
+    print(
+        f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
+        f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}",
+        flush=True,
+    )
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
@@ -238,14 +258,21 @@ def pin_init_from(config: JobConfig, registry: Registry) -> JobConfig:
 # What a run's identity is made of: what changes the weights it trains. Everything else (where
 # it runs, how often it logs, its retry budget, exports, serving, sweeps, cycles) may change
 # between a stop and its resume.
-_RUN_IDENTITY = {"model": None, "data": {"path"}, "train": {"max_failures", "log_every_steps", "checkpoint"},
-                 "scaling": {"placement_strategy", "cpus_per_worker", "gpus_per_worker"}}
+_RUN_IDENTITY = {
+    "model": None,
+    "data": {"path"},
+    "train": {"max_failures", "log_every_steps", "checkpoint"},
+    "scaling": {"placement_strategy", "cpus_per_worker", "gpus_per_worker"},
+}
 
 
 def run_identity(config: JobConfig, report: DataReport) -> dict:
     dumped = config.model_dump(mode="json")
-    identity = {section: {k: v for k, v in dumped[section].items() if k not in (skip or ())}
-                for section, skip in _RUN_IDENTITY.items() if dumped.get(section) is not None}
+    identity = {
+        section: {k: v for k, v in dumped[section].items() if k not in (skip or ())}
+        for section, skip in _RUN_IDENTITY.items()
+        if dumped.get(section) is not None
+    }
     identity["data_files"] = sorted(f.sha256 for f in report.used_files)
     return identity
 
@@ -259,8 +286,10 @@ def settle_run(config: JobConfig, storage: Storage, report: DataReport, resume: 
     rel = f"runs/{name}/lifelong-run.json"
     record = {"identity": identity, "digest": digest}
     if not storage.exists(rel) and storage.exists(f"runs/{name}/checkpoint_manager_snapshot.json") and not resume:
-        raise ConfigError(f"run_name '{name}' holds checkpoints of a run that recorded no identity (started by an older "
-                          "version): pass another run_name=…, or --resume to continue it anyway")
+        raise ConfigError(
+            f"run_name '{name}' holds checkpoints of a run that recorded no identity (started by an older "
+            "version): pass another run_name=…, or --resume to continue it anyway"
+        )
     if not storage.create_exclusive(rel, json.dumps(record, indent=2, sort_keys=True).encode()):
         held = storage.read_json(rel)
         if held.get("digest") != digest:
@@ -270,7 +299,8 @@ def settle_run(config: JobConfig, storage: Storage, report: DataReport, resume: 
                     f"run_name '{name}' already holds another run under {storage.uri_of('runs', name)} "
                     f"(changed since: {', '.join(changed) or 'its config'}): its checkpoints belong to that config and data. "
                     f"Pass another run_name=…, drop run_name to get one named after this config and data, "
-                    f"or add --resume to continue '{name}' anyway")
+                    f"or add --resume to continue '{name}' anyway"
+                )
             print(f"[lifelong] --resume: continuing run '{name}' although {', '.join(changed)} changed", flush=True)
         else:
             print(f"[lifelong] run '{name}' exists with the same config and data: resuming it from its checkpoints", flush=True)
@@ -314,8 +344,12 @@ def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | N
             "config": config.model_dump(mode="json"),
             "data": report.to_dict(),
             "parent": prep.parent.ref if prep.parent else None,
-            "run": {"name": run_name, "checkpoint": checkpoint.path, "history": state.get("history", []),
-                    "precision": state.get("precision")},
+            "run": {
+                "name": run_name,
+                "checkpoint": checkpoint.path,
+                "history": state.get("history", []),
+                "precision": state.get("precision"),
+            },
             **(extra_card or {}),
         }
         exported = export_on_register(config, Path(ckpt_dir) / "hf", card, prep.data.validation_rows, work)
@@ -325,8 +359,9 @@ def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | N
     return TrainingOutcome(run_name, result.path, version, config.name, card["metrics"], report, epochs)
 
 
-def export_on_register(config: JobConfig, model_dir: Path, card: dict, validation_rows: ray.data.Dataset | None,
-                       workdir: str) -> ExportResult:
+def export_on_register(
+    config: JobConfig, model_dir: Path, card: dict, validation_rows: ray.data.Dataset | None, workdir: str
+) -> ExportResult:
     """ONNX (and a gated int8 variant) of a new version, built before it is registered."""
     task = config.model.task
     if not should_export_on_register(config.export, task):

@@ -47,14 +47,24 @@ def build_deepspeed_config(train: TrainConfig, precision: str, world_size: int, 
     if train.schedule == "cosine":
         scheduler = {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": max(total_steps, warmup + 1), "warmup_num_steps": warmup,
-                       "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1, "warmup_type": "linear"},
+            "params": {
+                "total_num_steps": max(total_steps, warmup + 1),
+                "warmup_num_steps": warmup,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": 0.1,
+                "warmup_type": "linear",
+            },
         }
     elif train.schedule == "linear":
         scheduler = {
             "type": "WarmupDecayLR",
-            "params": {"total_num_steps": max(total_steps, warmup + 1), "warmup_num_steps": warmup,
-                       "warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_type": "linear"},
+            "params": {
+                "total_num_steps": max(total_steps, warmup + 1),
+                "warmup_num_steps": warmup,
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": train.lr,
+                "warmup_type": "linear",
+            },
         }
     else:
         scheduler = {

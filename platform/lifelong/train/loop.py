@@ -71,8 +71,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         log(rank, f"resumed from epoch {state['epoch']} (step {engine.global_steps})")
     else:
-        log(rank, f"{sizes['trainable_params']:,} of {sizes['total_params']:,} parameters trainable; "
-                  f"{world} worker(s), ZeRO-{train_cfg.deepspeed.zero_stage}, {precision}, {device}")
+        log(
+            rank,
+            f"{sizes['trainable_params']:,} of {sizes['total_params']:,} parameters trainable; "
+            f"{world} worker(s), ZeRO-{train_cfg.deepspeed.zero_stage}, {precision}, {device}",
+        )
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validation")
@@ -83,8 +86,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine.train()
         started, tokens, loss_sum, micro_steps = time.perf_counter(), 0, 0.0, 0
         batches = train_shard.iter_torch_batches(
-            batch_size=train_cfg.batch_size, device=device, dtypes=torch.long,
-            local_shuffle_buffer_size=train_cfg.batch_size * 8, local_shuffle_seed=train_cfg.seed + epoch,
+            batch_size=train_cfg.batch_size,
+            device=device,
+            dtypes=torch.long,
+            local_shuffle_buffer_size=train_cfg.batch_size * 8,
+            local_shuffle_seed=train_cfg.seed + epoch,
         )
         for batch in batches:
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -93,9 +99,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             micro_steps += 1
             tokens += int(batch["attention_mask"].sum())
             loss_sum += float(out.loss.detach().float())
-            if engine.is_gradient_accumulation_boundary() and (micro_steps // train_cfg.gradient_accumulation_steps) % train_cfg.log_every_steps == 0:
-                log(rank, f"epoch {epoch}/{train_cfg.epochs} step {micro_steps // train_cfg.gradient_accumulation_steps}/{steps_per_epoch} "
-                          f"loss {loss_sum / micro_steps:.4f} lr {engine.get_lr()[0]:.2e}")
+            if (
+                engine.is_gradient_accumulation_boundary()
+                and (micro_steps // train_cfg.gradient_accumulation_steps) % train_cfg.log_every_steps == 0
+            ):
+                log(
+                    rank,
+                    f"epoch {epoch}/{train_cfg.epochs} step {micro_steps // train_cfg.gradient_accumulation_steps}/{steps_per_epoch} "
+                    f"loss {loss_sum / micro_steps:.4f} lr {engine.get_lr()[0]:.2e}",
+                )
             if train_cfg.max_steps_per_epoch and micro_steps >= train_cfg.max_steps_per_epoch * train_cfg.gradient_accumulation_steps:
                 break
         elapsed = time.perf_counter() - started
@@ -120,7 +132,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"{metrics.get('val_loss')}): lower train.lr or check the data"
             )
         history.append(metrics)
-        log(rank, "epoch {epoch} done: ".format(epoch=epoch) + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", *timing)))
+        log(
+            rank,
+            "epoch {epoch} done: ".format(epoch=epoch)
+            + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", *timing)),
+        )
 
         # --- checkpoint: DeepSpeed shards for exact resume + consolidated HF copy ------------
         with tempfile.TemporaryDirectory() as tmp:
