@@ -46,6 +46,22 @@ def cl_config(root, landing, name, *extra):
     )
 
 
+def one_worker_args(root, landing, *extra) -> list[str]:
+    """Overrides of tiny_continual.yaml for the drills that run the CLI or a child process: one
+    worker, no export, gates open (they test the cycle, not the gates)."""
+    return [
+        f"storage.root={root}",
+        f"data.path={landing}",
+        f"continual.landing={landing}",
+        "name=cl-topics",
+        "model.init_from=cl-topics@champion",
+        "scaling.num_workers=1",
+        "export.on_register=never",
+        "continual.gates.max_forgetting=1.0",
+        *extra,
+    ]
+
+
 def drop(window_dir, landing):
     for f in sorted(window_dir.iterdir()):
         shutil.copy(f, landing / f"{window_dir.name}-{f.name}")
@@ -197,19 +213,7 @@ def test_a_cycle_killed_at_every_step_boundary_trains_every_byte_once(stream, ra
     window: every next cycle carries on where the last one died. Then the invariants, and a
     second window that gets the next number, its own holdout and its own version."""
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
-    args = [
-        "name=cl-topics",
-        f"storage.root={root}",
-        f"data.path={landing}",
-        f"continual.landing={landing}",
-        "model.init_from=cl-topics@champion",
-        "scaling.num_workers=1",
-        "train.epochs=2",
-        "train.lr=3e-3",
-        "export.on_register=never",
-        "continual.min_new_rows=100",
-        "continual.gates.max_forgetting=1.0",
-    ]
+    args = one_worker_args(root, landing, "train.epochs=2", "train.lr=3e-3", "continual.min_new_rows=100")
     config_path = os.path.join(CONFIGS, "gpt2", "tiny_continual.yaml")
     drop(stream["windows"][0], landing)
     (landing / "broken.jsonl").write_bytes(b"\x00\x01 not json at all\n")
@@ -281,19 +285,7 @@ def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_onc
     and unknown labels, a file deleted after the scan, a file appended to while pending, and the
     landing zone itself gone for a while. It never stops; every row is accounted for."""
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
-    args = [
-        "name=cl-topics",
-        f"storage.root={root}",
-        f"data.path={landing}",
-        f"continual.landing={landing}",
-        "model.init_from=cl-topics@champion",
-        "scaling.num_workers=1",
-        "train.epochs=1",
-        "export.on_register=never",
-        "continual.min_new_rows=200",
-        "continual.poll_interval_s=1",
-        "continual.gates.max_forgetting=1.0",
-    ]
+    args = one_worker_args(root, landing, "train.epochs=1", "continual.min_new_rows=200", "continual.poll_interval_s=1")
     ok = [{"text": f"calm sunny morning number {i}", "label": "weather"} for i in range(50)]
     land(landing / "early.jsonl", jsonl(ok[:20]))  # deleted after the scan: its content was kept
     land(landing / "grow.jsonl", jsonl(ok[20:30]))  # appended to while pending

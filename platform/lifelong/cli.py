@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from lifelong.errors import LifelongError
+from lifelong.errors import LifelongError, first_line
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="Keep transformer models learning on Ray."
@@ -553,11 +553,6 @@ def jobs_stop(job_id: JobIdArg, address: DashboardOpt = None) -> None:
     console.print(f"{job_id}: {'stop requested' if stopped else 'was not running'}")
 
 
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:500]
-
-
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -572,7 +567,9 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(e, ConnectionError) and "Ray cluster" in str(e)
             else "check that the storage root, data paths and their endpoints are right and reachable"
         )
-        Console(stderr=True).print(f"[bold red]error:[/] {_first_line(e)} ({hint})", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {type(e).__name__}: {first_line(e, 500)} ({hint})", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
 
 

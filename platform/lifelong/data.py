@@ -42,7 +42,7 @@ import ray
 import ray.data
 
 from lifelong.config import DataConfig
-from lifelong.errors import DataError
+from lifelong.errors import DataError, first_line
 from lifelong.storage import Storage, filesystem_for, is_uri
 
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
@@ -301,7 +301,7 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
     except _SchemaError as e:
         return ParsedFile(None, reason=f"wrong schema: {e}")
     except Exception as e:  # any parse failure means the file is unreadable as that format
-        return ParsedFile(None, reason=f"unreadable as {fmt}: {_first_line(e)}")
+        return ParsedFile(None, reason=f"unreadable as {fmt}: {first_line(e)}")
     if table.num_rows == 0 and not dropped:
         return ParsedFile(None, reason="holds no rows")
     unparsed = sum(dropped.values())  # lines that never became rows
@@ -312,11 +312,6 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
 
 class _SchemaError(Exception):
     pass
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def _check_columns(names: list[str], columns: list[str]) -> None:
@@ -544,7 +539,7 @@ def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> tuple[FileRepo
     except SourceUnstable as e:
         return FileReport(shown, fmt, "changing", reason=str(e)), None
     except OSError as e:
-        return FileReport(shown, fmt, "unreadable", reason=f"could not be read after {TRANSIENT_RETRIES} tries: {_first_line(e)}"), None
+        return FileReport(shown, fmt, "unreadable", reason=f"could not be read after {TRANSIENT_RETRIES} tries: {first_line(e)}"), None
     try:
         parsed = parse_file(fetched, fmt, cfg, path)
     finally:
@@ -583,7 +578,7 @@ def quarantine(storage: Storage, area: str, fs: pafs.FileSystem, path: str, reas
         storage.fs.create_dir(storage.path(f"quarantine/{area}"), recursive=True)
         pafs.copy_files(path, storage.path(dest), source_filesystem=fs, destination_filesystem=storage.fs)
     except OSError as e:
-        note["copy"] = f"not copied: {_first_line(e)}"
+        note["copy"] = f"not copied: {first_line(e)}"
     storage.write_json(f"{dest}.reason.json", note)
     return dest
 

@@ -22,3 +22,9 @@ class RegistryError(LifelongError):
 
 class AliasConflict(RegistryError):
     """Another writer moved an alias between our read and our move."""
+
+
+def first_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message, for one-line reports (the type's name if it has none)."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]

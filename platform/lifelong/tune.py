@@ -144,7 +144,7 @@ class Progress(tune.Callback):
         print(f"[lifelong] trial {trial.trial_id} {how}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[lifelong] trial {trial.trial_id} errored: {_first_line(trial.get_error() or '')}", flush=True)
+        print(f"[lifelong] trial {trial.trial_id} errored: {_last_line(trial.get_error() or '')}", flush=True)
 
 
 def _short(value) -> str:
@@ -198,7 +198,7 @@ def check_state_api(config: JobConfig) -> None:
     except Exception as e:  # no dashboard: its address is missing, refused or not answering
         raise LifelongError(
             "early stopping (tune.scheduler=asha) needs the Ray dashboard's state API, which this cluster does not serve "
-            f"({_first_line(e)}): start the cluster with its dashboard (`ray start --head` has it by default) or set tune.scheduler=none"
+            f"({_last_line(e)}): start the cluster with its dashboard (`ray start --head` has it by default) or set tune.scheduler=none"
         ) from e
 
 
@@ -286,7 +286,7 @@ def trials_table(results, config: JobConfig) -> pd.DataFrame:
                 "epochs": epochs,
                 "stopped_early": bool(not result.error and epochs < config.train.epochs),
                 "status": status,
-                "error": _first_line(result.error) if result.error else "",
+                "error": _last_line(result.error) if result.error else "",
             }
         )
     return pd.DataFrame(rows)
@@ -296,7 +296,8 @@ def _trial_id(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial-")
 
 
-def _first_line(error) -> str:
+def _last_line(error) -> str:
+    """The last line of an error (a remote traceback ends with the exception itself)."""
     text = str(error).strip().splitlines()
     return next((line for line in reversed(text) if line.strip()), "")[:300] if text else ""
 

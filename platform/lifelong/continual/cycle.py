@@ -36,7 +36,7 @@ from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
 from lifelong.continual.stream import ROWS, Decision, Stream, Window, window_rows
 from lifelong.data import DataReport, FileReport, validation_fingerprint
-from lifelong.errors import AliasConflict, LifelongError
+from lifelong.errors import AliasConflict, LifelongError, first_line
 from lifelong.registry import Registry
 from lifelong.storage import Storage, is_uri
 
@@ -376,7 +376,7 @@ def window_report(ledger: Ledger, window: Window, train_rows: int, holdout_rows:
 def _failed(config: JobConfig, stream: Stream, ledger: Ledger, window: Window, error: Exception) -> LifelongError:
     """Count a failed attempt; after max_attempts, give the window up and quarantine its files."""
     attempts = window.attempts + 1
-    why = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    why = first_line(error)
     limit = config.continual.max_attempts
     k = window.window
     if attempts < limit:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lifelong.config import JobConfig
 from lifelong.continual.cycle import run_cycle, stream_name
-from lifelong.errors import LifelongError
+from lifelong.errors import LifelongError, first_line
 from lifelong.storage import local_cache_dir
 
 
@@ -44,7 +44,7 @@ def run_cycles(config: JobConfig, *, once: bool = False, force: bool = False, sh
             raise
         except Exception as e:
             failures += 1
-            first = (str(e).strip().splitlines() or [""])[0][:400]
+            first = first_line(e, 400)
             if isinstance(e, LifelongError):  # a message for people: it says what and where
                 said = first
             else:  # a bug or an unexpected failure: the traceback is kept for whoever looks into it

@@ -47,7 +47,6 @@ from lifelong.data import (
     Fetched,
     SourceGone,
     SourceUnstable,
-    _first_line,
     detect_format,
     display_uri,
     fetch,
@@ -56,7 +55,7 @@ from lifelong.data import (
     split_counts,
     validation_fingerprint,
 )
-from lifelong.errors import LifelongError
+from lifelong.errors import LifelongError, first_line
 from lifelong.storage import Storage, filesystem_for, is_uri
 
 STATES = ("pending", "consumed", "quarantined", "superseded", "missing")
@@ -453,7 +452,7 @@ def ingest_file(
     except SourceUnstable:
         return Ingested("changing", "still being written (it changed while it was read)")
     except OSError as e:
-        return Ingested("unreadable", f"could not be read ({_first_line(e)})")
+        return Ingested("unreadable", f"could not be read ({first_line(e)})")
     try:
         ledger = Ledger(storage, stream)
         obj = ledger.object_rel(fetched.sha256) if fmt else None
@@ -496,7 +495,7 @@ def check_record(
     except SourceGone:
         return Ingested("missing")
     except (SourceUnstable, OSError) as e:
-        return Ingested("unreadable", _first_line(e))
+        return Ingested("unreadable", first_line(e))
     try:
         fmt = record.format or detect_format(record.path, cfg.format)
         return Ingested("ok", object=obj, check=_check(ledger, fetched, fmt, cfg, fingerprint, record.path, record.appends))

@@ -30,7 +30,6 @@ from lifelong.continual.gates import accuracy_matrix
 from lifelong.continual.metrics import cl_metrics
 from lifelong.storage import Storage
 
-STEPS = ("open", "registered", "decided", "promoted", "replayed", "consumed", "done")
 ROWS = pa.schema([("text", pa.string()), ("label", pa.int64())])
 
 
