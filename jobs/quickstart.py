@@ -12,6 +12,7 @@ Every run has its own run, sweep and stream names, so earlier runs stay in the s
 
 import collections
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ registry.move_alias(lm.model, "champion", lm.version, reason="quickstart pretrai
 console.rule("2/5 sweep: Optuna TPE + ASHA fine-tune tiny-gpt2@champion into a topic classifier (4 trials)")
 best = run_sweep(sweep, promote=True)
 print_sweep_summary(best)
+if best.version is None:
+    sys.exit(f"quickstart stopped: no trial of the sweep finished, so there is nothing to serve (trials: {best.csv})")
 origin[best.version] = f"sweep {best.name}"
 
 console.rule("3/5 serve tiny-topics@champion (ONNX Runtime, 2 replicas); a client asks every 0.1 s")

@@ -49,6 +49,19 @@ def test_failure_budget_stops_the_sweep_only_past_its_limit():
     assert budget.stop_all()
 
 
+def test_a_trial_that_errored_before_its_first_report_is_a_row_not_a_crash(tmp_path):
+    from ray.tune import Result
+
+    from lifelong.tune import trials_table
+
+    config = make_config(TUNE_YAML, f"storage.root={tmp_path}")
+    error = RuntimeError("ray::ImplicitFunc.train()\nlifelong.errors.ConfigError: a sweep trial: invalid config")
+    table = trials_table([Result(metrics=None, checkpoint=None, error=error, path=str(tmp_path / "trial-0badc0de"))], config)
+    row = table.iloc[0]
+    assert (row["trial"], row["status"], row["epochs"]) == ("0badc0de", "errored", 0)
+    assert "invalid config" in row["error"] and all(row[k] is None for k in config.tune.space)
+
+
 @pytest.mark.slow
 def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data):
     # Optuna's three seeded start-up samples (seed 8) put lr=1e30, a non-finite loss, on exactly

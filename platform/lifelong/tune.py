@@ -281,7 +281,7 @@ def trials_table(results, config: JobConfig) -> pd.DataFrame:
         rows.append(
             {
                 "trial": _trial_id(result),
-                **{k: result.config.get(k) for k in t.space},
+                **{k: (result.config or {}).get(k) for k in t.space},  # None: errored before its first report
                 f"best_{t.metric}": best,
                 "epochs": epochs,
                 "stopped_early": bool(not result.error and epochs < config.train.epochs),
