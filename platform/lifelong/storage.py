@@ -104,6 +104,9 @@ def _local_put(target: str, src: BinaryIO, *, exclusive: bool) -> bool:
                 os.unlink(tmp)
 
 
+WRITE_ID = "lifelong-write"  # S3 user metadata: which PUT wrote this object
+
+
 class _S3Conditional:
     """Conditional PUT / GET-with-ETag / DELETE on S3 through boto3 (pyarrow has no conditions)."""
 
@@ -127,10 +130,10 @@ class _S3Conditional:
         bucket, _, key = path.partition("/")
         return bucket, key
 
-    @staticmethod
-    def _refused(e) -> bool:
+    @classmethod
+    def _refused(cls, e) -> bool:
         # 412: the condition failed; 409: a concurrent conditional write to the same key won.
-        return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+        return cls._status(e) in (409, 412)
 
     def get(self, path: str) -> tuple[bytes, str] | None:
         from botocore.exceptions import ClientError
@@ -144,24 +147,53 @@ class _S3Conditional:
             raise
         return r["Body"].read(), r["ETag"]
 
-    def put(self, path: str, data: bytes | BinaryIO, *, if_match: str | None = None) -> bool:
+    def put(self, path: str, data: bytes | BinaryIO, *, if_match: str | None = None) -> str | None:
         """PUT `data` (bytes or a seekable stream); only if absent when `if_match` is None, else
-        only if the ETag still matches."""
+        only if the ETag still matches. Returns the new ETag, or None when the condition failed.
+
+        botocore retries a PUT whose response was lost; the retry is then refused by the first
+        attempt's own write. Each PUT carries a write id in its metadata, so a refusal is checked
+        against the object there: our own write is a success, anything else a real conflict."""
         from botocore.exceptions import ClientError
 
         bucket, key = self._split(path)
         condition = {"IfNoneMatch": "*"} if if_match is None else {"IfMatch": if_match}
+        write_id = uuid.uuid4().hex
         try:
-            self.client.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            r = self.client.put_object(Bucket=bucket, Key=key, Body=data, Metadata={WRITE_ID: write_id}, **condition)
         except ClientError as e:
-            if self._refused(e) or (if_match is not None and e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404):
+            if self._refused(e) or (if_match is not None and self._status(e) == 404):
+                return self._written_by(bucket, key, write_id)
+            raise
+        return r["ETag"]
+
+    def _written_by(self, bucket: str, key: str, write_id: str) -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if self._status(e) == 404:
+                return None
+            raise
+        return head["ETag"] if head.get("Metadata", {}).get(WRITE_ID) == write_id else None
+
+    @staticmethod
+    def _status(e) -> int | None:
+        return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+    def delete(self, path: str, *, if_match: str | None = None) -> bool:
+        """DELETE; with `if_match`, only while the object is still that version (False otherwise)."""
+        from botocore.exceptions import ClientError
+
+        bucket, key = self._split(path)
+        try:
+            self.client.delete_object(Bucket=bucket, Key=key, **({"IfMatch": if_match} if if_match else {}))
+        except ClientError as e:
+            if if_match and (self._refused(e) or self._status(e) == 404):
                 return False
             raise
         return True
-
-    def delete(self, path: str) -> None:
-        bucket, key = self._split(path)
-        self.client.delete_object(Bucket=bucket, Key=key)
 
 
 class Storage:
@@ -273,7 +305,7 @@ class Storage:
         if self.is_local:
             return _local_put(target, src, exclusive=exclusive)
         if exclusive and self._s3 is not None:
-            return self._s3.put(target, src)
+            return self._s3.put(target, src) is not None
         if exclusive and self.exists(rel):
             return False
         with self.fs.open_output_stream(target) as out:
@@ -286,7 +318,7 @@ class Storage:
         if token is None:
             return self.create_exclusive(rel, data)
         if self._s3 is not None:
-            return self._s3.put(self.path(rel), data, if_match=token)
+            return self._s3.put(self.path(rel), data, if_match=token) is not None
         with self._local_lock(rel) if self.is_local else contextlib.nullcontext():
             current = self.read_versioned(rel)
             if current is None or current[1] != token:
@@ -315,81 +347,157 @@ class Storage:
         return local_dir
 
     @contextlib.contextmanager
-    def lock(self, rel: str, *, lease_s: float = 120.0) -> Iterator[None]:
-        """Serialise writers of one resource (a stream's cycles, an export).
+    def lock(self, rel: str, *, lease_s: float = 120.0, wait_s: float = 3600.0) -> Iterator[Hold]:
+        """Serialise writers of one resource (a stream's cycles, an export); yields a `Hold` whose
+        `check()` the holder calls before each write that must be its alone.
 
-        On a local or shared POSIX mount this is an flock on `<rel>.lock`. On S3 it is a lease:
-        `<rel>.lease` created only-if-absent, renewed by a thread every lease_s/4 with If-Match,
-        deleted on exit. A holder that died stops renewing; after `lease_s` the next writer takes
-        the lease over (compare-and-swap on the stale one's ETag, so only one taker wins).
+        On a local or shared POSIX mount this is an flock on `<rel>.lock` (held until the process
+        ends, so `check()` never fails). On S3 it is a lease object `<rel>.lease` (see `_Lease`).
+        Waiting longer than `wait_s` raises a LifelongError that names the holder; after 10 s of
+        waiting, one line says who holds it.
         """
         if self.is_local:
-            with self._local_lock(rel):
-                yield
+            with self._local_lock(rel, wait_s) as hold:
+                yield hold
             return
         if self._s3 is None:  # no conditional writes here: one writer at a time (module doc)
-            yield
+            yield Hold(f"{socket.gethostname()}:{os.getpid()}")
             return
-        with _Lease(self, rel + ".lease", lease_s):
-            yield
+        with _Lease(self, rel + ".lease", lease_s, wait_s) as lease:
+            yield lease
 
     @contextlib.contextmanager
-    def _local_lock(self, rel: str) -> Iterator[None]:
+    def _local_lock(self, rel: str, wait_s: float = 3600.0) -> Iterator[Hold]:
         path = Path(self.path(rel + ".lock"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        with open(path, "a+") as f:
+            waited = _Waiting(self.uri_of(rel + ".lock"), wait_s)
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    f.seek(0)
+                    waited.tick(f.read().strip() or "another process")
             try:
-                yield
+                f.seek(0)
+                f.truncate()
+                f.write(owner)
+                f.flush()
+                yield Hold(owner)
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class _Lease:
-    """A renewable lease object on S3 (see `Storage.lock`)."""
+class LeaseLost(LifelongError):
+    """The holder of a lock can no longer be sure it is the only writer."""
 
-    def __init__(self, storage: Storage, rel: str, lease_s: float):
-        self.storage, self.rel, self.lease_s = storage, rel, lease_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+class Hold:
+    """What a lock holder has: `fence` names this holding in what it writes; `check()` raises
+    LeaseLost once the holding may have passed to another writer."""
+
+    def __init__(self, fence: str):
+        self.fence = fence
+
+    def check(self) -> None:
+        return None
+
+
+class _Waiting:
+    """Bounded, announced waiting for a lock held by someone else."""
+
+    def __init__(self, what: str, wait_s: float):
+        self.what, self.wait_s = what, wait_s
+        self.started, self.said, self.delay = time.monotonic(), False, 0.05
+
+    def tick(self, holder: str) -> None:
+        waited = time.monotonic() - self.started
+        if waited > self.wait_s:
+            raise LifelongError(f"{self.what} is still held by {holder} after {waited:.0f} s; is that process still running?")
+        if waited > 10 and not self.said:
+            print(f"[lifelong] waiting for {self.what}, held by {holder}", flush=True)
+            self.said = True
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, 1.0)
+
+
+class _Lease(Hold):
+    """A renewable lease object on S3 (see `Storage.lock`), with no trust in any machine's clock.
+
+    Taken with a conditional create (If-None-Match: *). The holder rewrites it every lease_s/4 with
+    If-Match (a failed renewal is retried at the next tick) and counts itself the holder only
+    until 3/4 of lease_s after its last successful renewal, measured on its own monotonic clock.
+    A waiting writer takes the lease over only once it has seen the same ETag for a whole lease_s
+    on its own monotonic clock (its holder stopped renewing), by compare-and-swap on that ETag,
+    so one taker wins and does so after the old holder has stopped counting itself the holder.
+    Release deletes only the version this holder wrote (If-Match), never a successor's.
+    """
+
+    def __init__(self, storage: Storage, rel: str, lease_s: float, wait_s: float):
+        super().__init__(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+        self.storage, self.rel, self.lease_s, self.wait_s = storage, rel, lease_s, wait_s
+        self.s3, self.key = storage._s3, storage.path(rel)
         self.token: str | None = None
+        self.renewed_at = 0.0
+        self.lost: str | None = None
+        self.last_error: str | None = None
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, daemon=True, name=f"lease {rel}")
 
     def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "expires_at": time.time() + self.lease_s}).encode()
+        return json.dumps({"owner": self.fence, "renewed_at": time.time()}).encode()  # the time is for people only
 
-    def _try_take(self) -> bool:
-        if self.storage.create_exclusive(self.rel, self._body()):
-            return True
-        current = self.storage.read_versioned(self.rel)
+    def _try_take(self, seen: dict[str, float]) -> str | None:
+        token = self.s3.put(self.key, self._body())
+        if token is not None:
+            return token
+        current = self.s3.get(self.key)
         if current is None:  # released between our two calls
-            return False
-        if json.loads(current[0]).get("expires_at", 0) < time.time():  # its holder stopped renewing
-            return self.storage.replace_if(self.rel, self._body(), current[1])
-        return False
+            return None
+        first_seen = seen.setdefault(current[1], time.monotonic())
+        if time.monotonic() - first_seen >= self.lease_s:  # unchanged for a whole lease: nobody renews it
+            return self.s3.put(self.key, self._body(), if_match=current[1])
+        self.holder = json.loads(current[0]).get("owner", "another writer") if current[0].startswith(b"{") else "another writer"
+        return None
 
     def __enter__(self):
-        delay = 0.1
-        while not self._try_take():
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        self.token = self.storage.read_versioned(self.rel)[1]
+        seen: dict[str, float] = {}
+        waited = _Waiting(self.storage.uri_of(self.rel), self.wait_s)
+        while (token := self._try_take(seen)) is None:
+            waited.tick(getattr(self, "holder", "another writer"))
+        self.token, self.renewed_at = token, time.monotonic()
         self._renewer.start()
         return self
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 4):
-            current = self.storage.read_versioned(self.rel)
-            if current is None or current[1] != self.token or not self.storage.replace_if(self.rel, self._body(), self.token):
-                return  # lost (expired and taken over): the holder's own compare-and-swap writes still protect the data
-            self.token = self.storage.read_versioned(self.rel)[1]
+            try:
+                token = self.s3.put(self.key, self._body(), if_match=self.token)
+            except Exception as e:  # the store is briefly unreachable: try again at the next tick
+                self.last_error = f"{type(e).__name__}: {e}"
+                continue
+            if token is None:
+                self.lost = "another writer took it over"
+                return
+            self.token, self.renewed_at, self.last_error = token, time.monotonic(), None
+
+    def check(self) -> None:
+        if self.lost:
+            raise LeaseLost(f"lost the lease {self.storage.uri_of(self.rel)}: {self.lost}")
+        quiet = time.monotonic() - self.renewed_at
+        if quiet > self.lease_s * 0.75:
+            raise LeaseLost(
+                f"the lease {self.storage.uri_of(self.rel)} was last renewed {quiet:.0f} s ago "
+                f"({self.last_error or 'no renewal since'}); another writer may hold it now"
+            )
 
     def __exit__(self, *exc):
         self._stop.set()
         self._renewer.join()
-        current = self.storage.read_versioned(self.rel)
-        if current is not None and current[1] == self.token:
-            self.storage.delete(self.rel)
+        with contextlib.suppress(Exception):  # unreachable now: the lease expires by itself
+            self.s3.delete(self.key, if_match=self.token)
 
 
 def local_cache_dir(*parts: str) -> Path:

@@ -124,8 +124,8 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
     registry = Registry(storage)
     name = stream_name(config)
     started = time.perf_counter()
-    with storage.lock(f"streams/{name}/cycle"):
-        stream, ledger = Stream(storage, name), Ledger(storage, name)
+    with storage.lock(f"streams/{name}/cycle") as hold:
+        stream, ledger = Stream(storage, name, hold), Ledger(storage, name)
         window = stream.unfinished()
         scan_lines, quarantined = [], []
         if window is not None:
@@ -237,6 +237,7 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
         ReplayBuffer(storage, stream.name, config.continual.replay_capacity, seed=config.train.seed).add(train, window.files)
         window = stream.update(window, status="replayed", phases={**window.phases, "replay": time.perf_counter() - t0})
     if window.status == "replayed":
+        stream.check()
         ledger.consume(window.files, f"{config.name}:{window.version}")
         window = stream.update(window, status="consumed")
     if window.status == "consumed":
@@ -314,6 +315,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
         t2 = time.perf_counter()
         if result.error:
             raise LifelongError(f"cycle training run '{run}' failed: {result.error}")
+        stream.check()  # training is long: register only while the cycle lock is still ours
         trained = register_best(
             prep,
             result,
@@ -327,6 +329,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
                     "new_rows": window.new_rows,
                     "replay_rows": replay_rows,
                     "champion_before": window.champion_before,
+                    "held_by": stream.hold.fence if stream.hold else None,
                 }
             },
         )
@@ -415,6 +418,7 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
     becomes challenger). Repeating this after a crash finds the alias already moved."""
     name, version, d = config.name, window.version, window.decision
     alias = "champion" if d.status == "promoted" else "challenger"
+    stream.check()
     if registry.aliases(name).get(alias, {}).get("version") != version:
         if d.status == "rejected":
             registry.move_alias(name, "challenger", version, reason=f"rejected by the gates: {d.reason}")

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lifelong.continual.gates import accuracy_matrix
 from lifelong.continual.metrics import cl_metrics
-from lifelong.storage import Storage
+from lifelong.storage import Hold, Storage
 
 ROWS = pa.schema([("text", pa.string()), ("label", pa.int64())])
 
@@ -64,12 +64,20 @@ class Window(BaseModel):
     train_started: float | None = None
     finished_at: float | None = None
     failed_at: float | None = None
+    held_by: str | None = None  # the cycle lock's holding that last wrote this record
 
 
 class Stream:
-    def __init__(self, storage: Storage, name: str):
-        self.storage, self.name = storage, name
+    """`hold`: the cycle lock's holding. Every journal and state write first checks it is still
+    ours (LeaseLost otherwise) and names it in the record (`held_by`)."""
+
+    def __init__(self, storage: Storage, name: str, hold: Hold | None = None):
+        self.storage, self.name, self.hold = storage, name, hold
         self.dir = f"streams/{name}"
+
+    def check(self) -> None:
+        if self.hold is not None:
+            self.hold.check()
 
     # --- finished windows ------------------------------------------------------------------
     def state(self) -> dict:
@@ -82,6 +90,7 @@ class Stream:
     def finish(self, summary: dict, baseline_value: float, start_version: int) -> dict:
         """Add a finished window to state.json, with the CL metrics of the matrix so far (or
         replace it, when a cycle that stopped right here is repeated)."""
+        self.check()
         state = self.state()
         windows = [w for w in state["windows"] if w["window"] < summary["window"]]
         baseline = list(state.get("baseline", []))[: len(windows)] + [baseline_value]
@@ -110,15 +119,17 @@ class Stream:
 
     def open_window(self, **fields) -> Window:
         """Take the next window number (never one used before, finished or not) and record it."""
+        self.check()
         taken = [w["window"] for w in self.finished()] + [int(n.split(".")[0]) for n in self._names()]
-        record = Window(window=max(taken, default=-1) + 1, **fields)
+        record = Window(window=max(taken, default=-1) + 1, held_by=self.hold.fence if self.hold else None, **fields)
         while not self.storage.create_exclusive(self._rel(record.window), _dump(record)):  # under the cycle lock: never twice
             record.window += 1
         return record
 
     def update(self, window: Window, **changes) -> Window:
         """Record progress of the window (the cycle lock makes this the only writer)."""
-        new = window.model_copy(update=changes)
+        self.check()
+        new = window.model_copy(update={**changes, "held_by": self.hold.fence if self.hold else window.held_by})
         self.storage.write_bytes(self._rel(new.window), _dump(new))
         return new
 
