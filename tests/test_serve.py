@@ -1,6 +1,8 @@
 """Ray Serve on the local Ray: the HTTP API, hot-swap under load, refused versions, auth."""
 
 import os
+import re
+import select
 import threading
 import time
 
@@ -55,7 +57,7 @@ def app(ray_session, serve_port, tiny_tokenizer, topic_rows, tmp_path_factory):
     v2 = register_tiny(registry, "topics", tiny_tokenizer, work, seed=2, rows=topic_rows[:200])
     registry.move_alias("topics", "champion", v1)
     os.environ["LIFELONG_TEST_TOKEN"] = TOKEN
-    config = serve_config(root, "topics", serve_port, auth={"token_env": "LIFELONG_TEST_TOKEN"}, max_batch_size=8)
+    config = serve_config(root, "topics", serve_port, auth={"token_env": "LIFELONG_TEST_TOKEN"}, max_batch_size=8, body_timeout_s=2)
     url = deploy(config)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     yield {
@@ -148,6 +150,201 @@ def test_auth_missing_or_wrong_token_is_401(app):
     assert httpx.get(app["url"] + "/v1/model").status_code == 401
 
 
+def raw_request(url: str, head: str, body: bytes, timeout: float, trickle_s: float = 0.0) -> tuple[int | None, bytes, float]:
+    """Send `head` and `body` on a raw socket (a byte at a time every `trickle_s` when set) and read
+    whatever the server answers within `timeout`: (status or None, response bytes, seconds)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    started = time.monotonic()
+    with socket.create_connection((u.hostname, u.port), timeout=timeout) as sock:
+        sock.sendall(head.encode())
+        try:
+            if trickle_s:
+                for i in range(len(body)):
+                    if select.select([sock], [], [], 0)[0]:  # the server has answered
+                        break
+                    sock.sendall(body[i : i + 1])
+                    time.sleep(trickle_s)
+            else:
+                sock.sendall(body)
+        except OSError:  # the server answered and closed while we were still sending
+            pass
+        data = b""
+        sock.settimeout(max(0.1, timeout - (time.monotonic() - started)))
+        try:
+            while True:
+                head_end = data.find(b"\r\n\r\n")
+                if head_end >= 0:
+                    length = re.search(rb"(?i)content-length: *(\d+)", data[:head_end])
+                    if length is None or len(data) >= head_end + 4 + int(length.group(1)):
+                        break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError:
+            pass
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else None
+    return status, data, time.monotonic() - started
+
+
+def post_head(url: str, path: str, length: int, token: str | None = None) -> str:
+    from urllib.parse import urlsplit
+
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return (
+        f"POST {urlsplit(url).path.rstrip('/')}{path} HTTP/1.1\r\nHost: {urlsplit(url).netloc}\r\n{auth}"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
+
+
+def test_unauthenticated_or_oversized_bodies_are_refused_before_they_are_read(app):
+    url = app["url"]
+    # 5 MB announced, 64 KB sent: without a token the answer is 401 at once, no schema details.
+    status, data, took = raw_request(url, post_head(url, "/v1/predict", 5_000_000), b'{"texts": [' + b"1," * 32000, timeout=10)
+    assert status == 401 and b"bearer token" in data and b"texts" not in data and took < 5, (status, data[-300:], took)
+    # With the token, a body announced above serve.max_body_bytes is 413 before a byte is read.
+    status, data, took = raw_request(url, post_head(url, "/v1/predict", 5_000_000, TOKEN), b"{", timeout=10)
+    assert status == 413 and b"serve.max_body_bytes" in data and took < 5, (status, data[-300:])
+    # Chunked (no length announced): cut off once it passes the limit.
+    chunks = (b'{"texts": ["' + b"x" * 100_000 for _ in range(30))
+    r = app["client"].post("/v1/predict", content=chunks, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["field"] == "body"
+    # A body trickled a byte every 0.3 s is dropped after serve.body_timeout_s (2 s) with 408.
+    status, data, took = raw_request(url, post_head(url, "/v1/predict", 200, TOKEN), b'{"texts": ["' + b"a" * 100, 15, trickle_s=0.3)
+    assert status == 408 and b"serve.body_timeout_s" in data and took < 6, (status, data[-300:], took)
+
+
+def test_one_request_the_tokenizer_cannot_take_fails_alone(app):
+    """A lone surrogate (valid JSON, invalid Unicode) gets 422 naming its field; the requests
+    batched with it are answered."""
+    bad = b'{"texts": ["fine", "\\ud800 broken"]}'
+    rounds = []
+    for _ in range(4):
+        barrier, results = threading.Barrier(8), [None] * 8
+
+        def send(i):
+            with httpx.Client(base_url=app["url"], headers=app["client"].headers, timeout=30) as c:
+                barrier.wait()
+                if i == 0:
+                    results[i] = c.post("/v1/predict", content=bad, headers={"Content-Type": "application/json"})
+                else:
+                    results[i] = c.post("/v1/predict", json={"texts": TEXTS[:2]})
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rounds.append(results)
+    for results in rounds:
+        assert results[0].status_code == 422 and results[0].json()["field"] == "texts[1]", results[0].text
+        assert "surrogate" in results[0].json()["error"]
+        assert [r.status_code for r in results[1:]] == [200] * 7, [r.text for r in results[1:] if r.status_code != 200][:2]
+
+
+def test_the_schema_states_what_the_server_enforces(app):
+    schema = httpx.get(app["url"] + "/openapi.json").json()
+    texts = schema["components"]["schemas"]["PredictRequest"]["properties"]["texts"]
+    assert (texts["minItems"], texts["maxItems"], texts["items"]["maxLength"], texts["items"]["pattern"]) == (1, 8, 20000, r"\S")
+    responses = schema["paths"]["/v1/predict"]["post"]["responses"]
+    assert {"200", "400", "401", "408", "413", "422"} <= set(responses)
+    assert responses["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert schema["paths"]["/v1/predict"]["post"]["security"] == [{"HTTPBearer": []}]
+    # What the schema forbids the server refuses with the status it documents, naming the field.
+    r = app["client"].post("/v1/predict", json={"texts": [" "]})
+    assert r.status_code == 422 and r.json()["field"] == "texts[0]" and "empty" in r.json()["error"]
+
+
+def replica_rss_mb(app_name: str) -> dict[int, float]:
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        if any(f"ServeReplica:{app_name}:ModelServer" in part for part in p.info["cmdline"] or []):
+            out[p.info["pid"]] = p.memory_info().rss / 2**20
+    return out
+
+
+@pytest.mark.slow
+def test_a_thousand_malformed_requests_from_the_schema_get_4xx_while_the_client_is_served(app):
+    """Requests generated from the app's own OpenAPI schema, then broken in many ways, plus
+    unauthenticated and oversized ones: never a 5xx, replica memory bounded, and an
+    authenticated client sending good requests throughout is always answered."""
+    import json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from hypothesis_jsonschema import from_schema
+
+    url = app["url"]
+    schema = httpx.get(url + "/openapi.json").json()
+    body_schema = dict(schema["components"]["schemas"]["PredictRequest"])
+    body_schema["properties"]["texts"] = dict(body_schema["properties"]["texts"], maxItems=3)
+    body_schema["properties"]["texts"]["items"] = dict(body_schema["properties"]["texts"]["items"], maxLength=40)
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12,
+    )
+
+    def broken(valid: dict, how: int, junk, data) -> bytes:
+        if how == 0:
+            return json.dumps(junk).encode()  # any JSON at all
+        if how == 1:
+            return json.dumps({**valid, data.draw(st.text(min_size=1, max_size=8)).replace("texts", "x"): junk}).encode()
+        if how == 2:
+            texts = list(valid["texts"])
+            texts[data.draw(st.integers(0, len(texts) - 1))] = junk
+            return json.dumps({"texts": texts}).encode()
+        if how == 3:
+            return json.dumps({"texts": valid["texts"] * 9}).encode()  # above maxItems (8)
+        if how == 4:
+            return json.dumps({"texts": [valid["texts"][0] * 1000 + "x" * 20001]}).encode()  # above maxLength
+        if how == 5:
+            return json.dumps(valid).encode()[: data.draw(st.integers(0, 10))]  # cut short
+        if how == 6:
+            return json.dumps({"texts": [data.draw(st.sampled_from(["", " ", "\t\n", "\u3000"]))]}).encode()
+        if how == 7:
+            return json.dumps({"texts": ["\ud800" + valid["texts"][0]]}).encode()  # lone surrogate
+        return ("[" * data.draw(st.integers(100, 3000)) + "]" * 2).encode()  # deep and unbalanced
+
+    sent, statuses, stop, good = [0], {}, threading.Event(), []
+    load = threading.Thread(
+        target=run_load, args=(httpx.Client(base_url=url, headers=app["client"].headers, timeout=30), stop, good, 5000, TEXTS[:2])
+    )
+    before = replica_rss_mb("topics")
+    load.start()
+    try:
+        with httpx.Client(base_url=url, timeout=30) as raw:
+
+            @settings(max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(valid=from_schema(body_schema), how=st.integers(0, 8), junk=json_values, authed=st.integers(0, 9), data=st.data())
+            def one(valid, how, junk, authed, data):
+                headers = {"Content-Type": "application/json"} | ({} if authed == 0 else {"Authorization": f"Bearer {TOKEN}"})
+                r = raw.post("/v1/predict", content=broken(valid, how, junk, data), headers=headers)
+                sent[0] += 1
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                assert r.status_code < 500, (r.status_code, r.text[:300])
+                assert r.status_code in (200, 400, 401, 413, 422) and "error" in r.json() or r.status_code == 200, r.text[:300]
+                if authed == 0:
+                    assert r.status_code == 401
+
+            one()
+    finally:
+        stop.set()
+        load.join()
+    after = replica_rss_mb("topics")
+    print(f"abuse: {sent[0]} generated requests, statuses {statuses}; {len(good)} good requests; replica RSS MB {before} → {after}")
+    assert sent[0] >= 1000 and statuses.get(401, 0) >= 50 and statuses.get(422, 0) >= 100 and statuses.get(413, 0) >= 20, statuses
+    failed = [r for r in good if r[2] != 200]
+    assert len(good) >= 100 and not failed, (len(good), failed[:3])
+    assert set(after) == set(before), "a replica restarted under the abuse"
+    assert all(after[pid] - before[pid] < 300 for pid in before), (before, after)
+
+
 def run_load(client, stop, results, limit, texts):
     """A bounded load loop: records (sent, received, status, version, replica) per request."""
     while not stop.is_set() and len(results) < limit:
@@ -223,6 +420,21 @@ def test_corrupt_or_incompatible_version_is_refused_and_the_old_keeps_serving(ap
         assert why in info["last_swap_error"]["error"] and info["version"] == serving
         r = client.post("/v1/predict", json={"texts": TEXTS})
         assert r.status_code == 200 and r.json()["version"] == serving
+    # A replica that starts now (one is killed) loads the committed version, not the refused one
+    # the alias names: it comes up and answers with the version the others serve.
+    before = {client.post("/v1/predict", json={"texts": ["x"]}).headers["x-lifelong-replica"] for _ in range(30)}
+    kill_replica("topics", sorted(before)[0])
+    fresh = wait_for(
+        lambda: (
+            {r.headers.get("x-lifelong-replica") for r in [client.post("/v1/predict", json={"texts": ["x"]})] if r.status_code == 200}
+            - before
+        ),
+        timeout=120,
+        interval=0.1,
+    )
+    answers = [client.post("/v1/predict", json={"texts": ["x"]}) for _ in range(40)]
+    assert {(r.status_code, r.json()["version"]) for r in answers} == {(200, serving)}
+    assert fresh <= {r.headers["x-lifelong-replica"] for r in answers}
     # Promoted again later, a refused version gets a fresh try (and is refused again).
     registry.move_alias("topics", "champion", bad)
     before = info["last_swap_error"]["at"]
@@ -232,6 +444,74 @@ def test_corrupt_or_incompatible_version_is_refused_and_the_old_keeps_serving(ap
     registry.move_alias("topics", "champion", good)
     wait_for(lambda: client.post("/v1/predict", json={"texts": ["x y"]}).json()["version"] == good, timeout=60)
     assert client.get("/v1/model").json()["last_swap_error"] is None
+
+
+def kill_replica(app_name: str, unique_id: str) -> None:
+    """SIGKILL-equivalent for one ModelServer replica (Serve starts a new one)."""
+    import ray
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#ModelServer#") and actor["name"].endswith(unique_id):
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            return
+    raise AssertionError(f"no replica {unique_id} of {app_name}")
+
+
+@pytest.mark.slow
+def test_swaps_under_requests_slower_than_the_hold_window_complete_or_abort_visibly(
+    ray_session, serve_port, tiny_tokenizer, tmp_path_factory
+):
+    """Generations longer than serve.hold_timeout_s run all the time: a swap either drains in a
+    (doubled) window or is aborted and shown in /v1/model; it never wedges, no request fails,
+    and once the new version has answered the old one never does."""
+    from ray import serve
+
+    from lifelong.serve import deploy
+
+    root, work = tmp_path_factory.mktemp("slow-store"), tmp_path_factory.mktemp("slow-work")
+    registry = Registry(Storage(str(root)))
+    v1, v2 = (register_tiny(registry, "slow-lm", tiny_tokenizer, work, task="causal-lm", seed=s, export=False) for s in (5, 6))
+    registry.move_alias("slow-lm", "champion", v1)
+    url = deploy(serve_config(root, "slow-lm", serve_port, route_prefix="/slow", max_new_tokens=30, hold_timeout_s=0.005))
+    results, stop_slow, stop_all = [], threading.Event(), threading.Event()
+
+    def client(new_tokens: int, stop: threading.Event) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set() and len(results) < 20000:
+                sent = time.monotonic()
+                r = c.post("/v1/generate", json={"prompt": "the weather", "max_new_tokens": new_tokens})
+                results.append((sent, time.monotonic(), r.status_code, r.json().get("version"), new_tokens))
+
+    threads = [threading.Thread(target=client, args=(30, stop_slow)) for _ in range(3)]
+    threads += [threading.Thread(target=client, args=(1, stop_all)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(results) >= 30, timeout=60)
+        registry.move_alias("slow-lm", "champion", v2)
+
+        def outcome():
+            if any(r[3] == v2 for r in results):
+                return "completed"
+            error = httpx.get(url + "/v1/model", timeout=30).json()["last_swap_error"]
+            return error and "aborted" in error["error"] and error["version"] == v2 and "aborted"
+
+        seen = wait_for(outcome, timeout=60, interval=0.1)
+        stop_slow.set()  # with the slow generations gone, the retried swap goes through
+        wait_for(lambda: [r[3] for r in results[-10:]] == [v2] * 10, timeout=60, interval=0.1)
+    finally:
+        stop_slow.set()
+        stop_all.set()
+        for t in threads:
+            t.join()
+        info = httpx.get(url + "/v1/model", timeout=30).json()
+        serve.delete("slow-lm")
+    assert seen in ("completed", "aborted")
+    assert {r[2] for r in results} == {200}, [r for r in results if r[2] != 200][:3]
+    assert sum(1 for r in results if r[4] == 30) >= 10
+    by_receipt = [r[3] for r in sorted(results, key=lambda r: r[1])]
+    assert all(v == v2 for v in by_receipt[by_receipt.index(v2) :]), "the old version answered after the new one had"
+    assert info["version"] == v2 and info["swaps"][-1]["to"] == v2 and info["last_swap_error"] is None
 
 
 @pytest.mark.slow
@@ -252,6 +532,19 @@ def test_generate_serves_a_causal_lm_with_pytorch(ray_session, serve_port, tiny_
         want = Generator(registry.local_dir("tiny-lm", v), registry.card("tiny-lm", v)).generate("The weather today", 5)
         assert (r.json()["version"], r.json()["text"], r.json()["tokens"]) == (v, want["text"], want["tokens"])
         assert httpx.post(url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 9}).status_code == 422
+        # A seed beyond what the sampler takes is a 422 naming it, not a 500.
+        r = httpx.post(url + "/v1/generate", json={"prompt": "x", "temperature": 1.0, "seed": 2**70})
+        assert r.status_code == 422 and r.json()["field"] == "seed"
+        # Sampled generations with one seed agree, also when they run at the same time.
+        body = {"prompt": "The weather today", "max_new_tokens": 8, "temperature": 1.5, "seed": 11}
+        with httpx.Client(timeout=30) as c:
+            threads, texts = [], []
+            for _ in range(6):
+                threads.append(threading.Thread(target=lambda: texts.append(c.post(url + "/v1/generate", json=body).json()["text"])))
+                threads[-1].start()
+            for t in threads:
+                t.join()
+        assert len(texts) == 6 and len(set(texts)) == 1, texts
         assert httpx.post(url + "/v1/predict", json={"texts": ["x"]}).status_code == 400
     finally:
         serve.delete("tiny-lm")

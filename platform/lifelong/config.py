@@ -173,9 +173,16 @@ class ServeSection(Section):
     max_texts_per_request: int = Field(default=64, ge=1)
     max_text_chars: int = Field(default=20000, ge=1)
     max_new_tokens: int = Field(default=64, ge=1)
-    # How often the alias is read from the registry, and how often replicas sync with it.
+    # A /v1/* request body above this many bytes gets 413 before it is parsed; a body that has
+    # not arrived within body_timeout_s gets 408 (a trickling client cannot hold a replica).
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    body_timeout_s: float = Field(default=10.0, gt=0.0)
+    # A swap holds requests while the running ones finish; a hold that has not drained within
+    # hold_timeout_s is aborted (the old version keeps serving) and retried with a doubled
+    # window, up to four times this.
+    hold_timeout_s: float = Field(default=5.0, gt=0.0)
+    # How often the follower reads the alias from the registry.
     poll_interval_s: float = Field(default=1.0, gt=0.0)
-    sync_interval_s: float = Field(default=0.1, gt=0.0)
     # A class-label set that differs from the serving version's is refused unless allowed.
     allow_label_change: bool = False
     # One log line per request from the proxy and every replica (costly on small machines).

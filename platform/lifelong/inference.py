@@ -8,7 +8,9 @@ the served path and the measured path are the same code.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +192,7 @@ class Generator:
         self.model = self.logits.model
         self.max_length = model_max_length(model_dir, card)
         self.encode = Encoder(model_dir, self.max_length)
+        self._sampling_lock = threading.Lock()
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> dict:
         # Keep the prompt's tail so prompt + continuation fit the model's positions.
@@ -200,10 +203,13 @@ class Generator:
         new_tokens = min(max_new_tokens, self.max_length - len(ids))
         torch = self.torch
         generator_kwargs = {"do_sample": False}
+        sampling = contextlib.nullcontext()
         if temperature > 0:
-            torch.manual_seed(seed)
+            # HF's sampler draws from torch's process-wide generator: concurrent sampled requests
+            # take turns, each seeding a forked copy, so a seed gives the same text under load.
+            sampling = _seeded(self._sampling_lock, seed)
             generator_kwargs = {"do_sample": True, "temperature": temperature, "top_k": 50}
-        with torch.inference_mode():
+        with sampling, torch.inference_mode():
             out = self.model.generate(
                 torch.tensor([ids], device=self.logits.device),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.logits.device),
@@ -217,3 +223,12 @@ class Generator:
             "tokens": len(continuation),
             "truncated": truncated,
         }
+
+
+@contextlib.contextmanager
+def _seeded(lock: threading.Lock, seed: int):
+    import torch
+
+    with lock, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -7,6 +7,8 @@ import os
 
 import ray
 
+from lifelong.errors import LifelongError, first_line
+
 
 def connect(address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0, dashboard: bool = False) -> str:
     """Join a cluster when an address is given (argument, then RAY_ADDRESS); else start one here.
@@ -23,7 +25,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, min_cpus: f
     # Ray Data's own progress bars would interleave with the training progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise LifelongError(
+                f"no Ray cluster answers at {address} ({first_line(e, 200)}): check --address / RAY_ADDRESS "
+                "(the GCS address, host:6379, or ray://host:10001), that the cluster is up, and RAY_AUTH_TOKEN if it requires a token"
+            ) from None
         return f"Ray cluster at {address}"
     cpus = num_cpus or max(os.cpu_count() or 1, int(min_cpus) + 2, 4)
     ray.init(num_cpus=cpus, include_dashboard=dashboard, logging_level=logging.WARNING)

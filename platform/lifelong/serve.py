@@ -18,20 +18,23 @@ version never answers again, across all replicas. A hold lasts a few millisecond
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lifelong
 from lifelong.config import JobConfig
@@ -40,9 +43,11 @@ from lifelong.errors import ConfigError, LifelongError
 logger = logging.getLogger("ray.serve")
 
 SMOKE_TEXTS = ["a smoke test before this version serves", "ok"]
-# A replica holding for longer than this without a commit (its follower died mid-swap)
+# A replica held this long past its hold window without a commit (its follower died mid-swap)
 # resumes with the version it had.
-HOLD_TIMEOUT_S = 10.0
+HOLD_GRACE_S = 5.0
+# How long a starting replica waits for the follower to name the committed version.
+FOLLOWER_WAIT_S = 120.0
 SERVER = "ModelServer"
 FOLLOWER = "AliasFollower"
 
@@ -73,27 +78,54 @@ def resolve_token(config: JobConfig) -> str | None:
     return None
 
 
-def serve_settings(config: JobConfig) -> dict:
-    """What replicas need, as plain data. The token travels only as its SHA-256."""
+class ServeSettings(BaseModel):
+    """What replicas and the follower need, validated once where `lifelong serve` runs.
+    The token travels only as its SHA-256."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    root: str
+    model: str
+    alias: str
+    app_name: str
+    backend: str
+    threads: int
+    device: Literal["cpu", "cuda"]
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    max_texts: int
+    max_text_chars: int
+    max_new_tokens: int
+    max_body_bytes: int
+    body_timeout_s: float
+    hold_timeout_s: float
+    poll_interval_s: float
+    allow_label_change: bool
+    token_sha256: str | None
+
+
+def serve_settings(config: JobConfig) -> ServeSettings:
     s = config.serve
     token = resolve_token(config)
-    return {
-        "root": config.storage.root,
-        "model": config.served_model,
-        "alias": s.alias,
-        "app_name": config.serve_app_name,
-        "backend": s.backend,
-        "threads": s.threads_per_replica,
-        "device": "cuda" if s.gpus_per_replica > 0 else "cpu",
-        "max_batch_size": s.max_batch_size,
-        "batch_wait_timeout_s": s.batch_wait_timeout_s,
-        "max_texts": s.max_texts_per_request,
-        "max_text_chars": s.max_text_chars,
-        "max_new_tokens": s.max_new_tokens,
-        "poll_interval_s": s.poll_interval_s,
-        "allow_label_change": s.allow_label_change,
-        "token_sha256": hashlib.sha256(token.encode()).hexdigest() if token else None,
-    }
+    return ServeSettings(
+        root=config.storage.root,
+        model=config.served_model,
+        alias=s.alias,
+        app_name=config.serve_app_name,
+        backend=s.backend,
+        threads=s.threads_per_replica,
+        device="cuda" if s.gpus_per_replica > 0 else "cpu",
+        max_batch_size=s.max_batch_size,
+        batch_wait_timeout_s=s.batch_wait_timeout_s,
+        max_texts=s.max_texts_per_request,
+        max_text_chars=s.max_text_chars,
+        max_new_tokens=s.max_new_tokens,
+        max_body_bytes=s.max_body_bytes,
+        body_timeout_s=s.body_timeout_s,
+        hold_timeout_s=s.hold_timeout_s,
+        poll_interval_s=s.poll_interval_s,
+        allow_label_change=s.allow_label_change,
+        token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
+    )
 
 
 # --- loading a version -------------------------------------------------------------------------
@@ -110,19 +142,19 @@ class Loaded:
         return getattr(self.model, "labels", None)
 
 
-def load_version(settings: dict, version: int) -> Loaded:
+def load_version(settings: ServeSettings, version: int) -> Loaded:
     """Load one version with the configured backend and smoke-test it; raises LifelongError."""
     from lifelong.inference import Classifier, Generator
     from lifelong.registry import Registry
     from lifelong.storage import Storage
 
-    registry = Registry(Storage(settings["root"]))
-    name = settings["model"]
+    registry = Registry(Storage(settings.root))
+    name = settings.model
     card = registry.card(name, version)
     model_dir = registry.local_dir(name, version)
     task = card.get("task", "sequence-classification")
     if task == "sequence-classification":
-        model = Classifier(model_dir, settings["backend"], card, threads=settings["threads"], device=settings.get("device", "cpu"))
+        model = Classifier(model_dir, settings.backend, card, threads=settings.threads, device=settings.device)
         out = model.predict(SMOKE_TEXTS)
         probs = np.asarray([list(p["probabilities"].values()) for p in out])
         if (
@@ -132,7 +164,7 @@ def load_version(settings: dict, version: int) -> Loaded:
         ):
             raise LifelongError(f"{name}:{version} failed its smoke test: probabilities {probs.tolist()}")
     else:
-        model = Generator(model_dir, card, threads=settings["threads"], device=settings.get("device", "cpu"))
+        model = Generator(model_dir, card, threads=settings.threads, device=settings.device)
         out = model.generate(SMOKE_TEXTS[0], max_new_tokens=2)
         if not isinstance(out["text"], str):
             raise LifelongError(f"{name}:{version} failed its smoke test: generate returned {out!r}")
@@ -150,9 +182,13 @@ def check_compatible(current: Loaded, new: Loaded, allow_label_change: bool) -> 
 
 
 # --- the HTTP API ------------------------------------------------------------------------------
+Text = Annotated[str, Field(pattern=r"\S", description="Not empty or only whitespace; valid Unicode (no lone surrogates).")]
+SEED_MAX = 2**63 - 1
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    texts: list[str] = Field(min_length=1, description="Texts to classify (at most serve.max_texts_per_request).")
+    texts: list[Text] = Field(min_length=1, description="Texts to classify.")
 
 
 class Prediction(BaseModel):
@@ -170,10 +206,10 @@ class PredictResponse(BaseModel):
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
-    max_new_tokens: int | None = Field(default=None, ge=1, description="At most serve.max_new_tokens.")
+    prompt: Text
+    max_new_tokens: int | None = Field(default=None, ge=1, description="Default and upper limit: serve.max_new_tokens.")
     temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0: greedy decoding.")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Sampling seed (temperature > 0); the same seed gives the same text.")
 
 
 class GenerateResponse(BaseModel):
@@ -184,12 +220,115 @@ class GenerateResponse(BaseModel):
     truncated: bool = Field(description="True when the prompt was cut to fit the model's positions.")
 
 
+class ErrorBody(BaseModel):
+    error: str = Field(description="What is wrong, prefixed with the field it concerns.")
+    field: str | None = Field(default=None, description="The field, e.g. texts[2], prompt, authorization, body.")
+    errors: list[dict] | None = Field(default=None, description="422 only: one {field, message} per problem.")
+
+
+def _errors(*statuses: int) -> dict:
+    what = {
+        400: "The body is not JSON, or the endpoint does not match the served task.",
+        401: "The bearer token is missing or wrong (when serve.auth is set).",
+        408: "The body did not arrive within serve.body_timeout_s.",
+        413: "Too large: the body (serve.max_body_bytes), the number of texts or a text's length.",
+        422: "The body does not match the schema, or a text is not valid Unicode.",
+        503: "The replica is not serving yet (it is loading the committed version).",
+    }
+    return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
+
+
 api = FastAPI(
     title="lifelong inference",
     version=lifelong.__version__,
     description="Predictions from the registry version an alias points at; versions swap live.",
 )
-bearer = HTTPBearer(auto_error=False)
+bearer = HTTPBearer(auto_error=False)  # documents the scheme; the Gate below enforces it
+
+
+def _api_path(scope: dict) -> str:
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def _send_error(send, status: int, field_name: str, message: str, headers: list | None = None) -> None:
+    body = json.dumps({"error": f"{field_name}: {message}", "field": field_name}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gate:
+    """In front of the API, before FastAPI reads anything: /v1/* needs the bearer token (checked on
+    the headers alone) and a body of at most serve.max_body_bytes that arrives within
+    serve.body_timeout_s. So 401, 413 and 408 cost next to nothing, whatever the client sends."""
+
+    # Set by the replica that owns this process (Serve runs a frozen copy of `api`, so the schema
+    # with this deployment's limits is answered here rather than set on the app).
+    settings: ServeSettings | None = None
+    schema: dict | None = None
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        s, path = Gate.settings, _api_path(scope)
+        if scope["type"] == "http" and path == "/openapi.json" and Gate.schema is not None:
+            schema = dict(Gate.schema, servers=[{"url": scope["root_path"]}]) if scope.get("root_path") else Gate.schema
+            return await JSONResponse(schema)(scope, receive, send)
+        if scope["type"] != "http" or s is None or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if s.token_sha256 is not None:
+            problem = _token_problem(headers.get(b"authorization", b""), s.token_sha256)
+            if problem:
+                return await _send_error(send, 401, "authorization", problem, [(b"www-authenticate", b"Bearer")])
+        limit = s.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _send_error(
+                send, 413, "body", f"{declared.decode(errors='replace')} bytes; at most {limit} (serve.max_body_bytes)"
+            )
+        body, more = bytearray(), True
+        try:
+            async with asyncio.timeout(s.body_timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    if len(body) > limit:
+                        return await _send_error(send, 413, "body", f"more than {limit} bytes (serve.max_body_bytes)")
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            return await _send_error(send, 408, "body", f"not complete after {s.body_timeout_s:g} s (serve.body_timeout_s)")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _token_problem(header: bytes, expected_sha256: str) -> str | None:
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return "a bearer token is required"
+    if not hmac.compare_digest(hashlib.sha256(token.strip().encode()).hexdigest(), expected_sha256):
+        return "the bearer token is wrong"
+    return None
+
+
+api.add_middleware(Gate)
 
 
 def _field(loc: tuple) -> str:
@@ -198,6 +337,14 @@ def _field(loc: tuple) -> str:
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
     return out or "body"
+
+
+def _message(error: dict) -> str:
+    if error.get("type") == "string_pattern_mismatch":
+        return "empty text (nothing but whitespace)"
+    if error.get("type") == "string_unicode":  # JSON can carry lone surrogates; no tokenizer takes them
+        return "not valid Unicode (a lone surrogate)"
+    return error["msg"]
 
 
 @api.exception_handler(RequestValidationError)
@@ -209,25 +356,60 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             status_code=400,
             content={"error": f"the request body is not valid JSON: {detail.get('ctx', {}).get('error', detail['msg'])}", "field": "body"},
         )
-    problems = [{"field": _field(e["loc"]), "message": e["msg"]} for e in errors]
+    problems = [{"field": _field(e["loc"]), "message": _message(e)} for e in errors]
     text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-    return JSONResponse(status_code=422, content={"error": text, "errors": problems})
+    return JSONResponse(status_code=422, content={"error": text, "field": problems[0]["field"], "errors": problems})
 
 
 def _reject(status: int, field_name: str, message: str):
     return HTTPException(status_code=status, detail={"error": f"{field_name}: {message}", "field": field_name})
 
 
-@api.exception_handler(HTTPException)
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    content = exc.detail if isinstance(exc.detail, dict) else {"error": str(exc.detail)}
+@api.exception_handler(StarletteHTTPException)  # FastAPI's own (a body it cannot parse, 404, 405) and ours
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc.detail, dict):
+        content = exc.detail
+    elif exc.status_code == 400:  # e.g. JSON nested too deeply to parse
+        content = {"error": f"body: {exc.detail}", "field": "body"}
+    else:
+        content = {"error": str(exc.detail)}
     return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
+
+
+def _unencodable(text: str) -> str | None:
+    """Why the tokenizer would refuse `text` (JSON may carry lone surrogates), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode (a lone surrogate at character {e.start})"
+    return None
+
+
+def _schema_with_limits(settings: ServeSettings) -> dict:
+    """The OpenAPI schema with this deployment's limits, so generated clients agree with the server."""
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
+    schemas = schema["components"]["schemas"]
+    texts = schemas["PredictRequest"]["properties"]["texts"]
+    texts["maxItems"] = settings.max_texts
+    texts["items"]["maxLength"] = settings.max_text_chars
+    generate = schemas["GenerateRequest"]["properties"]
+    generate["prompt"]["maxLength"] = settings.max_text_chars
+    bound = next(a for a in generate["max_new_tokens"]["anyOf"] if a.get("type") == "integer")
+    bound["maximum"] = settings.max_new_tokens
+    if settings.token_sha256 is None:  # no auth: say so instead of documenting a scheme that is not checked
+        for path in schema["paths"].values():
+            for op in path.values():
+                op.pop("security", None)
+                op.get("responses", {}).pop("401", None)
+    return schema
 
 
 @serve.deployment(name=SERVER)
 @serve.ingress(api)
 class ModelServer:
-    def __init__(self, settings: dict, follower=None):
+    async def __init__(self, settings: ServeSettings, follower=None):
         self.settings = settings
         self.follower = follower
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -240,41 +422,39 @@ class ModelServer:
         self.open.set()
         self._hold_timer = None
         self._load_lock = threading.Lock()
+        Gate.settings, Gate.schema = settings, _schema_with_limits(settings)
 
+        # Serve only what the follower committed: a replica that starts (or restarts) mid-life never
+        # loads a version the follower refused, and one that starts during a swap waits for its end.
+        version = await self._committed_version()
+        self.versions[version] = await asyncio.to_thread(self._load, version)
+        self.serving = version
+        self.task = self.versions[version].task
+        self.predict_batch.set_max_batch_size(settings.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        logger.info("replica %s serves %s:%s", self.replica, settings.model, version)
+
+    async def _committed_version(self) -> int:
+        if self.follower is None:
+            return await asyncio.to_thread(self._alias_target)
+        deadline, problem = time.monotonic() + FOLLOWER_WAIT_S, None
+        while time.monotonic() < deadline:
+            try:
+                state = await self.follower.state.remote()
+            except Exception as e:  # the follower may still be starting
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if state["decided"] and state["swapping"] is None:
+                    return state["active"]
+                problem = "the follower is deciding" if not state["decided"] else f"a swap to {state['swapping']} is under way"
+            await asyncio.sleep(0.2)
+        raise LifelongError(f"replica {self.replica}: no committed version from the follower within {FOLLOWER_WAIT_S:.0f} s ({problem})")
+
+    def _alias_target(self) -> int:
         from lifelong.registry import Registry
         from lifelong.storage import Storage
 
-        version = Registry(Storage(settings["root"])).alias_version(settings["model"], settings["alias"])
-        self.versions[version] = load_version(settings, version)
-        self.serving = version
-        self.task = self.versions[version].task
-        self.predict_batch.set_max_batch_size(settings["max_batch_size"])
-        self.predict_batch.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
-        self._synced = threading.Event()
-        threading.Thread(target=self._first_sync, daemon=True).start()
-        logger.info("replica %s serves %s:%s", self.replica, settings["model"], version)
-
-    # -- the first sync: a replica that starts mid-life serves what the others serve ------------
-    def _first_sync(self) -> None:
-        active = None
-        for _ in range(20):
-            if self.follower is None:
-                break
-            try:
-                active = self.follower.state.remote().result(timeout_s=2)["active"]
-                break
-            except Exception:  # the follower may still be starting
-                time.sleep(0.5)
-        if active is not None and active not in self.versions:
-            try:
-                with self._load_lock:
-                    self.versions[active] = load_version(self.settings, active)
-            except LifelongError as e:
-                logger.error("replica %s cannot load the active version %s: %s", self.replica, active, e)
-                active = None
-        if active is not None:
-            self.serving = active
-        self._synced.set()
+        return Registry(Storage(self.settings.root)).alias_version(self.settings.model, self.settings.alias)
 
     # -- the swap protocol (called by the follower on every replica) -----------------------------
     async def prepare(self, version: int) -> dict:
@@ -282,7 +462,7 @@ class ModelServer:
         try:
             if version not in self.versions:
                 loaded = await asyncio.to_thread(self._load, version)
-                check_compatible(self.versions[self.serving], loaded, self.settings["allow_label_change"])
+                check_compatible(self.versions[self.serving], loaded, self.settings.allow_label_change)
                 self.versions[version] = loaded
             return {"replica": self.replica, "ok": True}
         except Exception as e:  # any failure refuses the version; the replica stays healthy
@@ -292,28 +472,53 @@ class ModelServer:
         with self._load_lock:
             return load_version(self.settings, version)
 
-    async def hold(self) -> dict:
-        """Stop starting batches and wait for the running ones to finish."""
+    async def hold(self, timeout_s: float) -> dict:
+        """Stop starting batches and wait, at most `timeout_s`, for the running ones to finish.
+        A hold that does not drain in time reopens at once: the swap is aborted, nothing waits."""
         self.open.clear()
         if self._hold_timer:
             self._hold_timer.cancel()
-        self._hold_timer = asyncio.get_running_loop().call_later(HOLD_TIMEOUT_S, self._release_after_timeout)
-        await self.drained.wait()
+        # Should the follower die between hold and commit, the replica resumes by itself.
+        self._hold_timer = asyncio.get_running_loop().call_later(timeout_s + HOLD_GRACE_S, self._release_after_timeout)
+        try:
+            await asyncio.wait_for(self.drained.wait(), timeout_s)
+        except TimeoutError:
+            running = self.running
+            self._resume(self.serving)
+            return {"replica": self.replica, "holding": False, "error": f"{running} request(s) still running after {timeout_s:g} s"}
         return {"replica": self.replica, "holding": True}
 
     def _release_after_timeout(self) -> None:
-        logger.warning("replica %s held for %.0f s without a commit: resuming with version %s", self.replica, HOLD_TIMEOUT_S, self.serving)
+        logger.warning("replica %s held without a commit: resuming with version %s", self.replica, self.serving)
+        self._hold_timer = None
         self.open.set()
 
     async def commit(self, version: int) -> dict:
-        if version not in self.versions:  # a replica that started during the swap
-            self.versions[version] = await asyncio.to_thread(self._load, version)
+        """Switch to `version` and resume. A replica that cannot (it started during the swap and
+        cannot load it) stays closed and reports unhealthy, so Serve replaces it with one that
+        loads the committed version: it never answers with the old version again."""
+        try:
+            if version not in self.versions:
+                self.versions[version] = await asyncio.to_thread(self._load, version)
+        except Exception as e:
+            if self._hold_timer:
+                self._hold_timer.cancel()
+                self._hold_timer = None
+            self.broken = f"cannot switch to {self.settings.model}:{version}: {type(e).__name__}: {e}"
+            logger.error("replica %s %s", self.replica, self.broken)
+            return {"replica": self.replica, "ok": False, "error": self.broken}
         previous, self.serving = self.serving, version
         # Keep the previous version loaded: a rollback right after is then instant.
         for v in [v for v in self.versions if v not in (version, previous)]:
             del self.versions[v]
         self.last_swap_error = None
-        return self._resume(previous)
+        return {"ok": True, **self._resume(previous)}
+
+    broken: str | None = None
+
+    def check_health(self) -> None:
+        if self.broken:
+            raise LifelongError(self.broken)
 
     async def release(self) -> dict:
         """Abort a swap: resume with the version that was serving."""
@@ -325,14 +530,14 @@ class ModelServer:
             self._hold_timer = None
         self.open.set()
         if previous != self.serving:
-            logger.info("replica %s swapped %s:%s → %s", self.replica, self.settings["model"], previous, self.serving)
+            logger.info("replica %s swapped %s:%s → %s", self.replica, self.settings.model, previous, self.serving)
         return {"replica": self.replica, "serving": self.serving}
 
     async def refuse(self, version: int, error: str) -> None:
         if version != self.serving:
             self.versions.pop(version, None)
         self.last_swap_error = {"version": version, "error": error, "at": _now()}
-        logger.error("replica %s refused %s:%s: %s", self.replica, self.settings["model"], version, error)
+        logger.error("replica %s refused %s:%s: %s", self.replica, self.settings.model, version, error)
 
     async def status(self) -> dict:
         return {"replica": self.replica, "serving": self.serving, "loaded": sorted(self.versions)}
@@ -340,8 +545,6 @@ class ModelServer:
     # -- requests ---------------------------------------------------------------------------------
     async def _run(self, fn, *args):
         """Run `fn(loaded, *args)` on the serving version, counted so that hold() can drain."""
-        if not self._synced.is_set():  # a new replica learns what the others serve first
-            await asyncio.to_thread(self._synced.wait, 15)
         # Re-check after every wake-up: a hold may have closed the gate again before this
         # task ran, and nothing may start between the check and the count.
         while not self.open.is_set():
@@ -357,81 +560,74 @@ class ModelServer:
                 self.drained.set()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, requests: list[list[str]]) -> list[tuple[Loaded, list[dict]]]:
+    async def predict_batch(self, requests: list[list[str]]) -> list[tuple[Loaded, list[dict]] | Exception]:
+        """One model call for the whole batch; should it fail, each request runs alone, so that a
+        request the model cannot take fails by itself and the others are answered."""
         flat = [text for texts in requests for text in texts]
-        loaded, predictions = await self._run(lambda m, texts: m.model.predict(texts), flat)
+        try:
+            loaded, predictions = await self._run(lambda m, texts: m.model.predict(texts), flat)
+        except Exception:
+            if len(requests) == 1:
+                raise
+            return [await self._predict_alone(texts) for texts in requests]
         out, start = [], 0
         for texts in requests:
             out.append((loaded, predictions[start : start + len(texts)]))
             start += len(texts)
         return out
 
-    def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        expected = self.settings["token_sha256"]
-        if expected is None:
-            return
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise HTTPException(
-                401,
-                {"error": "authorization: a bearer token is required", "field": "authorization"},
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        given = hashlib.sha256(credentials.credentials.encode()).hexdigest()
-        if not hmac.compare_digest(given, expected):
-            raise HTTPException(
-                401, {"error": "authorization: the bearer token is wrong", "field": "authorization"}, headers={"WWW-Authenticate": "Bearer"}
-            )
+    async def _predict_alone(self, texts: list[str]):
+        try:
+            return await self._run(lambda m, t: m.model.predict(t), texts)
+        except Exception as e:
+            return e
 
-    @api.post("/v1/predict", response_model=PredictResponse)
-    async def predict(
-        self, body: PredictRequest, response: Response, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
-    ) -> PredictResponse:
+    @api.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(bearer)], responses=_errors(400, 401, 408, 413, 422))
+    async def predict(self, body: PredictRequest, response: Response) -> PredictResponse:
         """Label and probabilities per text, from the version serving now."""
-        self._authorize(credentials)
         if self.task != "sequence-classification":
             raise _reject(400, "texts", f"this deployment serves a {self.task} model: use POST /v1/generate")
-        if len(body.texts) > self.settings["max_texts"]:
+        if len(body.texts) > self.settings.max_texts:
             raise _reject(
-                413, "texts", f"{len(body.texts)} texts; at most {self.settings['max_texts']} per request (serve.max_texts_per_request)"
+                413, "texts", f"{len(body.texts)} texts; at most {self.settings.max_texts} per request (serve.max_texts_per_request)"
             )
         for i, text in enumerate(body.texts):
-            if not text.strip():
-                raise _reject(422, f"texts[{i}]", "empty text")
-            if len(text) > self.settings["max_text_chars"]:
-                raise _reject(
-                    413, f"texts[{i}]", f"{len(text)} characters; at most {self.settings['max_text_chars']} (serve.max_text_chars)"
-                )
-        loaded, predictions = await self.predict_batch(body.texts)
+            if len(text) > self.settings.max_text_chars:
+                raise _reject(413, f"texts[{i}]", f"{len(text)} characters; at most {self.settings.max_text_chars} (serve.max_text_chars)")
+            if problem := _unencodable(text):
+                raise _reject(422, f"texts[{i}]", problem)
+        result = await self.predict_batch(body.texts)
+        if isinstance(result, Exception):
+            raise result
+        loaded, predictions = result
         response.headers["X-Lifelong-Replica"] = self.replica
         return PredictResponse(
-            model=self.settings["model"],
+            model=self.settings.model,
             version=loaded.version,
             max_length=loaded.model.max_length,
             predictions=[Prediction(**p) for p in predictions],
         )
 
-    @api.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(
-        self, body: GenerateRequest, response: Response, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
-    ) -> GenerateResponse:
+    @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(bearer)], responses=_errors(400, 401, 408, 413, 422))
+    async def generate(self, body: GenerateRequest, response: Response) -> GenerateResponse:
         """A continuation of the prompt (causal-LM versions, PyTorch backend)."""
-        self._authorize(credentials)
         if self.task != "causal-lm":
             raise _reject(400, "prompt", f"this deployment serves a {self.task} model: use POST /v1/predict")
-        if len(body.prompt) > self.settings["max_text_chars"]:
-            raise _reject(413, "prompt", f"{len(body.prompt)} characters; at most {self.settings['max_text_chars']} (serve.max_text_chars)")
-        limit = self.settings["max_new_tokens"]
+        if len(body.prompt) > self.settings.max_text_chars:
+            raise _reject(413, "prompt", f"{len(body.prompt)} characters; at most {self.settings.max_text_chars} (serve.max_text_chars)")
+        if problem := _unencodable(body.prompt):
+            raise _reject(422, "prompt", problem)
+        limit = self.settings.max_new_tokens
         if body.max_new_tokens is not None and body.max_new_tokens > limit:
             raise _reject(422, "max_new_tokens", f"{body.max_new_tokens} is above the limit of {limit} (serve.max_new_tokens)")
         new_tokens = body.max_new_tokens or limit
         loaded, out = await self._run(lambda m: m.model.generate(body.prompt, new_tokens, body.temperature, body.seed))
         response.headers["X-Lifelong-Replica"] = self.replica
-        return GenerateResponse(model=self.settings["model"], version=loaded.version, **out)
+        return GenerateResponse(model=self.settings.model, version=loaded.version, **out)
 
-    @api.get("/v1/model")
-    async def model_info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
-        """The version this replica serves, its metrics, when it was loaded, and the last refused swap."""
-        self._authorize(credentials)
+    @api.get("/v1/model", dependencies=[Depends(bearer)], responses=_errors(401))
+    async def model_info(self) -> dict:
+        """The version this replica serves, its metrics, when it was loaded, and the last refused or failed swap."""
         loaded = self.versions[self.serving]
         follower = {}
         if self.follower is not None:
@@ -440,11 +636,11 @@ class ModelServer:
             except Exception as e:  # the follower restarting must not break this endpoint
                 follower = {"error": f"follower unavailable: {e}"}
         return {
-            "model": self.settings["model"],
-            "alias": self.settings["alias"],
+            "model": self.settings.model,
+            "alias": self.settings.alias,
             "version": loaded.version,
             "task": loaded.task,
-            "backend": self.settings["backend"] if loaded.task == "sequence-classification" else "torch",
+            "backend": self.settings.backend if loaded.task == "sequence-classification" else "torch",
             "labels": loaded.labels,
             "max_length": loaded.model.max_length,
             "metrics": loaded.card.get("metrics", {}),
@@ -457,78 +653,125 @@ class ModelServer:
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", "model": self.settings["model"], "version": self.serving}
+        """Open (no token), for load balancers and probes: the model and the version serving."""
+        return {"status": "ok", "model": self.settings.model, "version": self.serving}
 
 
 # --- the follower ------------------------------------------------------------------------------
 @serve.deployment(name=FOLLOWER, num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 class AliasFollower:
-    """Watches the alias and drives prepare → hold → commit across every ModelServer replica."""
+    """Watches the alias and drives prepare → hold → commit across every ModelServer replica.
+    `active` is the committed version: what every replica serves, and what a new one loads."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: ServeSettings):
         from lifelong.registry import Registry
         from lifelong.storage import Storage
 
         self.settings = settings
-        self.registry = Registry(Storage(settings["root"]))
+        self.registry = Registry(Storage(settings.root))
         self.active: int | None = None
+        self.decided = False
+        self.swapping: int | None = None
         self.refused: dict[int, str] = {}
         self.last_swap_error: dict | None = None
         self.swaps: list[dict] = []
+        self.aborted_holds = 0
         threading.Thread(target=self._follow, daemon=True).start()
 
     async def state(self) -> dict:
-        return {"active": self.active, "last_swap_error": self.last_swap_error, "swaps": self.swaps[-20:], "refused": self.refused}
+        return {
+            "active": self.active,
+            "decided": self.decided,
+            "swapping": self.swapping,
+            "last_swap_error": self.last_swap_error,
+            "swaps": self.swaps[-20:],
+            "refused": self.refused,
+        }
+
+    def _decide(self, servers) -> None:
+        """(Re)started: adopt what running replicas serve; with none running (a fresh app), the
+        version the alias points at now is the first committed one."""
+        app = serve.status().applications.get(self.settings.app_name)
+        deployment = app.deployments.get(SERVER) if app else None
+        running = deployment.replica_states.get("RUNNING", 0) if deployment else 0
+        if running:
+            serving = [s["serving"] for s in servers.broadcast("status").results(timeout_s=30)]
+            self.active = max(set(serving), key=serving.count)
+        else:
+            self.active = self.registry.alias_version(self.settings.model, self.settings.alias)
+        self.decided = True
 
     def _follow(self) -> None:
-        servers = serve.get_deployment_handle(SERVER, self.settings["app_name"])
-        name, alias = self.settings["model"], self.settings["alias"]
+        servers = serve.get_deployment_handle(SERVER, self.settings.app_name)
+        name, alias = self.settings.model, self.settings.alias
         last_problem, seen_target = None, None
         while True:
             try:
-                if self.active is None:
-                    # (Re)started: adopt what the replicas serve.
-                    serving = [s["serving"] for s in servers.broadcast("status").results(timeout_s=30)]
-                    if serving:
-                        self.active = max(set(serving), key=serving.count)
+                if not self.decided:
+                    self._decide(servers)
                 pointer = self.registry.alias_pointer(name, alias)
                 target = int(pointer["version"])
                 if target != seen_target:
                     # The alias moved: a version refused earlier gets a fresh try if it comes back.
                     self.refused.clear()
+                    self.aborted_holds = 0
                     seen_target = target
-                if self.active is not None and target != self.active and target not in self.refused:
+                if target != self.active and target not in self.refused:
                     self._swap(servers, target, pointer)
             except Exception as e:  # keep following: the registry or a replica may be briefly unavailable
                 problem = f"{type(e).__name__}: {e}"
-                if problem != last_problem and self.active is not None:  # not while the app is still starting
+                if problem != last_problem and self.decided:  # not while the app is still starting
                     logger.warning("follower of %s@%s: %s", name, alias, problem)
                 last_problem = problem
             else:
                 last_problem = None
-            time.sleep(self.settings["poll_interval_s"])
+            time.sleep(self.settings.poll_interval_s)
 
     def _swap(self, servers, version: int, pointer: dict) -> None:
-        name = self.settings["model"]
+        self.swapping = version
+        try:
+            self._prepare_hold_commit(servers, version, pointer)
+        finally:
+            self.swapping = None
+
+    def _error(self, version: int, error: str) -> None:
+        self.last_swap_error = {"version": version, "error": error, "at": _now()}
+        logger.error("follower: %s", error)
+
+    def _prepare_hold_commit(self, servers, version: int, pointer: dict) -> None:
+        name = self.settings.model
         started = time.monotonic()
-        logger.info("follower: %s@%s moved to %s; preparing every replica", name, self.settings["alias"], version)
+        logger.info("follower: %s@%s moved to %s; preparing every replica", name, self.settings.alias, version)
         prepared = servers.broadcast("prepare", version).results(timeout_s=600, return_exceptions=True)
         failures = [r if isinstance(r, Exception) else r.get("error") for r in prepared if isinstance(r, Exception) or not r.get("ok")]
         if failures or not prepared:
             error = f"{name}:{version} refused, {self.active} keeps serving: " + ("; ".join(map(str, failures)) or "no replica answered")
             self.refused[version] = error
-            self.last_swap_error = {"version": version, "error": error, "at": _now()}
-            logger.error("follower: %s", error)
+            self._error(version, error)
             servers.broadcast("refuse", version, error).results(timeout_s=30, return_exceptions=True)
             return
-        holds = servers.broadcast("hold").results(timeout_s=HOLD_TIMEOUT_S / 2, return_exceptions=True)
-        if any(isinstance(h, Exception) for h in holds):
-            logger.warning("follower: a replica did not hold; releasing and retrying %s later", version)
+        # A hold that cannot drain in time (a request slower than the window) is aborted on every
+        # replica and retried at the next poll with a doubled window, up to four times the setting.
+        window = self.settings.hold_timeout_s * min(2**self.aborted_holds, 4)
+        holds = servers.broadcast("hold", window).results(timeout_s=window + HOLD_GRACE_S, return_exceptions=True)
+        stuck = [h if isinstance(h, Exception) else h.get("error") for h in holds if isinstance(h, Exception) or not h.get("holding")]
+        if stuck:
             servers.broadcast("release").results(timeout_s=30, return_exceptions=True)
+            self.aborted_holds += 1
+            self._error(
+                version, f"swap to {name}:{version} aborted, {self.active} keeps serving and it is retried: " + "; ".join(map(str, stuck))
+            )
             return
-        servers.broadcast("commit", version).results(timeout_s=600, return_exceptions=True)
+        committed = servers.broadcast("commit", version).results(timeout_s=600, return_exceptions=True)
         previous, self.active = self.active, version
-        self.last_swap_error = None
+        failed = [c if isinstance(c, Exception) else c.get("error") for c in committed if isinstance(c, Exception) or not c.get("ok")]
+        if failed:  # those replicas stay closed and are replaced; the others serve `version`
+            self._error(
+                version, f"commit of {name}:{version} failed on {len(failed)} replica(s), replaced by Serve: " + "; ".join(map(str, failed))
+            )
+        else:
+            self.last_swap_error = None
+        self.aborted_holds = 0
         self.swaps.append(
             {
                 "from": previous,
@@ -538,6 +781,7 @@ class AliasFollower:
                 "committed_at": _now(),
                 "seconds_after_seen": round(time.monotonic() - started, 3),
                 "replicas": len(prepared),
+                "failed_commits": len(failed),
             }
         )
         logger.info("follower: every replica now serves %s:%s (was %s)", name, version, previous)
