@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -185,3 +186,23 @@ def test_submit_refuses_bad_input_before_anything_travels(tmp_path):
         out = lifelong(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stdout + out.stderr, (args, out.stdout, out.stderr)
+
+
+def test_an_unreachable_or_wrong_kind_of_address_is_one_line_within_seconds(tmp_path, demo_data):
+    """ray.init retries an address nothing listens on for minutes; the CLI says so at once."""
+    import os
+
+    config = f"{CONFIGS}/gpt2/tiny_pretrain.yaml"
+    args = [config, f"storage.root={tmp_path / 'store'}", f"data.path={demo_data / 'corpus.jsonl'}"]
+    cases = [
+        ((["pretrain", *args, "--address", "127.0.0.1:9"], {}), "no Ray cluster answers at 127.0.0.1:9 (Connection refused)"),
+        ((["pretrain", *args], {"RAY_ADDRESS": "127.0.0.1:9"}), "no Ray cluster answers at 127.0.0.1:9"),
+        ((["pretrain", *args, "--address", "http://127.0.0.1:8265"], {}), "is a dashboard URL"),
+    ]
+    for (argv, env), message in cases:
+        started = time.monotonic()
+        out = subprocess.run(
+            [sys.executable, "-m", "lifelong.cli", *argv], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+        )
+        assert out.returncode == 2 and message in out.stderr, (argv, out.stdout, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr and time.monotonic() - started < 60

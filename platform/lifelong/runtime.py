@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -25,6 +26,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, min_cpus: f
     # Ray Data's own progress bars would interleave with the training progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if address:
+        _reachable(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except ConnectionError as e:
@@ -36,3 +38,24 @@ def connect(address: str | None = None, num_cpus: int | None = None, min_cpus: f
     cpus = num_cpus or max(os.cpu_count() or 1, int(min_cpus) + 2, 4)
     ray.init(num_cpus=cpus, include_dashboard=dashboard, logging_level=logging.WARNING)
     return f"an embedded local Ray ({cpus} logical CPUs)"
+
+
+def _reachable(address: str) -> None:
+    """Refuse an address nothing listens on in seconds (ray.init retries it for minutes)."""
+    if address == "auto" or address.startswith(("http://", "https://")):
+        if address != "auto":
+            raise LifelongError(
+                f"--address / RAY_ADDRESS {address} is a dashboard URL: this command joins the cluster itself and needs "
+                "the GCS address (host:6379) or ray://host:10001; 'lifelong submit' and 'lifelong jobs' take the dashboard URL"
+            )
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise LifelongError(
+            f"no Ray cluster answers at {address} ({e.strerror or type(e).__name__}): check --address / RAY_ADDRESS, "
+            "that the cluster is up and reachable from here, and RAY_AUTH_TOKEN if it requires a token"
+        ) from None
