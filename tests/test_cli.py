@@ -206,3 +206,56 @@ def test_an_unreachable_or_wrong_kind_of_address_is_one_line_within_seconds(tmp_
         )
         assert out.returncode == 2 and message in out.stderr, (argv, out.stdout, out.stderr[-2000:])
         assert "Traceback" not in out.stderr and time.monotonic() - started < 60
+
+
+def test_submit_uploads_the_project_without_secrets_or_local_data_but_with_the_configs_data(tmp_path):
+    from lifelong.submit import stage, upload_rules
+
+    project = tmp_path / "project"
+    files = {
+        "jobs/pretrain.py": "print()",
+        "platform/lifelong/x.py": "",
+        "configs/a.yaml": "name: a",
+        "data/demo/corpus.jsonl": '{"text": "carried: the config names it"}\n',
+        "data/private/big.jsonl": "stays",
+        ".env": "AWS_SECRET_ACCESS_KEY=x",
+        "deploy/.env.prod": "x",
+        "serve-token.txt": "t0ken",
+        "keys/cluster.pem": "x",
+        "venv/bin/python": "x",
+        "notes/draft.md": "x",
+        "scratch.log": "x",
+        ".gitignore": "*.log\n",
+    }
+    for rel, text in files.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(text)
+    staged, uploaded = stage(project, upload_rules(project, ["notes/"]), [project / "data/demo/corpus.jsonl"])
+    assert uploaded == [".gitignore", "configs/a.yaml", "data/demo/corpus.jsonl", "jobs/pretrain.py", "platform/lifelong/x.py"]
+    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == uploaded
+
+
+def test_submit_refuses_what_would_point_into_the_jobs_temporary_copy(tmp_path):
+    nobody = "--address=http://127.0.0.1:9"
+    root = f"storage.root={tmp_path / 'store'}"
+    cases = [
+        (
+            [
+                "submit",
+                "continual",
+                f"{CONFIGS}/gpt2/tiny_continual.yaml",
+                root,
+                f"data.path={tmp_path}",
+                "continual.landing=incoming",
+                nobody,
+            ],
+            "continual.landing is the relative path 'incoming'",
+        ),
+        (
+            ["submit", "serve", f"{CONFIGS}/gpt2/tiny_serve.yaml", root, "serve.auth.token_file=token.txt", nobody],
+            "secrets never do",
+        ),
+    ]
+    for args, message in cases:
+        out = lifelong(*args)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stdout, out.stderr)

@@ -319,6 +319,12 @@ class ContinualSection(Section):
     promote: bool = True
 
 
+class SubmitSection(Section):
+    # .gitignore-style patterns (relative to the project) that `lifelong submit` leaves behind,
+    # besides .gitignore and the defaults (environments, stores, data/, secrets: lifelong.submit).
+    exclude: list[str] = Field(default_factory=list)
+
+
 class JobConfig(Section):
     # The model's name in the registry; also the base of the deterministic run name.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -336,6 +342,7 @@ class JobConfig(Section):
     serve: ServeSection = Field(default_factory=ServeSection)
     tune: TuneSection = Field(default_factory=TuneSection)
     continual: ContinualSection = Field(default_factory=ContinualSection)
+    submit: SubmitSection = Field(default_factory=SubmitSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:

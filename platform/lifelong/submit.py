@@ -15,18 +15,28 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import pathspec
 
 from lifelong.config import load_config
 from lifelong.errors import LifelongError
 
 PROJECT = Path(__file__).resolve().parents[2]
 JOBS = {p.stem: p for p in (PROJECT / "jobs").glob("*.py")}
-# What the working directory upload leaves out: environments, local stores, results, caches.
-EXCLUDES = [".venv", ".git", "lifelong-store", "benchmarks/results", "**/__pycache__", ".pytest_cache", "*.egg-info"]
+# What never travels, besides what .gitignore lists and `submit.exclude`: environments, local
+# stores, results, caches, local data (a config's own data file is carried explicitly) and
+# anything that looks like a secret.
+EXCLUDES = [
+    ".git/", ".venv/", "venv/", "env/", "lifelong-store/", "benchmarks/results/", "__pycache__/", ".pytest_cache/", "*.egg-info/",
+    ".hypothesis/", ".ruff_cache/", "data/",
+    ".env", ".env.*", "*.env", ".aws/", ".ray/", ".ssh/", "*.pem", "*.key", "*.p12", "*token*", "*secret*", "*credential*", ".netrc",
+]  # fmt: skip
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # The flags each job script takes besides CONFIG and overrides.
 JOB_FLAGS = {"tune": {"--resume", "--promote"}, "continual": {"--once", "--force"}, "pretrain": {"--resume"}, "finetune": {"--resume"}}
@@ -137,7 +147,63 @@ def entrypoint(job: str, config_path: Path, overrides: list[str]) -> str:
             f"{config_path}: data.path {data!r} is relative but not in the project, and only the project travels to the cluster: "
             "put the data under the project, or give an absolute path on a shared mount or a URI"
         )
+    landing = config.continual.landing
+    if job == "continual" and landing and "://" not in landing and not Path(landing).expanduser().is_absolute():
+        raise LifelongError(
+            f"{config_path}: continual.landing is the relative path {landing!r}, which on a cluster would be the job's temporary "
+            "copy of the project: give an absolute path on a shared mount or a URI where new files land"
+        )
+    token_file = config.serve.auth.token_file
+    if job == "serve" and token_file and not Path(token_file).expanduser().is_absolute():
+        raise LifelongError(
+            f"{config_path}: serve.auth.token_file {token_file!r} is relative, so it would have to travel with the project, "
+            "and secrets never do: use serve.auth.token_env (a variable set on the cluster's nodes) or an absolute path "
+            "that exists on them"
+        )
     return f"python jobs/{job}.py " + shlex.join([str(rel), *flags, *overrides])
+
+
+def upload_rules(project: Path, extra: list[str]) -> pathspec.PathSpec:
+    """The rules for what stays behind: EXCLUDES, the project's .gitignore, `submit.exclude`."""
+    gitignore = project / ".gitignore"
+    lines = gitignore.read_text().splitlines() if gitignore.is_file() else []
+    return pathspec.PathSpec.from_lines("gitignore", [*EXCLUDES, *lines, *extra])
+
+
+def stage(project: Path, rules: pathspec.PathSpec, carry: list[Path]) -> tuple[Path, list[str]]:
+    """A copy of what travels (hard links where possible): the project less what `rules` leave
+    behind, plus `carry` (files a config names, e.g. its data). Returns (directory, files)."""
+    staged = Path(tempfile.mkdtemp(prefix="lifelong-submit-"))
+    files = [rel for rel in _walk(project, rules)] + [p.relative_to(project).as_posix() for p in carry]
+    for rel in dict.fromkeys(files):
+        target = staged / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(project / rel, target)
+        except OSError:
+            shutil.copy2(project / rel, target)
+    return staged, sorted(set(files))
+
+
+def _walk(project: Path, rules: pathspec.PathSpec):
+    for here, dirs, names in os.walk(project):
+        rel_dir = Path(here).relative_to(project).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirs[:] = [d for d in dirs if not rules.match_file(prefix + d + "/")]
+        for name in names:
+            if not rules.match_file(prefix + name) and not os.path.islink(os.path.join(here, name)):
+                yield prefix + name
+
+
+def carried_files(config_path: Path, overrides: list[str]) -> list[Path]:
+    """Files inside the project that the config names and the rules would leave behind."""
+    config = load_config(config_path.expanduser().resolve(), [o for o in overrides if not o.startswith("--")], resolve_paths=False)
+    data = config.data.path if config.data is not None else None
+    if not data or "://" in data or Path(data).expanduser().is_absolute():
+        return []
+    path = PROJECT / data
+    found = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    return found
 
 
 def submit(
@@ -154,20 +220,26 @@ def submit(
     command = entrypoint(job, config_path, overrides)
     address = resolve_address(address)
     jobs = client(address)
+    config = load_config(config_path.expanduser().resolve(), [o for o in overrides if not o.startswith("--")], resolve_paths=False)
+    staged, files = stage(PROJECT, upload_rules(PROJECT, config.submit.exclude), carried_files(config_path, overrides))
+    size = sum((staged / f).stat().st_size for f in files)
+    print(f"[lifelong] uploading {len(files)} files ({size / 2**20:.1f} MiB) from {PROJECT}", file=out, flush=True)
     runtime_env = {
-        "working_dir": str(PROJECT),
-        "excludes": EXCLUDES,
+        "working_dir": str(staged),
         # The uploaded platform/ comes first, so the job runs the code that was submitted.
         "env_vars": {"PYTHONPATH": "platform", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
     }
-    job_id = _call(
-        address,
-        jobs.submit_job,
-        entrypoint=command,
-        runtime_env=runtime_env,
-        submission_id=submission_id,
-        metadata={"lifelong_job": job, "config": str(config_path)},
-    )
+    try:
+        job_id = _call(
+            address,
+            jobs.submit_job,
+            entrypoint=command,
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            metadata={"lifelong_job": job, "config": str(config_path)},
+        )
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     print(f"[lifelong] submitted {job_id} to {address}: {command}", file=out, flush=True)
     if not wait:
         return job_id, str(_call(address, jobs.get_job_status, job_id))
