@@ -71,6 +71,17 @@ def test_a_malformed_storage_uri_gets_one_line(root):
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2
 
 
+def test_credentials_inside_a_storage_uri_are_refused_and_never_echoed(tmp_path):
+    secret = "wJalrXUtnFEMIK7MDENGbPxRfiCY"
+    for args in (
+        ["models", "list", "--root", f"s3://AKIAEXAMPLE:{secret}@bucket/lifelong"],
+        ["pretrain", f"{CONFIGS}/gpt2/tiny_pretrain.yaml", f"storage.root=s3://AKIAEXAMPLE:{secret}@bucket/x"],
+    ):
+        out = lifelong(*args)
+        assert out.returncode == 2 and "carries credentials" in out.stderr and "s3://bucket/" in out.stderr, out.stderr
+        assert secret not in out.stdout + out.stderr and "AKIAEXAMPLE" not in out.stdout + out.stderr
+
+
 def test_unknown_command_and_missing_config():
     out = lifelong("pretrian")
     assert out.returncode == 2 and "No such command" in out.stderr

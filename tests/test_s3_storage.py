@@ -208,6 +208,22 @@ def test_the_s3_lease_admits_one_holder_and_is_taken_over_when_its_holder_died(b
     assert 4 <= time.monotonic() - t0 < 6
 
 
+def test_two_stores_whose_names_differ_only_in_punctuation_never_share_cached_weights(bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))
+    served = []
+    for prefix, seed in (("st-ore", 1), ("st_ore", 2)):
+        import torch
+
+        torch.manual_seed(seed)
+        d = tmp_path / f"model-{seed}"
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(d)
+        registry = Registry(Storage(bucket.replace("/store?", f"/{prefix}?")))
+        version = registry.register_version("m", d, {"task": "causal-lm"})
+        served.append((registry.local_dir("m", version) / "model.safetensors").read_bytes())
+        assert served[-1] == (d / "model.safetensors").read_bytes()
+    assert served[0] != served[1]
+
+
 class LosingProxy:
     """An HTTP proxy on loopback in front of moto that forwards every request and, while `drop` is
     set, swallows the response of the next conditional PUT: the write happened, the client never

@@ -19,6 +19,7 @@ so nothing that existed is ever rewritten; `card()` shows those records under `e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -245,7 +246,7 @@ class Registry:
         # Versions are immutable (exports only add files), so a cached copy that holds every
         # file the card lists is current.
         cache = self._cache_dir(name, version)
-        if not all((cache / rel).exists() for rel in ["card.json", *card.get("files", {})]):
+        if not _cached(cache, card):
             shutil.rmtree(cache, ignore_errors=True)
             tmp = cache.parent / f".tmp-{version}-{time.time_ns()}"
             self.storage.download_dir(prefix, tmp)
@@ -256,7 +257,8 @@ class Registry:
         return cache
 
     def _cache_dir(self, name: str, version: int) -> Path:
-        return local_cache_dir("registry", re.sub(r"[^A-Za-z0-9]+", "_", self.storage.uri), name) / str(version)
+        # Keyed by a hash of the whole root (endpoint included): two stores never share a cache.
+        return local_cache_dir("registry", hashlib.sha256(self.storage.root_uri.encode()).hexdigest()[:20], name) / str(version)
 
     # --- aliases ---------------------------------------------------------------------------
     def aliases(self, name: str) -> dict[str, dict]:
@@ -391,3 +393,13 @@ class Registry:
         version = ref.version if ref.alias is None else self.alias_version(ref.name, ref.alias)
         card = self.card(ref.name, version)
         return ResolvedModel(local_dir=self.local_dir(ref.name, version), name=ref.name, version=version, card=card)
+
+
+def _cached(cache: Path, card: dict) -> bool:
+    """Whether `cache` holds this very card and every file it lists, at the listed sizes."""
+    try:
+        if json.loads((cache / "card.json").read_text()) != card:
+            return False
+        return all((cache / rel).stat().st_size == size for rel, size in card.get("files", {}).items())
+    except (OSError, ValueError):
+        return False

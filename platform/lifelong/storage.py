@@ -52,6 +52,13 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI."""
     if is_uri(path):
         parsed = urlparse(path)
+        if "@" in parsed.netloc:  # s3://KEY:SECRET@bucket/...: never accepted, never echoed
+            shown = f"{parsed.scheme}://{parsed.netloc.rpartition('@')[2]}{parsed.path}"
+            raise LifelongError(
+                f"the URI {shown} carries credentials before its bucket ('…@'): they are refused so that they never reach "
+                "configs, logs or listings; give them through the AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                "~/.aws, an instance or pod role)"
+            )
         if parsed.scheme in ("s3", "s3a", "gs", "gcs") and not parsed.netloc:
             raise LifelongError(f"cannot open the URI '{path}': it names no bucket (write {parsed.scheme}://BUCKET/PREFIX)")
         try:
