@@ -75,6 +75,13 @@ def test_the_rayservice_serve_config_builds_from_the_project():
     config = load_config(Path(ROOT) / args["config"], args["overrides"])
     assert config.serve.alias == "champion" and config.storage.root.startswith("s3://")
     assert app["runtime_env"]["env_vars"]["PYTHONPATH"] == f"{IMAGE_WORKDIR}/platform"
+    # It binds 0.0.0.0, so /v1 needs the token, which comes from a Kubernetes secret on every node.
+    assert serve_config["http_options"]["host"] == "0.0.0.0" and config.serve.auth.token_env
+    groups = [service["spec"]["rayClusterConfig"]["headGroupSpec"], *service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        [container] = group["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env[config.serve.auth.token_env]["valueFrom"]["secretKeyRef"]["name"] == "lifelong-serve-token"
     # Bad args are refused with a message naming what is missing, before anything loads.
     from lifelong.errors import LifelongError
 

@@ -573,3 +573,11 @@ def test_autoscaling_config_deploys_and_serves(app, serve_port):
         assert 1 <= sum(status.replica_states.values()) <= 2
     finally:
         serve.delete("topics-auto")
+
+
+def test_serving_without_a_token_is_said_loudly(tmp_path):
+    from lifelong.serve import exposure_warning
+
+    assert "any process that can reach 0.0.0.0 can call /v1/predict" in exposure_warning(serve_config(tmp_path, "m", 8000, host="0.0.0.0"))
+    assert "on this machine" in exposure_warning(serve_config(tmp_path, "m", 8000))
+    assert exposure_warning(serve_config(tmp_path, "m", 8000, host="0.0.0.0", auth={"token_env": "T"})) is None

@@ -218,7 +218,7 @@ def serve(
 
     from lifelong.config import load_config
     from lifelong.runtime import connect
-    from lifelong.serve import check_servable, deploy, resolve_token
+    from lifelong.serve import check_servable, deploy, exposure_warning, resolve_token
 
     cfg = load_config(config, overrides or [])
     check_servable(cfg)  # before starting Ray: a missing alias or export fails in a second
@@ -227,6 +227,8 @@ def serve(
     url = deploy(cfg)
     console.print(f"[bold]lifelong serve[/] {cfg.served_model}@{cfg.serve.alias} on {where}")
     console.print(f"  {url}/v1/predict  {url}/v1/generate  {url}/v1/model  {url}/healthz  docs: {url}/docs")
+    if warning := exposure_warning(cfg):
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     if detach:
         return
     console.print("following the alias; Ctrl-C stops serving")

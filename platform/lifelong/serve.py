@@ -788,10 +788,24 @@ class AliasFollower:
 
 
 # --- building and running the application ------------------------------------------------------
+def exposure_warning(config: JobConfig, host: str | None = None) -> str | None:
+    """What to shout when the API needs no token (None when it does)."""
+    if config.serve.auth.token_env or config.serve.auth.token_file:
+        return None
+    host = host or config.serve.host
+    where = "on this machine" if host in ("127.0.0.1", "localhost", "::1") else f"that can reach {host}"
+    return (
+        f"serving without a token: any process {where} can call /v1/predict, /v1/generate and /v1/model "
+        "(set serve.auth.token_env or serve.auth.token_file; /healthz, /docs and /openapi.json stay open)"
+    )
+
+
 def build_app(config: JobConfig):
     """The Serve application for `config.serve`: ModelServer replicas + their AliasFollower."""
     s = config.serve
     settings = serve_settings(config)
+    if warning := exposure_warning(config):
+        logger.warning(warning)
     options = {
         "max_ongoing_requests": s.max_ongoing_requests or 2 * s.max_batch_size,
         "ray_actor_options": {"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
