@@ -108,7 +108,7 @@ def plain_loop(files: list[str], tokenizer_dir: str) -> dict:
 
 def platform_pass(files: list[str], tokenizer_dir: str, store: str) -> dict:
     from lifelong.config import DataConfig
-    from lifelong.data import read_validated, tokenized
+    from lifelong.data import TokenizerRef, read_validated, tokenized
     from lifelong.storage import Storage
 
     cfg = DataConfig(path=os.path.dirname(files[0]), text_column="text", label_column="label", labels=LABELS)
@@ -116,7 +116,7 @@ def platform_pass(files: list[str], tokenizer_dir: str, store: str) -> dict:
     started = time.perf_counter()
     validated = read_validated(cfg, Storage(store), "ingest-bench", files=files)
     rows = 0
-    for batch in tokenized(validated.split(None), "sequence-classification", tokenizer_dir, MAX_LENGTH).iter_batches(
+    for batch in tokenized(validated.split(None), "sequence-classification", TokenizerRef(tokenizer_dir), MAX_LENGTH).iter_batches(
         batch_size=512, batch_format="numpy"
     ):
         rows += len(batch["labels"])

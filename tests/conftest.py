@@ -136,3 +136,32 @@ def free_port() -> int:
 def serve_port(ray_session):
     """One HTTP proxy per Ray cluster: every Serve test app shares this port."""
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback, for the session (its credentials: S3_CREDENTIALS, set above)."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    port = free_port()
+    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.list_buckets()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield {"port": port, "client": client}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

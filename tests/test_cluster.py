@@ -71,13 +71,15 @@ class LocalCluster:
         log = open(Path(self.temp) / f"{name}.log", "w")
         self.procs[name] = subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
-            env=self.env,
+            env={**self.env, **self.node_env.get(name, {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def start(self, workers: tuple[str, ...] = ("worker-a", "worker-b")) -> LocalCluster:
+    def start(self, workers: tuple[str, ...] = ("worker-a", "worker-b"), node_env: dict[str, dict] | None = None) -> LocalCluster:
+        """`node_env`: extra environment per node name (head, worker-a, ...), e.g. its own HOME."""
+        self.node_env = node_env or {}
         self._start(
             "head",
             [

@@ -92,7 +92,7 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
     from lifelong.serve import deploy
 
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
-    config = cl_config(root, landing, "cl-topics")
+    config = cl_config(root, landing, "cl-topics", "continual.keep_runs=1")
     url = deploy(
         absolute_paths(
             validate_config(
@@ -145,6 +145,9 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
             r.sha256 for r in Ledger(Storage(str(root)), "cl-topics").records() if r.name.startswith("window-001")
         )
         assert run_cycle(config).status == "waiting"  # nothing new: no third version
+        # continual.keep_runs=1: window 0's checkpoints are gone once window 1 is done; its version stays.
+        assert sorted(p.name[:14] for p in (root / "runs").iterdir() if p.name.startswith("cl-topics-w")) == ["cl-topics-w001"]
+        assert first.version in registry.versions("cl-topics")
 
         champion = registry.alias_version("cl-topics", "champion")
         promoted = [o.version for o in (first, second) if o.status == "promoted"]

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lifelong.config import DataConfig
-from lifelong.data import read_validated, split_of, tokenized
+from lifelong.data import TokenizerRef, read_validated, split_of, tokenized
 from lifelong.errors import DataError
 from lifelong.storage import Storage
 
@@ -171,10 +171,10 @@ def test_tokenizing_for_both_tasks(ray_session, tmp_path):
     tok: PreTrainedTokenizerFast = train_tokenizer(iter(texts * 3), 300, tok_dir)
     write_jsonl(tmp_path / "d.jsonl", good_rows(200))
     data = read_validated(cfg(tmp_path / "d.jsonl"), Storage(str(tmp_path / "s")), "t")
-    cls = tokenized(data.split(None), "sequence-classification", str(tok_dir), 16).take_all()
+    cls = tokenized(data.split(None), "sequence-classification", TokenizerRef(str(tok_dir)), 16).take_all()
     assert len(cls) == 200 and all(len(r["input_ids"]) == 16 for r in cls)
     assert {int(r["labels"]) for r in cls} == {0, 1}
-    lm = tokenized(data.split(None), "causal-lm", str(tok_dir), 16).take_all()
+    lm = tokenized(data.split(None), "causal-lm", TokenizerRef(str(tok_dir)), 16).take_all()
     total_tokens = sum(len(tok(t)["input_ids"]) + 1 for t in texts)
     # Packed into full blocks: nothing padded, at most one partial block per batch lost.
     assert all(r["attention_mask"].sum() == 16 for r in lm)

@@ -31,6 +31,10 @@ def test_reservoir_is_bounded_uniform_and_idempotent_per_file(tmp_path):
     again = buffer.add(window(3, 300), files=["hash-3"])  # a cycle re-run after a crash
     assert again == state and buffer.rows().column("label").to_pylist() == labels
 
+    # Only the current generation and the one before are kept in the store.
+    objects = sorted(n for n in Storage(str(tmp_path)).listdir("streams/s/replay") if n.startswith("buffer-"))
+    assert len(objects) == 2 and objects[-1].startswith("buffer-000004-") and objects[0].startswith("buffer-000003-")
+
     sample = buffer.sample(50, seed=1)
     assert sample.num_rows == 50 and len(set(sample.column("text").to_pylist())) == 50
     assert sample.equals(buffer.sample(50, seed=1))
@@ -65,3 +69,5 @@ def test_of_two_writers_adding_at_once_one_wins_and_the_other_is_told(tmp_path, 
     state = a.state()
     assert state["files"] == ["w0", "w1"] and state["seen"] == 40  # a's rows kept, b's not half-applied
     assert sorted(set(a.rows().column("label").to_pylist())) == ["c0", "c1"]
+    # The loser's buffer object, never pointed at, is gone.
+    assert sorted(n[:13] for n in storage.listdir("streams/s/replay") if n.startswith("buffer-")) == ["buffer-000001", "buffer-000002"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,45 +19,6 @@ from lifelong.continual.ledger import Ledger
 from lifelong.errors import AliasConflict
 from lifelong.registry import Registry
 from lifelong.storage import Storage
-
-CREDENTIALS = S3_CREDENTIALS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    port = _free_port()
-    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.list_buckets()
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        yield {"port": port, "client": client}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture
@@ -400,7 +360,7 @@ def test_a_writer_whose_clock_runs_an_hour_ahead_does_not_take_a_live_lease(buck
 def test_a_training_run_with_its_storage_root_on_s3(bucket, demo_data, tmp_path, s3_server, monkeypatch):
     """`lifelong pretrain` as a user runs it, with an embedded Ray of its own: checkpoints, the
     registered version and its card all land in the bucket; the version loads back from there."""
-    env = {**os.environ, **CREDENTIALS, "HF_HUB_OFFLINE": "1", "LIFELONG_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, **S3_CREDENTIALS, "HF_HUB_OFFLINE": "1", "LIFELONG_CACHE": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
     cmd = [
         sys.executable,
@@ -418,7 +378,7 @@ def test_a_training_run_with_its_storage_root_on_s3(bucket, demo_data, tmp_path,
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr  # never logged
+    assert S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in done.stdout + done.stderr  # never logged
     registry = Registry(Storage(bucket))
     assert registry.versions("s3-gpt2") == [1]
     card = registry.card("s3-gpt2", 1)

@@ -311,6 +311,9 @@ class ContinualSection(Section):
     # A window whose training fails this many times is given up: its files are quarantined with
     # the error (`lifelong continual requeue` retries them once the cause is fixed).
     max_attempts: int = Field(default=3, ge=1)
+    # The training runs (checkpoints) of this many most recent finished windows are kept under
+    # runs/; older ones are deleted when a window is done (their versions stay in the registry).
+    keep_runs: int = Field(default=2, ge=1)
     replay_capacity: int = Field(default=5000, ge=1)
     # Replay rows drawn per new training row (replay strategy).
     replay_ratio: float = Field(default=1.0, gt=0)

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import posixpath
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ import ray.data
 
 from lifelong.config import DataConfig
 from lifelong.errors import DataError, first_line
-from lifelong.storage import Storage, filesystem_for, is_uri
+from lifelong.storage import Storage, filesystem_for, is_uri, local_cache_dir
 
 FORMAT_BY_SUFFIX = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 SUPPORTED = ", ".join(FORMAT_BY_SUFFIX)
@@ -643,16 +644,50 @@ def read_validated(
 
 
 # --- tokenization ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizerRef:
+    """Where a run's tokenizer lives, in a form that means the same on every node: a registry
+    version (NAME:VERSION in the registry on `root`), or a directory given as a local path or a
+    storage URI. It travels to Ray Data tasks and training workers, which resolve it where they
+    run (`local_dir`, downloaded once per process); a driver's temp or cache path never does."""
+
+    location: str = ""
+    version: str | None = None
+    root: str | None = None
+
+    def local_dir(self) -> str:
+        return _tokenizer_dir(self)
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_dir(ref: TokenizerRef) -> str:
+    from lifelong.registry import Registry
+
+    if ref.version:
+        return str(Registry(Storage(ref.root)).resolve(ref.version).local_dir)
+    if not is_uri(ref.location):
+        return ref.location
+    cache = local_cache_dir("tokenizers", hashlib.sha256(ref.location.encode()).hexdigest()[:20])
+    if not any((cache / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        tmp = Storage(ref.location).download_dir("", Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent)))
+        shutil.rmtree(cache, ignore_errors=True)
+        try:
+            os.replace(tmp, cache)
+        except OSError:  # another process of this node finished the same download first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(cache)
+
+
 @functools.lru_cache(maxsize=4)
-def cached_tokenizer(tokenizer_dir: str):
-    # Loaded once per Ray worker process, then reused by every batch it tokenizes.
+def cached_tokenizer(tokenizer: TokenizerRef):
+    # Resolved and loaded once per Ray worker process (on its own node), then reused by every batch.
     from lifelong.models import load_tokenizer
 
-    return load_tokenizer(tokenizer_dir)
+    return load_tokenizer(tokenizer)
 
 
-def tokenize_for_classification(batch: pd.DataFrame, tokenizer_dir: str, max_length: int) -> dict[str, np.ndarray]:
-    tok = cached_tokenizer(tokenizer_dir)
+def tokenize_for_classification(batch: pd.DataFrame, tokenizer: TokenizerRef, max_length: int) -> dict[str, np.ndarray]:
+    tok = cached_tokenizer(tokenizer)
     enc = tok(list(batch["text"]), truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
     return {
         "input_ids": enc["input_ids"].astype(np.int64),
@@ -661,9 +696,9 @@ def tokenize_for_classification(batch: pd.DataFrame, tokenizer_dir: str, max_len
     }
 
 
-def tokenize_for_causal_lm(batch: pd.DataFrame, tokenizer_dir: str, max_length: int) -> dict[str, np.ndarray]:
+def tokenize_for_causal_lm(batch: pd.DataFrame, tokenizer: TokenizerRef, max_length: int) -> dict[str, np.ndarray]:
     """Pack the batch's texts (each ended by EOS) into full blocks of max_length tokens."""
-    tok = cached_tokenizer(tokenizer_dir)
+    tok = cached_tokenizer(tokenizer)
     ids = tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
     stream = np.fromiter((t for seq in ids for t in (*seq, tok.eos_token_id)), dtype=np.int64)
     n_blocks = len(stream) // max_length
@@ -671,10 +706,10 @@ def tokenize_for_causal_lm(batch: pd.DataFrame, tokenizer_dir: str, max_length: 
     return {"input_ids": blocks, "attention_mask": np.ones_like(blocks), "labels": blocks.copy()}
 
 
-def tokenized(ds: ray.data.Dataset, task: str, tokenizer_dir: str, max_length: int) -> ray.data.Dataset:
+def tokenized(ds: ray.data.Dataset, task: str, tokenizer: TokenizerRef, max_length: int) -> ray.data.Dataset:
     fn = tokenize_for_causal_lm if task == "causal-lm" else tokenize_for_classification
     # Large batches pack causal-LM text with little waste at block boundaries.
-    return ds.map_batches(fn, fn_kwargs={"tokenizer_dir": tokenizer_dir, "max_length": max_length}, batch_format="pandas", batch_size=512)
+    return ds.map_batches(fn, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, batch_format="pandas", batch_size=512)
 
 
 def text_iterator(ds: ray.data.Dataset, limit: int):

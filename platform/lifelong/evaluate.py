@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
 from lifelong.config import JobConfig
-from lifelong.data import DataReport, read_validated, tokenized
+from lifelong.data import DataReport, TokenizerRef, read_validated, tokenized
 from lifelong.errors import DataError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -83,7 +83,7 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     resolved = Registry(storage).resolve(ref)
     task = (resolved.card or {}).get("task") or config.model.task
     validated = read_validated(config.require_data("evaluate"), storage, quarantine_area="evaluate", path=data_path)
-    rows = tokenized(validated.split(None), task, str(resolved.local_dir), config.model.max_length)
+    rows = tokenized(validated.split(None), task, TokenizerRef(version=resolved.ref, root=config.storage.root), config.model.max_length)
     scored = rows.map_batches(
         Scorer,
         fn_constructor_kwargs={"storage_root": storage.root_uri, "ref": ref, "task": task},

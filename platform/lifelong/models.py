@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,10 +23,17 @@ from transformers import (
 from lifelong.config import ModelConfig
 from lifelong.errors import ConfigError
 
+if TYPE_CHECKING:
+    from lifelong.data import TokenizerRef
+
 EOS = "<|endoftext|>"
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: str | Path | TokenizerRef) -> PreTrainedTokenizerFast:
+    from lifelong.data import TokenizerRef
+
+    if isinstance(path, TokenizerRef):
+        path = path.local_dir()
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         # GPT-2-style tokenizers have no pad token; EOS is the usual stand-in.

@@ -237,6 +237,13 @@ class Storage:
         """A path inside `self.fs` (for pyarrow, Ray Data and Ray Train's `storage_filesystem`)."""
         return posixpath.join(self.base, *parts)
 
+    def location(self, rel: str) -> str:
+        """`rel` as a root of its own, valid on any node: a local path, or the URI with its query."""
+        if self.is_local:
+            return self.path(rel)
+        parsed = urlparse(self.uri)
+        return parsed._replace(path=posixpath.join(parsed.path or "/", rel)).geturl()
+
     def uri_of(self, *parts: str) -> str:
         """Where `parts` is, for messages: a local path, or scheme://bucket/key (no query)."""
         return self.path(*parts) if self.is_local else f"{urlparse(self.uri).scheme}://{self.path(*parts)}"

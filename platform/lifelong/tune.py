@@ -49,7 +49,7 @@ def param_space(config: JobConfig) -> dict:
     return space
 
 
-def trial_config(base: dict, params: dict, run_name: str, tokenizer_dir: str | None) -> JobConfig:
+def trial_config(base: dict, params: dict, run_name: str, tokenizer: str | None) -> JobConfig:
     """The base config (as JSON) with the trial's parameters set on their dotted keys."""
     raw = _deep_copy(base)
     for key, value in params.items():
@@ -59,8 +59,8 @@ def trial_config(base: dict, params: dict, run_name: str, tokenizer_dir: str | N
             node = node.setdefault(part, {})
         node[leaf] = value
     raw["run_name"] = run_name
-    if tokenizer_dir and not raw["model"].get("init_from"):
-        raw["model"]["tokenizer"] = tokenizer_dir
+    if tokenizer and not raw["model"].get("init_from"):  # the sweep's tokenizer: a local path or a storage URI
+        raw["model"]["tokenizer"] = tokenizer
     return validate_config(raw, source="a sweep trial")
 
 
@@ -81,7 +81,7 @@ def run_trial(params: dict, base: dict, sweep: str, data) -> None:
     from lifelong.train.driver import build_trainer, prepare_run
 
     run_name = trial_run_name(sweep, tune.get_context().get_trial_id())
-    config = trial_config(base, params, run_name, data.tokenizer_dir if data else None)
+    config = trial_config(base, params, run_name, data.tokenizer.location if data else None)
     prep = prepare_run(config, data)
     trainer = build_trainer(prep, run_name, callbacks=[TuneReportCallback()])
     trainer.fit()  # raises on failure: Tune records the trial as errored with the reason
@@ -338,7 +338,7 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     sweep_config = config.model_copy(update={"run_name": name})
     data = prepare_data(sweep_config, storage, Registry(storage))
     prep = prepare_run(sweep_config, data)
-    tokenizer_dir = data.tokenizer_dir
+    tokenizer = data.tokenizer.location
     print(
         f"[lifelong] sweep '{name}': {config.tune.num_samples} trials of {config.train.epochs} epochs, "
         f"{config.tune.search} search, scheduler {config.tune.scheduler}, up to {max_concurrency(config)} at once; "
@@ -367,7 +367,7 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     best = results.get_best_result(metric=config.tune.metric, mode=config.tune.mode, scope="all", filter_nan_and_inf=True)
     params = {k: best.config[k] for k in config.tune.space}
     run_name = trial_run_name(name, best.metrics["trial_id"])
-    best_config = trial_config(config.model_dump(mode="json"), params, run_name, tokenizer_dir)
+    best_config = trial_config(config.model_dump(mode="json"), params, run_name, tokenizer)
     train_result = ray.train.Result.from_path(storage.path("runs", run_name), storage_filesystem=storage.fs)
     outcome = register_best(
         dataclasses.replace(prep, config=best_config),

@@ -258,7 +258,21 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
         }
         stream.finish(summary, d.baseline, d.start_version)
         window = stream.update(window, status="done", finished_at=time.time())
+        prune_runs(storage, stream, config.continual.keep_runs)
     return window
+
+
+def prune_runs(storage: Storage, stream: Stream, keep: int) -> list[str]:
+    """Delete the Ray Train runs (checkpoints) of finished windows but the `keep` most recent;
+    their versions are in the registry. Returns the run names deleted."""
+    done = [w for w in stream.journal() if w.status in ("done", "failed")]
+    gone = []
+    for w in done[:-keep]:
+        rel = f"runs/{run_name(stream.name, w)}"
+        if storage.exists(rel):
+            storage.fs.delete_dir(storage.path(rel))
+            gone.append(rel)
+    return gone
 
 
 def _train_and_register(config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, window: Window) -> Window:

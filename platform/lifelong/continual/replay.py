@@ -71,7 +71,14 @@ class ReplayBuffer:
         new_state = {"generation": generation, "seen": seen, "files": sorted(done | set(files)), "rows": buffer.num_rows, "object": name}
         pointer = json.dumps(new_state, indent=2, sort_keys=True).encode()
         if not self.storage.replace_if(f"{self.dir}/state.json", pointer, read[1] if read else None):  # the pointer, last
+            self.storage.delete(f"{self.dir}/{name}")  # the winner's rows stand; ours were never pointed at
             raise LifelongError(f"the replay buffer of {self.dir} was updated by another writer meanwhile; run the cycle again")
+        # Older generations are garbage once the pointer has moved; the one before stays for a
+        # reader that read the previous pointer a moment ago.
+        keep = {name, state.get("object")}
+        for old in self.storage.listdir(self.dir):
+            if old.startswith("buffer-") and old not in keep:
+                self.storage.delete(f"{self.dir}/{old}")
         return new_state
 
     def sample(self, n: int, seed: int) -> pa.Table | None:

@@ -21,12 +21,12 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from lifelong.config import JobConfig
-from lifelong.data import DataReport, ValidatedData, read_validated, text_iterator, tokenized
+from lifelong.data import DataReport, TokenizerRef, ValidatedData, read_validated, text_iterator, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError
 from lifelong.export import ExportResult, export_files, should_export_on_register
 from lifelong.models import train_tokenizer
 from lifelong.registry import Registry, ResolvedModel
-from lifelong.storage import Storage
+from lifelong.storage import Storage, is_uri
 from lifelong.train.ds_config import total_optimizer_steps
 from lifelong.train.loop import train_loop_per_worker
 
@@ -53,26 +53,26 @@ def use_gpu(config: JobConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= needed
 
 
-def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, train_texts) -> str:
-    """The tokenizer directory: model.tokenizer, else init_from's, else one trained on the corpus.
-
-    A trained tokenizer is stored with the run, so a resumed run reuses exactly the same one.
-    """
+def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, train_texts) -> TokenizerRef:
+    """The run's tokenizer: model.tokenizer, else init_from's (a pinned NAME:VERSION), else one
+    trained on the corpus and stored with the run (so a resumed run reuses exactly the same one).
+    A reference that every node resolves for itself, never a path that exists only here."""
     if config.model.tokenizer:
-        path = Path(config.model.tokenizer).expanduser()
-        if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-            raise ConfigError(f"model.tokenizer='{config.model.tokenizer}' is not a tokenizer directory")
-        return str(path.resolve())
+        given = config.model.tokenizer
+        if not is_uri(given):
+            path = Path(given).expanduser()
+            if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+                raise ConfigError(f"model.tokenizer='{given}' is not a tokenizer directory")
+            given = str(path.resolve())
+        return TokenizerRef(given)
     if config.model.init_from:
-        return str(registry.resolve(config.model.init_from).local_dir)
+        return TokenizerRef(version=registry.resolve(config.model.init_from).ref, root=storage.uri)
     rel = f"runs/{config.run_name or config.default_run_name}/tokenizer"
     if not storage.exists(f"{rel}/tokenizer.json"):
         with tempfile.TemporaryDirectory() as tmp:
             train_tokenizer(text_iterator(train_texts, config.model.tokenizer_train_rows), config.model.vocab_size, tmp)
             storage.upload_dir(tmp, rel)
-    if storage.is_local:
-        return storage.path(rel)
-    return str(storage.download_dir(rel, tempfile.mkdtemp(prefix="lifelong-tok-")))
+    return TokenizerRef(storage.location(rel))
 
 
 @dataclass
@@ -82,7 +82,7 @@ class PreparedData:
     starting a task, so training workers never wait on CPUs for their data)."""
 
     report: DataReport
-    tokenizer_dir: str
+    tokenizer: TokenizerRef
     train_ds: ray.data.Dataset
     val_ds: ray.data.Dataset
     train_examples: int
@@ -108,14 +108,10 @@ def read_run_data(config: JobConfig, storage: Storage) -> ValidatedData:
     return validated
 
 
-def prepare_data(
-    config: JobConfig, storage: Storage, registry: Registry, validated: ValidatedData | None = None, tokenizer_dir: str | None = None
-) -> PreparedData:
+def prepare_data(config: JobConfig, storage: Storage, registry: Registry, validated: ValidatedData | None = None) -> PreparedData:
     """From files (data.path): settle the tokenizer, tokenize, materialize and count."""
     validated = validated or read_run_data(config, storage)
-    return _tokenized_data(
-        config, storage, registry, validated.split("train"), validated.split("validation"), validated.report, tokenizer_dir
-    )
+    return _tokenized_data(config, storage, registry, validated.split("train"), validated.split("validation"), validated.report)
 
 
 def prepare_data_from_tables(
@@ -132,18 +128,17 @@ def _tokenized_data(
     train_rows: ray.data.Dataset,
     val_rows: ray.data.Dataset,
     report: DataReport,
-    tokenizer_dir: str | None = None,
 ) -> PreparedData:
-    tokenizer_dir = tokenizer_dir or prepare_tokenizer(config, storage, registry, train_rows)
+    tokenizer = prepare_tokenizer(config, storage, registry, train_rows)
     max_length = config.model.max_length
     # Shuffled once, across files (rows arrive file by file, a continual window's new rows before
     # its replayed ones): the materialized order is every epoch's, and the loop's local shuffle
     # buffer alone would leave the last file's rows at the end of every epoch.
     train_rows = train_rows.random_shuffle(seed=config.train.seed)
-    train_ds = tokenized(train_rows, config.model.task, tokenizer_dir, max_length).materialize()
-    val_ds = tokenized(val_rows, config.model.task, tokenizer_dir, max_length).materialize()
+    train_ds = tokenized(train_rows, config.model.task, tokenizer, max_length).materialize()
+    val_ds = tokenized(val_rows, config.model.task, tokenizer, max_length).materialize()
     # Sizing the schedule needs the number of examples (packed blocks for causal LM).
-    return PreparedData(report, tokenizer_dir, train_ds, val_ds, train_ds.count(), val_ds.count(), validation_rows=val_rows)
+    return PreparedData(report, tokenizer, train_ds, val_ds, train_ds.count(), val_ds.count(), validation_rows=val_rows)
 
 
 @dataclass
@@ -189,7 +184,7 @@ def build_trainer(prep: PreparedRun, run_name: str, callbacks=()) -> TorchTraine
         train_loop_per_worker,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "tokenizer_dir": prep.data.tokenizer_dir,
+            "tokenizer": prep.data.tokenizer,
             "total_steps": prep.total_steps,
         },
         scaling_config=ray.train.ScalingConfig(

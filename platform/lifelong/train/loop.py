@@ -45,7 +45,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     sys.stdout.flush()
 
     # --- model -----------------------------------------------------------------------------
-    tokenizer = load_tokenizer(loop_config["tokenizer_dir"])
+    tokenizer = load_tokenizer(loop_config["tokenizer"])  # a TokenizerRef, resolved on this worker's node
     init_dir = None
     if config.model.init_from:
         init_dir = Registry(Storage(config.storage.root)).resolve(config.model.init_from).local_dir
