@@ -21,6 +21,21 @@ from lifelong.synth import write_stream
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 
+def _private_mounts() -> str | None:
+    """Why a private mount namespace cannot be made here (None: it can)."""
+    try:
+        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return "unshare (util-linux) is not installed"
+    return None if done.returncode == 0 else f"unshare --mount is not permitted here: {done.stderr.strip()}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_private_mounts():
+    if why := _private_mounts():
+        pytest.skip(f"needs a private mount namespace for the driver ({why}); run as root or with CAP_SYS_ADMIN")
+
+
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
     homes = tmp_path_factory.mktemp("nodes")
