@@ -184,6 +184,22 @@ def test_two_stores_whose_names_differ_only_in_punctuation_never_share_cached_we
     assert served[0] != served[1]
 
 
+def test_the_registry_cache_keeps_only_the_most_recently_used_versions(bucket, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LIFELONG_CACHE_VERSIONS", "2")
+    registry = Registry(Storage(bucket))
+    versions = [registry.register_version("m", model_dir, {"task": "causal-lm"}) for _ in range(3)]
+
+    def cached() -> list[str]:
+        return sorted(p.name for p in (tmp_path / "cache" / "registry").glob("*/m/*") if not p.name.startswith("."))
+
+    for v in versions:
+        registry.local_dir("m", v)
+    assert cached() == ["2", "3"]
+    assert (registry.local_dir("m", 1) / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    assert cached() == ["1", "3"]
+
+
 class LosingProxy:
     """An HTTP proxy on loopback in front of moto that forwards every request and, while `drop` is
     set, swallows the response of the next conditional PUT: the write happened, the client never

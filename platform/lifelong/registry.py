@@ -254,6 +254,8 @@ class Registry:
                 os.replace(tmp, cache)
             except OSError:  # another process finished the same download first
                 shutil.rmtree(tmp, ignore_errors=True)
+            _prune_cache(cache)
+        os.utime(cache)  # most recently used: the last a prune removes
         return cache
 
     def _cache_dir(self, name: str, version: int) -> Path:
@@ -403,3 +405,14 @@ def _cached(cache: Path, card: dict) -> bool:
         return all((cache / rel).stat().st_size == size for rel, size in card.get("files", {}).items())
     except (OSError, ValueError):
         return False
+
+
+def _prune_cache(keep_dir: Path) -> None:
+    """Keep the LIFELONG_CACHE_VERSIONS (8) most recently used cached versions of every remote
+    registry on this machine; older ones are deleted (a process that has one loaded keeps its
+    open files; a later use downloads it again)."""
+    keep = int(os.environ.get("LIFELONG_CACHE_VERSIONS", "8"))
+    cached = [d for d in keep_dir.parents[2].glob("*/*/*") if d.is_dir() and not d.name.startswith(".tmp-")]
+    cached.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in [d for d in cached if d != keep_dir][max(keep - 1, 0) :]:
+        shutil.rmtree(old, ignore_errors=True)
