@@ -815,7 +815,8 @@ def build_app(config: JobConfig):
         options["autoscaling_config"] = s.autoscaling.model_dump()
     else:
         options["num_replicas"] = s.num_replicas
-    return ModelServer.options(**options).bind(settings, AliasFollower.bind(settings))
+    follower = AliasFollower.options(logging_config={"enable_access_log": s.access_log})  # replicas poll it while starting
+    return ModelServer.options(**options).bind(settings, follower.bind(settings))
 
 
 def app_builder(args: dict):
