@@ -200,6 +200,20 @@ def test_the_registry_cache_keeps_only_the_most_recently_used_versions(bucket, m
     assert cached() == ["1", "3"]
 
 
+def test_a_cached_version_with_a_later_export_is_not_downloaded_again(bucket, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFELONG_CACHE", str(tmp_path / "cache"))
+    registry = Registry(Storage(bucket))
+    v = registry.register_version("m", model_dir, {"task": "causal-lm"})
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"an export added after registration")
+    registry.add_export("m", v, "onnx", {"model.onnx": onnx}, {"opset": 17})
+    first = registry.local_dir("m", v)
+    assert (first / "model.onnx").read_bytes() == onnx.read_bytes()
+    (first / "marker").write_text("still the same copy")
+    again = registry.local_dir("m", v)
+    assert again == first and (again / "marker").exists()
+
+
 class LosingProxy:
     """An HTTP proxy on loopback in front of moto that forwards every request and, while `drop` is
     set, swallows the response of the next conditional PUT: the write happened, the client never

@@ -19,6 +19,7 @@ so nothing that existed is ever rewritten; `card()` shows those records under `e
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -201,7 +202,11 @@ class Registry:
                 f"{name}:{version} does not exist in {self.storage.root_uri}/registry"
                 + (f"; versions: {', '.join(map(str, known))}" if known else f"; no versions of '{name}'")
             )
-        card = self.storage.read_json(path)
+        return self._with_exports(name, version, self.storage.read_json(path))
+
+    def _with_exports(self, name: str, version: int, card: dict) -> dict:
+        """The card as stored, with the records of exports added after it (exports/<fmt>.json)."""
+        card = copy.deepcopy(card)
         for fname in self.storage.listdir(f"registry/{name}/versions/{version}/exports"):
             if fname.endswith(".json"):
                 record = self.storage.read_json(f"registry/{name}/versions/{version}/exports/{fname}")
@@ -239,14 +244,15 @@ class Registry:
 
     def local_dir(self, name: str, version: int) -> Path:
         """A local directory holding the version's files (the storage itself when local)."""
-        card = self.card(name, version)
+        self.card(name, version)  # the version must exist (a clear error otherwise)
         prefix = f"registry/{name}/versions/{version}"
         if self.storage.is_local:
             return Path(self.storage.path(prefix))
-        # Versions are immutable (exports only add files), so a cached copy that holds every
-        # file the card lists is current.
+        # Versions are immutable (exports only add files), so a cached copy of this very card
+        # that holds every file the card and its export records list is current.
+        stored = self.storage.read_json(f"{prefix}/card.json")
         cache = self._cache_dir(name, version)
-        if not _cached(cache, card):
+        if not _cached(cache, stored, self._with_exports(name, version, stored)):
             shutil.rmtree(cache, ignore_errors=True)
             tmp = cache.parent / f".tmp-{version}-{time.time_ns()}"
             self.storage.download_dir(prefix, tmp)
@@ -397,10 +403,11 @@ class Registry:
         return ResolvedModel(local_dir=self.local_dir(ref.name, version), name=ref.name, version=version, card=card)
 
 
-def _cached(cache: Path, card: dict) -> bool:
-    """Whether `cache` holds this very card and every file it lists, at the listed sizes."""
+def _cached(cache: Path, stored: dict, card: dict) -> bool:
+    """Whether `cache` holds the stored card.json and every file the card (with its export
+    records) lists, at the listed sizes."""
     try:
-        if json.loads((cache / "card.json").read_text()) != card:
+        if json.loads((cache / "card.json").read_text()) != stored:
             return False
         return all((cache / rel).stat().st_size == size for rel, size in card.get("files", {}).items())
     except (OSError, ValueError):
