@@ -422,6 +422,7 @@ class ModelServer:
         self.open.set()
         self._hold_timer = None
         self._load_lock = threading.Lock()
+        self.broken: str | None = None  # set when a commit failed: the replica then reports unhealthy
         Gate.settings, Gate.schema = settings, _schema_with_limits(settings)
 
         # Serve only what the follower committed: a replica that starts (or restarts) mid-life never
@@ -513,8 +514,6 @@ class ModelServer:
             del self.versions[v]
         self.last_swap_error = None
         return {"ok": True, **self._resume(previous)}
-
-    broken: str | None = None
 
     def check_health(self) -> None:
         if self.broken:
