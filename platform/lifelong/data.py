@@ -22,7 +22,6 @@ import io
 import json
 import os
 import posixpath
-import shutil
 import tempfile
 import time
 from collections import Counter
@@ -669,12 +668,7 @@ def _tokenizer_dir(ref: TokenizerRef) -> str:
         return ref.location
     cache = local_cache_dir("tokenizers", hashlib.sha256(ref.location.encode()).hexdigest()[:20])
     if not any((cache / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        tmp = Storage(ref.location).download_dir("", Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent)))
-        shutil.rmtree(cache, ignore_errors=True)
-        try:
-            os.replace(tmp, cache)
-        except OSError:  # another process of this node finished the same download first
-            shutil.rmtree(tmp, ignore_errors=True)
+        Storage(ref.location).download_dir_into("", cache)
     return str(cache)
 
 

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -253,13 +252,7 @@ class Registry:
         stored = self.storage.read_json(f"{prefix}/card.json")
         cache = self._cache_dir(name, version)
         if not _cached(cache, stored, self._with_exports(name, version, stored)):
-            shutil.rmtree(cache, ignore_errors=True)
-            tmp = cache.parent / f".tmp-{version}-{time.time_ns()}"
-            self.storage.download_dir(prefix, tmp)
-            try:
-                os.replace(tmp, cache)
-            except OSError:  # another process finished the same download first
-                shutil.rmtree(tmp, ignore_errors=True)
+            self.storage.download_dir_into(prefix, cache)
             _prune_cache(cache)
         os.utime(cache)  # most recently used: the last a prune removes
         return cache

@@ -354,6 +354,16 @@ class Storage:
             self.fs.create_dir(posixpath.dirname(dest), recursive=True)
             pafs.copy_files(str(src), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
+    def download_dir_into(self, rel: str, cache: Path) -> None:
+        """Replace `cache` with a fresh copy of `rel`, downloaded beside it and renamed in, so that
+        no reader sees half a directory; when another process finished first, its copy stands."""
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp = self.download_dir(rel, tempfile.mkdtemp(prefix=".tmp-", dir=cache.parent))
+        try:
+            os.replace(tmp, cache)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def download_dir(self, rel: str, local_dir: str | Path) -> Path:
         local_dir = Path(local_dir)
         local_dir.mkdir(parents=True, exist_ok=True)
