@@ -99,7 +99,9 @@ def register(registry, name: str, model_dir: Path, max_length: int, val_rows, wo
     from lifelong.export import export_files
 
     card = {"task": "sequence-classification", "labels": LABELS, "config": {"model": {"max_length": max_length}}}
-    exported = export_files(model_dir, card, ExportSection(int8_max_accuracy_drop=1.0), work / f"onnx-{name}", val_rows)
+    exported = export_files(
+        model_dir, "sequence-classification", max_length, ExportSection(int8_max_accuracy_drop=1.0), work / f"onnx-{name}", val_rows
+    )
     card["exports"] = exported.records
     return [registry.register_version(name, model_dir, card, extra_files=exported.files) for _ in range(copies)]
 
@@ -120,7 +122,7 @@ def backend_figures(name, model_dir, card, texts, reps) -> tuple[list[dict], dic
     from lifelong.inference import Classifier
 
     torch.set_num_threads(THREADS)
-    backends = {b: Classifier(model_dir, b, card, threads=THREADS) for b in ("torch", "onnx", "onnx-int8")}
+    backends = {b: Classifier(model_dir, b, card.max_length, threads=THREADS) for b in ("torch", "onnx", "onnx-int8")}
     raw = {(b, batch): [] for b in backends for batch in (1, 16)}
     for batch in (1, 16):
         sample = texts[:batch]
@@ -151,8 +153,8 @@ def backend_figures(name, model_dir, card, texts, reps) -> tuple[list[dict], dic
                     "baseline_p99_ms": round(stats[f"torch_batch{batch}"]["p99_ms"], 3),
                 }
             )
-    int8 = card["exports"]["onnx-int8"]
-    drop = int8["accuracy_drop"] * 100
+    int8 = card.exports["onnx-int8"]
+    drop = int8.accuracy_drop * 100
     figures.append(
         {
             "name": f"{name}_int8_accuracy_drop",
@@ -160,10 +162,10 @@ def backend_figures(name, model_dir, card, texts, reps) -> tuple[list[dict], dic
             "unit": "points",
             "target": "<= 1",
             "met": drop <= 1,
-            "platform": round(int8["accuracy_int8"], 4),
-            "baseline": round(int8["accuracy_fp32"], 4),
+            "platform": round(int8.accuracy_int8, 4),
+            "baseline": round(int8.accuracy_fp32, 4),
             "baseline_unit": "accuracy (int8 vs fp32)",
-            "rows": int8["rows"],
+            "rows": int8.rows,
         }
     )
     return figures, stats
@@ -247,7 +249,7 @@ def serve_overhead(root, name, port, model_dir, card, texts, reps) -> dict:
     """One text per request, one request at a time: HTTP through Serve vs the same backend called directly."""
     from lifelong.inference import Classifier
 
-    clf = Classifier(model_dir, "onnx", card, threads=THREADS)
+    clf = Classifier(model_dir, "onnx", card.max_length, threads=THREADS)
     direct = time_calls(lambda: clf.predict([texts[0]]), reps)
     url = deploy(root, name, port, num_replicas=1)
     try:
@@ -425,7 +427,7 @@ def main() -> None:
         found, stats = backend_figures(name, local, card, texts, reps)
         figures += found
         raw[f"{name}_backends"] = stats
-        raw[f"{name}_sizes_bytes"] = card["size_bytes"]
+        raw[f"{name}_sizes_bytes"] = card.size_bytes
         print(f"[{name}] Serve added latency", flush=True)
         figures.append(serve_overhead(work / "store", name, port, local, card, texts, reps))
         print(f"[{name}] batching gain", flush=True)

@@ -119,7 +119,9 @@ def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-clas
     exported = None
     if export:
         formats = ("onnx", "onnx-int8") if task == "sequence-classification" else ("onnx",)
-        exported = export_files(workdir / "hf", card, ExportSection(int8_max_accuracy_drop=1.0), workdir / "onnx", rows, formats)
+        exported = export_files(
+            workdir / "hf", task, cfg.max_length, ExportSection(int8_max_accuracy_drop=1.0), workdir / "onnx", rows, formats
+        )
         card["exports"] = exported.records
     return registry.register_version(name, workdir / "hf", card, extra_files=exported.files if exported else None)
 

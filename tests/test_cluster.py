@@ -266,4 +266,4 @@ def test_a_two_node_deepspeed_run_survives_losing_a_node(cluster, demo_data, tmp
     assert len(placements) >= 4, lines
     assert "resumed from epoch" in out
     card = Registry(Storage(str(root))).card("spread-gpt2", 1)
-    assert [h["epoch"] for h in card["run"]["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in card.run.history] == [1, 2, 3]

@@ -108,7 +108,7 @@ def test_a_killed_worker_or_driver_on_a_persistent_cluster_resumes_and_holds_not
         out = finish(first, log, "killed", timeout=400)
         assert "resumed from epoch" in out, out[-4000:]
         registry = Registry(Storage(str(root)))
-        assert [h["epoch"] for h in registry.card("tiny-gpt2", 1)["run"]["history"]] == [1, 2, 3, 4]
+        assert [h["epoch"] for h in registry.card("tiny-gpt2", 1).run.history] == [1, 2, 3, 4]
 
         # 2. A driver killed mid-run (a lost laptop): whatever its run held is released, and the
         #    same command again resumes from the last checkpoint, in normal time.
@@ -123,7 +123,7 @@ def test_a_killed_worker_or_driver_on_a_persistent_cluster_resumes_and_holds_not
         out = finish(third, log, "dropped", timeout=300)
         print(f"the resumed run took {time.monotonic() - t0:.0f} s")
         assert "resuming it from its checkpoints" in out and f"resumed from epoch {done_before}" in out, out[-4000:]
-        assert [h["epoch"] for h in registry.card("tiny-gpt2", 2)["run"]["history"]] == [1, 2, 3]
+        assert [h["epoch"] for h in registry.card("tiny-gpt2", 2).run.history] == [1, 2, 3]
         deadline = time.monotonic() + 60
         while free_cpus(cluster, env) < 2.0:  # nothing left holding the node's CPUs
             assert time.monotonic() < deadline, "CPUs still held after the runs ended"

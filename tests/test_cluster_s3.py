@@ -104,4 +104,4 @@ def test_pretrain_finetune_evaluate_and_a_cycle_on_s3_across_nodes_that_cannot_s
     registry = Registry(Storage(root))
     assert registry.versions("tiny-topics") == [1, 2]
     card = registry.card("tiny-topics", 2)
-    assert card["stream"]["window"] == 0 and card["config"]["model"]["init_from"] == "tiny-topics:1"
+    assert card.stream.window == 0 and card.config["model"]["init_from"] == "tiny-topics:1"

@@ -189,12 +189,12 @@ def check_invariants(root, registry, name="cl-topics"):
     """What must hold whenever a cycle stopped, wherever it stopped."""
     storage = Storage(str(root))
     cards = {v: registry.card(name, v) for v in registry.versions(name)}
-    per_window = Counter(c["stream"]["window"] for c in cards.values() if c.get("stream"))
+    per_window = Counter(c.stream.window for c in cards.values() if c.stream)
     assert all(n == 1 for n in per_window.values()), per_window  # one version per window
     for r in Ledger(storage, name).records():
         assert r.state in ("pending", "consumed", "quarantined"), r
         if r.state == "consumed":  # only by a registered version whose card names it
-            assert r.sha256 in cards[int(r.consumed_by.split(":")[1])]["stream"]["files"], r
+            assert r.sha256 in cards[int(r.consumed_by.split(":")[1])].stream.files, r
         if r.state == "quarantined":
             assert r.reason, r
     s = Stream(storage, name)
@@ -244,7 +244,7 @@ def test_a_cycle_killed_at_every_step_boundary_trains_every_byte_once(stream, ra
     assert {r.state for r in window0} == {"consumed"} and {r.consumed_by for r in window0} == {f"cl-topics:{outcome.version}"}
     assert outcome.new_rows == sum(r.rows for r in window0) == 240 - sum(sum(r.check.dropped.values()) for r in window0)
     card = registry.card("cl-topics", outcome.version)
-    assert [h["epoch"] for h in card["run"]["history"]] == [1, 2]  # the run killed mid-way resumed, not restarted twice
+    assert [h["epoch"] for h in card.run.history] == [1, 2]  # the run killed mid-way resumed, not restarted twice
     s = Stream(Storage(str(root)), "cl-topics")
     holdout = s.holdout(0)
     assert holdout.num_rows == sum(r.check.splits.get("validation", 0) for r in window0)
@@ -373,7 +373,7 @@ def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_onc
     texts = train.column("text").to_pylist() + holdout.column("text").to_pylist()
     window0 = sum(r.rows for n, r in records.items() if n.startswith("window-000"))
     assert len(texts) == len(set(texts)) == 20 + 20 + 3 + 2 + 1 + 1 + window0
-    assert registry.card("cl-topics", window.version)["stream"]["new_rows"] == len(texts)
+    assert registry.card("cl-topics", window.version).stream.new_rows == len(texts)
 
 
 @pytest.mark.timeout(1200)

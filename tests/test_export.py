@@ -35,7 +35,7 @@ def test_export_adds_onnx_and_int8_to_an_existing_version_without_rewriting_it(
     version = register_tiny(registry, "plain", tiny_tokenizer, store["work"], seed=7, export=False)
     card_path = store["root"] / f"registry/plain/versions/{version}/card.json"
     before = card_path.read_bytes()
-    assert "exports" not in registry.card("plain", version)
+    assert registry.card("plain", version).exports == {}
 
     code = run_cli(
         "export", f"plain:{version}", "--root", str(store["root"]), "--data", str(demo_data / "topics.jsonl"), "--max-accuracy-drop", "1.0"
@@ -43,11 +43,11 @@ def test_export_adds_onnx_and_int8_to_an_existing_version_without_rewriting_it(
     assert code in (0, None), capsys.readouterr()
     card = registry.card("plain", version)
     assert card_path.read_bytes() == before  # the card itself is never rewritten
-    assert card["exports"]["onnx"]["parity_max_abs_diff"] <= 1e-4
-    assert card["exports"]["onnx-int8"]["rows"] > 100
-    assert card["exports"]["onnx-int8"]["accuracy_fp32"] > 0  # the rows carry their labels
-    assert set(card["size_bytes"]) == {"safetensors", "onnx", "onnx-int8"}
-    assert card["size_bytes"]["onnx-int8"] < card["size_bytes"]["onnx"]
+    assert card.exports["onnx"].parity_max_abs_diff <= 1e-4
+    assert card.exports["onnx-int8"].rows > 100
+    assert card.exports["onnx-int8"].accuracy_fp32 > 0  # the rows carry their labels
+    assert set(card.size_bytes) == {"safetensors", "onnx", "onnx-int8"}
+    assert card.size_bytes["onnx-int8"] < card.size_bytes["onnx"]
     # The same formats again: refused, and nothing changes.
     assert run_cli("export", f"plain:{version}", "--root", str(store["root"]), "--no-int8") == 2
     assert "already has" in capsys.readouterr().err
@@ -58,10 +58,10 @@ def test_backends_agree_on_the_same_inputs(store, tiny_tokenizer, topic_rows):
     registry = store["registry"]
     version = register_tiny(registry, "agree", tiny_tokenizer, store["work"], seed=8, rows=topic_rows[:200])
     model_dir, card = registry.local_dir("agree", version), registry.card("agree", version)
-    probs = {b: Classifier(model_dir, b, card).probabilities(TEXTS)[0] for b in ("torch", "onnx", "onnx-int8")}
+    probs = {b: Classifier(model_dir, b, card.max_length).probabilities(TEXTS)[0] for b in ("torch", "onnx", "onnx-int8")}
     np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-5)
     np.testing.assert_allclose(probs["onnx-int8"], probs["torch"], atol=0.05)  # quantized, but close
-    _, truncated = Classifier(model_dir, "onnx", card).probabilities(TEXTS)
+    _, truncated = Classifier(model_dir, "onnx", card.max_length).probabilities(TEXTS)
     assert truncated == [False, False, False, True]
 
 
@@ -71,10 +71,10 @@ def test_int8_gate_refuses_a_drop_above_the_limit(store, tiny_tokenizer, topic_r
     version = register_tiny(registry, "gate", tiny_tokenizer, store["work"], seed=9, export=False)
     model_dir, card = registry.local_dir("gate", version), registry.card("gate", version)
     texts = [r["text"] for r in topic_rows[:400]]
-    labels = Classifier(model_dir, "torch", card).probabilities(texts)[0].argmax(1)
+    labels = Classifier(model_dir, "torch", card.max_length).probabilities(texts)[0].argmax(1)
     rows = [{"text": t, "label": int(y)} for t, y in zip(texts, labels)]
-    strict = export_files(model_dir, card, ExportSection(int8_max_accuracy_drop=0.0), tmp_path / "strict", rows)
-    lenient = export_files(model_dir, card, ExportSection(int8_max_accuracy_drop=1.0), tmp_path / "lenient", rows)
+    strict = export_files(model_dir, card.task, card.max_length, ExportSection(int8_max_accuracy_drop=0.0), tmp_path / "strict", rows)
+    lenient = export_files(model_dir, card.task, card.max_length, ExportSection(int8_max_accuracy_drop=1.0), tmp_path / "lenient", rows)
     measured = lenient.records["onnx-int8"]
     assert measured["accuracy_fp32"] == 1.0
     if measured["accuracy_drop"] > 0:
@@ -99,7 +99,7 @@ def test_parity_failure_is_an_error_and_registers_nothing(store, tiny_tokenizer,
     for f in tiny_tokenizer.iterdir():
         (model_dir / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ExportError, match="parity_tolerance"):
-        export_files(model_dir, {"task": "sequence-classification"}, ExportSection(), tmp_path / "out", None, ("onnx",))
+        export_files(model_dir, "sequence-classification", None, ExportSection(), tmp_path / "out", None, ("onnx",))
 
 
 def test_export_errors_are_one_clear_message(store, capsys):

@@ -31,8 +31,8 @@ def test_pytorch_on_cuda_predicts_what_the_cpu_predicts(version):
     registry, v = version
     model_dir = registry.local_dir("gpu-topics", v)
     card = registry.card("gpu-topics", v)
-    cpu = Classifier(model_dir, "torch", card).probabilities(TEXTS)[0]
-    gpu = Classifier(model_dir, "torch", card, device="cuda")
+    cpu = Classifier(model_dir, "torch", card.max_length).probabilities(TEXTS)[0]
+    gpu = Classifier(model_dir, "torch", card.max_length, device="cuda")
     assert next(gpu.logits.model.parameters()).is_cuda
     np.testing.assert_allclose(gpu.probabilities(TEXTS)[0], cpu, atol=1e-4)
 
@@ -46,9 +46,11 @@ def test_onnx_runtime_cuda_provider_predicts_what_the_cpu_predicts(version):
         pytest.skip("onnxruntime here is CPU-only: install onnxruntime-gpu for the CUDA provider")
     registry, v = version
     model_dir, card = registry.local_dir("gpu-topics", v), registry.card("gpu-topics", v)
-    gpu = Classifier(model_dir, "onnx", card, device="cuda")
+    gpu = Classifier(model_dir, "onnx", card.max_length, device="cuda")
     assert gpu.logits.session.get_providers()[0] == "CUDAExecutionProvider"
-    np.testing.assert_allclose(gpu.probabilities(TEXTS)[0], Classifier(model_dir, "onnx", card).probabilities(TEXTS)[0], atol=1e-4)
+    np.testing.assert_allclose(
+        gpu.probabilities(TEXTS)[0], Classifier(model_dir, "onnx", card.max_length).probabilities(TEXTS)[0], atol=1e-4
+    )
 
 
 def test_a_serve_replica_on_a_gpu_answers(ray_session, serve_port, version):

@@ -51,7 +51,7 @@ def test_registry_on_s3_registers_resolves_and_moves_aliases(bucket, model_dir, 
     assert registry.rollback("m")["version"] == 1
     # A version's card is created only-if-absent on S3 too (If-None-Match: *).
     assert not registry.storage.create_exclusive("registry/m/versions/1/card.json", b"{}")
-    assert registry.card("m", 1)["metrics"] == {"val_loss": 1.0}
+    assert registry.card("m", 1).metrics == {"val_loss": 1.0}
 
 
 def test_two_writers_racing_to_move_an_alias_on_s3_exactly_one_wins(bucket, model_dir):
@@ -415,7 +415,7 @@ def test_a_training_run_with_its_storage_root_on_s3(bucket, demo_data, tmp_path,
     name = bucket.split("/")[2]
     keys = [o["Key"] for o in s3_server["client"].list_objects_v2(Bucket=name, Prefix="store/runs/")["Contents"]]
     assert any("checkpoint" in k for k in keys), keys[:20]  # Ray Train wrote its checkpoints to the bucket
-    assert "model.safetensors" in card["files"]
+    assert "model.safetensors" in card.files
     monkeypatch.setenv("LIFELONG_CACHE", env["LIFELONG_CACHE"])
     model = AutoModelForCausalLM.from_pretrained(registry.resolve("s3-gpt2:1").local_dir)
     assert model.config.n_layer >= 1

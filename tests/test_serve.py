@@ -529,7 +529,7 @@ def test_generate_serves_a_causal_lm_with_pytorch(ray_session, serve_port, tiny_
     try:
         r = httpx.post(url + "/v1/generate", json={"prompt": "The weather today", "max_new_tokens": 5}, timeout=30)
         assert r.status_code == 200, r.text
-        want = Generator(registry.local_dir("tiny-lm", v), registry.card("tiny-lm", v)).generate("The weather today", 5)
+        want = Generator(registry.local_dir("tiny-lm", v), registry.card("tiny-lm", v).max_length).generate("The weather today", 5)
         assert (r.json()["version"], r.json()["text"], r.json()["tokens"]) == (v, want["text"], want["tokens"])
         assert httpx.post(url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 9}).status_code == 422
         # A seed beyond what the sampler takes is a 422 naming it, not a 500.

@@ -26,12 +26,12 @@ def test_pretrain_loss_falls_and_registered_version_generates(pretrained):
     outcome = pretrained["outcome"]
     registry = Registry(Storage(str(pretrained["root"])))
     card = registry.card("tiny-gpt2", outcome.version)
-    history = card["run"]["history"]
+    history = card.run.history
     assert [h["epoch"] for h in history] == [1, 2]
     assert history[1]["val_loss"] < history[0]["val_loss"]
-    assert card["task"] == "causal-lm" and card["parent"] is None
-    assert card["data"]["files"][0]["path"].endswith("corpus.jsonl") and card["data"]["files"][0]["sha256"]
-    assert card["config"]["train"]["deepspeed"]["zero_stage"] == 2
+    assert card.task == "causal-lm" and card.parent is None
+    assert card.data["files"][0]["path"].endswith("corpus.jsonl") and card.data["files"][0]["sha256"]
+    assert card.config["train"]["deepspeed"]["zero_stage"] == 2
 
     model_dir = registry.resolve(f"tiny-gpt2:{outcome.version}").local_dir
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
@@ -58,7 +58,7 @@ def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, de
 
     registry = Registry(Storage(str(root)))
     card = registry.card("tiny-topics", outcome.version)
-    assert card["parent"] == parent and card["labels"] == ["finance", "science", "sports", "weather"]
+    assert card.parent == parent and card.labels == ["finance", "science", "sports", "weather"]
     before = load_file(registry.resolve(parent).local_dir / "model.safetensors")
     after = load_file(registry.resolve(outcome.ref).local_dir / "model.safetensors")
     for name in ("transformer.wte.weight", "transformer.wpe.weight"):
@@ -67,17 +67,17 @@ def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, de
     assert "score.weight" in after
 
     # Registering a classifier exported it: ONNX within parity tolerance, int8 measured and gated.
-    onnx = card["exports"]["onnx"]
-    assert onnx["parity_max_abs_diff"] <= 1e-4 and card["size_bytes"]["onnx"] > 0
-    int8 = card["exports"].get("onnx-int8") or onnx["int8_refused"]
+    onnx = card.exports["onnx"]
+    assert onnx.parity_max_abs_diff <= 1e-4 and card.size_bytes["onnx"] > 0
+    int8 = card.exports["onnx-int8"].model_dump() if "onnx-int8" in card.exports else onnx.int8_refused
     assert int8["rows"] > 0 and abs(int8["accuracy_fp32"] - int8["accuracy_int8"] - int8["accuracy_drop"]) < 1e-9
-    assert ("onnx-int8" in card["exports"]) == (int8["accuracy_drop"] <= 0.01)
+    assert ("onnx-int8" in card.exports) == (int8["accuracy_drop"] <= 0.01)
     from lifelong.inference import Classifier
 
     texts = ["shares and bonds fell", "the match ended in a draw", "rain and wind tonight"]
     model_dir = registry.local_dir("tiny-topics", outcome.version)
-    onnx_labels = [p["label"] for p in Classifier(model_dir, "onnx", card).predict(texts)]
-    assert onnx_labels == [p["label"] for p in Classifier(model_dir, "torch", card).predict(texts)]
+    onnx_labels = [p["label"] for p in Classifier(model_dir, "onnx", card.max_length).predict(texts)]
+    assert onnx_labels == [p["label"] for p in Classifier(model_dir, "torch", card.max_length).predict(texts)]
 
 
 def test_train_last_n_layers_under_zero3_keeps_lower_layers(pretrained, tmp_path):
@@ -117,7 +117,7 @@ def test_zero_stages_and_precisions_complete(ray_session, demo_data, tmp_path, s
     )
     outcome = run_training(config)
     card = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version)
-    assert card["run"]["precision"] == precision
+    assert card.run.precision == precision
     assert 0 < outcome.metrics["val_loss"] < 20
     model = AutoModelForCausalLM.from_pretrained(Registry(Storage(str(tmp_path))).resolve(outcome.ref).local_dir)
     # The consolidated copy holds the full fp32 weights, not ZeRO-3 placeholders.
@@ -174,7 +174,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
     latest = json.loads((run_dir / last["checkpoint_dir_name"] / "state.json").read_text())
 
     outcome = run_training(make_config("gpt2/tiny_pretrain.yaml", *overrides))
-    history = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version)["run"]["history"]
+    history = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version).run.history
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     # The epochs before the kill are the first run's, carried over, not retrained.
     assert history[: latest["epoch"]] == latest["history"]
@@ -202,8 +202,8 @@ def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_tw
     changed = run_training(make_config("gpt2/tiny_pretrain.yaml", *small, "train.lr=1e-3"))
     assert changed.run_name != first.run_name and changed.version != first.version
     registry = Registry(Storage(str(root)))
-    assert registry.card("tiny-gpt2", changed.version)["config"]["train"]["lr"] == 1e-3
-    assert registry.card("tiny-gpt2", first.version)["config"]["train"]["lr"] == 2e-3
+    assert registry.card("tiny-gpt2", changed.version).config["train"]["lr"] == 1e-3
+    assert registry.card("tiny-gpt2", first.version).config["train"]["lr"] == 2e-3
 
     named = [*small, f"run_name={changed.run_name}"]
     with pytest.raises(
@@ -234,6 +234,6 @@ def test_same_config_trains_on_gpus_with_nccl(ray_session, demo_data, tmp_path):
     )
     outcome = run_training(config)
     card = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version)
-    assert card["run"]["precision"] in ("bf16", "fp16")
-    history = card["run"]["history"]
+    assert card.run.precision in ("bf16", "fp16")
+    history = card.run.history
     assert history[-1]["val_loss"] < history[0]["val_loss"]

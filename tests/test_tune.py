@@ -96,11 +96,11 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
     registry = Registry(Storage(str(pretrained["root"])))
     card = registry.card("tune-smoke", outcome.version)
     assert registry.resolve("tune-smoke@challenger").version == outcome.version
-    assert card["sweep"]["name"] == "tune-smoke-sweep"
-    assert card["sweep"]["params"]["train.lr"] == pytest.approx(best_row["train.lr"])
-    assert card["sweep"]["params"]["model.train_last_n_layers"] == best_row["model.train_last_n_layers"]
-    assert card["config"]["train"]["lr"] == pytest.approx(best_row["train.lr"])  # the trial's config, not the base
-    assert card["metrics"]["val_loss"] == pytest.approx(best_row["best_val_loss"])
+    assert card.sweep.name == "tune-smoke-sweep"
+    assert card.sweep.params["train.lr"] == pytest.approx(best_row["train.lr"])
+    assert card.sweep.params["model.train_last_n_layers"] == best_row["model.train_last_n_layers"]
+    assert card.config["train"]["lr"] == pytest.approx(best_row["train.lr"])  # the trial's config, not the base
+    assert card.metrics["val_loss"] == pytest.approx(best_row["best_val_loss"])
 
 
 @pytest.mark.slow

@@ -185,18 +185,18 @@ def export(
         raise LifelongError(f"'{ref}' is a directory, not a registry reference: register it first")
     card = resolved.card
     cfg = ExportSection(**{k: v for k, v in {"parity_tolerance": tolerance, "int8_max_accuracy_drop": max_drop}.items() if v is not None})
-    classification = card.get("task") == "sequence-classification"
+    classification = card.task == "sequence-classification"
     formats = ("onnx", "onnx-int8") if (int8 and classification) else ("onnx",)
-    formats = tuple(f for f in formats if f not in card.get("exports", {})) or formats
+    formats = tuple(f for f in formats if f not in card.exports) or formats
     rows = None
     if "onnx-int8" in formats:
         from lifelong.runtime import connect
 
         connect(address)
-        recorded = (card.get("config") or {}).get("data") or {}
+        recorded = card.data_config
         if not data and not recorded.get("path"):
             raise LifelongError(f"{resolved.ref} records no training data: pass --data (labelled rows) for the int8 accuracy gate")
-        data_cfg = DataConfig(**{"label_column": "label", "labels": card.get("labels"), **recorded, "path": recorded.get("path") or data})
+        data_cfg = DataConfig(**{"label_column": "label", "labels": card.labels, **recorded, "path": recorded.get("path") or data})
         rows = validation_rows(data_cfg, registry.storage, cfg.eval_rows, path=data)
     result = export_version(registry, resolved.name, resolved.version, cfg, rows, formats)
     for fmt, record in result.records.items():
@@ -261,8 +261,8 @@ def models_list(root: RootOpt = "./lifelong-store") -> None:
         for version in registry.versions(name):
             card = registry.card(name, version)
             names = ", ".join(a for a, p in sorted(aliases.items()) if p["version"] == version)
-            metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(card.get("metrics", {}).items()) if k.startswith("val_"))
-            table.add_row(name, str(version), card.get("task", ""), card.get("created_at", "")[:19], metrics, names)
+            metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(card.metrics.items()) if k.startswith("val_"))
+            table.add_row(name, str(version), card.task, card.created_at[:19], metrics, names)
     console.print(table)
 
 
@@ -275,7 +275,11 @@ def models_show(ref: Annotated[str, typer.Argument(help="NAME@ALIAS or NAME:VERS
         raise LifelongError(f"'{ref}' is a directory, not a registry reference")
     print(
         json.dumps(
-            {"card": resolved.card, "aliases": registry.aliases(resolved.name), "history": registry.history(resolved.name)},
+            {
+                "card": resolved.card.model_dump(mode="json", exclude_unset=True),
+                "aliases": registry.aliases(resolved.name),
+                "history": registry.history(resolved.name),
+            },
             indent=2,
             default=str,
         )

@@ -81,7 +81,7 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     """Metrics of model `ref` on every valid row of `data_path` (default: config.data.path)."""
     storage = Storage(config.storage.root)
     resolved = Registry(storage).resolve(ref)
-    task = (resolved.card or {}).get("task") or config.model.task
+    task = resolved.task
     validated = read_validated(config.require_data("evaluate"), storage, quarantine_area="evaluate", path=data_path)
     rows = tokenized(validated.split(None), task, TokenizerRef(version=resolved.ref, root=config.storage.root), config.model.max_length)
     scored = rows.map_batches(
@@ -100,7 +100,7 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     if task == "causal-lm":
         metrics = lm_metrics(loss)
     else:
-        labels = config.data.labels or list((resolved.card or {}).get("labels", []))
+        labels = config.data.labels or (resolved.card.labels if resolved.card else None) or []
         metrics = classification_metrics(scores["label"].tolist(), scores["pred"].tolist(), loss, len(labels))
     metrics["rows"] = float(len(scores))
     return Evaluation(model=resolved.ref, task=task, metrics=metrics, data=validated.report)

@@ -133,7 +133,8 @@ def quantize_int8(src: Path, dst: Path) -> None:
 
 def export_files(
     model_dir: str | Path,
-    card: dict | None,
+    task: str,
+    max_length: int | None,
     cfg: ExportSection,
     workdir: str | Path,
     rows: list[dict] | None = None,
@@ -141,6 +142,7 @@ def export_files(
 ) -> ExportResult:
     """Build the requested formats of the model in `model_dir` into `workdir`.
 
+    `task` and `max_length` are what the model was trained as (its card's, or its run's).
     `rows` are labelled validation rows ({"text", "label" id}) for the int8 accuracy gate.
     A format already present in `model_dir` (e.g. model.onnx when only int8 is asked for)
     is reused as the quantization source.
@@ -151,8 +153,7 @@ def export_files(
 
     model_dir, workdir = Path(model_dir), Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    task = (card or {}).get("task") or "sequence-classification"
-    max_length = model_max_length(model_dir, card)
+    max_length = model_max_length(model_dir, max_length)
     result = ExportResult()
     onnx_path = model_dir / ONNX_FILES["onnx"]
     if "onnx" in formats:
@@ -187,8 +188,8 @@ def export_files(
         int8_path = workdir / ONNX_FILES["onnx-int8"]
         quantize_int8(onnx_path, int8_path)
         scored = rows[: cfg.eval_rows]
-        acc_fp32 = accuracy(Classifier(model_dir, "onnx", card, onnx_path=onnx_path), scored)
-        acc_int8 = accuracy(Classifier(model_dir, "onnx-int8", card, onnx_path=int8_path), scored)
+        acc_fp32 = accuracy(Classifier(model_dir, "onnx", max_length, onnx_path=onnx_path), scored)
+        acc_int8 = accuracy(Classifier(model_dir, "onnx-int8", max_length, onnx_path=int8_path), scored)
         drop = acc_fp32 - acc_int8
         record = {
             "accuracy_fp32": acc_fp32,
@@ -231,11 +232,11 @@ def export_version(
     from lifelong.registry import format_of
 
     card = registry.card(name, version)
-    todo = tuple(f for f in formats if f not in card.get("exports", {}))
+    todo = tuple(f for f in formats if f not in card.exports)
     if not todo:
         raise ExportError(f"{name}:{version} already has {', '.join(formats)}; versions are immutable")
     with tempfile.TemporaryDirectory(prefix="lifelong-export-") as work:
-        result = export_files(registry.local_dir(name, version), card, cfg, work, rows, todo)
+        result = export_files(registry.local_dir(name, version), card.task, card.max_length, cfg, work, rows, todo)
         for fmt in ("onnx", "onnx-int8"):
             if fmt in result.records:
                 files = {rel: path for rel, path in result.files.items() if format_of(rel) == fmt}

@@ -57,20 +57,11 @@ class Encoder:
         )
 
 
-def model_max_length(model_dir: str | Path, card: dict | None) -> int:
-    """The sequence length the version was trained for (its card), capped by its positions."""
+def model_max_length(model_dir: str | Path, trained: int | None = None) -> int:
+    """The sequence length the version was trained for (`Card.max_length`), capped by its positions."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     positions = config.get("n_positions") or config.get("max_position_embeddings") or 512
-    trained = ((card or {}).get("config") or {}).get("model", {}).get("max_length")
     return int(min(trained or positions, positions))
-
-
-def task_of(hf_config: dict, card: dict | None) -> str:
-    """The version's task: from its card, else from the HF architecture name."""
-    if card and card.get("task"):
-        return card["task"]
-    architectures = hf_config.get("architectures") or []
-    return "sequence-classification" if any("SequenceClassification" in a for a in architectures) else "causal-lm"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -139,22 +130,23 @@ class Classifier:
         self,
         model_dir: str | Path,
         backend: str = "onnx",
-        card: dict | None = None,
+        max_length: int | None = None,
         threads: int = 1,
         onnx_path: str | Path | None = None,
         device: str = "cpu",
     ):
-        """`onnx_path` overrides the version's ONNX file (export scores files before they are stored)."""
+        """`max_length`: what the version was trained for (its card's); `onnx_path` overrides the
+        version's ONNX file (export scores files before they are stored)."""
         model_dir = Path(model_dir)
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
         config = json.loads((model_dir / "config.json").read_text())
-        if task_of(config, card) != "sequence-classification":
-            raise BackendError(f"{model_dir} holds a {task_of(config, card)} model, not a sequence classifier")
+        if not any("SequenceClassification" in a for a in config.get("architectures") or []):
+            raise BackendError(f"{model_dir} holds a {', '.join(config.get('architectures') or ['?'])} model, not a sequence classifier")
         id2label = config.get("id2label") or {}
         self.labels = [id2label[str(i)] for i in range(len(id2label))]
         self.backend = backend
-        self.max_length = model_max_length(model_dir, card)
+        self.max_length = model_max_length(model_dir, max_length)
         self.encode = Encoder(model_dir, self.max_length)
         if backend == "torch":
             self.logits = TorchLogits(model_dir, "sequence-classification", threads, device=device)
@@ -183,14 +175,14 @@ class Classifier:
 class Generator:
     """Prompt → continuation with a causal LM in PyTorch."""
 
-    def __init__(self, model_dir: str | Path, card: dict | None = None, threads: int | None = 1, device: str = "cpu"):
+    def __init__(self, model_dir: str | Path, max_length: int | None = None, threads: int | None = 1, device: str = "cpu"):
         import torch
 
         model_dir = Path(model_dir)
         self.torch = torch
         self.logits = TorchLogits(model_dir, "causal-lm", threads, device=device)
         self.model = self.logits.model
-        self.max_length = model_max_length(model_dir, card)
+        self.max_length = model_max_length(model_dir, max_length)
         self.encode = Encoder(model_dir, self.max_length)
         self._sampling_lock = threading.Lock()
 

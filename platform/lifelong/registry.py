@@ -29,6 +29,9 @@ import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 import lifelong
 from lifelong.errors import AliasConflict, RegistryError
@@ -65,6 +68,93 @@ def format_sizes(sizes: dict[str, int]) -> dict[str, int]:
     return out
 
 
+# --- the card: what a version is, typed and checked when written and when read -----------------
+class _Record(BaseModel):
+    # Unknown keys are kept, not refused: a card written by a newer release still loads.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class RunRecord(_Record):
+    name: str
+    checkpoint: str
+    history: list[dict] = []
+    precision: str | None = None
+
+
+class StreamRecord(_Record):
+    """The continual window a version was trained on (`lifelong continual`)."""
+
+    name: str
+    window: int
+    files: list[str] = []
+    strategy: str | None = None
+    new_rows: int = 0
+    replay_rows: int = 0
+    champion_before: int | None = None
+    held_by: str | None = None
+
+
+class SweepRecord(_Record):
+    """The sweep a version won (`lifelong tune`)."""
+
+    name: str
+    params: dict = {}
+    path: str | None = None
+
+
+class ExportRecord(_Record):
+    """One format's export: its measurements (parity for ONNX, accuracy for int8) and files."""
+
+    files: dict[str, int] = {}
+    added_at: str | None = None
+    parity_max_abs_diff: float | None = None
+    max_length: int | None = None
+    rows: int | None = None
+    accuracy_fp32: float | None = None
+    accuracy_int8: float | None = None
+    accuracy_drop: float | None = None
+    int8_refused: dict | None = None
+
+
+class Card(_Record):
+    """A version's card (card.json plus later export records): the one reader of its fields."""
+
+    name: str
+    version: int
+    task: Literal["causal-lm", "sequence-classification"]
+    created_at: str
+    code_version: str
+    labels: list[str] | None = None
+    metrics: dict[str, float] = {}
+    config: dict = {}  # the run's JobConfig as JSON
+    data: dict | None = None  # the DataReport of what it trained on
+    parent: str | None = None  # NAME:VERSION it was fine-tuned from
+    run: RunRecord | None = None
+    stream: StreamRecord | None = None
+    sweep: SweepRecord | None = None
+    exports: dict[str, ExportRecord] = {}
+    files: dict[str, int] = {}
+    size_bytes: dict[str, int] = {}
+
+    @property
+    def max_length(self) -> int | None:
+        """The sequence length it was trained for."""
+        return (self.config.get("model") or {}).get("max_length")
+
+    @property
+    def data_config(self) -> dict:
+        """The data section of the run's config (path, columns, labels)."""
+        return self.config.get("data") or {}
+
+
+def _card(fields: dict, where: str) -> Card:
+    try:
+        return Card.model_validate(fields)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors()[:3])
+        raise RegistryError(f"{where}: not a valid card ({problems})") from None
+
+
 @dataclass(frozen=True)
 class ModelRef:
     name: str
@@ -84,11 +174,19 @@ class ResolvedModel:
     local_dir: Path
     name: str | None = None
     version: int | None = None
-    card: dict | None = None
+    card: Card | None = None
 
     @property
     def ref(self) -> str:
         return f"{self.name}:{self.version}" if self.name else str(self.local_dir)
+
+    @property
+    def task(self) -> str:
+        """The card's task; a bare directory's from its HF architecture name."""
+        if self.card:
+            return self.card.task
+        architectures = json.loads((self.local_dir / "config.json").read_text()).get("architectures") or []
+        return "sequence-classification" if any("SequenceClassification" in a for a in architectures) else "causal-lm"
 
 
 def parse_ref(text: str) -> ModelRef | None:
@@ -153,7 +251,11 @@ class Registry:
 
     def register_version(self, name: str, model_dir: str | Path, card: dict, extra_files: dict[str, Path] | None = None) -> int:
         """Copy a saved HF model directory (plus `extra_files`, e.g. an ONNX export, by their
-        names in the version) into a new immutable version; returns its number."""
+        names in the version) into a new immutable version; returns its number.
+
+        `card`: the `Card` fields the caller knows (task, labels, metrics, config, run, ...); the
+        registry adds name, version, created_at, code_version, files and sizes, and checks the
+        whole before anything is stored."""
         self._check_name(name)
         model_dir = Path(model_dir)
         files = {
@@ -164,20 +266,21 @@ class Registry:
         files.update({rel: Path(src) for rel, src in (extra_files or {}).items()})
         if not any(rel.endswith(".safetensors") for rel in files):
             raise RegistryError(f"{model_dir} holds no .safetensors weights: nothing to register")
-        version = self._claim_version_number(name)
-        prefix = f"registry/{name}/versions/{version}"
-        for rel, src in files.items():
-            self.storage.write_file(f"{prefix}/{rel}", src)
         sizes = {rel: src.stat().st_size for rel, src in files.items()}
         full_card = {
             **card,
             "name": name,
-            "version": version,
             "created_at": _now(),
             "code_version": code_version(),
             "files": sizes,
             "size_bytes": format_sizes(sizes),
         }
+        _card({**full_card, "version": 0}, f"the card for a new version of {name}")  # one that would not load is never stored
+        version = self._claim_version_number(name)
+        full_card["version"] = version
+        prefix = f"registry/{name}/versions/{version}"
+        for rel, src in files.items():
+            self.storage.write_file(f"{prefix}/{rel}", src)
         # The card goes last: from this moment the version exists, and it is never rewritten.
         data = json.dumps(full_card, indent=2, sort_keys=True, default=str).encode()
         if not self.storage.create_exclusive(f"{prefix}/card.json", data):
@@ -193,7 +296,7 @@ class Registry:
             n += 1
         return n
 
-    def card(self, name: str, version: int) -> dict:
+    def card(self, name: str, version: int) -> Card:
         path = f"registry/{name}/versions/{version}/card.json"
         if not self.storage.exists(path):
             known = self.versions(name)
@@ -201,7 +304,7 @@ class Registry:
                 f"{name}:{version} does not exist in {self.storage.root_uri}/registry"
                 + (f"; versions: {', '.join(map(str, known))}" if known else f"; no versions of '{name}'")
             )
-        return self._with_exports(name, version, self.storage.read_json(path))
+        return _card(self._with_exports(name, version, self.storage.read_json(path)), self.storage.uri_of(path))
 
     def _with_exports(self, name: str, version: int, card: dict) -> dict:
         """The card as stored, with the records of exports added after it (exports/<fmt>.json)."""
@@ -222,10 +325,10 @@ class Registry:
         of an interrupted export and may be replaced; a format with a record is final.
         """
         card = self.card(name, version)
-        if fmt in card.get("exports", {}):
+        if fmt in card.exports:
             raise RegistryError(f"{name}:{version} already has a '{fmt}' export; versions are immutable")
         prefix = f"registry/{name}/versions/{version}"
-        clashes = [rel for rel in files if rel in card.get("files", {})]
+        clashes = [rel for rel in files if rel in card.files]
         if clashes:
             raise RegistryError(f"{name}:{version} already has {', '.join(clashes)}; versions are immutable")
         with self.storage.lock(f"{prefix}/exports/{fmt}"):
@@ -237,7 +340,7 @@ class Registry:
                 raise RegistryError(f"{name}:{version} already has a '{fmt}' export; versions are immutable")
         return full
 
-    def find_versions(self, name: str, match) -> list[int]:
+    def find_versions(self, name: str, match: Callable[[Card], bool]) -> list[int]:
         """Versions whose card satisfies `match(card)`, ascending."""
         return [v for v in self.versions(name) if match(self.card(name, v))]
 

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import lifelong
 from lifelong.config import JobConfig
 from lifelong.errors import ConfigError, LifelongError
+from lifelong.registry import Card
 
 logger = logging.getLogger("ray.serve")
 
@@ -133,7 +134,7 @@ def serve_settings(config: JobConfig) -> ServeSettings:
 class Loaded:
     version: int
     task: str
-    card: dict
+    card: Card
     model: object  # inference.Classifier or inference.Generator
     loaded_at: str = field(default_factory=_now)
 
@@ -152,9 +153,9 @@ def load_version(settings: ServeSettings, version: int) -> Loaded:
     name = settings.model
     card = registry.card(name, version)
     model_dir = registry.local_dir(name, version)
-    task = card.get("task", "sequence-classification")
+    task = card.task
     if task == "sequence-classification":
-        model = Classifier(model_dir, settings.backend, card, threads=settings.threads, device=settings.device)
+        model = Classifier(model_dir, settings.backend, card.max_length, threads=settings.threads, device=settings.device)
         out = model.predict(SMOKE_TEXTS)
         probs = np.asarray([list(p["probabilities"].values()) for p in out])
         if (
@@ -164,7 +165,7 @@ def load_version(settings: ServeSettings, version: int) -> Loaded:
         ):
             raise LifelongError(f"{name}:{version} failed its smoke test: probabilities {probs.tolist()}")
     else:
-        model = Generator(model_dir, card, threads=settings.threads, device=settings.device)
+        model = Generator(model_dir, card.max_length, threads=settings.threads, device=settings.device)
         out = model.generate(SMOKE_TEXTS[0], max_new_tokens=2)
         if not isinstance(out["text"], str):
             raise LifelongError(f"{name}:{version} failed its smoke test: generate returned {out!r}")
@@ -642,8 +643,8 @@ class ModelServer:
             "backend": self.settings.backend if loaded.task == "sequence-classification" else "torch",
             "labels": loaded.labels,
             "max_length": loaded.model.max_length,
-            "metrics": loaded.card.get("metrics", {}),
-            "exports": loaded.card.get("exports", {}),
+            "metrics": loaded.card.metrics,
+            "exports": {fmt: r.model_dump(mode="json", exclude_unset=True) for fmt, r in loaded.card.exports.items()},
             "loaded_at": loaded.loaded_at,
             "replica": self.replica,
             "last_swap_error": follower.get("last_swap_error") or self.last_swap_error,
@@ -844,10 +845,10 @@ def check_servable(config: JobConfig) -> int:
     registry = Registry(Storage(config.storage.root))
     version = registry.alias_version(name, config.serve.alias)
     card = registry.card(name, version)
-    if card.get("task") == "sequence-classification" and config.serve.backend != "torch":
+    if card.task == "sequence-classification" and config.serve.backend != "torch":
         from lifelong.inference import ONNX_FILES
 
-        if config.serve.backend not in card.get("exports", {}):
+        if config.serve.backend not in card.exports:
             raise LifelongError(
                 f"{name}:{version} has no {ONNX_FILES[config.serve.backend]}: run "
                 f"'lifelong export {name}:{version}' or set serve.backend=torch"

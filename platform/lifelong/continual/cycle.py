@@ -354,9 +354,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
 
 
 def _registered_for(registry: Registry, model: str, stream: str, k: int) -> int | None:
-    found = registry.find_versions(
-        model, lambda card: (card.get("stream") or {}).get("name") == stream and (card.get("stream") or {}).get("window") == k
-    )
+    found = registry.find_versions(model, lambda card: card.stream is not None and (card.stream.name, card.stream.window) == (stream, k))
     return found[-1] if found else None
 
 

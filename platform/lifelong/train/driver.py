@@ -323,13 +323,13 @@ def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | N
     if best is None:
         raise LifelongError(f"training run '{run_name}' reported no checkpoint")
     checkpoint, metrics = best
-    already = registry.find_versions(config.name, lambda card: card.get("run", {}).get("checkpoint") == checkpoint.path)
+    already = registry.find_versions(config.name, lambda card: card.run is not None and card.run.checkpoint == checkpoint.path)
     if already:
         # Re-running a finished run resumes it with nothing left to do: no duplicate version.
         card = registry.card(config.name, already[0])
         print(f"[lifelong] the best checkpoint is already registered as {config.name}:{already[0]}", flush=True)
-        epochs = [h["epoch"] for h in card["run"].get("history", [])]
-        return TrainingOutcome(run_name, result.path, already[0], config.name, card["metrics"], report, epochs)
+        epochs = [h["epoch"] for h in card.run.history]
+        return TrainingOutcome(run_name, result.path, already[0], config.name, card.metrics, report, epochs)
     with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="lifelong-export-") as work:
         state = _read_json(Path(ckpt_dir) / "state.json")
         card = {
@@ -347,16 +347,14 @@ def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | N
             },
             **(extra_card or {}),
         }
-        exported = export_on_register(config, Path(ckpt_dir) / "hf", card, prep.data.validation_rows, work)
+        exported = export_on_register(config, Path(ckpt_dir) / "hf", prep.data.validation_rows, work)
         card["exports"] = exported.records
         version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card, extra_files=exported.files)
     epochs = [h["epoch"] for h in state.get("history", [])]
     return TrainingOutcome(run_name, result.path, version, config.name, card["metrics"], report, epochs)
 
 
-def export_on_register(
-    config: JobConfig, model_dir: Path, card: dict, validation_rows: ray.data.Dataset | None, workdir: str
-) -> ExportResult:
+def export_on_register(config: JobConfig, model_dir: Path, validation_rows: ray.data.Dataset | None, workdir: str) -> ExportResult:
     """ONNX (and a gated int8 variant) of a new version, built before it is registered."""
     task = config.model.task
     if not should_export_on_register(config.export, task):
@@ -364,7 +362,7 @@ def export_on_register(
     classification = task == "sequence-classification"
     formats = ("onnx", "onnx-int8") if classification and config.export.int8 else ("onnx",)
     rows = validation_rows.take(config.export.eval_rows) if classification and validation_rows is not None else None
-    exported = export_files(model_dir, card, config.export, workdir, rows, formats)
+    exported = export_files(model_dir, task, config.model.max_length, config.export, workdir, rows, formats)
     for fmt, record in exported.records.items():
         print(f"[lifelong] export {fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)
     for fmt, reason in exported.refused.items():
