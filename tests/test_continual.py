@@ -261,6 +261,45 @@ def test_a_cycle_killed_at_every_step_boundary_trains_every_byte_once(stream, ra
     assert [w["window"] for w in s.finished()] == [0, 1]
 
 
+def test_a_cycle_whose_training_actor_is_killed_resumes_its_run_in_a_new_one(stream, ray_session, capfd):
+    """One-worker cycles train in the driver's warm actor (train/warm.py). SIGKILL it after its
+    first checkpoint: a new actor resumes the run from that checkpoint, the window is registered."""
+    from ray.util.state import list_actors
+
+    root, landing, registry = stream["root"], stream["landing"], stream["registry"]
+    config = make_config(
+        "gpt2/tiny_continual.yaml",
+        *one_worker_args(root, landing, "train.epochs=4", "train.lr=3e-3", "continual.min_new_rows=100", "train.max_failures=1"),
+    )
+    drop(stream["windows"][0], landing)
+    killed, first = [], {}
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (markers := list(root.glob("runs/*-w*/checkpoint_*/lifelong-checkpoint.json"))):
+            time.sleep(0.05)
+        first.update(json.loads(markers[0].read_text()))
+        for actor in list_actors(filters=[("class_name", "=", "WarmTrainer"), ("state", "=", "ALIVE")], detail=True):
+            os.kill(actor.pid, signal.SIGKILL)
+            killed.append(actor.pid)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    outcome = run_cycle(config)
+    watcher.join(timeout=10)
+    assert killed, "no training actor was found to kill"
+    assert "the training actor died" in capfd.readouterr().out
+    card = registry.card("cl-topics", outcome.version)
+    assert outcome.window == 0 and card.run.checkpoint.startswith(str(root / "runs" / card.run.name))
+    # The run's stored checkpoints: the best (num_to_keep=1) and the latest, each complete; the
+    # latest's history has every epoch once, the one before the kill as it was measured then.
+    kept = sorted(p.parent.name for p in root.glob(f"runs/{card.run.name}/checkpoint_*/lifelong-checkpoint.json"))
+    assert 1 <= len(kept) <= 2 and kept[-1] == "checkpoint_000004"
+    history = json.loads((root / "runs" / card.run.name / "checkpoint_000004" / "state.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[first["epoch"] - 1] == first  # resumed from it, not retrained
+
+
 def land(path, data: bytes) -> None:
     """Put a file into the landing zone whole (written under a hidden name, then renamed)."""
     tmp = path.parent / f".{path.name}.part"

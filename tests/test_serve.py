@@ -217,6 +217,56 @@ def test_unauthenticated_or_oversized_bodies_are_refused_before_they_are_read(ap
     assert status == 408 and b"serve.body_timeout_s" in data and took < 6, (status, data[-300:], took)
 
 
+def test_the_batcher_runs_a_lone_request_at_once_and_batches_what_queued_meanwhile():
+    import asyncio
+
+    from lifelong.serve import Batcher
+
+    async def settle():  # let every ready task run its next step
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def scenario():
+        calls, release = [], asyncio.Event()
+
+        async def model(items):
+            calls.append(list(items))
+            if len(calls) == 1:
+                await release.wait()  # the first call runs long: the others queue meanwhile
+            if "bad" in items:
+                raise ValueError("the model failed")
+            return [f"out-{i}" for i in items]
+
+        batcher = Batcher(model, max_size=8, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit("a"))
+        await settle()  # the idle batcher starts its call
+        assert calls == [["a"]]  # alone, without waiting for company
+        queued = [asyncio.create_task(batcher.submit(f"q{i}")) for i in range(11)]
+        left = asyncio.create_task(batcher.submit("gone"))
+        await settle()
+        left.cancel()  # a client that leaves while queued is not sent to the model
+        release.set()
+        assert await first == "out-a" and await asyncio.gather(*queued) == [f"out-q{i}" for i in range(11)]
+        assert calls[1:] == [[f"q{i}" for i in range(8)], ["q8", "q9", "q10"]]  # what queued, in calls of at most 8
+        # A failing call fails its own requests; the batcher goes on.
+        results = await asyncio.gather(batcher.submit("bad"), return_exceptions=True)
+        assert isinstance(results[0], ValueError) and await batcher.submit("z") == "out-z"
+
+        # With a wait, a lone request waits for company (at most wait_s) and goes with it.
+        waiting = Batcher(model, max_size=8, wait_s=5.0)
+        calls.clear()
+        together = [asyncio.create_task(waiting.submit(x)) for x in ("w1", "w2")]
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(waiting.submit("w3"))
+        await asyncio.sleep(0.05)
+        assert calls == []  # still waiting for company
+        fill = [asyncio.create_task(waiting.submit(f"f{i}")) for i in range(5)]  # the batch is full: it goes
+        await asyncio.gather(*together, late, *fill)
+        assert calls == [["w1", "w2", "w3", "f0", "f1", "f2", "f3", "f4"]]
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def test_one_request_the_tokenizer_cannot_take_fails_alone(app):
     """A lone surrogate (valid JSON, invalid Unicode) gets 422 naming its field; the requests
     batched with it are answered."""

@@ -1,5 +1,6 @@
-"""Sweeps as a user runs them: Optuna + ASHA over real Ray Train + DeepSpeed trials, a failing
-trial, a killed driver resumed with --resume, the best trial registered."""
+"""Sweeps as a user runs them: Optuna + ASHA over real DeepSpeed trials (one-worker trials in
+their own Tune process, multi-worker ones as Ray Train runs), a failing trial, a killed driver
+resumed with --resume, the best trial registered."""
 
 import json
 import subprocess
@@ -101,6 +102,33 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
     assert card.sweep.params["model.train_last_n_layers"] == best_row["model.train_last_n_layers"]
     assert card.config["train"]["lr"] == pytest.approx(best_row["train.lr"])  # the trial's config, not the base
     assert card.metrics["val_loss"] == pytest.approx(best_row["best_val_loss"])
+    # One-worker trials trained in their own Tune process: checkpoints under the trial, no Train run.
+    sweep_dir = Path(pretrained["root"]) / "tune" / "tune-smoke-sweep"
+    assert Path(card.run.checkpoint).parent == sweep_dir / f"trial-{card.run.name.rsplit('-', 1)[-1]}"
+    assert (Path(card.run.checkpoint) / "hf" / "model.safetensors").is_file()
+    assert not list((Path(pretrained["root"]) / "runs").glob("tune-smoke-sweep-*"))
+
+
+@pytest.mark.slow
+def test_multi_worker_trials_are_ray_train_runs(pretrained, demo_data):
+    config = make_config(
+        TUNE_YAML,
+        *sweep_overrides(
+            pretrained,
+            demo_data,
+            "tune-spread",
+            "train.epochs=1",
+            "scaling.num_workers=2",
+            "tune.num_samples=2",
+            "tune.max_concurrent_trials=1",
+        ),
+    )
+    outcome = run_sweep(config)
+    assert (outcome.table["status"] == "finished").all() and len(outcome.table) == 2
+    runs = Path(pretrained["root"]) / "runs"
+    assert {p.name for p in runs.glob("tune-spread-sweep-*")} == {f"tune-spread-sweep-{t}" for t in outcome.table["trial"]}
+    card = Registry(Storage(str(pretrained["root"]))).card("tune-spread", outcome.version)
+    assert Path(card.run.checkpoint).parent == runs / card.run.name  # the best trial's own Train run
 
 
 @pytest.mark.slow
@@ -153,7 +181,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(pretrained, demo
     assert Registry(Storage(str(pretrained["root"]))).resolve("tune-resume@challenger").version == outcome.version
 
 
-def test_an_asha_sweep_on_a_cluster_without_the_state_api_is_refused_up_front():
+def test_an_asha_sweep_of_multi_worker_trials_on_a_cluster_without_the_state_api_is_refused_up_front():
     # Its own Ray (no dashboard) in a child process: the session's Ray has one.
     code = (
         "import ray\n"
@@ -161,8 +189,9 @@ def test_an_asha_sweep_on_a_cluster_without_the_state_api_is_refused_up_front():
         "from lifelong.errors import LifelongError\n"
         "from lifelong.tune import check_state_api\n"
         "ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR')\n"
-        "base = {'name': 'x', 'tune': {'space': {'train.lr': {'choice': [0.1]}}}}\n"
+        "base = {'name': 'x', 'scaling': {'num_workers': 2}, 'tune': {'space': {'train.lr': {'choice': [0.1]}}}}\n"
         "check_state_api(validate_config({**base, 'tune': {**base['tune'], 'scheduler': 'none'}}))\n"
+        "check_state_api(validate_config({**base, 'scaling': {'num_workers': 1}}))  # trains in the trial: not needed\n"
         "try:\n"
         "    check_state_api(validate_config(base))\n"
         "except LifelongError as e:\n"

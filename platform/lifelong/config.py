@@ -165,9 +165,11 @@ class ServeSection(Section):
     # CUDA provider (needs onnxruntime-gpu on those nodes) or PyTorch (serve.backend=torch).
     gpus_per_replica: float = Field(default=0, ge=0)
     threads_per_replica: int = Field(default=1, ge=1)
-    # Dynamic batching (@serve.batch); max_ongoing_requests defaults to 2 x max_batch_size.
+    # Batching: requests that queue while the model runs go together into its next call (at most
+    # max_batch_size); an idle replica runs a lone request at once. batch_wait_timeout_s > 0 also
+    # waits that long for a fuller batch. max_ongoing_requests defaults to 2 x max_batch_size.
     max_batch_size: int = Field(default=16, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0.0)
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0.0)
     max_ongoing_requests: int | None = Field(default=None, ge=1)
     # Request limits: more texts, or longer texts (in characters), get a 4xx.
     max_texts_per_request: int = Field(default=64, ge=1)

@@ -1,6 +1,6 @@
 """Live inference on Ray Serve: an HTTP API whose replicas follow a registry alias.
 
-    HTTP ─▶ ModelServer replicas (FastAPI ingress, @serve.batch) ─▶ ONNX Runtime / PyTorch
+    HTTP ─▶ ModelServer replicas (FastAPI ingress, Batcher) ─▶ ONNX Runtime / PyTorch
                    ▲ prepare · hold · commit (broadcast to every replica)
             AliasFollower (1 replica) ── polls registry/<model>/aliases/<alias>.json
 
@@ -407,6 +407,57 @@ def _schema_with_limits(settings: ServeSettings) -> dict:
     return schema
 
 
+class Batcher:
+    """Batching without a fixed wait: a request that finds the replica idle goes to the model at
+    once; requests that arrive while a model call runs queue, and the next call takes them
+    together (up to `max_size`). `wait_s` > 0 also waits that long for company before a call
+    whose batch is not full (Serve's `@serve.batch` always waits it, so a lone request did too).
+    One model call at a time; `fn(items)` returns one result (or exception) per item."""
+
+    def __init__(self, fn, max_size: int, wait_s: float = 0.0):
+        self.fn, self.max_size, self.wait_s = fn, max_size, wait_s
+        self.queue: list[tuple[object, asyncio.Future]] = []
+        self.arrived = asyncio.Event()
+        self.busy = False
+
+    async def submit(self, item):
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((item, future))
+        self.arrived.set()
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                if self.wait_s and len(self.queue) < self.max_size:
+                    await self._company()
+                batch, self.queue = self.queue[: self.max_size], self.queue[self.max_size :]
+                batch = [(item, f) for item, f in batch if not f.done()]  # a client that left cancels its own
+                if not batch:
+                    continue
+                try:
+                    results = await self.fn([item for item, _ in batch])
+                except Exception as e:
+                    results = [e] * len(batch)
+                for (_, future), result in zip(batch, results):
+                    if not future.done():
+                        future.set_exception(result) if isinstance(result, Exception) else future.set_result(result)
+        finally:
+            self.busy = False
+
+    async def _company(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while len(self.queue) < self.max_size and (left := deadline - time.monotonic()) > 0:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), left)
+            except TimeoutError:
+                return
+
+
 @serve.deployment(name=SERVER)
 @serve.ingress(api)
 class ModelServer:
@@ -432,8 +483,7 @@ class ModelServer:
         self.versions[version] = await asyncio.to_thread(self._load, version)
         self.serving = version
         self.task = self.versions[version].task
-        self.predict_batch.set_max_batch_size(settings.max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.batcher = Batcher(self.predict_batch, settings.max_batch_size, settings.batch_wait_timeout_s)
         logger.info("replica %s serves %s:%s", self.replica, settings.model, version)
 
     async def _committed_version(self) -> int:
@@ -559,7 +609,6 @@ class ModelServer:
             if self.running == 0:
                 self.drained.set()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def predict_batch(self, requests: list[list[str]]) -> list[tuple[Loaded, list[dict]] | Exception]:
         """One model call for the whole batch; should it fail, each request runs alone, so that a
         request the model cannot take fails by itself and the others are answered."""
@@ -596,10 +645,7 @@ class ModelServer:
                 raise _reject(413, f"texts[{i}]", f"{len(text)} characters; at most {self.settings.max_text_chars} (serve.max_text_chars)")
             if problem := _unencodable(text):
                 raise _reject(422, f"texts[{i}]", problem)
-        result = await self.predict_batch(body.texts)
-        if isinstance(result, Exception):
-            raise result
-        loaded, predictions = result
+        loaded, predictions = await self.batcher.submit(body.texts)
         response.headers["X-Lifelong-Replica"] = self.replica
         return PredictResponse(
             model=self.settings.model,

@@ -2,13 +2,19 @@
 
     driver: config (space validated at load) → data + tokenizer once (prepare_run)
       Tuner(run_trial, OptunaSearch|random, ASHA on `epoch`, RunConfig(name=<sweep>, <root>/tune))
-        trial (a Tune function, 0.01 CPU): base config + params → TorchTrainer named
-          <sweep>-<trial id> under <root>/runs (resumes from its checkpoints), TuneReportCallback
+        one-worker trial (the worker's CPUs/GPU, actor reused between trials): base config +
+          params → the training loop itself in the trial's process, reporting and
+          checkpointing through Tune (under <root>/tune/<sweep>/trial-<id>, resumed from there)
+        multi-worker trial (0.01 CPU): → TorchTrainer named <sweep>-<trial id> under
+          <root>/runs (resumes from its checkpoints), TuneReportCallback
       ResultGrid → table + trials.csv + curves.png → best trial's best checkpoint → registry
       version (alias challenger, or champion with --promote), its card naming the sweep and params
 
-The Train V2 pattern (../shared/REFERENCE.md): `Tuner(trainer)` is gone; a function trainable
-builds the TorchTrainer with a deterministic name so that a restored sweep resumes it.
+A trial that is a whole `TorchTrainer.fit()` starts a Train controller, a worker group and
+data-split coordinators, each a process importing torch: about a minute on 2 cores before it
+trains for seconds. One-worker trials (the common case for small models) skip all of that.
+The Train V2 pattern (../shared/REFERENCE.md) stays for multi-worker trials: a function
+trainable builds the TorchTrainer with a deterministic name so that a restored sweep resumes it.
 """
 
 from __future__ import annotations
@@ -73,18 +79,29 @@ def _deep_copy(obj):
 
 
 def run_trial(params: dict, base: dict, sweep: str, data) -> None:
-    """One trial: a full Ray Train + DeepSpeed run; epochs reach Tune through TuneReportCallback.
+    """One trial: the DeepSpeed training loop, in this process for one worker (`in_trial`), else
+    a Ray Train run whose epochs reach Tune through TuneReportCallback.
 
     `data` is the sweep's prepared data (shared), or None when the trial's parameters change
     the data pipeline and it must prepare its own.
     """
-    from lifelong.train.driver import build_trainer, prepare_run
+    from lifelong.train.driver import build_trainer, loop_config, prepare_run
+    from lifelong.train.loop import train_in_trial
 
     run_name = trial_run_name(sweep, tune.get_context().get_trial_id())
     config = trial_config(base, params, run_name, data.tokenizer.location if data else None)
     prep = prepare_run(config, data)
+    if in_trial(config):
+        train_in_trial(loop_config(prep), {"train": prep.data.train_ds, "validation": prep.data.val_ds}, prep.gpu)
+        return
     trainer = build_trainer(prep, run_name, callbacks=[TuneReportCallback()])
     trainer.fit()  # raises on failure: Tune records the trial as errored with the reason
+
+
+def in_trial(config: JobConfig) -> bool:
+    """Whether trials run the loop in their own process: one worker each, and a space that
+    does not change the scaling."""
+    return config.scaling.num_workers == 1 and not any(key.startswith("scaling.") for key in config.tune.space)
 
 
 def trial_dirname(trial) -> str:
@@ -165,12 +182,25 @@ class SweepOutcome:
     results: object = dataclasses.field(default=None, repr=False)  # Tune's ResultGrid, every trial's history
 
 
+def trial_resources(config: JobConfig) -> dict:
+    """What a trial's own process holds: the worker's CPUs (and GPU) when it trains in itself,
+    else a token share (its TorchTrainer reserves the workers)."""
+    if not in_trial(config):
+        return {"cpu": TRIAL_DRIVER_CPU}
+    from lifelong.train.driver import use_gpu
+
+    resources = {"cpu": config.scaling.cpus_per_worker}
+    if use_gpu(config):
+        resources["gpu"] = config.scaling.gpus_per_worker
+    return resources
+
+
 def max_concurrency(config: JobConfig) -> int:
     """Trials that fit the cluster at once: each needs its workers' CPUs, plus one CPU for Ray
     Data when it prepares its own data (training workers holding every CPU starve its reads)."""
     if config.tune.max_concurrent_trials:
         return config.tune.max_concurrent_trials
-    per_trial = config.scaling.num_workers * config.scaling.cpus_per_worker + TRIAL_DRIVER_CPU
+    per_trial = config.scaling.num_workers * config.scaling.cpus_per_worker + (0 if in_trial(config) else TRIAL_DRIVER_CPU)
     if not shares_data(config):
         per_trial += 1
     return max(1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial))
@@ -188,8 +218,9 @@ def check_resumable(storage: Storage, name: str, resume: bool) -> None:
 def check_state_api(config: JobConfig) -> None:
     """Ray Train frees the workers of a trial stopped early only if it can see (through the
     dashboard's state API) that the trial's controller is gone; without it their CPUs stay
-    reserved and later trials wait for them until they time out."""
-    if config.tune.scheduler == "none":
+    reserved and later trials wait for them until they time out. One-worker trials, which
+    train in their own process, do not need it."""
+    if config.tune.scheduler == "none" or in_trial(config):
         return
     from ray.util.state import list_nodes
 
@@ -209,7 +240,7 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
         tune.with_parameters(
             run_trial, base=config.model_dump(mode="json"), sweep=name, data=data.for_trials() if shares_data(config) else None
         ),
-        {"cpu": TRIAL_DRIVER_CPU},
+        trial_resources(config),
     )
     if resume:  # run_sweep has checked that the sweep exists (or not) before preparing its data
         # Restores the searcher (Optuna's history) and the scheduler with the trials.
@@ -221,13 +252,15 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
             resume_errored=False,
             restart_errored=False,
         )
-    t = config.tune
+    t, ckpt = config.tune, config.train.checkpoint
     concurrency = max_concurrency(config)
     if t.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.optuna_startup_trials)
+        # Constant liar: a running trial counts as a bad result while it runs, so trials started
+        # together do not all sample the same region; multivariate: one joint model of the space.
+        sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.optuna_startup_trials, constant_liar=True, multivariate=True)
         search_alg = OptunaSearch(metric=t.metric, mode=t.mode, sampler=sampler)
     else:
         from ray.tune.search import BasicVariantGenerator
@@ -256,11 +289,17 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
             num_samples=t.num_samples,
             trial_dirname_creator=trial_dirname,
             max_concurrent_trials=concurrency if t.search == "optuna" else None,
+            reuse_actors=in_trial(config),  # the next trial starts in a process that has torch and DeepSpeed loaded
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage.path("tune"),
             storage_filesystem=storage.fs,
+            checkpoint_config=tune.CheckpointConfig(  # for trials that train in themselves; a TorchTrainer keeps its own
+                num_to_keep=ckpt.num_to_keep,
+                checkpoint_score_attribute=ckpt.score_attribute,
+                checkpoint_score_order=ckpt.score_order,
+            ),
             stop=budget,
             callbacks=[budget, Progress(config)],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
@@ -368,7 +407,8 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     params = {k: best.config[k] for k in config.tune.space}
     run_name = trial_run_name(name, best.metrics["trial_id"])
     best_config = trial_config(config.model_dump(mode="json"), params, run_name, tokenizer)
-    train_result = ray.train.Result.from_path(storage.path("runs", run_name), storage_filesystem=storage.fs)
+    # A one-worker trial's checkpoints are its Tune result's; a multi-worker trial's are its run's.
+    train_result = best if in_trial(config) else ray.train.Result.from_path(storage.path("runs", run_name), storage_filesystem=storage.fs)
     outcome = register_best(
         dataclasses.replace(prep, config=best_config),
         train_result,

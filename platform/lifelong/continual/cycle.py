@@ -5,8 +5,9 @@
     check pending files under the config (bad ones quarantined, per file) → enough rows? else wait
     open window k (the journal, stream.py): files (oldest first, up to max_rows_per_cycle)
       open        holdout_k ← the files' validation rows ; train ← their train rows + a replay
-                  sample ; Ray Train + DeepSpeed from the pinned champion → register (card:
-                  stream, window, files)
+                  sample ; DeepSpeed from the pinned champion (one worker: in the driver's
+                  warm trainer actor; more: a Ray Train run) → register (card: stream,
+                  window, files)
       registered  candidate, champion and the stream's first model score every finished
                   window's holdout and the new one → gates (gates.py) → decision recorded
       decided     champion moves to the candidate (or challenger, with the reason)
@@ -15,7 +16,7 @@
       consumed    state.json gains the window → done
 
 Every step can be repeated: the run name depends on the window and its files (a re-started
-cycle resumes the same Ray Train run), `register_best` does not register the same checkpoint
+cycle resumes the same run from its checkpoints), `register_best` does not register the same checkpoint
 twice, the alias move checks where the alias is, the buffer and the ledger skip what they hold.
 A window whose training fails `continual.max_attempts` times is given up: its files are
 quarantined with the error (requeue them once the cause is fixed).
@@ -277,7 +278,7 @@ def prune_runs(storage: Storage, stream: Stream, keep: int) -> list[str]:
 
 def _train_and_register(config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, window: Window) -> Window:
     """Window k's holdout and training set, a Ray Train run from the pinned champion, a version."""
-    from lifelong.train.driver import build_trainer, prepare_data_from_tables, prepare_run, register_best
+    from lifelong.train.driver import prepare_data_from_tables, prepare_run, register_best
 
     c, k = config.continual, window.window
     run = run_name(stream.name, window)
@@ -325,7 +326,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
         )
         prep = prepare_run(cycle_config, data)
         t1 = time.perf_counter()
-        result = build_trainer(prep, run).fit()
+        result = _train(prep, run)
         t2 = time.perf_counter()
         if result.error:
             raise LifelongError(f"cycle training run '{run}' failed: {result.error}")
@@ -351,6 +352,21 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
         raise _failed(config, stream, ledger, window, e) from None
     phases = {**window.phases, "prepare": t1 - t0, "train": t2 - t1, "register": time.perf_counter() - t2}
     return stream.update(window, status="registered", version=trained.version, replay_rows=replay_rows, phases=phases)
+
+
+def _train(prep, run: str):
+    """A one-worker window trains in this driver's warm actor (train/warm.py: no Ray Train start-up
+    per cycle); more workers, in a Ray Train run. Either resumes the run from its checkpoints."""
+    from lifelong.train.driver import build_trainer, loop_config, worker_resources
+    from lifelong.train.warm import StoredRun, train_warm
+
+    config = prep.config
+    if config.scaling.num_workers > 1:
+        return build_trainer(prep, run).fit()
+    ckpt = config.train.checkpoint
+    stored = StoredRun(prep.storage, run, ckpt.num_to_keep, ckpt.score_attribute, ckpt.score_order)
+    datasets = {"train": prep.data.train_ds, "validation": prep.data.val_ds}
+    return train_warm(loop_config(prep), datasets, prep.gpu, stored, worker_resources(prep), config.train.max_failures)
 
 
 def _registered_for(registry: Registry, model: str, stream: str, k: int) -> int | None:

@@ -173,20 +173,26 @@ def prepare_run(config: JobConfig, data: PreparedData | None = None) -> Prepared
     return PreparedRun(config, storage, registry, parent, data, total_steps, gpu)
 
 
+def loop_config(prep: PreparedRun) -> dict:
+    """What the training loop gets, wherever it runs (Ray Train workers or a sweep trial)."""
+    return {"config": prep.config.model_dump(mode="json"), "tokenizer": prep.data.tokenizer, "total_steps": prep.total_steps}
+
+
+def worker_resources(prep: PreparedRun) -> dict:
+    resources = {"CPU": prep.config.scaling.cpus_per_worker}
+    if prep.gpu:
+        resources["GPU"] = prep.config.scaling.gpus_per_worker
+    return resources
+
+
 def build_trainer(prep: PreparedRun, run_name: str, callbacks=()) -> TorchTrainer:
     """Checkpoints go to <root>/runs/<run_name> on the storage root's filesystem (local, shared, s3)."""
     config = prep.config
-    resources = {"CPU": config.scaling.cpus_per_worker}
-    if prep.gpu:
-        resources["GPU"] = config.scaling.gpus_per_worker
+    resources = worker_resources(prep)
     ckpt = config.train.checkpoint
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "tokenizer": prep.data.tokenizer,
-            "total_steps": prep.total_steps,
-        },
+        train_loop_config=loop_config(prep),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=prep.gpu,

@@ -1,13 +1,17 @@
-"""The per-worker training loop: one DeepSpeed engine per Ray Train worker, written out in order.
+"""The training loop: one DeepSpeed engine per worker, written out in order.
 
 Everything arrives through `loop_config` (built by the driver): the validated job config,
-where the tokenizer and the starting weights are, and the step plan.
+where the tokenizer and the starting weights are, and the step plan. Where it runs is a
+`Session`: a Ray Train worker (`train_loop_per_worker`, any number of workers), or a one-worker
+sweep trial that runs the loop in its own Tune process (`train_in_trial`: no Train controller,
+worker group or data-split coordinators to start, and Tune reuses the process between trials).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -17,6 +21,7 @@ from pathlib import Path
 import deepspeed
 import ray.train
 import ray.train.torch
+import ray.tune
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
@@ -31,13 +36,65 @@ from lifelong.train.ds_config import build_deepspeed_config, resolve_precision
 DS_TAG = "state"  # one DeepSpeed tag per checkpoint directory
 
 
+class TrainSession:
+    """The loop inside a Ray Train worker: its rank, its dataset shards, Train's checkpoints."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def dataset(self, name: str):
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict, directory: str) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+class OneProcessSession:
+    """The loop as the only worker of its run, in a process that outlives it (a sweep trial's,
+    a warm trainer's): the whole (materialized) datasets, and a one-process gloo (nccl on a GPU)
+    group for DeepSpeed, made once and kept for the runs that follow in the same process."""
+
+    rank, world = 0, 1
+
+    def __init__(self, datasets: dict, gpu: bool):
+        self.datasets = datasets
+        self.device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+        if not dist.is_initialized():
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+            dist.init_process_group("nccl" if gpu else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def dataset(self, name: str):
+        return self.datasets[name]
+
+
+class TrialSession(OneProcessSession):
+    """A one-worker sweep trial: checkpoints and reports through Tune."""
+
+    def checkpoint(self):
+        return ray.tune.get_checkpoint()
+
+    def report(self, metrics: dict, directory: str) -> None:
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory))
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
+    run_loop(loop_config, TrainSession())
+
+
+def train_in_trial(loop_config: dict, datasets: dict, gpu: bool) -> None:
+    run_loop(loop_config, TrialSession(datasets, gpu))
+
+
+def run_loop(loop_config: dict, session) -> None:
     entered = time.perf_counter()
     config = JobConfig.model_validate(loop_config["config"])
     train_cfg, task = config.train, config.model.task
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     precision = resolve_precision(train_cfg.precision, device)
     torch.manual_seed(train_cfg.seed)
     # Every worker says where it runs (one line each): on a cluster, the job's log shows the spread.
@@ -63,7 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # --- resume: a run re-started under the same name continues after its last epoch -------
     start_epoch, history = 1, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag=DS_TAG)
@@ -77,8 +134,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             f"{world} worker(s), ZeRO-{train_cfg.deepspeed.zero_stage}, {precision}, {device}",
         )
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    train_shard = session.dataset("train")
+    val_shard = session.dataset("validation")
     steps_per_epoch = loop_config["total_steps"] // train_cfg.epochs
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
@@ -151,7 +208,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 mark_fp32(hf_dir / "config.json")
                 tokenizer.save_pretrained(str(hf_dir))
                 (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "precision": precision}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            session.report(metrics, tmp)
 
 
 def consolidated_state_dict(engine, frozen_fp32: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
