@@ -28,6 +28,19 @@ def test_the_limits_are_inclusive_and_the_first_window_has_nothing_to_forget():
         judge([0.5], [0.5, 0.6], 0.01, 0.05)
 
 
+def test_min_gain_refuses_a_candidate_that_learned_nothing_on_the_new_window():
+    # Equal to the champion on the new window: passes the tolerance, not a min_gain of 0.005.
+    assert judge([0.9, 0.8], [0.9, 0.8], new_window_tolerance=0.01, max_forgetting=0.05).passed
+    same = judge([0.9, 0.8], [0.9, 0.8], new_window_tolerance=0.01, max_forgetting=0.05, min_gain=0.005)
+    assert (
+        not same.passed and same.reason == "new window accuracy 0.800 gains +0.000 on the champion's 0.800, less than gates.min_gain 0.005"
+    )
+    assert judge([0.9, 0.805], [0.9, 0.8], new_window_tolerance=0.01, max_forgetting=0.05, min_gain=0.005).passed  # inclusive
+    # It replaces the tolerance, and the forgetting gate still applies.
+    forgets = judge([0.5, 0.95], [0.9, 0.8], new_window_tolerance=0.01, max_forgetting=0.05, min_gain=0.005)
+    assert not forgets.passed and forgets.reason == "forgets 0.400 of accuracy on past windows (limit 0.05)"
+
+
 def test_the_accuracy_matrix_takes_rows_from_the_serving_model_and_the_diagonal_neighbour_from_the_next_window():
     windows = [
         {"row": [0.9], "champion": [0.3]},

@@ -293,6 +293,9 @@ class GatesSection(Section):
     new_window_tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
     # Largest mean accuracy drop against the champion on the past windows' holdouts.
     max_forgetting: float = Field(default=0.05, ge=0.0, le=1.0)
+    # When set, the candidate must beat the champion on the new window by at least this much
+    # (e.g. 0.005): a cycle that learned nothing is not promoted. Replaces new_window_tolerance.
+    min_gain: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class ContinualSection(Section):

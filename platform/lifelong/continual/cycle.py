@@ -435,7 +435,7 @@ def _decide(config: JobConfig, storage: Storage, stream: Stream, window: Window)
     t0 = time.perf_counter()
     scored = holdout_accuracies(config, storage, stream, refs, [w["window"] for w in finished] + [window.window])
     cand, champ = scored[0], scored[1]
-    gate = judge(cand, champ, c.gates.new_window_tolerance, c.gates.max_forgetting)
+    gate = judge(cand, champ, c.gates.new_window_tolerance, c.gates.max_forgetting, c.gates.min_gain)
     status = ("promoted" if c.promote else "passed") if gate.passed else "rejected"
     decision = Decision(status=status, reason=gate.reason, candidate=cand, champion=champ, baseline=scored[-1][-1], start_version=start)
     return stream.update(window, status="decided", decision=decision, phases={**window.phases, "evaluate": time.perf_counter() - t0})

@@ -1,8 +1,9 @@
 """The continual gates and the accuracy matrix: pure functions of numbers, tested directly.
 
 A candidate (the champion retrained on a new window) is compared with the champion on every
-window's holdout. It passes when it is about as good on the new window (`new_window_tolerance`)
-and forgets at most `max_forgetting` of accuracy on the past windows, on average.
+window's holdout. It passes when it is about as good on the new window (`new_window_tolerance`),
+or, with `min_gain`, better there by at least that much, and forgets at most `max_forgetting` of
+accuracy on the past windows, on average.
 """
 
 from __future__ import annotations
@@ -29,14 +30,23 @@ def past_window_drop(candidate: list[float], champion: list[float]) -> float:
     return sum(b - a for a, b in past) / len(past) if past else 0.0
 
 
-def judge(candidate: list[float], champion: list[float], new_window_tolerance: float, max_forgetting: float) -> GateDecision:
-    """Both lists: accuracy per window, oldest first, the new window last."""
+def judge(
+    candidate: list[float], champion: list[float], new_window_tolerance: float, max_forgetting: float, min_gain: float | None = None
+) -> GateDecision:
+    """Both lists: accuracy per window, oldest first, the new window last. `min_gain` (when set)
+    replaces the tolerance: the candidate must beat the champion on the new window by that much."""
     if len(candidate) != len(champion) or not candidate:
         raise ValueError(f"one accuracy per window for both models (got {len(candidate)} and {len(champion)})")
     new_gap = candidate[-1] - champion[-1]
     forgetting = past_window_drop(candidate, champion)
     reasons = []
-    if new_gap < -new_window_tolerance - _EPS:
+    if min_gain is not None:
+        if new_gap < min_gain - _EPS:
+            reasons.append(
+                f"new window accuracy {candidate[-1]:.3f} gains {new_gap:+.3f} on the champion's {champion[-1]:.3f}, "
+                f"less than gates.min_gain {min_gain}"
+            )
+    elif new_gap < -new_window_tolerance - _EPS:
         reasons.append(
             f"new window accuracy {candidate[-1]:.3f} is below the champion's {champion[-1]:.3f} by more than {new_window_tolerance}"
         )
