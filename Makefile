@@ -1,4 +1,4 @@
-# make quickstart: set up .venv, then run the whole lifecycle on an embedded local Ray (about 10 min).
+# make quickstart: set up .venv, then run the whole lifecycle on an embedded local Ray (about 2 min after setup).
 # make test:       set up .venv, then run the whole test suite.
 PYTHON ?= python3
 VENV   := .venv
