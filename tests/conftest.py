@@ -90,7 +90,7 @@ def tiny_tokenizer(topic_rows, demo_data, tmp_path_factory):
     return out
 
 
-def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-classification", seed=0, rows=None, export=True):
+def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-classification", seed=0, rows=None, export=True, n_layer=2):
     """Register a tiny GPT-2 with random weights (seeded) the way training registers one:
     HF files + tokenizer, ONNX and int8 exported first, records on the card. Returns the version."""
     import shutil
@@ -105,7 +105,7 @@ def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-clas
     workdir = Path(workdir) / f"{name}-{seed}"
     torch.manual_seed(seed)
     tok = load_tokenizer(tokenizer_dir)
-    cfg = ModelConfig(task=task, hf_config={"n_layer": 2, "n_embd": 32, "n_head": 2}, max_length=32, tokenizer=str(tokenizer_dir))
+    cfg = ModelConfig(task=task, hf_config={"n_layer": n_layer, "n_embd": 32, "n_head": 2}, max_length=32, tokenizer=str(tokenizer_dir))
     model = build_model(cfg, tok, labels=LABELS if task == "sequence-classification" else None)
     model.save_pretrained(workdir / "hf")
     for f in Path(tokenizer_dir).iterdir():

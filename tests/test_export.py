@@ -65,6 +65,60 @@ def test_backends_agree_on_the_same_inputs(store, tiny_tokenizer, topic_rows):
     assert truncated == [False, False, False, True]
 
 
+def test_a_new_version_of_the_same_architecture_reuses_its_parents_graph(store, tiny_tokenizer, topic_rows, tmp_path):
+    """A cycle's candidate gets its champion's ONNX graph with its own weights (no tracing); the
+    ONNX logits are the candidate's, not the champion's. Another architecture is exported afresh."""
+    import shutil
+
+    from lifelong.export import OnnxTemplate
+    from lifelong.models import load_for_inference
+
+    registry = store["registry"]
+    untrained = register_tiny(registry, "tmpl", tiny_tokenizer, store["work"], seed=11, rows=topic_rows[:100])
+    untrained_dir, card = registry.local_dir("tmpl", untrained), registry.card("tmpl", untrained)
+    rows = [{"text": r["text"], "label": i % 4} for i, r in enumerate(topic_rows[:64])]
+
+    def trained(src, dest):  # every weight changed, as training changes them
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.onnx", "card.json"))
+        model = load_for_inference(dest, "sequence-classification")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(dest)
+        return dest
+
+    parent_dir = trained(untrained_dir, tmp_path / "parent")
+    export_files(parent_dir, "sequence-classification", card.max_length, ExportSection(), parent_dir, rows, ("onnx",))
+    template = OnnxTemplate(parent_dir / "model.onnx", parent_dir, "tmpl:2")
+    child = trained(parent_dir, tmp_path / "child")
+    reused = export_files(
+        child, "sequence-classification", card.max_length, ExportSection(), tmp_path / "reused", rows, ("onnx",), template
+    )
+    assert reused.records["onnx"]["exporter"] == "weights written into the graph of tmpl:2"
+    assert reused.records["onnx"]["parity_max_abs_diff"] <= 1e-4
+    ours = Classifier(child, "onnx", card.max_length, onnx_path=reused.files["model.onnx"]).probabilities(TEXTS)[0]
+    np.testing.assert_allclose(ours, Classifier(child, "torch", card.max_length).probabilities(TEXTS)[0], atol=1e-5)
+    assert not np.allclose(ours, Classifier(parent_dir, "onnx", card.max_length).probabilities(TEXTS)[0], atol=1e-3)
+    # An untrained template (its equal biases share one initializer) is not used: a fresh export.
+    untouched = OnnxTemplate(untrained_dir / "model.onnx", untrained_dir, f"tmpl:{untrained}")
+    fresh = export_files(child, "sequence-classification", card.max_length, ExportSection(), tmp_path / "f1", rows, ("onnx",), untouched)
+    assert fresh.records["onnx"]["exporter"].startswith("torch.onnx dynamo")
+    # Nor a template of another architecture (3 layers instead of 2).
+    other = register_tiny(registry, "tmpl-other", tiny_tokenizer, store["work"], seed=12, rows=topic_rows[:100], n_layer=3)
+    other_dir = registry.local_dir("tmpl-other", other)
+    fresh = export_files(
+        child,
+        "sequence-classification",
+        card.max_length,
+        ExportSection(),
+        tmp_path / "fresh",
+        rows,
+        ("onnx",),
+        OnnxTemplate(other_dir / "model.onnx", other_dir, f"tmpl-other:{other}"),
+    )
+    assert fresh.records["onnx"]["exporter"].startswith("torch.onnx dynamo") and fresh.records["onnx"]["parity_max_abs_diff"] <= 1e-4
+
+
 def test_int8_gate_refuses_a_drop_above_the_limit(store, tiny_tokenizer, topic_rows, tmp_path):
     """Rows labelled with the fp32 model's own answers: fp32 scores 1.0, so any int8 flip is a drop."""
     registry = store["registry"]

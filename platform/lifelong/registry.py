@@ -108,6 +108,7 @@ class ExportRecord(_Record):
     files: dict[str, int] = {}
     added_at: str | None = None
     parity_max_abs_diff: float | None = None
+    opset: int | None = None
     max_length: int | None = None
     rows: int | None = None
     accuracy_fp32: float | None = None

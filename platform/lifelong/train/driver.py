@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from lifelong.config import JobConfig
 from lifelong.data import DataReport, TokenizerRef, ValidatedData, read_validated, text_iterator, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError
-from lifelong.export import ExportResult, export_files, should_export_on_register
+from lifelong.export import ExportResult, OnnxTemplate, export_files, should_export_on_register
 from lifelong.models import train_tokenizer
 from lifelong.registry import Registry, ResolvedModel
 from lifelong.storage import Storage, is_uri
@@ -353,14 +353,29 @@ def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | N
             },
             **(extra_card or {}),
         }
-        exported = export_on_register(config, Path(ckpt_dir) / "hf", prep.data.validation_rows, work)
+        exported = export_on_register(config, Path(ckpt_dir) / "hf", prep.data.validation_rows, work, onnx_template(prep.parent, config))
         card["exports"] = exported.records
         version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card, extra_files=exported.files)
     epochs = [h["epoch"] for h in state.get("history", [])]
     return TrainingOutcome(run_name, result.path, version, config.name, card["metrics"], report, epochs)
 
 
-def export_on_register(config: JobConfig, model_dir: Path, validation_rows: ray.data.Dataset | None, workdir: str) -> ExportResult:
+def onnx_template(parent: ResolvedModel | None, config: JobConfig) -> OnnxTemplate | None:
+    """The parent version's ONNX graph, when it was exported as this run would be (same opset and
+    sequence length, weights inside the file): a cycle's candidate then reuses its champion's."""
+    if parent is None or parent.card is None or "onnx" not in parent.card.exports:
+        return None
+    record = parent.card.exports["onnx"]
+    onnx_path = parent.local_dir / "model.onnx"
+    same = record.max_length == config.model.max_length and record.opset == config.export.opset
+    if not same or not onnx_path.is_file() or (parent.local_dir / "model.onnx.data").exists():
+        return None
+    return OnnxTemplate(onnx_path, parent.local_dir, parent.ref)
+
+
+def export_on_register(
+    config: JobConfig, model_dir: Path, validation_rows: ray.data.Dataset | None, workdir: str, template: OnnxTemplate | None = None
+) -> ExportResult:
     """ONNX (and a gated int8 variant) of a new version, built before it is registered."""
     task = config.model.task
     if not should_export_on_register(config.export, task):
@@ -368,7 +383,7 @@ def export_on_register(config: JobConfig, model_dir: Path, validation_rows: ray.
     classification = task == "sequence-classification"
     formats = ("onnx", "onnx-int8") if classification and config.export.int8 else ("onnx",)
     rows = validation_rows.take(config.export.eval_rows) if classification and validation_rows is not None else None
-    exported = export_files(model_dir, task, config.model.max_length, config.export, workdir, rows, formats)
+    exported = export_files(model_dir, task, config.model.max_length, config.export, workdir, rows, formats, template)
     for fmt, record in exported.records.items():
         print(f"[lifelong] export {fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)
     for fmt, reason in exported.refused.items():
