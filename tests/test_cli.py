@@ -219,31 +219,122 @@ def test_an_unreachable_or_wrong_kind_of_address_is_one_line_within_seconds(tmp_
         assert "Traceback" not in out.stderr and time.monotonic() - started < 60
 
 
-def test_submit_uploads_the_project_without_secrets_or_local_data_but_with_the_configs_data(tmp_path):
-    from lifelong.submit import stage, upload_rules
-
-    project = tmp_path / "project"
-    files = {
-        "jobs/pretrain.py": "print()",
-        "platform/lifelong/x.py": "",
-        "configs/a.yaml": "name: a",
-        "data/demo/corpus.jsonl": '{"text": "carried: the config names it"}\n',
-        "data/private/big.jsonl": "stays",
-        ".env": "AWS_SECRET_ACCESS_KEY=x",
-        "deploy/.env.prod": "x",
-        "serve-token.txt": "t0ken",
-        "keys/cluster.pem": "x",
-        "venv/bin/python": "x",
-        "notes/draft.md": "x",
-        "scratch.log": "x",
-        ".gitignore": "*.log\n",
-    }
+def _project(root, files: dict[str, str]):
     for rel, text in files.items():
-        (project / rel).parent.mkdir(parents=True, exist_ok=True)
-        (project / rel).write_text(text)
-    staged, uploaded = stage(project, upload_rules(project, ["notes/"]), [project / "data/demo/corpus.jsonl"])
-    assert uploaded == [".gitignore", "configs/a.yaml", "data/demo/corpus.jsonl", "jobs/pretrain.py", "platform/lifelong/x.py"]
-    assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == uploaded
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_what_submit_uploads_is_what_rays_upload_takes_and_carried_data_arrives(tmp_path, monkeypatch):
+    """The files are decided with Ray's own upload rules (.gitignore and .rayignore at every
+    level, the excludes); data a rule leaves behind is refused naming the rule, or carried with
+    --carry-data; and Ray's zip of the staged copy holds exactly the planned files."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    from lifelong.errors import LifelongError
+    from lifelong.submit import Upload, plan, stage
+
+    project = _project(
+        tmp_path / "project",
+        {
+            "jobs/pretrain.py": "print()",
+            "platform/lifelong/x.py": "",
+            "configs/a.yaml": open(f"{CONFIGS}/gpt2/tiny_pretrain.yaml").read(),
+            "data/demo/corpus.jsonl": '{"text": "the config names it"}\n',
+            "data/private/big.jsonl": "stays",
+            "data/credentials.jsonl": '{"text": "x"}\n',
+            "tokenizers/gpt2/tokenizer.json": "{}",
+            ".env": "AWS_SECRET_ACCESS_KEY=x",
+            "deploy/.env.prod": "x",
+            "serve-token.txt": "t0ken",
+            "keys/cluster.pem": "x",
+            "venv/bin/python": "x",
+            "notes/draft.md": "x",
+            "scratch.log": "x",
+            "docs/guide.md": "x",
+            "docs/drafts/wip.md": "x",
+            "docs/.rayignore": "# not for the cluster\ndrafts/\n",
+            ".gitignore": "*.log\ndata/\n",
+        },
+    )
+    config = project / "configs/a.yaml"
+    args = ["storage.root=s3://bucket/root", "submit.exclude=[notes/]"]
+    with pytest.raises(LifelongError) as refused:
+        plan("pretrain", config, args, project)
+    assert "data.path 'data/demo/corpus.jsonl' would not reach the cluster: .gitignore line 2 'data/' leaves" in str(refused.value)
+    assert "Add --carry-data" in str(refused.value)
+
+    checked = plan("pretrain", config, args, project, carry_data=True)
+    expected = [".gitignore", "configs/a.yaml", "data/demo/corpus.jsonl", "docs/.rayignore", "docs/guide.md", "jobs/pretrain.py"]
+    assert checked.files == [*expected, "platform/lifelong/x.py", "tokenizers/gpt2/tokenizer.json"]
+    assert checked.carried == ["data/demo/corpus.jsonl"]
+    assert checked.command == "python jobs/pretrain.py configs/a.yaml storage.root=s3://bucket/root 'submit.exclude=[notes/]'"
+    staged = stage(checked)
+    create_package(str(staged), tmp_path / "package.zip", include_gitignore=True)  # what Ray uploads from it
+    zipped = sorted(n for n in zipfile.ZipFile(tmp_path / "package.zip").namelist() if not n.endswith("/"))
+    assert zipped == [f for f in checked.files if f.rsplit("/", 1)[-1] not in (".gitignore", ".rayignore")]
+    assert (staged / "data/demo/corpus.jsonl").read_text() == '{"text": "the config names it"}\n'
+
+    upload = Upload(project, ["notes/"])
+    assert str(upload.rule_for("docs/drafts/wip.md")) == "docs/.rayignore line 2 'drafts/'"
+    assert str(upload.rule_for("notes/draft.md")) == "submit.exclude in the config 'notes/'"
+    assert str(upload.rule_for("keys/cluster.pem")) == "lifelong submit's secrets rule '*.pem'"
+    assert upload.rule_for("docs/guide.md") is None
+    with pytest.raises(LifelongError, match=r"looks like a secret \(lifelong submit's secrets rule '\*credential\*'\)"):
+        plan("pretrain", config, [*args, "data.path=data/credentials.jsonl"], project, carry_data=True)
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # Ray's own switch: then .gitignore does not apply
+    assert "scratch.log" in Upload(project, []).files and "data/private/big.jsonl" in Upload(project, []).files
+
+
+def test_submit_takes_the_project_from_the_current_directory_or_project(tmp_path):
+    """`lifelong submit` names the rule that leaves a config's data behind, before anything
+    travels; the project is the current directory (or --project), not the installed package's."""
+    project = _project(
+        tmp_path / "project",
+        {
+            "jobs/pretrain.py": "print()",
+            "configs/a.yaml": open(f"{CONFIGS}/gpt2/tiny_pretrain.yaml").read(),
+            "data/demo/corpus.jsonl": '{"text": "x"}\n',
+            ".gitignore": "data/demo/\n",
+        },
+    )
+    nobody = "--address=http://127.0.0.1:9"
+    common = ["submit", "pretrain", "configs/a.yaml", f"storage.root={tmp_path / 'store'}", nobody]
+    out = subprocess.run([sys.executable, "-m", "lifelong.cli", *common], capture_output=True, text=True, timeout=120, cwd=project)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert ".gitignore line 1 'data/demo/' leaves data/demo/corpus.jsonl behind" in out.stderr and "--carry-data" in out.stderr
+    carried = lifelong(*common[:2], project / "configs/a.yaml", *common[3:], "--carry-data", "--project", project)
+    assert carried.returncode == 2 and "cannot reach the Ray dashboard at http://127.0.0.1:9" in carried.stderr, carried.stderr
+    elsewhere = subprocess.run([sys.executable, "-m", "lifelong.cli", *common], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert elsewhere.returncode == 2 and f"{tmp_path} is not a lifelong project (it has no jobs/ directory)" in elsewhere.stderr
+
+
+def test_submit_refuses_an_upload_over_rays_size_limit_naming_the_largest_files(tmp_path):
+    """Ray refuses a working directory whose zip reaches its gRPC limit (RAY_max_grpc_message_size,
+    512 MiB by default); submit says so before anything travels, with the files to leave behind."""
+    import os
+
+    project = _project(
+        tmp_path / "project", {"jobs/pretrain.py": "print()", "configs/a.yaml": open(f"{CONFIGS}/gpt2/tiny_pretrain.yaml").read()}
+    )
+    (project / "weights.bin").write_bytes(os.urandom(300_000))  # random bytes: the zip cannot shrink them
+    args = [
+        "submit",
+        "pretrain",
+        "configs/a.yaml",
+        f"storage.root={tmp_path / 'store'}",
+        f"data.path={tmp_path}",
+        "--address=http://127.0.0.1:9",
+    ]
+    env = {**os.environ, "RAY_max_grpc_message_size": "200000"}
+    out = subprocess.run([sys.executable, "-m", "lifelong.cli", *args], capture_output=True, text=True, timeout=120, cwd=project, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    message = " ".join(out.stderr.split())
+    assert "over Ray's 0.2 MiB limit for a job's working directory; the largest files: weights.bin (0.3 MiB)" in message, message
+    assert "cannot reach" not in message  # refused before connecting
 
 
 def test_submit_refuses_what_would_point_into_the_jobs_temporary_copy(tmp_path):

@@ -497,12 +497,25 @@ def submit(
     address: DashboardOpt = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Stream the job's logs until it ends and exit with its status.")] = True,
     submission_id: Annotated[Optional[str], typer.Option("--id", help="The job's submission id (default: generated).")] = None,
+    project: Annotated[
+        Optional[Path], typer.Option("--project", help="The project directory that travels (default: the current directory).")
+    ] = None,
+    carry_data: Annotated[
+        bool,
+        typer.Option(
+            "--carry-data",
+            help="Upload the local files the config names (data.path, model.tokenizer, an init_from directory) with the job "
+            "even where .gitignore, .rayignore or the excludes leave them behind (never files that look like secrets).",
+        ),
+    ] = False,
 ) -> None:
     """Run jobs/JOB.py CONFIG on a Ray cluster: the project is its working directory; logs stream here.
     The job's own flags pass through: `lifelong submit continual CONFIG --once`, `... tune CONFIG --promote`."""
     from lifelong.submit import submit as submit_job
 
-    job_id, status = submit_job(job, config, overrides or [], address, wait=wait, submission_id=submission_id)
+    job_id, status = submit_job(
+        job, config, overrides or [], address, project=project, carry_data=carry_data, wait=wait, submission_id=submission_id
+    )
     console.print(f"{job_id}: {status}")
     if wait and status != "SUCCEEDED":
         sys.exit(1)
