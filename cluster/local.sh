@@ -1,30 +1,66 @@
 #!/usr/bin/env bash
 # A local multi-node Ray cluster for trying `lifelong submit` against: a head plus N worker nodes,
 # all processes on this machine, token authentication on.
-#   cluster/local.sh start [N]   (default N=1) → prints the address and how to submit
+#   cluster/local.sh start [N]   (default N=1) → returns once the dashboard answers and every node
+#                                has joined, then prints the address and how to submit
 #   cluster/local.sh stop        stops only the processes this script started (each node is its own
 #                                process group, whose leader's pid is in $STATE)
+# Each node has its own temp directory: nodes that shared one would share the directory Ray unpacks
+# a job's working directory into, and one node's clean-up would delete it under the other.
+# The head's ports other than 6380 and 8265 are set too, away from Ray's defaults, so that another
+# Ray on this machine (an embedded one of `lifelong pretrain`, say) does not collide with it.
 set -euo pipefail
+shopt -s nullglob
 PROJECT="$(cd "$(dirname "$0")/.." && pwd)"
 BIN="$PROJECT/.venv/bin"
 STATE="${LIFELONG_LOCAL_CLUSTER:-/tmp/lifelong-local-cluster}"
 export PATH="$BIN:$PATH" RAY_AUTH_MODE=token
+
+nodes_up() { timeout 15 "$BIN/ray" status --address=127.0.0.1:6380 2>/dev/null | grep -cE '^ *1 node_' || true; }
+alive() { for f in "$STATE"/head.pid "$STATE"/worker-*.pid; do kill -0 "$(cat "$f")" 2>/dev/null || return 1; done; }
+fail() {
+  echo "the cluster did not come up ($1); the logs' last lines (all in $STATE):" >&2
+  tail -n 5 "$STATE"/*.log >&2
+  "$0" stop
+  exit 1
+}
+dashboard_up() {
+  "$BIN/python" - <<'PY'
+import sys, urllib.error, urllib.request
+try:
+    urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=2)
+except urllib.error.HTTPError:
+    pass  # it answers (401 without a token): it is up
+except OSError:
+    sys.exit(1)
+PY
+}
+
 case "${1:-start}" in
   start)
     test -x "$BIN/ray" || { echo "run 'make setup' first" >&2; exit 2; }
+    workers="${2:-1}"
     test -s "$HOME/.ray/auth_token" || "$BIN/ray" get-auth-token --generate >/dev/null
     mkdir -p "$STATE"
     setsid nohup "$BIN/ray" start --head --block --port=6380 --dashboard-host=127.0.0.1 --dashboard-port=8265 \
+      --dashboard-agent-listen-port=52400 --metrics-export-port=52500 \
       --num-cpus=2 --temp-dir="$STATE/ray" >"$STATE/head.log" 2>&1 &
     echo $! >"$STATE/head.pid"
-    for _ in $(seq 60); do "$BIN/ray" status --address=127.0.0.1:6380 >/dev/null 2>&1 && break; sleep 1; done
-    for i in $(seq "${2:-1}"); do
-      setsid nohup "$BIN/ray" start --block --address=127.0.0.1:6380 --num-cpus=2 \
+    for i in $(seq "$workers"); do
+      for _ in $(seq 60); do alive || fail "a node exited"; [ "$(nodes_up)" -ge 1 ] && break; sleep 1; done
+      setsid nohup "$BIN/ray" start --block --address=127.0.0.1:6380 --num-cpus=2 --temp-dir="$STATE/ray-$i" \
         --dashboard-agent-listen-port=$((52400 + i)) --metrics-export-port=$((52500 + i)) >"$STATE/worker-$i.log" 2>&1 &
       echo $! >"$STATE/worker-$i.pid"
     done
-    echo "Ray cluster up: dashboard http://127.0.0.1:8265 (token in ~/.ray/auth_token)"
-    echo "  .venv/bin/lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=\$PWD/lifelong-store --address http://127.0.0.1:8265"
+    up=""
+    for _ in $(seq 120); do
+      alive || fail "a node exited"
+      [ "$(nodes_up)" -ge $((workers + 1)) ] && dashboard_up && up=1 && break
+      sleep 1
+    done
+    [ -n "$up" ] || fail "$(nodes_up) of $((workers + 1)) nodes after 120 s"
+    echo "Ray cluster up: $((workers + 1)) nodes, dashboard http://127.0.0.1:8265 (token in ~/.ray/auth_token)"
+    echo "  .venv/bin/lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=\$PWD/lifelong-store --carry-data --address http://127.0.0.1:8265"
     ;;
   stop)
     for f in "$STATE"/worker-*.pid "$STATE"/head.pid; do

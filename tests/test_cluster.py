@@ -96,7 +96,10 @@ class LocalCluster:
         )
         self._wait_for(lambda: self._nodes() >= 1, "the head node")
         for i, name in enumerate(workers):
-            self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", *_node_ports()])
+            # Its own temp dir, as a node on another machine has: nodes sharing one would share the
+            # directory a job's working_dir is unpacked into, and one node's clean-up would delete it.
+            node = [f"--address=127.0.0.1:{self.gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={self.temp}/{name}"]
+            self._start(name, [*node, *_node_ports()])
             self._wait_for(lambda i=i: self._nodes() >= 2 + i, f"node {name}")
         return self
 
