@@ -36,7 +36,32 @@ def check_job_command(command: str) -> None:
     assert (Path(ROOT) / config).is_file(), f"{config} does not exist"
     flags = {a for a in rest if a.startswith("--")}
     assert flags <= JOB_FLAGS.get(job, set()), f"jobs/{job}.py takes no {flags - JOB_FLAGS.get(job, set())}"
-    load_config(Path(ROOT) / config, [a for a in rest if not a.startswith("--")])  # every override is a valid key
+    check_names_what_exists(load_config(Path(ROOT) / config, [a for a in rest if not a.startswith("--")], resolve_paths=False), command)
+
+
+def image_contents() -> list[str]:
+    """What the Dockerfile copies into the image's working directory."""
+    lines = (CLUSTER / "Dockerfile").read_text().splitlines()
+    return [src for line in lines if line.startswith("COPY") for src in line.split()[1:-1] if not src.startswith("--")]
+
+
+def check_names_what_exists(config, where: str) -> None:
+    """Every path the config names is a URI on storage (s3://…) or exists in the image: a job
+    reads them on the cluster, where nothing but the image and the storage root is."""
+    assert config.storage.root.startswith("s3://"), f"{where}: storage.root {config.storage.root} is not on shared storage"
+    named = {
+        "data.path": config.data.path if config.data else None,
+        "model.tokenizer": config.model.tokenizer,
+        "model.init_from": config.model.init_from if config.model.init_from and "/" in config.model.init_from else None,
+        "continual.landing": config.continual.landing,
+        "serve.auth.token_file": config.serve.auth.token_file,
+    }
+    image = image_contents()
+    for key, value in named.items():
+        if not value or "://" in value:
+            continue
+        in_image = any(value == src or value.startswith(src.rstrip("/") + "/") for src in image) and (Path(ROOT) / value).exists()
+        assert in_image, f"{where}: {key} {value!r} is neither in the image (it copies {', '.join(image)}) nor a storage URI"
 
 
 def test_every_manifest_parses_and_names_things_that_exist():
@@ -72,8 +97,9 @@ def test_the_rayservice_serve_config_builds_from_the_project():
     builder = getattr(importlib.import_module(module), attr)
     assert callable(builder)
     args = app["args"]
-    config = load_config(Path(ROOT) / args["config"], args["overrides"])
+    config = load_config(Path(ROOT) / args["config"], args["overrides"], resolve_paths=False)
     assert config.serve.alias == "champion" and config.storage.root.startswith("s3://")
+    check_names_what_exists(config, "rayservice.yaml")
     assert app["runtime_env"]["env_vars"]["PYTHONPATH"] == f"{IMAGE_WORKDIR}/platform"
     # It binds 0.0.0.0, so /v1 needs the token, which comes from a Kubernetes secret on every node.
     assert serve_config["http_options"]["host"] == "0.0.0.0" and config.serve.auth.token_env
@@ -92,10 +118,9 @@ def test_the_rayservice_serve_config_builds_from_the_project():
 def test_the_image_copies_what_the_jobs_need():
     text = (CLUSTER / "Dockerfile").read_text()
     assert f"WORKDIR {IMAGE_WORKDIR}" in text
-    copied = [line.split()[-2] for line in text.splitlines() if line.startswith("COPY")]
-    sources = [s for line in text.splitlines() if line.startswith("COPY") for s in line.split()[1:-1] if not s.startswith("--")]
+    sources = image_contents()
     assert {"platform", "jobs", "configs", "pyproject.toml"} <= set(sources), sources
-    assert all((Path(ROOT) / s).exists() for s in sources), copied
+    assert all((Path(ROOT) / s).exists() for s in sources), sources
     from_line = next(line for line in text.splitlines() if line.startswith("FROM"))
     assert f"rayproject/ray:{ray.__version__}-" in from_line
 
