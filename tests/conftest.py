@@ -27,8 +27,10 @@ def ray_session():
 
     from lifelong.runtime import connect
 
-    # Logical CPUs above the 2 cores, so 2 training workers and the data tasks coexist.
-    connect(num_cpus=6, dashboard=True)  # sweeps need its state API (lifelong.runtime.connect)
+    # Logical CPUs above the 2 cores, so 2 training workers and the data tasks coexist. Sweeps
+    # need the dashboard's state API (lifelong.runtime.connect); off 8265, which the README's
+    # local cluster (cluster/local.sh, test_readme_commands) binds as printed.
+    connect(num_cpus=6, dashboard=True, dashboard_port=free_port())
     yield ray
     ray.shutdown()
 

@@ -530,18 +530,22 @@ def jobs_list(address: DashboardOpt = None) -> None:
 
     address = resolve_address(address)
     jobs = client(address)
-    table = Table(title=f"jobs on {address}")
-    for col in ("id", "status", "started", "ended"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("entrypoint", overflow="fold")
 
     def stamp(ms):
         return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else ""
 
-    for info in sorted(_call(address, jobs.list_jobs), key=lambda i: i.start_time or 0, reverse=True):
-        table.add_row(
-            info.submission_id or info.job_id or "", str(info.status), stamp(info.start_time), stamp(info.end_time), info.entrypoint
-        )
+    rows = [
+        (info.submission_id or info.job_id or "", str(info.status), stamp(info.start_time), stamp(info.end_time), info.entrypoint)
+        for info in sorted(_call(address, jobs.list_jobs), key=lambda i: i.start_time or 0, reverse=True)
+    ]
+    table = Table(title=f"jobs on {address}")
+    # Ids and statuses are never cut (they are copied into `jobs logs`, grepped); the rest folds.
+    for i, col in enumerate(("id", "status")):
+        table.add_column(col, no_wrap=True, min_width=max((len(r[i]) for r in rows), default=0))
+    for col in ("started", "ended", "entrypoint"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

@@ -11,13 +11,16 @@ import ray
 from lifelong.errors import LifelongError, first_line
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0, dashboard: bool = False) -> str:
+def connect(
+    address: str | None = None, num_cpus: int | None = None, min_cpus: float = 0, dashboard: bool = False, dashboard_port: int | None = None
+) -> str:
     """Join a cluster when an address is given (argument, then RAY_ADDRESS); else start one here.
 
     An embedded Ray gets more logical CPUs than the machine's cores when needed, so that the
     training workers and the Ray Data tasks feeding them can all be scheduled. `dashboard`
     starts its dashboard too (~8 s more here): sweeps need the state API it serves, without
     which Ray Train cannot free the workers of a trial that the scheduler stopped early.
+    `dashboard_port` moves it off Ray's default 8265 (taken by a local cluster's head, say).
     Returns a short description of what it connected to.
     """
     if ray.is_initialized():
@@ -36,7 +39,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, min_cpus: f
             ) from None
         return f"Ray cluster at {address}"
     cpus = num_cpus or max(os.cpu_count() or 1, int(min_cpus) + 2, 4)
-    ray.init(num_cpus=cpus, include_dashboard=dashboard, logging_level=logging.WARNING)
+    ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_port=dashboard_port, logging_level=logging.WARNING)
     return f"an embedded local Ray ({cpus} logical CPUs)"
 
 

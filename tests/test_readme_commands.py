@@ -1,0 +1,295 @@
+"""The commands a user is shown, run as printed: every command of the README's user-guide table,
+its local-cluster example and the first line of every shipped config, each a subprocess in a
+fresh copy of the project (the files a clone has, plus this checkout's .venv), on the copy's own
+empty storage root, in the order a user meets them, with each one's documented outcome asserted.
+
+`test_every_shown_command_is_run` ties this module to the README and the configs: a command
+shown there and not run here (or run here and no longer shown) fails it, so when the README or a
+config changes, this module changes with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT
+
+README = Path(ROOT) / "README.md"
+CONFIGS = sorted((Path(ROOT) / "configs").glob("*/*.yaml"))
+CLUSTER = "--address http://127.0.0.1:8265"
+SERVE = "exec lifelong serve configs/gpt2/tiny_serve.yaml"
+ON_CLUSTER = "storage.root=$PWD/lifelong-store continual.landing=$PWD/data/landing"
+ON_S3 = "lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=s3://BUCKET/lifelong data.path=s3://BUCKET/corpus.jsonl"
+
+
+@dataclass
+class Step:
+    shown: list[str]  # the commands as the README or a config prints them (placeholders and all)
+    run: str  # what is typed, in the project's directory (bash)
+    expect: tuple[str, ...] = ()  # lines of the documented outcome, in its output
+    code: int = 0
+
+
+# In the order a user meets them. A placeholder in the README (NAME, ALIAS, ID, BUCKET, HEAD) is
+# given a value from the steps before; `{job}` is the id of the job submitted by the step before.
+STEPS = [
+    Step(["lifelong data demo data/demo"], "lifelong data demo data/demo", ("wrote data/demo/corpus.jsonl",)),
+    # The README's local-cluster example, as printed, on the demo data: it registers tiny-gpt2:1.
+    Step(["cluster/local.sh start 1"], "cluster/local.sh start 1", ("Ray cluster up: 2 nodes",)),
+    Step(
+        [
+            ".venv/bin/lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=$PWD/lifelong-store --carry-data --address http://127.0.0.1:8265",
+            f"{ON_S3} --address http://HEAD:8265",
+            f"{ON_S3} --carry-data",
+        ],
+        ".venv/bin/lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=$PWD/lifelong-store --carry-data --address http://127.0.0.1:8265",
+        ("1 of them carried (--carry-data)", "registered tiny-gpt2:1", "SUCCEEDED"),
+    ),
+    Step(
+        [".venv/bin/lifelong jobs list --address http://127.0.0.1:8265", "lifelong jobs list", "lifelong jobs list --address"],
+        ".venv/bin/lifelong jobs list --address http://127.0.0.1:8265",
+        ("{job} │ SUCCEEDED",),
+    ),
+    Step(["lifelong jobs logs ID [--follow]"], f"lifelong jobs logs {{job}} {CLUSTER}", ("registered tiny-gpt2:1",)),
+    # The same config and data here: the same run, already registered by the cluster's job.
+    Step(
+        ["lifelong pretrain configs/gpt2/tiny_pretrain.yaml"],
+        "lifelong pretrain configs/gpt2/tiny_pretrain.yaml",
+        ("the best checkpoint is already registered as tiny-gpt2:1", "lifelong models promote tiny-gpt2:1 --alias champion"),
+    ),
+    Step(
+        ["lifelong models promote NAME:3 --alias champion"],
+        "lifelong models promote tiny-gpt2:1 --alias champion",
+        ("tiny-gpt2@champion: None → 1",),
+    ),
+    Step(
+        ["lifelong finetune configs/gpt2/tiny_finetune.yaml model.init_from=tiny-gpt2@champion"],
+        "lifelong finetune configs/gpt2/tiny_finetune.yaml model.init_from=tiny-gpt2@champion",
+        ("registered tiny-topics:1", "export onnx: parity_max_abs_diff="),
+    ),
+    # The config's own first line: the same config and data, so the same run and version.
+    Step(
+        ["lifelong finetune configs/gpt2/tiny_finetune.yaml"],
+        "lifelong finetune configs/gpt2/tiny_finetune.yaml",
+        ("the best checkpoint is already registered as tiny-topics:1",),
+    ),
+    Step([], "lifelong models promote tiny-topics:1 --alias champion", ("tiny-topics@champion: None → 1",)),
+    Step(
+        ["lifelong evaluate configs/gpt2/tiny_finetune.yaml --model tiny-topics@champion --data data/demo/topics.jsonl"],
+        "lifelong evaluate configs/gpt2/tiny_finetune.yaml --model tiny-topics@champion --data data/demo/topics.jsonl",
+        ("accuracy",),
+    ),
+    # A smaller search than the config's (3 trials of 2 epochs), the rest as printed.
+    Step(
+        ["lifelong tune configs/gpt2/tiny_tune.yaml", "lifelong tune configs/gpt2/tiny_tune.yaml [--resume] [--promote]"],
+        "lifelong tune configs/gpt2/tiny_tune.yaml tune.num_samples=3 train.epochs=2",
+        ("registered as tiny-topics:2 with alias challenger",),
+    ),
+    Step(
+        ["lifelong tune configs/gpt2/tiny_tune.yaml --resume", "lifelong tune configs/gpt2/tiny_tune.yaml --promote"],
+        "lifelong tune configs/gpt2/tiny_tune.yaml tune.num_samples=3 train.epochs=2 --resume --promote",
+        ("registered as tiny-topics:2 with alias champion",),
+    ),
+    Step(["lifelong export tiny-gpt2:1"], "lifelong export tiny-gpt2:1", ("tiny-gpt2:1 onnx: parity_max_abs_diff=",)),
+    Step(["lifelong models list"], "lifelong models list", ("tiny-gpt2", "tiny-topics")),
+    Step(["lifelong models show NAME@ALIAS"], "lifelong models show tiny-topics@champion", ('"version": 2',)),
+    Step(["lifelong models rollback NAME"], "lifelong models rollback tiny-topics", ("tiny-topics@champion: rolled back 2 → 1",)),
+    # Served: the README's requests, then Ctrl-C (`serve_and_ask`).
+    Step(["lifelong serve configs/gpt2/tiny_serve.yaml"], SERVE),
+    Step(["lifelong data stream data/stream --windows 4"], "lifelong data stream data/stream --windows 4", ("wrote 4 windows",)),
+    Step(
+        ["mkdir -p data/landing && cp data/stream/window-000/* data/landing/"],
+        "mkdir -p data/landing && cp data/stream/window-000/* data/landing/",
+    ),
+    Step(
+        [
+            "lifelong continual configs/gpt2/tiny_continual.yaml",
+            "lifelong continual configs/gpt2/tiny_continual.yaml --once",
+            "lifelong continual configs/gpt2/tiny_continual.yaml [--once]",
+        ],
+        "lifelong continual configs/gpt2/tiny_continual.yaml --once",
+        ("cycle of stream 'tiny-topics': promoted (window 0)", "→ version 3"),
+    ),
+    Step(
+        ["lifelong continual report configs/gpt2/tiny_continual.yaml"],
+        "lifelong continual report configs/gpt2/tiny_continual.yaml",
+        ("'consumed': 2", "report.json"),
+    ),
+    Step(
+        ["lifelong continual ledger configs/gpt2/tiny_continual.yaml"],
+        "lifelong continual ledger configs/gpt2/tiny_continual.yaml",
+        ("consumed",),
+    ),
+    Step(
+        ["lifelong continual ledger configs/gpt2/tiny_continual.yaml --state quarantined"],
+        "lifelong continual ledger configs/gpt2/tiny_continual.yaml --state quarantined",
+    ),
+    Step(
+        [
+            "lifelong continual requeue configs/gpt2/tiny_continual.yaml --all",
+            "lifelong continual requeue configs/gpt2/tiny_continual.yaml --hash HASH",
+        ],
+        "lifelong continual requeue configs/gpt2/tiny_continual.yaml --all",
+    ),
+    # Back on the cluster: a cycle job (nothing new has landed: it says so and succeeds) ...
+    Step(
+        ["lifelong submit continual CONFIG --once"],
+        f"lifelong submit continual configs/gpt2/tiny_continual.yaml {ON_CLUSTER} --once {CLUSTER}",
+        ("SUCCEEDED",),
+    ),
+    # ... and a daemon (no --once), which keeps running, so that `jobs stop` has a job to stop.
+    Step([], f"lifelong submit continual configs/gpt2/tiny_continual.yaml {ON_CLUSTER} --no-wait {CLUSTER}", ("submitted",)),
+    Step(["lifelong jobs stop ID"], f"lifelong jobs stop {{job}} {CLUSTER}", ("stop requested",)),
+    Step(["cluster/local.sh stop"], "cluster/local.sh stop"),
+]
+
+
+def shown_in_readme() -> set[str]:
+    """Every command the user-guide table shows (a row's own flags joined to its command), and
+    the lines of the fenced block of the local-cluster example."""
+    text = README.read_text()
+    table = text.split("## User guide", 1)[1].split("\n\n", 2)[1]
+    shown = set()
+    for row in table.splitlines()[2:]:
+        spans = re.findall(r"`([^`]+)`", row.split(" | ", 1)[1])
+        commands = [("lifelong " + s if not s.startswith("lifelong") else s) for s in spans if not s.startswith("--")]
+        base = commands[0].split(" --")[0]
+        shown |= {*commands, *(f"{base} {s}" for s in spans if s.startswith("--"))}
+    example = text.split("**Try it locally**", 1)[1].split("```", 2)[1]
+    shown |= {line.strip() for line in example.splitlines() if line.strip()}
+    continual = text.split("### Continual learning", 1)[1].split("### Clusters", 1)[0]
+    blocks = continual.split("```")[1::2]
+    shown |= {line.strip() for block in blocks for line in block.splitlines() if line.startswith(("mkdir", "lifelong"))}
+    return shown
+
+
+def shown_in_configs() -> set[str]:
+    return {path.read_text().splitlines()[0].removeprefix("# ").strip() for path in CONFIGS}
+
+
+def test_every_shown_command_is_run():
+    """What the README and the configs show is what this module runs, no more and no less."""
+    run = {s for step in STEPS for s in step.shown}
+    shown = shown_in_readme() | shown_in_configs()
+    assert shown - run == set(), f"shown but never run here: {sorted(shown - run)}"
+    assert run - shown == set(), f"run here but no longer shown: {sorted(run - shown)}"
+
+
+@pytest.fixture(scope="module")
+def fresh_project(tmp_path_factory):
+    """The project as a clone has it (tracked and unignored files), with this checkout's .venv
+    linked in, a HOME of its own (no Ray token yet) and its own local-cluster state."""
+    base = tmp_path_factory.mktemp("fresh")
+    project = base / "project"
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for rel in filter(None, (f.decode() for f in files)):
+        if (Path(ROOT) / rel).is_file():
+            (project / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(ROOT) / rel, project / rel)
+    (project / ".venv").symlink_to(Path(ROOT) / ".venv")
+    home = base / "home"
+    home.mkdir()
+    bin_dir = str(Path(ROOT) / ".venv" / "bin")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LIFELONG_"))}
+    env.update(
+        HOME=str(home),
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        HF_HUB_OFFLINE="1",
+        LIFELONG_LOCAL_CLUSTER=tempfile.mkdtemp(prefix="llc-", dir="/tmp"),  # short: Ray's unix sockets live under it
+        # DeepSpeed's CPU all-reduce op, built once by `make setup` (a fresh HOME would rebuild it).
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions"),
+    )
+    yield project, env
+    subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=project, env=env, capture_output=True, timeout=120)
+    shutil.rmtree(env["LIFELONG_LOCAL_CLUSTER"], ignore_errors=True)
+
+
+def sh(command: str, project: Path, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", command], cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_the_shown_commands_work_as_printed(fresh_project):
+    project, env = fresh_project
+    job = None
+    for step in STEPS:
+        if step.run == SERVE:
+            serve_and_ask(project, env)
+            continue
+        command = step.run.format(job=job)
+        done = sh(command, project, env)
+        out = done.stdout + done.stderr
+        assert done.returncode == step.code, f"{command} exited {done.returncode}:\n{out[-4000:]}"
+        words = " ".join(out.split())  # the console wraps long lines at its width
+        for line in (e.format(job=job) for e in step.expect):
+            assert line in words, f"{command}: {line!r} not in its output:\n{out[-4000:]}"
+        # The command's own errors are one line; Ray's actors log their own (prefixed "(Actor pid=…)").
+        assert not re.search(r"^Traceback", out, re.MULTILINE), f"{command}:\n{out[-4000:]}"
+        found = re.search(r"submitted (raysubmit_\w+)", out)
+        job = found.group(1) if found else job
+    registry = project / "lifelong-store" / "registry"
+    versions = {name: sorted(p.name for p in (registry / name / "versions").iterdir()) for name in ("tiny-gpt2", "tiny-topics")}
+    assert versions == {"tiny-gpt2": ["1"], "tiny-topics": ["1", "2", "3"]}  # tiny-gpt2:1 by the cluster's job
+
+
+def serve_and_ask(project: Path, env: dict) -> None:
+    """`lifelong serve configs/gpt2/tiny_serve.yaml`, the README's requests, then Ctrl-C."""
+    server = subprocess.Popen(
+        ["bash", "-c", SERVE],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get("http://127.0.0.1:8000/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert server.poll() is None, server.stdout.read()[-4000:]
+        for line in serving_examples():
+            done = sh(line, project, env, timeout=60)
+            assert done.returncode == 0 and done.stdout.startswith("{"), (line, done.stdout, done.stderr)
+            answer = json.loads(done.stdout)
+            if "/v1/predict" in line:  # the champion, rolled back to 1
+                assert (answer["model"], answer["version"], len(answer["predictions"])) == ("tiny-topics", 1, 2), (line, answer)
+            elif "/v1/model" in line:
+                assert answer["version"] == 1, (line, answer)
+            else:  # /v1/generate on a classifier: refused, naming why
+                assert "serves a sequence-classification model: use POST /v1/predict" in answer["error"], (line, answer)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            out, _ = server.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            out, _ = server.communicate()
+    assert server.returncode in (0, 130, -signal.SIGINT), out[-4000:]
+
+
+def serving_examples() -> list[str]:
+    """The curl lines of the README's Serving section, without their comments."""
+    text = README.read_text().split("### Serving", 1)[1]
+    block = text.split("```", 2)[1]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.startswith("curl")]
