@@ -1,6 +1,10 @@
 """Ray job: continual learning on the landing zone (one cycle with --once, else a polling loop).
 
 ray job submit --working-dir . -- python jobs/continual.py configs/gpt2/tiny_continual.yaml --once [key=value ...]
+
+`lifelong submit JOB CONFIG … --address http://HEAD:8265` checks first that everything the job
+needs travels (by hand, `ray job submit --working-dir .` leaves git-ignored files behind, the
+demo data among them: give data.path as a URI or a path every node reads).
 """
 
 import sys

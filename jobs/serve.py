@@ -1,6 +1,10 @@
 """Ray job: deploy the Serve app that follows serve.alias; it keeps running after this job ends.
 
 ray job submit --working-dir . -- python jobs/serve.py configs/gpt2/tiny_serve.yaml serve.host=0.0.0.0
+
+`lifelong submit JOB CONFIG … --address http://HEAD:8265` checks first that everything the job
+needs travels (by hand, `ray job submit --working-dir .` leaves git-ignored files behind, the
+demo data among them: give data.path as a URI or a path every node reads).
 """
 
 import sys

@@ -1,6 +1,10 @@
 """Ray job: a hyperparameter sweep (Ray Tune + Optuna + ASHA) over Ray Train + DeepSpeed trials.
 
 ray job submit --working-dir . -- python jobs/tune.py configs/gpt2/tiny_tune.yaml [--resume] [--promote] [key=value ...]
+
+`lifelong submit JOB CONFIG … --address http://HEAD:8265` checks first that everything the job
+needs travels (by hand, `ray job submit --working-dir .` leaves git-ignored files behind, the
+demo data among them: give data.path as a URI or a path every node reads).
 """
 
 import sys
