@@ -76,6 +76,8 @@ def test_impossible_configs_are_refused(tmp_path, yaml_text, expected):
 def test_malformed_override_is_refused():
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(SHIPPED[0], ["train.lr"])
+    with pytest.raises(ConfigError, match="override 'train.lr.max=1': 'train.lr' is a value, not a section"):
+        load_config(SHIPPED[0], ["train.lr.max=1"])
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):

@@ -381,13 +381,11 @@ class JobConfig(Section):
         for key in self.tune.space:
             for value in self.tune.probe_values(key):
                 raw = self.model_dump(mode="json", exclude={"tune"})
-                *parents, leaf = key.split(".")
-                node = raw
-                for part in parents:
-                    if not isinstance(node.get(part), dict):
-                        raise ValueError(f"tune.space.{key}: '{key}' is not a config key")
-                    node = node[part]
-                if leaf not in node and not _accepts(parents, leaf):
+                try:
+                    node, leaf = dotted_parent(raw, key, create=False)
+                except KeyError:
+                    raise ValueError(f"tune.space.{key}: '{key}' is not a config key") from None
+                if leaf not in node and not _accepts(key.split(".")[:-1], leaf):
                     raise ValueError(f"tune.space.{key}: '{key}' is not a config key")
                 node[leaf] = value
                 try:
@@ -476,6 +474,20 @@ def absolute_paths(config: JobConfig) -> JobConfig:
     return config
 
 
+def dotted_parent(raw: dict, key: str, *, create: bool = True) -> tuple[dict, str]:
+    """The mapping that holds the dotted `key` of a raw config, and the key's last part; the
+    sections on the way are made when `create`. A missing section (not `create`) or a value
+    where a section belongs raises KeyError with the dotted path to it."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {}) if create else node.get(part)
+        if not isinstance(child, dict):
+            raise KeyError(".".join(parents[: i + 1]))
+        node = child
+    return node, leaf
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: str) -> set[str]:
     """Apply dotted `key.path=value` overrides in place; values are parsed as YAML."""
     keys = set()
@@ -483,14 +495,10 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: s
         key, sep, value = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override '{item}' (for {source}) is not of the form key.path=value, e.g. train.lr=3e-4")
-        *parents, leaf = key.split(".")
-        node = raw
-        for i, part in enumerate(parents):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parents[: i + 1])
-                raise ConfigError(f"override '{item}': '{where}' is a value, not a section")
-            node = child
+        try:
+            node, leaf = dotted_parent(raw, key)
+        except KeyError as e:
+            raise ConfigError(f"override '{item}': '{e.args[0]}' is a value, not a section") from None
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError:

@@ -19,6 +19,7 @@ trainable builds the TorchTrainer with a deterministic name so that a restored s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from lifelong.config import JobConfig, validate_config
+from lifelong.config import JobConfig, dotted_parent, validate_config
 from lifelong.errors import LifelongError
 from lifelong.storage import Storage, local_cache_dir
 
@@ -57,25 +58,14 @@ def param_space(config: JobConfig) -> dict:
 
 def trial_config(base: dict, params: dict, run_name: str, tokenizer: str | None) -> JobConfig:
     """The base config (as JSON) with the trial's parameters set on their dotted keys."""
-    raw = _deep_copy(base)
+    raw = copy.deepcopy(base)
     for key, value in params.items():
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
+        node, leaf = dotted_parent(raw, key)
         node[leaf] = value
     raw["run_name"] = run_name
     if tokenizer and not raw["model"].get("init_from"):  # the sweep's tokenizer: a local path or a storage URI
         raw["model"]["tokenizer"] = tokenizer
     return validate_config(raw, source="a sweep trial")
-
-
-def _deep_copy(obj):
-    if isinstance(obj, dict):
-        return {k: _deep_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deep_copy(v) for v in obj]
-    return obj
 
 
 def run_trial(params: dict, base: dict, sweep: str, data) -> None:
