@@ -278,6 +278,12 @@ def test_what_submit_uploads_is_what_rays_upload_takes_and_carried_data_arrives(
     assert zipped == [f for f in checked.files if f.rsplit("/", 1)[-1] not in (".gitignore", ".rayignore")]
     assert (staged / "data/demo/corpus.jsonl").read_text() == '{"text": "the config names it"}\n'
 
+    # A glob is expanded as the job will; a tokenizer directory travels (it is no secret).
+    globbed = plan("pretrain", config, [*args, "data.path=data/*/corpus.*", "model.tokenizer=tokenizers/gpt2"], project, carry_data=True)
+    assert globbed.carried == ["data/demo/corpus.jsonl"] and "tokenizers/gpt2/tokenizer.json" in globbed.files
+    with pytest.raises(LifelongError, match="model.tokenizer 'tokenizers/none' is relative but not in the project"):
+        plan("pretrain", config, [*args, "model.tokenizer=tokenizers/none"], project, carry_data=True)
+
     upload = Upload(project, ["notes/"])
     assert str(upload.rule_for("docs/drafts/wip.md")) == "docs/.rayignore line 2 'drafts/'"
     assert str(upload.rule_for("notes/draft.md")) == "submit.exclude in the config 'notes/'"

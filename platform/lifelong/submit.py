@@ -368,7 +368,7 @@ def _check_size(plan: Plan) -> None:
 
 
 def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 / 10 else f"{size / 2**10:.1f} KiB"
 
 
 def stage(plan: Plan) -> Path:
