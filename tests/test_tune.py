@@ -110,6 +110,45 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
 
 
 @pytest.mark.slow
+def test_asha_stops_a_poor_trial_inside_its_first_epoch_when_trials_report_within_epochs(pretrained, demo_data):
+    """tune.report_every_steps: trials validate and report every N steps too, ASHA's clock is
+    the fractional epoch, and a poor trial is cut a quarter into its only epoch. A grid in a fixed
+    order (random search, one trial at a time) makes it deterministic: the working rate sets the
+    rung first, the one that learns nothing is stopped at it."""
+    config = make_config(
+        TUNE_YAML,
+        *sweep_overrides(
+            pretrained,
+            demo_data,
+            "tune-within",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=40",
+            "tune.search=random",
+            "tune.num_samples=1",
+            "tune.max_concurrent_trials=1",
+            "tune.report_every_steps=10",
+            "tune.grace_period=0.25",
+            "tune.space={train.lr: {grid: [3e-3, 1e-7]}}",
+        ),
+    )
+    outcome = run_sweep(config)
+
+    table = outcome.table.set_index("train.lr")
+    assert list(table.index) == [3e-3, 1e-7] and (table["status"] == "finished").all()
+    assert table.loc[3e-3, "epochs_trained"] == 1.0 and not table.loc[3e-3, "stopped_early"]
+    assert table.loc[1e-7, "epochs_trained"] == 0.25 and table.loc[1e-7, "epochs"] == 0 and table.loc[1e-7, "stopped_early"]
+    histories = {r.config["train.lr"]: r.metrics_dataframe for r in outcome.results}
+    assert list(histories[3e-3]["progress"]) == [0.25, 0.5, 0.75, 1.0]  # three reports inside the epoch, then its end
+    assert list(histories[1e-7]["progress"]) == [0.25]
+    assert histories[1e-7]["val_loss"].iloc[0] > histories[3e-3]["val_loss"].iloc[0]  # why it was cut
+    # Only an epoch's end has a checkpoint: the registered version is the trial that reached one.
+    card = Registry(Storage(str(pretrained["root"]))).card("tune-within", outcome.version)
+    assert card.sweep.params["train.lr"] == 3e-3 and card.metrics["val_loss"] == pytest.approx(table.loc[3e-3, "best_val_loss"])
+    with pytest.raises(Exception, match="a grid is enumerated"):
+        make_config(TUNE_YAML, "tune.space={train.lr: {grid: [1e-3]}}")  # Optuna samples; it does not walk a grid
+
+
+@pytest.mark.slow
 def test_multi_worker_trials_are_ray_train_runs(pretrained, demo_data):
     config = make_config(
         TUNE_YAML,

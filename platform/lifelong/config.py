@@ -204,7 +204,7 @@ class ServeSection(Section):
 
 
 # Search-space kinds and how many arguments each takes (None: a non-empty list of options).
-SPACE_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None}
+SPACE_KINDS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
 
 
 _EXPONENT = re.compile(r"^[+-]?\d+(\.\d*)?[eE][+-]?\d+$")
@@ -229,8 +229,13 @@ class TuneSection(Section):
     # Random trials before TPE models the results. None: a quarter of num_samples, 3 to 10
     # (Optuna's own default of 10 would leave sweeps under 10 trials purely random).
     startup_trials: int | None = Field(default=None, ge=1)
-    scheduler: Literal["asha", "none"] = "asha"  # ASHA early stopping on the reported epoch
-    grace_period: int = Field(default=1, ge=1)
+    scheduler: Literal["asha", "none"] = "asha"  # ASHA early stopping on the epochs trained (fractional inside one)
+    # In epochs: a trial runs at least this long before ASHA may stop it (below 1 with
+    # report_every_steps, so a long first epoch need not be trained to the end).
+    grace_period: float = Field(default=1, gt=0)
+    # Also validate and report every N optimizer steps inside an epoch, so that ASHA can act
+    # before a long epoch ends (None: once per epoch). Only those ends checkpoint.
+    report_every_steps: int | None = Field(default=None, ge=1)
     reduction_factor: float = Field(default=2, gt=1)
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
@@ -248,13 +253,18 @@ class TuneSection(Section):
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
                 raise ValueError(f"{where}: give exactly one of {', '.join(SPACE_KINDS)}, e.g. {{loguniform: [1e-5, 1e-2]}} (got {spec!r})")
             kind, args = next(iter(spec.items()))
-            if kind != "choice" and isinstance(args, list):
+            if kind not in ("choice", "grid") and isinstance(args, list):
                 # YAML 1.1 reads 1e-5 (no dot) as a string: take numeric strings as numbers.
                 args = [_number(a) for a in args]
                 self.space[key] = {kind: args}
-            if kind == "choice":
+            if kind in ("choice", "grid"):
                 if not isinstance(args, list) or not args:
-                    raise ValueError(f"{where}: choice needs a non-empty list of options (got {args!r})")
+                    raise ValueError(f"{where}: {kind} needs a non-empty list of options (got {args!r})")
+                if kind == "grid" and self.search != "random":
+                    raise ValueError(
+                        f"{where}: a grid is enumerated, every value in turn (each num_samples times), which Optuna does not "
+                        "do: set tune.search=random, or use choice for Optuna to pick from"
+                    )
                 # Only YAML 1.1's exponent-without-dot floats (3e-3) are taken as numbers here: a
                 # choice may hold strings that merely look numeric ("1") for a string key.
                 self.space[key] = {kind: [_number(a) if isinstance(a, str) and _EXPONENT.match(a) else a for a in args]}
@@ -281,7 +291,7 @@ class TuneSection(Section):
     def probe_values(self, key: str) -> list:
         """Values that stand for the whole range of `key` when checking they make valid configs."""
         kind, args = next(iter(self.space[key].items()))
-        if kind == "choice":
+        if kind in ("choice", "grid"):
             return list(args)
         if kind == "randint":  # Tune's randint excludes the upper bound
             return [args[0], args[1] - 1]

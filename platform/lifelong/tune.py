@@ -50,6 +50,7 @@ def param_space(config: JobConfig) -> dict:
             "uniform": lambda a: tune.uniform(*a),
             "randint": lambda a: tune.randint(*a),
             "choice": lambda a: tune.choice(a),
+            "grid": lambda a: tune.grid_search(a),
         }[kind](args)
     if not space:
         raise LifelongError("tune.space is empty: add at least one key to search, e.g. tune.space={train.lr: {loguniform: [1e-4, 1e-2]}}")
@@ -81,10 +82,11 @@ def run_trial(params: dict, base: dict, sweep: str, data) -> None:
     run_name = trial_run_name(sweep, tune.get_context().get_trial_id())
     config = trial_config(base, params, run_name, data.tokenizer.location if data else None)
     prep = prepare_run(config, data)
+    every = config.tune.report_every_steps
     if in_trial(config):
-        train_in_trial(loop_config(prep), {"train": prep.data.train_ds, "validation": prep.data.val_ds}, prep.gpu)
+        train_in_trial(loop_config(prep, every), {"train": prep.data.train_ds, "validation": prep.data.val_ds}, prep.gpu)
         return
-    trainer = build_trainer(prep, run_name, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(prep, run_name, callbacks=[TuneReportCallback()], report_every_steps=every)
     trainer.fit()  # raises on failure: Tune records the trial as errored with the reason
 
 
@@ -143,15 +145,22 @@ class Progress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         shown = f"{value:.4g}" if isinstance(value, (int, float)) else value
-        print(f"[lifelong] trial {trial.trial_id} epoch {result.get('epoch')}/{self.epochs} {self.metric} {shown}", flush=True)
+        print(f"[lifelong] trial {trial.trial_id} epoch {_when(result)}/{self.epochs} {self.metric} {shown}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        epoch = (trial.last_result or {}).get("epoch", 0)
-        how = "finished" if epoch >= self.epochs else f"stopped early by the scheduler after epoch {epoch}"
+        last = trial.last_result or {}
+        done = last.get("progress", last.get("epoch", 0))
+        how = "finished" if done >= self.epochs else f"stopped early by the scheduler after epoch {_when(last)}"
         print(f"[lifelong] trial {trial.trial_id} {how}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"[lifelong] trial {trial.trial_id} errored: {_last_line(trial.get_error() or '')}", flush=True)
+
+
+def _when(result: dict):
+    """Epochs trained: 2, or 1.25 for a report a quarter into the second epoch."""
+    progress = result.get("progress")
+    return result.get("epoch") if progress is None or float(progress).is_integer() else round(progress, 2)
 
 
 def _short(value) -> str:
@@ -262,7 +271,8 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(
-            time_attr="epoch",
+            # Epochs trained: whole ones, or fractional when trials also report inside epochs.
+            time_attr="progress" if t.report_every_steps else "epoch",
             metric=t.metric,
             mode=t.mode,
             max_t=config.train.epochs,
@@ -298,12 +308,37 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
     )
 
 
+def epoch_ends(result) -> pd.DataFrame:
+    """A trial's reports at the ends of its epochs: the ones that come with a checkpoint (a
+    trial that also reports inside epochs, `tune.report_every_steps`, has others)."""
+    history = result.metrics_dataframe
+    if history is None or not len(history):
+        return pd.DataFrame()
+    return history[history["progress"] % 1 == 0] if "progress" in history else history
+
+
+def best_result(results, config: JobConfig):
+    """The trial whose best epoch-end metric is the best of the sweep (a report inside an epoch
+    has no checkpoint to register), NaN and infinities left out; None when no trial has one."""
+    t = config.tune
+    scored = []
+    for result in results:
+        ends = epoch_ends(result)
+        values = ends[t.metric].replace([math.inf, -math.inf], math.nan).dropna() if t.metric in ends else []
+        if len(values):
+            scored.append((values.min() if t.mode == "min" else values.max(), result))
+    if not scored:
+        return None
+    return (min if t.mode == "min" else max)(scored, key=lambda pair: pair[0])[1]
+
+
 def trials_table(results, config: JobConfig) -> pd.DataFrame:
     t = config.tune
     rows = []
     for result in results:
         history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
-        values = history[t.metric].dropna() if t.metric in history else pd.Series(dtype=float)
+        ends = epoch_ends(result)  # what can be registered: a report inside an epoch has no checkpoint
+        values = ends[t.metric].dropna() if t.metric in ends else pd.Series(dtype=float)
         best = (values.min() if t.mode == "min" else values.max()) if len(values) else float("nan")
         epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
         status = "errored" if result.error else "finished"
@@ -313,6 +348,7 @@ def trials_table(results, config: JobConfig) -> pd.DataFrame:
                 **{k: (result.config or {}).get(k) for k in t.space},  # None: errored before its first report
                 f"best_{t.metric}": best,
                 "epochs": epochs,
+                **({"epochs_trained": float(history["progress"].max()) if "progress" in history else 0.0} if t.report_every_steps else {}),
                 "stopped_early": bool(not result.error and epochs < config.train.epochs),
                 "status": status,
                 "error": _last_line(result.error) if result.error else "",
@@ -343,7 +379,8 @@ def plot_curves(results, config: JobConfig, out: Path) -> None:
         history = result.metrics_dataframe
         if history is None or metric not in history or "epoch" not in history:
             continue
-        ax.plot(history["epoch"], history[metric], marker="o", label=_trial_id(result))
+        x = history["progress"] if "progress" in history else history["epoch"]  # fractional inside epochs
+        ax.plot(x, history[metric], marker="o", label=_trial_id(result))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"sweep {sweep_name(config)}: {metric} per trial")
@@ -391,9 +428,9 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
             flush=True,
         )
     finished = [r for r in results if not r.error and r.metrics and config.tune.metric in r.metrics]
-    if not finished:
+    best = best_result(results, config) if finished else None
+    if best is None:
         return SweepOutcome(name, config.name, results.experiment_path, table, str(csv), str(plot), None, None, None, results)
-    best = results.get_best_result(metric=config.tune.metric, mode=config.tune.mode, scope="all", filter_nan_and_inf=True)
     params = {k: best.config[k] for k in config.tune.space}
     run_name = trial_run_name(name, best.metrics["trial_id"])
     best_config = trial_config(config.model_dump(mode="json"), params, run_name, tokenizer)

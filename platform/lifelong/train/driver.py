@@ -173,9 +173,15 @@ def prepare_run(config: JobConfig, data: PreparedData | None = None) -> Prepared
     return PreparedRun(config, storage, registry, parent, data, total_steps, gpu)
 
 
-def loop_config(prep: PreparedRun) -> dict:
-    """What the training loop gets, wherever it runs (Ray Train workers or a sweep trial)."""
-    return {"config": prep.config.model_dump(mode="json"), "tokenizer": prep.data.tokenizer, "total_steps": prep.total_steps}
+def loop_config(prep: PreparedRun, report_every_steps: int | None = None) -> dict:
+    """What the training loop gets, wherever it runs (Ray Train workers or a sweep trial);
+    `report_every_steps`: a sweep's trials also report inside epochs (tune.report_every_steps)."""
+    return {
+        "config": prep.config.model_dump(mode="json"),
+        "tokenizer": prep.data.tokenizer,
+        "total_steps": prep.total_steps,
+        "report_every_steps": report_every_steps,
+    }
 
 
 def worker_resources(prep: PreparedRun) -> dict:
@@ -185,14 +191,14 @@ def worker_resources(prep: PreparedRun) -> dict:
     return resources
 
 
-def build_trainer(prep: PreparedRun, run_name: str, callbacks=()) -> TorchTrainer:
+def build_trainer(prep: PreparedRun, run_name: str, callbacks=(), report_every_steps: int | None = None) -> TorchTrainer:
     """Checkpoints go to <root>/runs/<run_name> on the storage root's filesystem (local, shared, s3)."""
     config = prep.config
     resources = worker_resources(prep)
     ckpt = config.train.checkpoint
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(prep),
+        train_loop_config=loop_config(prep, report_every_steps),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=prep.gpu,

@@ -50,8 +50,8 @@ class TrainSession:
     def dataset(self, name: str):
         return ray.train.get_dataset_shard(name)
 
-    def report(self, metrics: dict, directory: str) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    def report(self, metrics: dict, directory: str | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
 
 
 class OneProcessSession:
@@ -78,8 +78,8 @@ class TrialSession(OneProcessSession):
     def checkpoint(self):
         return ray.tune.get_checkpoint()
 
-    def report(self, metrics: dict, directory: str) -> None:
-        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory))
+    def report(self, metrics: dict, directory: str | None) -> None:
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory) if directory else None)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -137,6 +137,8 @@ def run_loop(loop_config: dict, session) -> None:
     train_shard = session.dataset("train")
     val_shard = session.dataset("validation")
     steps_per_epoch = loop_config["total_steps"] // train_cfg.epochs
+    report_every = loop_config.get("report_every_steps")  # a sweep's trials: also inside epochs, for ASHA
+    n_labels = len(config.data.labels or [])
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
         # --- train one epoch ---------------------------------------------------------------
@@ -167,10 +169,26 @@ def run_loop(loop_config: dict, session) -> None:
                 )
             if train_cfg.max_steps_per_epoch and micro_steps >= train_cfg.max_steps_per_epoch * train_cfg.gradient_accumulation_steps:
                 break
+            step = micro_steps // train_cfg.gradient_accumulation_steps
+            if report_every and engine.is_gradient_accumulation_boundary() and step % report_every == 0 and step < steps_per_epoch:
+                # Inside the epoch (its end reports below, with the checkpoint): validate and
+                # report without a checkpoint, so that ASHA can stop a poor trial before it ends.
+                totals = all_reduce_sum(device, [loss_sum, micro_steps])
+                val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, n_labels)
+                partial = {
+                    "epoch": epoch - 1,  # epochs completed
+                    "progress": epoch - 1 + step / steps_per_epoch,  # epochs trained, fractional
+                    "train_loss": totals[0] / max(totals[1], 1),
+                    "global_step": engine.global_steps,
+                    **val_metrics,
+                }
+                log(rank, f"epoch {epoch}/{train_cfg.epochs} step {step}/{steps_per_epoch}: " + _shown(val_metrics))
+                session.report(partial, None)
         elapsed = time.perf_counter() - started
         totals = all_reduce_sum(device, [tokens, loss_sum, micro_steps])
         train_metrics = {
             "epoch": epoch,
+            **({"progress": float(epoch)} if report_every else {}),  # ASHA's clock when it reports inside epochs
             "train_loss": totals[1] / max(totals[2], 1),
             "train_tokens_per_s": totals[0] / elapsed,
             "epoch_seconds": elapsed,
@@ -179,7 +197,7 @@ def run_loop(loop_config: dict, session) -> None:
 
         # --- validate ----------------------------------------------------------------------
         started = time.perf_counter()
-        val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, len(config.data.labels or []))
+        val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, n_labels)
         timing = {"val_seconds": time.perf_counter() - started, "setup_seconds": setup_seconds}
         metrics = {**train_metrics, **val_metrics, **timing}
         # Both losses are all-reduced, so every rank stops here together.
@@ -192,7 +210,7 @@ def run_loop(loop_config: dict, session) -> None:
         log(
             rank,
             "epoch {epoch} done: ".format(epoch=epoch)
-            + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", *timing)),
+            + _shown({k: v for k, v in metrics.items() if k not in ("epoch", "progress", *timing)}),
         )
 
         # --- checkpoint: DeepSpeed shards for exact resume + consolidated HF copy ------------
@@ -209,6 +227,10 @@ def run_loop(loop_config: dict, session) -> None:
                 tokenizer.save_pretrained(str(hf_dir))
                 (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "precision": precision}))
             session.report(metrics, tmp)
+
+
+def _shown(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
 def consolidated_state_dict(engine, frozen_fp32: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
