@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from lifelong.config import JobConfig, load_config
@@ -46,6 +47,7 @@ SECRETS = [
     ".env", ".env.*", "*.env", ".aws/", ".ray/", ".ssh/", "*.pem", "*.key", "*.p12", ".netrc",
     "*token*", "!*tokenizer*", "!*tokenizer*/**", "*secret*", "*credential*",
 ]  # fmt: skip
+SECRETS_RULE = "lifelong submit's secrets rule"
 IGNORE_FILES = (".gitignore", ".rayignore")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # The flags each job script takes besides CONFIG and overrides.
@@ -147,7 +149,7 @@ class Rule:
 
     @property
     def secret(self) -> bool:
-        return self.where == "lifelong submit's secrets rule"
+        return self.where == SECRETS_RULE
 
     def __str__(self) -> str:
         return f"{self.where} '{self.pattern.strip()}'"
@@ -164,7 +166,7 @@ class Upload:
         self.project = project
         self.lists = [
             ("lifelong submit's default excludes", EXCLUDES),
-            ("lifelong submit's secrets rule", SECRETS),
+            (SECRETS_RULE, SECRETS),
             ("submit.exclude in the config", [e for e in exclude if e.strip()]),
         ]
         self.include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
@@ -236,7 +238,7 @@ class Plan:
     files: list[str]
     carried: list[str]
 
-    @property
+    @cached_property
     def bytes(self) -> int:
         return sum((self.project / f).stat().st_size for f in self.files)
 
