@@ -179,3 +179,69 @@ def test_tokenizing_for_both_tasks(ray_session, tmp_path):
     # Packed into full blocks: nothing padded, at most one partial block per batch lost.
     assert all(r["attention_mask"].sum() == 16 for r in lm)
     assert total_tokens - 16 < len(lm) * 16 <= total_tokens
+
+
+def bert_style_tokenizer(out_dir):
+    """A WordPiece tokenizer saved as HF saves a BERT one (its class named in tokenizer_config,
+    [CLS]/[SEP] added by tokenizer.json's post-processor, a [PAD] of its own)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wp.train_from_iterator([r["text"] for r in good_rows(200)], trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
+    wp.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    BertTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]").save_pretrained(out_dir)
+    return out_dir
+
+
+def test_data_tasks_tokenize_as_the_model_side_does_without_importing_torch(tmp_path):
+    """Ray Data's workers load the tokenizer through HF's fast class alone (AutoTokenizer would
+    import torch: seconds in every fresh worker); the ids, masks and pad token are the same."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pyarrow as pa
+
+    from lifelong.data import tokenize_for_causal_lm, tokenize_for_classification
+    from lifelong.models import load_tokenizer, train_tokenizer
+
+    gpt2_dir = tmp_path / "gpt2"
+    train_tokenizer(iter([r["text"] for r in good_rows(200)] * 3), 300, gpt2_dir)
+    bert_dir = bert_style_tokenizer(tmp_path / "bert")
+    texts = ["Row number 7 IS fine", "row " * 40, "", "unseen wordsmithery ünïcode"]
+    batch = pa.table({"text": texts, "label": [0, 1, 0, 1]})
+    for directory in (gpt2_dir, bert_dir):
+        model_side = load_tokenizer(directory)
+        expected = model_side(texts, truncation=True, max_length=12, padding="max_length", return_tensors="np")
+        got = tokenize_for_classification(batch, str(directory), 12)
+        assert np.array_equal(got["input_ids"], expected["input_ids"]) and np.array_equal(got["attention_mask"], expected["attention_mask"])
+        assert got["labels"].tolist() == [0, 1, 0, 1]
+    assert load_tokenizer(gpt2_dir).pad_token == "<|endoftext|>"  # GPT-2 style: EOS pads
+    packed = tokenize_for_causal_lm(batch, str(gpt2_dir), 4)
+    assert packed["input_ids"].shape[1] == 4 and packed["attention_mask"].all()
+
+    probe = (
+        "import sys; from lifelong.data import cached_tokenizer, TokenizerRef; "
+        f"t = cached_tokenizer(TokenizerRef({str(bert_dir)!r})); "
+        "print(t.pad_token, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[PAD]", "False"]
+
+
+def test_one_large_file_is_spread_over_blocks_for_every_cpu(ray_session, tmp_path):
+    import ray
+
+    from lifelong.data import MIN_BLOCK_ROWS, block_count
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    write_jsonl(tmp_path / "big.jsonl", good_rows(2 * MIN_BLOCK_ROWS))
+    data = read_validated(cfg(tmp_path / "big.jsonl"), Storage(str(tmp_path / "s")), "t").rows.materialize()
+    assert data.num_blocks() == min(2 * cpus, 2) == block_count(1, 2 * MIN_BLOCK_ROWS, cpus)
+    assert data.count() == 2 * MIN_BLOCK_ROWS and len({r["text"] for r in data.take_all()}) == 2 * MIN_BLOCK_ROWS
+    # Many files, or few rows, keep one block per file.
+    assert block_count(40, 10**6, cpus) == 40 and block_count(1, MIN_BLOCK_ROWS - 1, cpus) == 1

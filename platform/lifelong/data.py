@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -526,8 +525,11 @@ def validation_fingerprint(cfg: DataConfig) -> str:
 
 # --- reading files for a run (training, evaluation, export) ------------------------------------
 # SPREAD, not the default: inside a Tune trial the default would capture these tasks into the
-# trial's own tiny placement group, where they do not fit.
-@ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD", num_returns=2)
+# trial's own tiny placement group, where they do not fit. One CPU each, as Ray Data's own tasks
+# take (tokenizing needs a free CPU anyway): a fractional share ran more tasks than CPUs, and Ray
+# started (then reaped) a worker process for each on every read, ~1 s of imports apiece, which
+# cost more than the reading.
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD", num_returns=2)
 def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> tuple[FileReport, pa.Table | None]:
     """Copy, hash, parse and validate one file in a Ray task: (its report, its valid rows)."""
     fmt = detect_format(path, cfg.format)
@@ -638,8 +640,22 @@ def read_validated(
             report.rows[split] = report.rows.get(split, 0) + n
     if not report.rows:
         raise DataError(f"no valid rows in '{source}': {report.summary()}")
-    rows = ray.data.from_arrow_refs([table for r, table in good if r.rows])
+    refs = [table for r, table in good if r.rows]
+    rows = ray.data.from_arrow_refs(refs)
+    blocks = block_count(len(refs), sum(report.rows.values()), int(ray.cluster_resources().get("CPU", 1)))
+    if blocks > len(refs):
+        rows = rows.repartition(blocks)  # a few large files: every CPU tokenizes a share
     return ValidatedData(rows=rows, report=report)
+
+
+# A block is worth a task of its own from this many rows on (tokenizing it takes ~0.1 s).
+MIN_BLOCK_ROWS = 8192
+
+
+def block_count(files: int, rows: int, cpus: int) -> int:
+    """Blocks for the valid rows: one per file, unless fewer files than twice the CPUs hold
+    enough rows to keep every CPU busy (a single 200k-row file would tokenize in one task)."""
+    return max(files, min(2 * cpus, rows // MIN_BLOCK_ROWS))
 
 
 # --- tokenization ----------------------------------------------------------------------------
@@ -673,27 +689,43 @@ def _tokenizer_dir(ref: TokenizerRef) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def cached_tokenizer(tokenizer: TokenizerRef):
-    # Resolved and loaded once per Ray worker process (on its own node), then reused by every batch.
-    from lifelong.models import load_tokenizer
+def cached_tokenizer(tokenizer: TokenizerRef | str):
+    """Resolved and loaded once per Ray worker process (on its own node), then reused by every
+    batch. A directory with a `tokenizer.json` loads through HF's fast-tokenizer class alone,
+    which encodes the same as AutoTokenizer's choice but imports no torch (AutoTokenizer costs
+    every fresh Ray Data worker ~3 s of imports before its first batch)."""
+    directory = tokenizer.local_dir() if isinstance(tokenizer, TokenizerRef) else str(tokenizer)
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        from lifelong.models import load_tokenizer
 
-    return load_tokenizer(tokenizer)
+        return load_tokenizer(directory)
+    from transformers import PreTrainedTokenizerFast
+
+    return with_pad_token(PreTrainedTokenizerFast.from_pretrained(directory))
 
 
-def tokenize_for_classification(batch: pd.DataFrame, tokenizer: TokenizerRef, max_length: int) -> dict[str, np.ndarray]:
+def with_pad_token(tok):
+    if tok.pad_token is None:
+        # GPT-2-style tokenizers have no pad token; EOS is the usual stand-in.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenize_for_classification(batch: pa.Table, tokenizer: TokenizerRef | str, max_length: int) -> dict[str, np.ndarray]:
+    """Rows (text, label) as padded model inputs; Arrow in, NumPy out (no pandas on the way)."""
     tok = cached_tokenizer(tokenizer)
-    enc = tok(list(batch["text"]), truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
+    enc = tok(batch.column("text").to_pylist(), truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
     return {
         "input_ids": enc["input_ids"].astype(np.int64),
         "attention_mask": enc["attention_mask"].astype(np.int64),
-        "labels": batch["label"].to_numpy(dtype=np.int64),
+        "labels": batch.column("label").to_numpy().astype(np.int64),
     }
 
 
-def tokenize_for_causal_lm(batch: pd.DataFrame, tokenizer: TokenizerRef, max_length: int) -> dict[str, np.ndarray]:
+def tokenize_for_causal_lm(batch: pa.Table, tokenizer: TokenizerRef | str, max_length: int) -> dict[str, np.ndarray]:
     """Pack the batch's texts (each ended by EOS) into full blocks of max_length tokens."""
     tok = cached_tokenizer(tokenizer)
-    ids = tok(list(batch["text"]), add_special_tokens=False)["input_ids"]
+    ids = tok(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
     stream = np.fromiter((t for seq in ids for t in (*seq, tok.eos_token_id)), dtype=np.int64)
     n_blocks = len(stream) // max_length
     blocks = stream[: n_blocks * max_length].reshape(n_blocks, max_length)
@@ -703,14 +735,14 @@ def tokenize_for_causal_lm(batch: pd.DataFrame, tokenizer: TokenizerRef, max_len
 def tokenized(ds: ray.data.Dataset, task: str, tokenizer: TokenizerRef, max_length: int) -> ray.data.Dataset:
     fn = tokenize_for_causal_lm if task == "causal-lm" else tokenize_for_classification
     # Large batches pack causal-LM text with little waste at block boundaries.
-    return ds.map_batches(fn, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, batch_format="pandas", batch_size=512)
+    return ds.map_batches(fn, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, batch_format="pyarrow", batch_size=512)
 
 
 def text_iterator(ds: ray.data.Dataset, limit: int):
     """Stream up to `limit` texts to the driver (for training a tokenizer), batch by batch."""
     seen = 0
-    for batch in ds.iter_batches(batch_size=256, batch_format="pandas"):
-        for text in batch["text"]:
+    for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
+        for text in batch.column("text").to_pylist():
             yield text
             seen += 1
             if seen >= limit:

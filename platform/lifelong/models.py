@@ -30,15 +30,11 @@ EOS = "<|endoftext|>"
 
 
 def load_tokenizer(path: str | Path | TokenizerRef) -> PreTrainedTokenizerFast:
-    from lifelong.data import TokenizerRef
+    from lifelong.data import TokenizerRef, with_pad_token
 
     if isinstance(path, TokenizerRef):
         path = path.local_dir()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    if tok.pad_token is None:
-        # GPT-2-style tokenizers have no pad token; EOS is the usual stand-in.
-        tok.pad_token = tok.eos_token
-    return tok
+    return with_pad_token(AutoTokenizer.from_pretrained(str(path)))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:

@@ -488,7 +488,6 @@ def _score_holdouts(
     max_length: int,
     batch_size: int = 64,
 ) -> list[float]:
-    import pandas as pd
     import torch
 
     from lifelong.data import tokenize_for_classification
@@ -499,14 +498,12 @@ def _score_holdouts(
     accuracies = []
     for rel in rels:
         table = storage.read_table(rel)
-        rows = pd.DataFrame(
-            {"text": table.column(text_column).to_pylist(), "label": [labels.index(v) for v in table.column(label_column).to_pylist()]}
-        )
+        rows = pa.table({"text": table.column(text_column), "label": [labels.index(v) for v in table.column(label_column).to_pylist()]})
         correct = 0
         with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                enc = tokenize_for_classification(rows.iloc[start : start + batch_size], str(resolved.local_dir), max_length)
+            for start in range(0, rows.num_rows, batch_size):
+                enc = tokenize_for_classification(rows.slice(start, batch_size), str(resolved.local_dir), max_length)
                 logits = model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
                 correct += int((logits.argmax(-1) == torch.tensor(enc["labels"])).sum())
-        accuracies.append(correct / max(len(rows), 1))
+        accuracies.append(correct / max(rows.num_rows, 1))
     return accuracies
