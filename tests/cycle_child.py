@@ -62,6 +62,18 @@ def during_training(root: str) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def during_search_trial(root: str, trial: int) -> None:
+    """Die once trial `trial` of a continual.search has written a checkpoint (it is training)."""
+
+    def watch():
+        while not glob.glob(os.path.join(root, "runs", f"*-w*-s{trial}", "checkpoint_*", "state.json")):
+            time.sleep(0.2)
+        print(f"[child] killed during search trial {trial} (a checkpoint is on disk)", flush=True)
+        die()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 address, step, config_path, *overrides = sys.argv[1:]
 config = load_config(config_path, overrides)
 kills = {
@@ -69,6 +81,7 @@ kills = {
     "after-read": lambda: after(ledger.Ledger, "check_pending"),
     "after-holdout": lambda: after(Storage, "write_table", when=lambda self, rel, table: "/holdouts/" in rel),
     "during-training": lambda: during_training(config.storage.root),
+    "during-search-trial-1": lambda: during_search_trial(config.storage.root, 1),
     "after-register": lambda: after(driver, "register_best"),
     "after-promote": lambda: after(Registry, "move_alias"),
     "after-consume": lambda: after(ledger.Ledger, "consume"),

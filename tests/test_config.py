@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import CONFIGS, ROOT
-from lifelong.config import load_config
+from lifelong.config import load_config, probe_values
 from lifelong.errors import ConfigError
 
 SHIPPED = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
@@ -121,7 +121,7 @@ def test_invalid_search_spaces_are_refused_naming_the_key(tmp_path, space, expec
 
 def test_a_valid_search_space_loads():
     config = load_config(SHIPPED[0], ["tune.space={train.lr: {loguniform: [1e-5, 1e-2]}, train.batch_size: {choice: [8, 16]}}"])
-    assert config.tune.probe_values("train.batch_size") == [8, 16]
+    assert probe_values(config.tune.space["train.batch_size"]) == [8, 16]
 
 
 def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):

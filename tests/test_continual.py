@@ -320,6 +320,71 @@ def wait_for(condition, what: str, timeout: float, proc=None):
 
 
 @pytest.mark.timeout(900)
+def test_a_cycle_with_a_search_trains_its_trials_and_the_gates_judge_the_best(stream, capfd):
+    """continual.search: each window trains its trials from the champion (the second warm-started
+    with the first's), scores them on every holdout, registers the best; the gates see exactly
+    the accuracies the search scored it with."""
+    root, landing, registry = stream["root"], stream["landing"], stream["registry"]
+    config = make_config(
+        "gpt2/tiny_continual.yaml",
+        *one_worker_args(root, landing, "train.epochs=1", "continual.min_new_rows=100"),
+        "continual.search.num_samples=2",
+        "continual.search.space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, continual.replay_ratio: {uniform: [0.5, 2.0]}}",
+    )
+    outcomes = []
+    for window in stream["windows"]:
+        drop(window, landing)
+        outcomes.append(run_cycle(config))
+        print(outcomes[-1].summary())
+    out = capfd.readouterr().out
+    assert "search trial 1/2" in out and "search trial 2/2" in out and "  search: 2 trials; chose trial" in out
+    journal = Stream(Storage(str(root)), "cl-topics").journal()
+    for k, (outcome, window) in enumerate(zip(outcomes, journal)):
+        assert outcome.window == k and [t["trial"] for t in outcome.search] == [0, 1] and window.search == outcome.search
+        assert window.search_pending is None
+        chosen = [t for t in outcome.search if t["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["score"] == max(t["score"] for t in outcome.search)
+        card = registry.card("cl-topics", outcome.version)
+        assert card.run.name == chosen[0]["run"] and card.run.name.endswith(f"-s{chosen[0]['trial']}")
+        assert card.stream.search == outcome.search and card.stream.replay_rows == outcome.replay_rows
+        assert card.config["train"]["lr"] == pytest.approx(chosen[0]["params"]["train.lr"])
+        # The gates scored the registered version as the search scored its checkpoint.
+        assert outcome.accuracy["candidate"][-1] == pytest.approx(chosen[0]["new"])
+    assert outcomes[0].replay_rows == 0 < outcomes[1].replay_rows  # window 0 has nothing to replay yet
+    assert len(outcomes[1].accuracy["candidate"]) == 2  # its trials were scored on window 0's holdout too
+
+
+def test_a_cycle_killed_inside_its_search_reruns_the_trial_it_was_training_and_finishes(stream, ray_session):
+    """A real SIGKILL while the second trial of a continual.search trains: the next cycle keeps
+    the scored trial, trains the killed one again with the same settings (its run resumes) and
+    samples only the trial left; one version for the window, every invariant holds."""
+    root, landing, registry = stream["root"], stream["landing"], stream["registry"]
+    args = [
+        *one_worker_args(root, landing, "train.epochs=2", "continual.min_new_rows=100"),
+        "continual.search.num_samples=3",
+        "continual.search.space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, continual.replay_ratio: {uniform: [0.5, 2.0]}}",
+    ]
+    drop(stream["windows"][0], landing)
+    child = os.path.join(os.path.dirname(__file__), "cycle_child.py")
+    config_path = os.path.join(CONFIGS, "gpt2", "tiny_continual.yaml")
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, child, address, "during-search-trial-1", config_path, *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -9 and "[child] killed during search trial 1" in proc.stdout, (proc.stdout[-3000:], proc.stderr[-3000:])
+    check_invariants(root, registry)
+    stopped = Stream(Storage(str(root)), "cl-topics").unfinished()
+    assert [t["trial"] for t in stopped.search] == [0] and stopped.search_pending["trial"] == 1
+
+    outcome = run_cycle(make_config("gpt2/tiny_continual.yaml", *args))
+    print(outcome.summary())
+    assert outcome.window == 0 and outcome.recovered and [t["trial"] for t in outcome.search] == [0, 1, 2]
+    assert outcome.search[0]["params"] == stopped.search[0]["params"] and outcome.search[0]["score"] == stopped.search[0]["score"]
+    assert outcome.search[1]["params"] == stopped.search_pending["params"]
+    assert registry.find_versions("cl-topics", lambda card: card.stream is not None and card.stream.window == 0) == [outcome.version]
+    check_invariants(root, registry)
+
+
 def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_once(stream, ray_session, tmp_path):
     """`lifelong continual CONFIG` (the polling daemon, a process of its own) against the bad-input
     corpus: truncated Parquet, binary junk named .jsonl, a CSV without the label column, invalid

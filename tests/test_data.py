@@ -193,7 +193,9 @@ def bert_style_tokenizer(out_dir):
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     wp.train_from_iterator([r["text"] for r in good_rows(200)], trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
     wp.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    BertTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]").save_pretrained(out_dir)
+    BertTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]").save_pretrained(
+        out_dir
+    )
     return out_dir
 
 

@@ -220,6 +220,49 @@ def _number(value):
     return value
 
 
+def checked_space(space: dict, where: str, grid_refusal: str | None) -> dict:
+    """A search space ({dotted key: {kind: args}}) in its normal form, or ValueError naming the
+    key; `grid_refusal` (set): why a grid is not taken here."""
+    out = {}
+    for key, spec in space.items():
+        at = f"{where}.{key}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            raise ValueError(f"{at}: give exactly one of {', '.join(SPACE_KINDS)}, e.g. {{loguniform: [1e-5, 1e-2]}} (got {spec!r})")
+        kind, args = next(iter(spec.items()))
+        if kind in ("choice", "grid"):
+            if not isinstance(args, list) or not args:
+                raise ValueError(f"{at}: {kind} needs a non-empty list of options (got {args!r})")
+            if kind == "grid" and grid_refusal:
+                raise ValueError(f"{at}: {grid_refusal}")
+            # Only YAML 1.1's exponent-without-dot floats (3e-3) are taken as numbers here: a
+            # choice may hold strings that merely look numeric ("1") for a string key.
+            out[key] = {kind: [_number(a) if isinstance(a, str) and _EXPONENT.match(a) else a for a in args]}
+            continue
+        # YAML 1.1 reads 1e-5 (no dot) as a string: take numeric strings as numbers.
+        args = [_number(a) for a in args] if isinstance(args, list) else args
+        if not isinstance(args, list) or len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            raise ValueError(f"{at}: {kind} needs [low, high] numbers (got {args!r})")
+        low, high = args
+        if low >= high:
+            raise ValueError(f"{at}: {kind} low {low} must be below high {high}")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"{at}: loguniform needs 0 < low < high (a log range cannot reach 0 or below; got {args})")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise ValueError(f"{at}: randint needs integer bounds (got {args})")
+        out[key] = {kind: args}
+    return out
+
+
+def probe_values(spec: dict) -> list:
+    """Values that stand for the whole range of one space entry when checking they make valid configs."""
+    kind, args = next(iter(spec.items()))
+    if kind in ("choice", "grid"):
+        return list(args)
+    if kind == "randint":  # the upper bound is excluded (as in Tune)
+        return [args[0], args[1] - 1]
+    return list(args)
+
+
 class TuneSection(Section):
     # Config key → one distribution, e.g. {"train.lr": {"loguniform": [1e-5, 1e-2]},
     # "train.batch_size": {"choice": [8, 16]}, "model.train_last_n_layers": {"randint": [1, 4]}}.
@@ -248,54 +291,18 @@ class TuneSection(Section):
 
     @model_validator(mode="after")
     def _space_shapes(self) -> TuneSection:
-        for key, spec in self.space.items():
-            where = f"tune.space.{key}"
-            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
-                raise ValueError(f"{where}: give exactly one of {', '.join(SPACE_KINDS)}, e.g. {{loguniform: [1e-5, 1e-2]}} (got {spec!r})")
-            kind, args = next(iter(spec.items()))
-            if kind not in ("choice", "grid") and isinstance(args, list):
-                # YAML 1.1 reads 1e-5 (no dot) as a string: take numeric strings as numbers.
-                args = [_number(a) for a in args]
-                self.space[key] = {kind: args}
-            if kind in ("choice", "grid"):
-                if not isinstance(args, list) or not args:
-                    raise ValueError(f"{where}: {kind} needs a non-empty list of options (got {args!r})")
-                if kind == "grid" and self.search != "random":
-                    raise ValueError(
-                        f"{where}: a grid is enumerated, every value in turn (each num_samples times), which Optuna does not "
-                        "do: set tune.search=random, or use choice for Optuna to pick from"
-                    )
-                # Only YAML 1.1's exponent-without-dot floats (3e-3) are taken as numbers here: a
-                # choice may hold strings that merely look numeric ("1") for a string key.
-                self.space[key] = {kind: [_number(a) if isinstance(a, str) and _EXPONENT.match(a) else a for a in args]}
-                continue
-            if (
-                not isinstance(args, list)
-                or len(args) != 2
-                or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-            ):
-                raise ValueError(f"{where}: {kind} needs [low, high] numbers (got {args!r})")
-            low, high = args
-            if low >= high:
-                raise ValueError(f"{where}: {kind} low {low} must be below high {high}")
-            if kind == "loguniform" and low <= 0:
-                raise ValueError(f"{where}: loguniform needs 0 < low < high (a log range cannot reach 0 or below; got {args})")
-            if kind == "randint" and not all(isinstance(a, int) for a in args):
-                raise ValueError(f"{where}: randint needs integer bounds (got {args})")
+        grid = (
+            None
+            if self.search == "random"
+            else "a grid is enumerated, every value in turn (each num_samples times), which Optuna does not do: "
+            "set tune.search=random, or use choice for Optuna to pick from"
+        )
+        self.space.update(checked_space(self.space, "tune.space", grid))  # in place: assigning would validate again
         return self
 
     @property
     def optuna_startup_trials(self) -> int:
         return self.startup_trials or min(10, max(3, self.num_samples // 4))
-
-    def probe_values(self, key: str) -> list:
-        """Values that stand for the whole range of `key` when checking they make valid configs."""
-        kind, args = next(iter(self.space[key].items()))
-        if kind in ("choice", "grid"):
-            return list(args)
-        if kind == "randint":  # Tune's randint excludes the upper bound
-            return [args[0], args[1] - 1]
-        return list(args)
 
 
 class GatesSection(Section):
@@ -306,6 +313,34 @@ class GatesSection(Section):
     # When set, the candidate must beat the champion on the new window by at least this much
     # (e.g. 0.005): a cycle that learned nothing is not promoted. Replaces new_window_tolerance.
     min_gain: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class CycleSearchSection(Section):
+    # Candidates a cycle trains from the champion, each with settings Optuna's TPE picks (seeded
+    # per window, warm-started with the stream's earlier trials); the best goes to the gates.
+    num_samples: int = Field(default=4, ge=2)
+    # Config key → one distribution, as in tune.space (no grid): train.* keys and
+    # continual.replay_ratio, e.g. {train.lr: {loguniform: [1e-4, 1e-2]}, train.epochs: {choice: [1, 2, 3]}}.
+    space: dict[str, dict[str, Any]]
+    # A trial's score: its accuracy gain over the champion on the new window minus this weight
+    # times its forgetting (mean accuracy drop against the champion on the past windows).
+    forgetting_weight: float = Field(default=1.0, ge=0)
+    # Random trials before TPE models the results (the stream's earlier trials count).
+    startup_trials: int = Field(default=2, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _space_shapes(self) -> CycleSearchSection:
+        if not self.space:
+            raise ValueError("continual.search.space: name at least one key to search, e.g. {train.lr: {loguniform: [1e-4, 1e-2]}}")
+        self.space.update(checked_space(self.space, "continual.search.space", "a grid is enumerated, which Optuna does not do: use choice"))
+        for key in self.space:
+            if not (key.startswith("train.") or key == "continual.replay_ratio"):
+                raise ValueError(
+                    f"continual.search.space.{key}: a cycle searches how it trains from the champion: "
+                    "train.* keys and continual.replay_ratio"
+                )
+        return self
 
 
 class ContinualSection(Section):
@@ -333,6 +368,8 @@ class ContinualSection(Section):
     # Replay rows drawn per new training row (replay strategy).
     replay_ratio: float = Field(default=1.0, gt=0)
     gates: GatesSection = Field(default_factory=GatesSection)
+    # A small search of the cycle's own (None: one candidate, trained with the config as it is).
+    search: CycleSearchSection | None = None
     # Move `champion` to a candidate that passes the gates (false: `challenger` only).
     promote: bool = True
 
@@ -383,29 +420,31 @@ class JobConfig(Section):
                 "model.train_last_n_layers freezes pretrained layers, but model.init_from is "
                 "empty: set model.init_from or remove model.train_last_n_layers"
             )
-        self._check_tune_space()
+        self._check_space("tune.space", self.tune.space, {"tune": True})
+        if self.continual.search:
+            self._check_space("continual.search.space", self.continual.search.space, {"continual": {"search"}})
         return self
 
-    def _check_tune_space(self) -> None:
+    def _check_space(self, where: str, space: dict, exclude: dict) -> None:
         """Every searched key must exist and every value of its range must make a valid config."""
-        for key in self.tune.space:
-            for value in self.tune.probe_values(key):
-                raw = self.model_dump(mode="json", exclude={"tune"})
+        for key, spec in space.items():
+            for value in probe_values(spec):
+                raw = self.model_dump(mode="json", exclude=exclude)
                 try:
                     node, leaf = dotted_parent(raw, key, create=False)
                 except KeyError:
-                    raise ValueError(f"tune.space.{key}: '{key}' is not a config key") from None
+                    raise ValueError(f"{where}.{key}: '{key}' is not a config key") from None
                 if leaf not in node and not _accepts(key.split(".")[:-1], leaf):
-                    raise ValueError(f"tune.space.{key}: '{key}' is not a config key")
+                    raise ValueError(f"{where}.{key}: '{key}' is not a config key")
                 node[leaf] = value
                 try:
                     JobConfig.model_validate(raw)
                 except ValidationError as e:
                     first = e.errors()[0]
-                    where = ".".join(str(p) for p in first["loc"])
+                    at = ".".join(str(p) for p in first["loc"])
                     why = first["msg"].removeprefix("Value error, ")
                     raise ValueError(
-                        f"tune.space.{key}: the value {value!r} makes an invalid config ({where + ': ' if where else ''}{why})"
+                        f"{where}.{key}: the value {value!r} makes an invalid config ({at + ': ' if at else ''}{why})"
                     ) from None
 
     def require_data(self, job: str) -> DataConfig:

@@ -92,6 +92,7 @@ class StreamRecord(_Record):
     replay_rows: int = 0
     champion_before: int | None = None
     held_by: str | None = None
+    search: list[dict] = []  # continual.search: every trial (params, scores, run), the chosen one marked
 
 
 class SweepRecord(_Record):

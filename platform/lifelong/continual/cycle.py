@@ -24,6 +24,7 @@ quarantined with the error (requeue them once the cause is fixed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from lifelong.config import JobConfig
 from lifelong.continual.gates import judge
 from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
+from lifelong.continual.search import Fitted, shown_params
 from lifelong.continual.stream import ROWS, Decision, Stream, Window, window_rows
 from lifelong.data import DataReport, FileReport, validation_fingerprint
 from lifelong.errors import AliasConflict, LifelongError, first_line
@@ -63,6 +65,7 @@ class CycleOutcome:
     recovered: bool = False
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)
+    search: list[dict] = field(default_factory=list)  # continual.search: every trial, the chosen one marked
 
     def summary(self) -> str:
         head = f"cycle of stream '{self.stream}': {self.status}" + (f" (window {self.window})" if self.window is not None else "")
@@ -85,6 +88,12 @@ class CycleOutcome:
         lines.append(
             "  accuracy per window: " + "  ".join(f"w{j}: {c:.3f} (champion {b:.3f})" for j, (c, b) in enumerate(zip(cand, champ)))
         )
+        chosen = next((t for t in self.search if t.get("chosen")), None)
+        if chosen:
+            lines.append(
+                f"  search: {len(self.search)} trials; chose trial {chosen['trial'] + 1} {shown_params(chosen['params'])}: "
+                f"gain {chosen['gain']:+.3f} on the new window, forgetting {chosen['forgetting']:.3f}"
+            )
         if self.phases:
             lines.append("  seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in self.phases.items()))
         lines.append(f"  decision: {self.status}: {self.reason}")
@@ -177,6 +186,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             recovered=not scan_lines,
             seconds=time.perf_counter() - started,
             phases=window.phases,
+            search=window.search,
         )
 
 
@@ -277,8 +287,10 @@ def prune_runs(storage: Storage, stream: Stream, keep: int) -> list[str]:
 
 
 def _train_and_register(config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, window: Window) -> Window:
-    """Window k's holdout and training set, a Ray Train run from the pinned champion, a version."""
-    from lifelong.train.driver import prepare_data_from_tables, prepare_run, register_best
+    """Window k's holdout and training set, DeepSpeed from the pinned champion (one candidate, or
+    the best of a `continual.search`), a version."""
+    from lifelong.continual.search import search
+    from lifelong.train.driver import register_best
 
     c, k = config.continual, window.window
     run = run_name(stream.name, window)
@@ -296,45 +308,45 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
             }
         ),
     )
-
-    parts, replay_rows = [train], 0
-    if c.strategy == "replay":
-        buffer = ReplayBuffer(storage, stream.name, c.replay_capacity, seed=config.train.seed)
-        sample = buffer.sample(round(c.replay_ratio * train.num_rows), seed=config.train.seed + k)
-        if sample is not None:
-            replay_rows = sample.num_rows
-            parts.append(sample.select(["text", "label"]).cast(ROWS))
     champion_ref = f"{config.name}:{window.champion_before}"
-    cycle_config = config.model_copy(update={"run_name": run, "model": config.model.model_copy(update={"init_from": champion_ref})})
-    say(
-        f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed, "
-        f"from {champion_ref}, run '{run}'" + (f" (attempt {window.attempts + 1})" if window.attempts else "")
-    )
     registered = _registered_for(registry, config.name, stream.name, k) if window.train_started else None
     if registered is not None:  # the cycle stopped between registering and recording it
         say(f"cycle window {k}: already registered as {config.name}:{registered}")
-        return stream.update(window, status="registered", version=registered, replay_rows=replay_rows)
-    window = stream.update(window, train_started=time.time())
-    try:
-        data = prepare_data_from_tables(
-            cycle_config,
-            storage,
-            registry,
-            pa.concat_tables(parts),
-            holdout,
-            window_report(ledger, window, train.num_rows, holdout.num_rows),
+        card = registry.card(config.name, registered).stream
+        return stream.update(
+            window, status="registered", version=registered, replay_rows=card.replay_rows, search=card.search, search_pending=None
         )
-        prep = prepare_run(cycle_config, data)
-        t1 = time.perf_counter()
-        result = _train(prep, run)
+    window = stream.update(window, train_started=time.time())
+    report = window_report(ledger, window, train.num_rows, holdout.num_rows)
+    spent = {"prepare": time.perf_counter() - t0, "train": 0.0}
+
+    def fit(trial_config: JobConfig, trial_run: str) -> Fitted:
+        return _fit(trial_config, storage, registry, stream, window, train, holdout, report, trial_run, champion_ref, spent)
+
+    def record(trials: list[dict], pending: dict | None) -> None:
+        nonlocal window
+        window = stream.update(window, search=trials, search_pending=pending)
+
+    try:
+        if c.search:
+            windows = [w["window"] for w in stream.finished()] + [k]
+
+            def accuracies(model) -> list[float]:
+                t = time.perf_counter()
+                scored = holdout_accuracies(config, storage, stream, [model if isinstance(model, str) else _best(model)], windows)[0]
+                spent["score"] = spent.get("score", 0.0) + time.perf_counter() - t
+                return scored
+
+            champion = accuracies(champion_ref)
+            fitted, trials = search(config, window, stream.journal(), record, fit, accuracies, champion, run, say)
+        else:
+            fitted, trials = fit(config, run), []
         t2 = time.perf_counter()
-        if result.error:
-            raise LifelongError(f"cycle training run '{run}' failed: {result.error}")
         stream.check()  # training is long: register only while the cycle lock is still ours
         trained = register_best(
-            prep,
-            result,
-            run,
+            fitted.prep,
+            fitted.result,
+            fitted.run,
             extra_card={
                 "stream": {
                     "name": stream.name,
@@ -342,16 +354,78 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
                     "files": window.files,
                     "strategy": c.strategy,
                     "new_rows": window.new_rows,
-                    "replay_rows": replay_rows,
+                    "replay_rows": fitted.replay_rows,
                     "champion_before": window.champion_before,
                     "held_by": stream.hold.fence if stream.hold else None,
+                    **({"search": trials} if trials else {}),
                 }
             },
         )
     except Exception as e:
         raise _failed(config, stream, ledger, window, e) from None
-    phases = {**window.phases, "prepare": t1 - t0, "train": t2 - t1, "register": time.perf_counter() - t2}
-    return stream.update(window, status="registered", version=trained.version, replay_rows=replay_rows, phases=phases)
+    phases = {**window.phases, **spent, "register": time.perf_counter() - t2}
+    return stream.update(
+        window,
+        status="registered",
+        version=trained.version,
+        replay_rows=fitted.replay_rows,
+        search=trials,
+        search_pending=None,
+        phases=phases,
+    )
+
+
+def _fit(
+    config: JobConfig,
+    storage: Storage,
+    registry: Registry,
+    stream: Stream,
+    window: Window,
+    train: pa.Table,
+    holdout: pa.Table,
+    report: DataReport,
+    run: str,
+    champion_ref: str,
+    spent: dict,
+) -> Fitted:
+    """One candidate: the window's train rows plus a replay sample (config.continual.replay_ratio),
+    trained from the champion under `config` as run `run` (resumed from its checkpoints)."""
+    from lifelong.train.driver import prepare_data_from_tables, prepare_run
+
+    c, k = config.continual, window.window
+    t0 = time.perf_counter()
+    parts, replay_rows = [train], 0
+    if c.strategy == "replay":
+        buffer = ReplayBuffer(storage, stream.name, c.replay_capacity, seed=config.train.seed)
+        sample = buffer.sample(round(c.replay_ratio * train.num_rows), seed=config.train.seed + k)
+        if sample is not None:
+            replay_rows = sample.num_rows
+            parts.append(sample.select(["text", "label"]).cast(ROWS))
+    cycle_config = config.model_copy(update={"run_name": run, "model": config.model.model_copy(update={"init_from": champion_ref})})
+    say(
+        f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed, "
+        f"from {champion_ref}, run '{run}'" + (f" (attempt {window.attempts + 1})" if window.attempts else "")
+    )
+    data = prepare_data_from_tables(cycle_config, storage, registry, pa.concat_tables(parts), holdout, report)
+    prep = prepare_run(cycle_config, data)
+    t1 = time.perf_counter()
+    result = _train(prep, run)
+    spent["prepare"] += t1 - t0
+    spent["train"] += time.perf_counter() - t1
+    if result.error:
+        raise LifelongError(f"cycle training run '{run}' failed: {result.error}")
+    return Fitted(prep, result, run, replay_rows)
+
+
+def _best(fitted: Fitted):
+    """A fitted candidate's best checkpoint (by the config's checkpoint score), to be scored."""
+    from lifelong.train.driver import best_checkpoint
+
+    ckpt = fitted.prep.config.train.checkpoint
+    best = best_checkpoint(fitted.result, ckpt.score_attribute, ckpt.score_order)
+    if best is None:
+        raise LifelongError(f"training run '{fitted.run}' reported no checkpoint")
+    return best[0]
 
 
 def _train(prep, run: str):
@@ -465,9 +539,10 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
     return stream.update(window, status="promoted", decision=d)
 
 
-def holdout_accuracies(config: JobConfig, storage: Storage, stream: Stream, refs: list[str], windows: list[int]) -> list[list[float]]:
-    """Accuracy of each model on each window's holdout: one Ray task per model (side by side),
-    which loads it once and scores every holdout (they are small: a fraction of each window)."""
+def holdout_accuracies(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[list[float]]:
+    """Accuracy of each model (a registry version NAME:VERSION, or a training checkpoint) on each
+    window's holdout: one Ray task per model (side by side), which loads it once and scores every
+    holdout (they are small: a fraction of each window)."""
     import ray
 
     score = ray.remote(num_cpus=1)(_score_holdouts)
@@ -478,9 +553,19 @@ def holdout_accuracies(config: JobConfig, storage: Storage, stream: Stream, refs
     )
 
 
+@contextlib.contextmanager
+def _model_dir(storage: Storage, ref):
+    """The HF directory of a registry version, or of a training checkpoint (its `hf/`)."""
+    if isinstance(ref, str):
+        yield Registry(storage).resolve(ref).local_dir
+        return
+    with ref.as_directory() as checkpoint_dir:
+        yield Path(checkpoint_dir) / "hf"
+
+
 def _score_holdouts(
     storage: Storage,
-    ref: str,
+    ref,
     rels: list[str],
     text_column: str,
     label_column: str,
@@ -493,17 +578,17 @@ def _score_holdouts(
     from lifelong.data import tokenize_for_classification
     from lifelong.models import load_for_inference
 
-    resolved = Registry(storage).resolve(ref)
-    model = load_for_inference(resolved.local_dir, "sequence-classification")
     accuracies = []
-    for rel in rels:
-        table = storage.read_table(rel)
-        rows = pa.table({"text": table.column(text_column), "label": [labels.index(v) for v in table.column(label_column).to_pylist()]})
-        correct = 0
-        with torch.no_grad():
-            for start in range(0, rows.num_rows, batch_size):
-                enc = tokenize_for_classification(rows.slice(start, batch_size), str(resolved.local_dir), max_length)
-                logits = model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
-                correct += int((logits.argmax(-1) == torch.tensor(enc["labels"])).sum())
-        accuracies.append(correct / max(rows.num_rows, 1))
+    with _model_dir(storage, ref) as model_dir:
+        model = load_for_inference(model_dir, "sequence-classification")
+        for rel in rels:
+            table = storage.read_table(rel)
+            rows = pa.table({"text": table.column(text_column), "label": [labels.index(v) for v in table.column(label_column).to_pylist()]})
+            correct = 0
+            with torch.no_grad():
+                for start in range(0, rows.num_rows, batch_size):
+                    enc = tokenize_for_classification(rows.slice(start, batch_size), str(model_dir), max_length)
+                    logits = model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
+                    correct += int((logits.argmax(-1) == torch.tensor(enc["labels"])).sum())
+            accuracies.append(correct / max(rows.num_rows, 1))
     return accuracies

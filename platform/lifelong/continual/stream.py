@@ -65,6 +65,9 @@ class Window(BaseModel):
     finished_at: float | None = None
     failed_at: float | None = None
     held_by: str | None = None  # the cycle lock's holding that last wrote this record
+    # continual.search: the trials scored so far, and the one asked and being trained (search.py).
+    search: list[dict] = Field(default_factory=list)
+    search_pending: dict | None = None
 
 
 class Stream:

@@ -331,7 +331,7 @@ def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | N
     """Register the run's best checkpoint (once: a re-run that finds it registered reuses it)."""
     config, registry, report = prep.config, prep.registry, prep.data.report
     ckpt = config.train.checkpoint
-    best = _best_checkpoint(result, ckpt.score_attribute, ckpt.score_order)
+    best = best_checkpoint(result, ckpt.score_attribute, ckpt.score_order)
     if best is None:
         raise LifelongError(f"training run '{run_name}' reported no checkpoint")
     checkpoint, metrics = best
@@ -397,7 +397,7 @@ def export_on_register(
     return exported
 
 
-def _best_checkpoint(result, attribute: str, order: str):
+def best_checkpoint(result, attribute: str, order: str):
     candidates = [(c, m) for c, m in (result.best_checkpoints or []) if attribute in m]
     if candidates:
         pick = min if order == "min" else max
