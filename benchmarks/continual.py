@@ -157,21 +157,28 @@ def run_seed(seed: int, windows: int, rows: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, quick: tuple[int, int], full: tuple[int, int]):
+    """What both continual benchmarks take (--quick, --seeds): (args, windows, rows per window, seeds)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
     args = parser.parse_args()
-    windows, rows = (3, 300) if args.quick else (6, 1000)
-    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    windows, rows = quick if args.quick else full
+    return args, windows, rows, [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
 
+
+def run_seeds(run_seed, seeds: list[int], windows: int, rows: int):
+    """Every seed's stream, one after another on one local Ray: the runs, and a median over them."""
     from lifelong.runtime import connect
 
     connect(num_cpus=4)
     runs = [run_seed(seed, windows, rows) for seed in seeds]
+    return runs, lambda get: statistics.median(get(r) for r in runs)
 
-    def med(get):
-        return statistics.median(get(r) for r in runs)
+
+def main() -> None:
+    args, windows, rows, seeds = parse_args(__doc__, quick=(3, 300), full=(6, 1000))
+    runs, med = run_seeds(run_seed, seeds, windows, rows)
 
     acc = {s: med(lambda r, s=s: r["average_accuracy"][s]) for s in ("replay", "naive", "full")}
     gap = med(lambda r: r["average_accuracy"]["replay"] - r["average_accuracy"]["full"])
@@ -228,10 +235,15 @@ def main() -> None:
         "figures": figures,
         "runs": runs,
     }
-    out = HERE / "results" / ("continual_quick.json" if args.quick else "continual.json")
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps({k: result["summary"][k] for k in ("average_accuracy", "forgetting")}, indent=2))
-    for f in figures:
+    write_result(result, "continual", args.quick)
+
+
+def write_result(result: dict, name: str, quick: bool) -> None:
+    """benchmarks/results/<name>[_quick].json, and each figure on a line."""
+    out = HERE / "results" / (f"{name}_quick.json" if quick else f"{name}.json")
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    for f in result["figures"]:
         met = "met" if f["met"] else "not met"
         print(
             f"{f['name']}: {f['value']} {f['unit']} (target {f['target']}: {met}); {f['platform']} vs {f['baseline']} {f['baseline_unit']}"

@@ -23,7 +23,6 @@ final forgetting (the CL metric), and the cycle's wall time (all of run_cycle) o
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -31,9 +30,9 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from continual import LABELS, config, starting_model  # noqa: F401  (one stream and model recipe for both benchmarks)
+# One stream, starting model, arguments and results file for both continual benchmarks.
+from continual import config, parse_args, run_seeds, starting_model, write_result
 
-HERE = Path(__file__).resolve().parent
 SPACE = (
     "continual.search.space={train.lr: {loguniform: [3.0e-4, 1.0e-2]}, train.epochs: {choice: [1, 2, 3]}, "
     "continual.replay_ratio: {uniform: [0.5, 2.0]}}"
@@ -88,20 +87,8 @@ def run_seed(seed: int, windows: int, rows: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
-    args = parser.parse_args()
-    windows, rows = (3, 300) if args.quick else (4, 600)
-    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-
-    from lifelong.runtime import connect
-
-    connect(num_cpus=4)
-    runs = [run_seed(seed, windows, rows) for seed in seeds]
-
-    def med(get):
-        return statistics.median(get(r) for r in runs)
+    args, windows, rows, seeds = parse_args(__doc__, quick=(3, 300), full=(4, 600))
+    runs, med = run_seeds(run_seed, seeds, windows, rows)
 
     n = f"median of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
     figures = []
@@ -163,14 +150,7 @@ def main() -> None:
         "figures": figures,
         "runs": runs,
     }
-    out = HERE / "results" / ("cycle_search_quick.json" if args.quick else "cycle_search.json")
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    for f in figures:
-        met = "met" if f["met"] else "not met"
-        print(
-            f"{f['name']}: {f['value']} {f['unit']} (target {f['target']}: {met}); {f['platform']} vs {f['baseline']} {f['baseline_unit']}"
-        )
-    print(f"wrote {out}")
+    write_result(result, "cycle_search", args.quick)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,27 @@ def test_a_best_trial_scored_before_the_stop_is_fitted_again_to_be_registered():
     assert drill.fits[-1] == ("cycle-w001-s0", 3e-3, 1.0) and fitted.run == "cycle-w001-s0" and fitted.replay_rows == 100
 
 
+def test_the_best_trial_the_gates_would_pass_is_kept_over_a_better_score_that_forgets_too_much():
+    """A high learning rate gains more on the new window but forgets past ones beyond
+    gates.max_forgetting: its score is higher, yet the passing trial is the one registered."""
+
+    def accuracies(fitted):
+        return [0.8, 1.0] if fitted.result > 3e-3 else [0.9, 0.8]  # forgetting 0.1, gain 0.3 / none, gain 0.1
+
+    config = search_config("continual.search.space={train.lr: {loguniform: [1.0e-3, 1.0e-2]}}", "continual.gates.max_forgetting=0.05")
+    drill = Drill()
+    drill.accuracies = accuracies
+    fitted, trials = drill.run(config)
+    failing = [t for t in trials if not t["passes_gates"]]
+    assert failing and all(t["score"] > max(p["score"] for p in trials if p["passes_gates"]) for t in failing)  # the case at hand
+    chosen = [t for t in trials if t["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["passes_gates"] and fitted.run == chosen[0]["run"]
+    # No trial passes: the best score goes to the gates (to be rejected with its reason).
+    _, none_pass = Drill().run(search_config("continual.gates.min_gain=0.5"))
+    assert not any(t["passes_gates"] for t in none_pass)
+    assert max(none_pass, key=lambda t: t["score"])["chosen"]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

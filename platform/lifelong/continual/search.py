@@ -1,6 +1,7 @@
 """A cycle that searches for itself (`continual.search`): a few candidates trained from the
 champion with sampled settings (learning rate, epochs, replay ratio, ...), each scored on the new
-window's holdout and on every past window's, the best one kept for the gates.
+window's holdout and on every past window's; the best one the gates would pass (else the best)
+is kept for them.
 
     score = (candidate - champion) on the new window - forgetting_weight x forgetting on the past ones
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lifelong.config import JobConfig, dotted_parent, validate_config
-from lifelong.continual.gates import past_window_drop
+from lifelong.continual.gates import judge, past_window_drop
 
 
 @dataclass
@@ -75,6 +76,17 @@ def _holds(dist, value) -> bool:
     if isinstance(dist, optuna.distributions.CategoricalDistribution):
         return value in dist.choices
     return isinstance(value, (int, float)) and not isinstance(value, bool) and dist.low <= value <= dist.high
+
+
+def _rank(trial: dict) -> tuple:
+    """The best trial is the best-scoring one the gates would pass; the best of all only when
+    none would (it then goes to the gates to be rejected with its reason)."""
+    return (trial.get("passes_gates", True), trial["score"])
+
+
+def passes_gates(config: JobConfig, candidate: list[float], champion: list[float]) -> bool:
+    g = config.continual.gates
+    return judge(candidate, champion, g.new_window_tolerance, g.max_forgetting, g.min_gain).passed
 
 
 def score(candidate: list[float], champion: list[float], forgetting_weight: float) -> dict:
@@ -135,7 +147,8 @@ def search(
         record(trials, {"trial": i, "params": params})
         started = time.perf_counter()
         fitted = fit(with_params(config, params), f"{run}-s{i}")
-        figures = score(accuracies(fitted), champion, s.forgetting_weight)
+        scored = accuracies(fitted)
+        figures = {**score(scored, champion, s.forgetting_weight), "passes_gates": passes_gates(config, scored, champion)}
         study.tell(asked, figures["score"])
         trials = [*trials, {"trial": i, "params": params, "run": fitted.run, **figures, "seconds": round(time.perf_counter() - started, 1)}]
         record(trials, None)
@@ -143,12 +156,12 @@ def search(
             f"cycle window {k}: search trial {i + 1}/{s.num_samples} {shown_params(params)}: new window {figures['new']:.3f} "
             f"({figures['gain']:+.3f}), forgetting {figures['forgetting']:.3f} → score {figures['score']:+.3f}"
         )
-        if best is None or figures["score"] > best[0]:
-            best = (figures["score"], fitted)
-    chosen = max(trials, key=lambda t: t["score"])
+        if best is None or _rank(trials[-1]) > best[0]:
+            best = (_rank(trials[-1]), fitted)
+    chosen = max(trials, key=_rank)
     if best is None or best[1].run != chosen["run"]:
         # The best trial finished before the cycle stopped: its run resumes with nothing left to train.
-        best = (chosen["score"], fit(with_params(config, chosen["params"]), chosen["run"]))
+        best = (_rank(chosen), fit(with_params(config, chosen["params"]), chosen["run"]))
     say(f"cycle window {k}: search chose trial {chosen['trial'] + 1} {shown_params(chosen['params'])} (score {chosen['score']:+.3f})")
     return best[1], [{**t, "chosen": t is chosen} for t in trials]
 
