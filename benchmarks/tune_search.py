@@ -197,6 +197,30 @@ def refigure(path: Path) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def pretrained_base(work: Path, topic_rows: int) -> Path:
+    """A store under `work` with tiny-gpt2 pretrained on a small corpus (alias champion), and the
+    topic set the sweeps fine-tune (work/topics.jsonl). Needs Ray connected and tests/ on the path."""
+    from conftest import make_config
+    from lifelong.registry import Registry
+    from lifelong.storage import Storage
+    from lifelong.synth import write_text_corpus, write_topic_dataset
+    from lifelong.train.driver import run_training
+
+    write_text_corpus(work / "corpus.jsonl", max_rows=1200)
+    write_topic_dataset(work / "topics.jsonl", topic_rows, seed=0)
+    store = work / "store"
+    pretrain = make_config(
+        "gpt2/tiny_pretrain.yaml",
+        f"data.path={work / 'corpus.jsonl'}",
+        f"storage.root={store}",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=40",
+        "scaling.num_workers=1",
+    )
+    Registry(Storage(str(store))).move_alias("tiny-gpt2", "champion", run_training(pretrain).version)
+    return store
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -215,29 +239,12 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from conftest import make_config
-    from lifelong.registry import Registry
     from lifelong.runtime import connect
-    from lifelong.storage import Storage
-    from lifelong.synth import write_text_corpus, write_topic_dataset
-    from lifelong.train.driver import run_training
     from lifelong.tune import run_sweep
 
     work = Path(tempfile.mkdtemp(prefix="lifelong-bench-tune-"))
-    write_text_corpus(work / "corpus.jsonl", max_rows=1200)
-    write_topic_dataset(work / "topics.jsonl", 800, seed=0)
-    store = work / "store"
     connect(num_cpus=args.concurrency + 1, dashboard=True)
-
-    pretrain = make_config(
-        "gpt2/tiny_pretrain.yaml",
-        f"data.path={work / 'corpus.jsonl'}",
-        f"storage.root={store}",
-        "train.epochs=2",
-        "train.max_steps_per_epoch=40",
-        "scaling.num_workers=1",
-    )
-    base = run_training(pretrain)
-    Registry(Storage(str(store))).move_alias("tiny-gpt2", "champion", base.version)
+    store = pretrained_base(work, topic_rows=800)
 
     runs = {m: [] for m in METHODS}
     for seed in seeds:

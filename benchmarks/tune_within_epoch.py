@@ -30,7 +30,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from tune_search import finite  # a target never reached is written as null
+from tune_search import finite, pretrained_base  # one pretrained base; a target never reached is written as null
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -87,27 +87,12 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from conftest import make_config
-    from lifelong.registry import Registry
     from lifelong.runtime import connect
-    from lifelong.storage import Storage
-    from lifelong.synth import write_text_corpus, write_topic_dataset
-    from lifelong.train.driver import run_training
     from lifelong.tune import run_sweep
 
     work = Path(tempfile.mkdtemp(prefix="lifelong-bench-within-epoch-"))
-    write_text_corpus(work / "corpus.jsonl", max_rows=1200)
-    write_topic_dataset(work / "topics.jsonl", 4000, seed=0)  # 120 steps of up to 32 rows
-    store = work / "store"
     connect(num_cpus=3, dashboard=True)
-    pretrain = make_config(
-        "gpt2/tiny_pretrain.yaml",
-        f"data.path={work / 'corpus.jsonl'}",
-        f"storage.root={store}",
-        "train.epochs=2",
-        "train.max_steps_per_epoch=40",
-        "scaling.num_workers=1",
-    )
-    Registry(Storage(str(store))).move_alias("tiny-gpt2", "champion", run_training(pretrain).version)
+    store = pretrained_base(work, topic_rows=4000)  # 120 steps of up to 32 rows
 
     runs = {side: [] for side in SIDES}
     for seed in seeds:
