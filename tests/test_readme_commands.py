@@ -232,7 +232,9 @@ def test_the_shown_commands_work_as_printed(fresh_project):
             serve_and_ask(project, env)
             continue
         command = step.run.format(job=job)
+        started = time.monotonic()
         done = sh(command, project, env)
+        print(f"[step] {time.monotonic() - started:6.1f} s  {command}", flush=True)  # where the test's time goes (-s)
         out = done.stdout + done.stderr
         assert done.returncode == step.code, f"{command} exited {done.returncode}:\n{out[-4000:]}"
         words = " ".join(out.split())  # the console wraps long lines at its width
