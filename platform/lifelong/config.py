@@ -537,6 +537,14 @@ def dotted_parent(raw: dict, key: str, *, create: bool = True) -> tuple[dict, st
     return node, leaf
 
 
+def set_dotted(raw: dict, values: dict) -> dict:
+    """Set each dotted key of `values` in the raw config (in place; sections made on the way)."""
+    for key, value in values.items():
+        node, leaf = dotted_parent(raw, key)
+        node[leaf] = value
+    return raw
+
+
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], source: str) -> set[str]:
     """Apply dotted `key.path=value` overrides in place; values are parsed as YAML."""
     keys = set()

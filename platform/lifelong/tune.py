@@ -30,7 +30,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from lifelong.config import JobConfig, dotted_parent, validate_config
+from lifelong.config import JobConfig, set_dotted, validate_config
 from lifelong.errors import LifelongError
 from lifelong.storage import Storage, local_cache_dir
 
@@ -59,10 +59,7 @@ def param_space(config: JobConfig) -> dict:
 
 def trial_config(base: dict, params: dict, run_name: str, tokenizer: str | None) -> JobConfig:
     """The base config (as JSON) with the trial's parameters set on their dotted keys."""
-    raw = copy.deepcopy(base)
-    for key, value in params.items():
-        node, leaf = dotted_parent(raw, key)
-        node[leaf] = value
+    raw = set_dotted(copy.deepcopy(base), params)
     raw["run_name"] = run_name
     if tokenizer and not raw["model"].get("init_from"):  # the sweep's tokenizer: a local path or a storage URI
         raw["model"]["tokenizer"] = tokenizer

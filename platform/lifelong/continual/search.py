@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lifelong.config import JobConfig, dotted_parent, validate_config
+from lifelong.config import JobConfig, dotted_parent, set_dotted, validate_config
 from lifelong.continual.gates import judge, past_window_drop
 
 
@@ -36,11 +36,7 @@ class Fitted:
 
 def with_params(config: JobConfig, params: dict) -> JobConfig:
     """The config with a trial's settings on their dotted keys."""
-    raw = config.model_dump(mode="json")
-    for key, value in params.items():
-        node, leaf = dotted_parent(raw, key)
-        node[leaf] = value
-    return validate_config(raw, source="a cycle's search trial")
+    return validate_config(set_dotted(config.model_dump(mode="json"), params), source="a cycle's search trial")
 
 
 def config_values(config: JobConfig, keys) -> dict:
