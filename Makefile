@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	# DeepSpeed compiles its CPU shared-memory all-reduce on first use (about a minute here);
-	# building it now keeps that out of the first multi-worker run.
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	# DeepSpeed compiles its CPU ops on first use (a minute or more each here); building them
+	# into the environment now keeps that out of every first run, whatever its HOME.
+	$(BIN)/python -m lifelong.train.ops
 	touch $(STAMP)
 
 quickstart: $(STAMP)

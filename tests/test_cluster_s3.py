@@ -37,16 +37,21 @@ def _needs_private_mounts():
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
+def node_env(tmp_path_factory) -> dict[str, dict]:
     homes = tmp_path_factory.mktemp("nodes")
     env = {}
     for name in ("head", "worker-a"):
         for d in ("home", "tmp", "cache"):
             (homes / name / d).mkdir(parents=True)
         env[name] = {"HOME": str(homes / name / "home"), "TMPDIR": str(homes / name / "tmp"), "LIFELONG_CACHE": str(homes / name / "cache")}
+    return env
+
+
+@pytest.fixture(scope="module")
+def nodes(node_env):
     c = LocalCluster(token=uuid.uuid4().hex)
     try:
-        yield c.start(workers=("worker-a",), node_env=env)
+        yield c.start(workers=("worker-a",), node_env=node_env)
     finally:
         c.stop()
 
@@ -63,7 +68,9 @@ def driver(nodes: LocalCluster, private: Path, *args: str, timeout: float = 600)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_pretrain_finetune_evaluate_and_a_cycle_on_s3_across_nodes_that_cannot_see_the_driver(nodes, s3_server, demo_data, tmp_path):
+def test_pretrain_finetune_evaluate_and_a_cycle_on_s3_across_nodes_that_cannot_see_the_driver(
+    nodes, node_env, s3_server, demo_data, tmp_path
+):
     client, port = s3_server["client"], s3_server["port"]
     client.create_bucket(Bucket="multi")
     query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
@@ -105,3 +112,7 @@ def test_pretrain_finetune_evaluate_and_a_cycle_on_s3_across_nodes_that_cannot_s
     assert registry.versions("tiny-topics") == [1, 2]
     card = registry.card("tiny-topics", 2)
     assert card.stream.window == 0 and card.config["model"]["init_from"] == "tiny-topics:1"
+    # Nodes with a fresh HOME trained with the DeepSpeed ops `make setup` built into the environment,
+    # instead of compiling their own (minutes of a first run on every new node).
+    compiled = [str(p) for env in node_env.values() for p in Path(env["HOME"]).rglob("*.so")]
+    assert not compiled, compiled

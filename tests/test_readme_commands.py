@@ -210,8 +210,6 @@ def fresh_project(tmp_path_factory):
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         HF_HUB_OFFLINE="1",
         LIFELONG_LOCAL_CLUSTER=tempfile.mkdtemp(prefix="llc-", dir="/tmp"),  # short: Ray's unix sockets live under it
-        # DeepSpeed's CPU all-reduce op, built once by `make setup` (a fresh HOME would rebuild it).
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions"),
     )
     yield project, env
     subprocess.run(["bash", "cluster/local.sh", "stop"], cwd=project, env=env, capture_output=True, timeout=120)

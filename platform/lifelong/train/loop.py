@@ -31,6 +31,7 @@ from lifelong.evaluate import classification_metrics, lm_metrics
 from lifelong.models import apply_freezing, build_model, load_tokenizer
 from lifelong.registry import Registry
 from lifelong.storage import Storage
+from lifelong.train import ops
 from lifelong.train.ds_config import build_deepspeed_config, resolve_precision
 
 DS_TAG = "state"  # one DeepSpeed tag per checkpoint directory
@@ -92,6 +93,7 @@ def train_in_trial(loop_config: dict, datasets: dict, gpu: bool) -> None:
 
 def run_loop(loop_config: dict, session) -> None:
     entered = time.perf_counter()
+    ops.use_prebuilt()  # before DeepSpeed loads (or would compile) its CPU ops
     config = JobConfig.model_validate(loop_config["config"])
     train_cfg, task = config.train, config.model.task
     rank, world, device = session.rank, session.world, session.device

@@ -1,0 +1,55 @@
+"""DeepSpeed's compiled CPU ops, built once per environment instead of once per HOME.
+
+DeepSpeed compiles the C++ ops it uses on CPU (the shared-memory all-reduce of multi-worker runs,
+the fused AdamW every run steps with, the CPU Adam of `offload_optimizer`) the first time a
+process needs them, a minute or more each on a small machine, into ~/.cache/torch_extensions.
+A node with a fresh HOME (a container, a CI runner, a second user) paid that again inside its
+first training run. `python -m lifelong.train.ops` builds them into the environment itself
+(`make setup` and the cluster image run it), and training workers load them from there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Next to the interpreter and the packages the ops are compiled against: a new torch or
+# DeepSpeed comes with a new environment, and with it a new build.
+EXTENSIONS_DIR = Path(sys.prefix) / "var" / "torch_extensions"
+# DeepSpeed's op builder names (deepspeed.ops.op_builder.cpu): what every run uses on CPU, and
+# the CPU Adam that only `train.deepspeed.offload_optimizer` does (`--offload` builds it too).
+CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
+OFFLOAD_OPS = ("CPUAdamBuilder",)
+
+
+def use_prebuilt() -> None:
+    """Point this process's DeepSpeed at the environment's built ops, when they are there and
+    writable (an op built later lands there too); an explicit TORCH_EXTENSIONS_DIR wins."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and EXTENSIONS_DIR.is_dir() and os.access(EXTENSIONS_DIR, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR)
+
+
+def build(names: tuple[str, ...] = CPU_OPS) -> list[str]:
+    """Build the CPU ops into EXTENSIONS_DIR (already built ones load in a second). Returns what
+    it built; on an accelerator other than the CPU it builds nothing (those compile on first use)."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    Path(os.environ["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return []
+    built = []
+    for name in names:
+        builder = accelerator.create_op_builder(name)
+        if builder is not None:
+            builder.load(verbose=False)
+            built.append(name)
+    return built
+
+
+if __name__ == "__main__":
+    names = build(CPU_OPS + OFFLOAD_OPS if "--offload" in sys.argv[1:] else CPU_OPS)
+    where = os.environ["TORCH_EXTENSIONS_DIR"]
+    print(f"DeepSpeed CPU ops built in {where}: {', '.join(names)}" if names else "no CPU ops to build on this accelerator")
