@@ -12,7 +12,7 @@ setup: $(STAMP)
 # Idempotent: reinstalls only when pyproject.toml changes. torch is installed first and pinned
 # to one release: on a CPU machine that carries its CPU build, pip takes it from there, and a
 # looser requirement would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml platform/lifelong/train/ops.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"

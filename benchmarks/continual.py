@@ -79,8 +79,9 @@ def config(root: Path, landing: Path, strategy: str, seed: int, *extra: str):
     )
 
 
-def run_seed(seed: int, windows: int, rows: int) -> dict:
-    """One stream, start to end: every cycle of both strategies, then full retraining."""
+def run_seed(seed: int, windows: int, rows: int, variants: dict[str, list[str]] | None = None) -> dict:
+    """One stream, start to end: every cycle of both strategies (and of each replay variant:
+    name -> config overrides, from window 1 on), then full retraining."""
     from lifelong.continual.cycle import holdout_accuracies, run_cycle
     from lifelong.continual.stream import Stream
     from lifelong.models import train_tokenizer
@@ -94,19 +95,21 @@ def run_seed(seed: int, windows: int, rows: int) -> dict:
     first = [json.loads(line)["text"] for f in dirs[0].glob("*.jsonl") for line in f.read_text().splitlines()]
     tokenizer_dir = str(work / "tokenizer")
     train_tokenizer(first or [], 600, tokenizer_dir)  # from the first window only, as a real stream would
-    landing, stores = work / "landing", {"replay": work / "replay", "naive": work / "naive"}
+    variants = variants or {}
+    landing, stores = work / "landing", {"replay": work / "replay", "naive": work / "naive", **{v: work / v for v in variants}}
     landing.mkdir()
     registry = Registry(Storage(str(stores["replay"])))
     name = "tiny-topics"
     start = starting_model(registry, name, tokenizer_dir, work, seed)
     registry.move_alias(name, "champion", start)
 
-    cycles = {"replay": [], "naive": []}
+    cycles = {s: [] for s in stores}
     for w, d in enumerate(dirs):
         for f in sorted(d.iterdir()):
             shutil.copy(f, landing / f"window-{w:03d}-{f.name}")
-        for strategy in ("replay", "naive") if w else ("replay",):
-            outcome = run_cycle(config(stores[strategy], landing, strategy, seed))
+        for strategy in stores if w else ("replay",):
+            kind, extra = ("naive", []) if strategy == "naive" else ("replay", variants.get(strategy, []))
+            outcome = run_cycle(config(stores[strategy], landing, kind, seed, *extra))
             print(outcome.summary(), flush=True)
             cycles[strategy].append(
                 {
@@ -120,10 +123,13 @@ def run_seed(seed: int, windows: int, rows: int) -> dict:
                     "metrics": outcome.metrics,
                 }
             )
-        if w == 0:
-            shutil.copytree(stores["replay"], stores["naive"])  # naive continues from the same champion and ledger
-    # naive's window 0 is replay's (the same cycle)
-    cycles["naive"].insert(0, cycles["replay"][0])
+        if w == 0:  # the others continue from the same champion and ledger
+            for other in stores:
+                if other != "replay":
+                    shutil.copytree(stores["replay"], stores[other])
+    for other in stores:  # their window 0 is replay's (the same cycle)
+        if other != "replay":
+            cycles[other].insert(0, cycles["replay"][0])
 
     # Full retraining from the starting model on every window's training rows, when the last one arrived.
     full_cfg = config(stores["replay"], landing, "replay", seed, f"model.init_from={name}:{start}", f"run_name=full-retrain-{windows}w")
@@ -140,6 +146,10 @@ def run_seed(seed: int, windows: int, rows: int) -> dict:
     replay_last = cycles["replay"][-1]
     return {
         "seed": seed,
+        "variants": {
+            v: {**{k: final(v)[k] for k in ("average_accuracy", "forgetting")}, "last_cycle_seconds": cycles[v][-1]["seconds"]}
+            for v in variants
+        },
         "average_accuracy": {
             "replay": final("replay")["average_accuracy"],
             "naive": final("naive")["average_accuracy"],
@@ -162,23 +172,31 @@ def parse_args(doc: str, quick: tuple[int, int], full: tuple[int, int]):
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; quick: 0)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="also run the replay strategy with these config overrides (continual.py only), e.g. replay2:continual.replay_ratio=2",
+    )
     args = parser.parse_args()
     windows, rows = quick if args.quick else full
     return args, windows, rows, [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
 
 
-def run_seeds(run_seed, seeds: list[int], windows: int, rows: int):
+def run_seeds(run_seed, seeds: list[int], windows: int, rows: int, **kwargs):
     """Every seed's stream, one after another on one local Ray: the runs, and a median over them."""
     from lifelong.runtime import connect
 
     connect(num_cpus=4)
-    runs = [run_seed(seed, windows, rows) for seed in seeds]
+    runs = [run_seed(seed, windows, rows, **kwargs) for seed in seeds]
     return runs, lambda get: statistics.median(get(r) for r in runs)
 
 
 def main() -> None:
     args, windows, rows, seeds = parse_args(__doc__, quick=(3, 300), full=(6, 1000))
-    runs, med = run_seeds(run_seed, seeds, windows, rows)
+    variants = {name: overrides.split(",") for name, _, overrides in (v.partition(":") for v in args.variant)}
+    runs, med = run_seeds(run_seed, seeds, windows, rows, variants=variants)
 
     acc = {s: med(lambda r, s=s: r["average_accuracy"][s]) for s in ("replay", "naive", "full")}
     gap = med(lambda r: r["average_accuracy"]["replay"] - r["average_accuracy"]["full"])
@@ -231,11 +249,20 @@ def main() -> None:
             "last_cycle_seconds": cycle_s,
             "full_retrain_seconds": full_s,
             "incremental_total_seconds": med(lambda r: r["incremental_total_seconds"]),
+            "variants": {
+                v: {
+                    "overrides": overrides,
+                    "average_accuracy_vs_full": med(lambda r, v=v: r["variants"][v]["average_accuracy"] - r["average_accuracy"]["full"]),
+                    "forgetting": med(lambda r, v=v: r["variants"][v]["forgetting"]),
+                    "last_cycle_vs_full_time": med(lambda r, v=v: r["variants"][v]["last_cycle_seconds"] / r["full_retrain"]["seconds"]),
+                }
+                for v, overrides in variants.items()
+            },
         },
         "figures": figures,
         "runs": runs,
     }
-    print(json.dumps({k: result["summary"][k] for k in ("average_accuracy", "forgetting")}, indent=2))
+    print(json.dumps({k: result["summary"][k] for k in ("average_accuracy", "forgetting", "variants")}, indent=2))
     write_result(result, "continual", args.quick)
 
 

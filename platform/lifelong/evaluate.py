@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
 
 from lifelong.config import JobConfig
 from lifelong.data import DataReport, TokenizerRef, read_validated, tokenized
@@ -27,6 +26,10 @@ def lm_metrics(loss: float) -> dict[str, float]:
 
 
 def classification_metrics(labels: list[int], preds: list[int], loss: float, num_labels: int) -> dict[str, float]:
+    # Imported here: scikit-learn pulls in SciPy (~1 s of CPU), which every training worker and
+    # driver importing this module paid, language-model runs included.
+    from sklearn.metrics import accuracy_score, f1_score
+
     if not labels:
         return {"loss": loss, "accuracy": float("nan"), "macro_f1": float("nan")}
     return {

@@ -10,13 +10,18 @@ first training run. `python -m lifelong.train.ops` builds them into the environm
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
 
 # Next to the interpreter and the packages the ops are compiled against: a new torch or
-# DeepSpeed comes with a new environment, and with it a new build.
-EXTENSIONS_DIR = Path(sys.prefix) / "var" / "torch_extensions"
+# DeepSpeed comes with a new environment, and with it a new build. One build per spelling of
+# the environment's path (a symlink, a second mount): the include paths in an op's build file
+# are spelled as Python found its packages, and a build file that changes is rebuilt, so two
+# spellings sharing one directory would recompile each other's ops on every switch.
+EXTENSIONS_ROOT = Path(sys.prefix) / "var" / "torch_extensions"
+EXTENSIONS_DIR = EXTENSIONS_ROOT / hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
 # DeepSpeed's op builder names (deepspeed.ops.op_builder.cpu): what every run uses on CPU, and
 # the CPU Adam that only `train.deepspeed.offload_optimizer` does (`--offload` builds it too).
 CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
@@ -24,9 +29,11 @@ OFFLOAD_OPS = ("CPUAdamBuilder",)
 
 
 def use_prebuilt() -> None:
-    """Point this process's DeepSpeed at the environment's built ops, when they are there and
-    writable (an op built later lands there too); an explicit TORCH_EXTENSIONS_DIR wins."""
-    if "TORCH_EXTENSIONS_DIR" not in os.environ and EXTENSIONS_DIR.is_dir() and os.access(EXTENSIONS_DIR, os.W_OK):
+    """Point this process's DeepSpeed at the environment's built ops, where the environment has
+    them (`build` ran) and is writable (an op built later lands there too, once per spelling of
+    its path); an explicit TORCH_EXTENSIONS_DIR wins."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and EXTENSIONS_ROOT.is_dir() and os.access(EXTENSIONS_ROOT, os.W_OK):
+        EXTENSIONS_DIR.mkdir(exist_ok=True)
         os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR)
 
 
