@@ -21,6 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
+def pytest_collection_modifyitems(items):
+    """Modules none of whose tests use the session's local Ray run first: those that bring up Ray
+    of their own (cluster nodes, the README's commands) then run before the session's Serve
+    controller, proxy and idle workers exist to take CPU from them. Modules stay whole, in order."""
+    uses_session = {item.module for item in items if "ray_session" in item.fixturenames}
+    items.sort(key=lambda item: item.module in uses_session)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
