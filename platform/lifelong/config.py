@@ -335,10 +335,10 @@ class CycleSearchSection(Section):
             raise ValueError("continual.search.space: name at least one key to search, e.g. {train.lr: {loguniform: [1e-4, 1e-2]}}")
         self.space.update(checked_space(self.space, "continual.search.space", "a grid is enumerated, which Optuna does not do: use choice"))
         for key in self.space:
-            if not (key.startswith("train.") or key == "continual.replay_ratio"):
+            if not (key.startswith("train.") or key in ("continual.replay_ratio", "continual.distill_weight")):
                 raise ValueError(
                     f"continual.search.space.{key}: a cycle searches how it trains from the champion: "
-                    "train.* keys and continual.replay_ratio"
+                    "train.* keys, continual.replay_ratio and continual.distill_weight"
                 )
         return self
 
@@ -367,6 +367,10 @@ class ContinualSection(Section):
     replay_capacity: int = Field(default=5000, ge=1)
     # Replay rows drawn per new training row (replay strategy).
     replay_ratio: float = Field(default=1.0, gt=0)
+    # Distillation on replayed rows (replay strategy): the candidate's loss adds this weight times
+    # the mean squared difference between its logits and the champion's on the replayed rows of
+    # each batch, so old windows keep their answers as well as their labels (0: labels alone).
+    distill_weight: float = Field(default=0.0, ge=0)
     gates: GatesSection = Field(default_factory=GatesSection)
     # A small search of the cycle's own (None: one candidate, trained with the config as it is).
     search: CycleSearchSection | None = None

@@ -711,15 +711,23 @@ def with_pad_token(tok):
     return tok
 
 
+# A continual cycle's column marking replayed rows (1) among the window's new ones (0), carried
+# through tokenization to the loop, which distills the champion's logits on them.
+REPLAYED = "replayed"
+
+
 def tokenize_for_classification(batch: pa.Table, tokenizer: TokenizerRef | str, max_length: int) -> dict[str, np.ndarray]:
     """Rows (text, label) as padded model inputs; Arrow in, NumPy out (no pandas on the way)."""
     tok = cached_tokenizer(tokenizer)
     enc = tok(batch.column("text").to_pylist(), truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
-    return {
+    out = {
         "input_ids": enc["input_ids"].astype(np.int64),
         "attention_mask": enc["attention_mask"].astype(np.int64),
         "labels": batch.column("label").to_numpy().astype(np.int64),
     }
+    if REPLAYED in batch.column_names:
+        out[REPLAYED] = batch.column(REPLAYED).to_numpy().astype(np.int64)
+    return out
 
 
 def tokenize_for_causal_lm(batch: pa.Table, tokenizer: TokenizerRef | str, max_length: int) -> dict[str, np.ndarray]:

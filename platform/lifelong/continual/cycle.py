@@ -38,7 +38,7 @@ from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
 from lifelong.continual.search import Fitted, shown_params
 from lifelong.continual.stream import ROWS, Decision, Stream, Window, window_rows
-from lifelong.data import DataReport, FileReport, validation_fingerprint
+from lifelong.data import REPLAYED, DataReport, FileReport, validation_fingerprint
 from lifelong.errors import AliasConflict, LifelongError, first_line
 from lifelong.registry import Registry
 from lifelong.storage import Storage, is_uri
@@ -401,6 +401,9 @@ def _fit(
         if sample is not None:
             replay_rows = sample.num_rows
             parts.append(sample.select(["text", "label"]).cast(ROWS))
+    if c.distill_weight and replay_rows:
+        # The loop distills the champion's logits on the rows this column marks (train/loop.py).
+        parts = [p.append_column(REPLAYED, pa.array([int(i > 0)] * p.num_rows, pa.int64())) for i, p in enumerate(parts)]
     cycle_config = config.model_copy(update={"run_name": run, "model": config.model.model_copy(update={"init_from": champion_ref})})
     say(
         f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed, "

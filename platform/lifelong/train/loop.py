@@ -27,6 +27,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from lifelong.config import JobConfig
+from lifelong.data import REPLAYED
 from lifelong.evaluate import classification_metrics, lm_metrics
 from lifelong.models import apply_freezing, build_model, load_tokenizer
 from lifelong.registry import Registry
@@ -141,6 +142,10 @@ def run_loop(loop_config: dict, session) -> None:
     steps_per_epoch = loop_config["total_steps"] // train_cfg.epochs
     report_every = loop_config.get("report_every_steps")  # a sweep's trials: also inside epochs, for ASHA
     n_labels = len(config.data.labels or [])
+    # A continual cycle's distillation (continual.distill_weight): the champion it starts from,
+    # frozen, scores the replayed rows of each batch; loaded when the first such batch comes.
+    distill = config.continual.distill_weight if init_dir is not None and task == "sequence-classification" else 0.0
+    teacher = None
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
         # --- train one epoch ---------------------------------------------------------------
@@ -155,11 +160,16 @@ def run_loop(loop_config: dict, session) -> None:
         )
         for batch in batches:
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            engine.backward(out.loss)
+            loss = out.loss
+            if distill and REPLAYED in batch and bool(batch[REPLAYED].any()):
+                if teacher is None:
+                    teacher = build_model(config.model, tokenizer, init_dir=init_dir, labels=config.data.labels).to(device).eval()
+                loss = loss + distill * distillation_loss(teacher, batch, out.logits)
+            engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer and schedule at accumulation boundaries
             micro_steps += 1
             tokens += int(batch["attention_mask"].sum())
-            loss_sum += float(out.loss.detach().float())
+            loss_sum += float(loss.detach().float())
             if (
                 engine.is_gradient_accumulation_boundary()
                 and (micro_steps // train_cfg.gradient_accumulation_steps) % train_cfg.log_every_steps == 0
@@ -267,6 +277,15 @@ def mark_fp32(config_json: Path) -> None:
 
 
 @torch.no_grad()
+def distillation_loss(teacher, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the candidate's logits and the frozen champion's on the
+    batch's replayed rows (logit matching, as dark experience replay does)."""
+    replayed = batch[REPLAYED].bool()
+    with torch.no_grad():
+        target = teacher(input_ids=batch["input_ids"][replayed], attention_mask=batch["attention_mask"][replayed]).logits
+    return torch.nn.functional.mse_loss(logits[replayed].float(), target.float())
+
+
 def evaluate_shard(engine, shard, task: str, batch_size: int, device, num_labels: int) -> dict[str, float]:
     """Validation metrics over all workers' shards (loss, and accuracy/F1 or perplexity)."""
     engine.eval()
