@@ -32,4 +32,8 @@ def test_replayed_rows_are_marked_through_tokenization_and_only_they_are_distill
     moved[[0, 2]] += 5.0  # new rows may move freely
     assert distillation_loss(champion, batch, moved).item() == pytest.approx(0.0, abs=1e-9)
     moved[1] += 2.0  # a replayed row moved by 2 on each of its 4 logits: 16 over 2 rows x 4 logits
-    assert distillation_loss(champion, batch, moved).item() == pytest.approx(2.0, rel=1e-5)
+    moved.requires_grad_(True)
+    loss = distillation_loss(champion, batch, moved)
+    assert loss.item() == pytest.approx(2.0, rel=1e-5)
+    loss.backward()  # it pulls the candidate's replayed rows back towards the champion, and only those
+    assert moved.grad[1].tolist() == pytest.approx([0.5] * 4) and not moved.grad[[0, 2, 3]].any()

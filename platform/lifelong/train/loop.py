@@ -276,7 +276,6 @@ def mark_fp32(config_json: Path) -> None:
     config_json.write_text(json.dumps(config, indent=2))
 
 
-@torch.no_grad()
 def distillation_loss(teacher, batch: dict, logits: torch.Tensor) -> torch.Tensor:
     """Mean squared difference between the candidate's logits and the frozen champion's on the
     batch's replayed rows (logit matching, as dark experience replay does)."""
@@ -286,6 +285,7 @@ def distillation_loss(teacher, batch: dict, logits: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.mse_loss(logits[replayed].float(), target.float())
 
 
+@torch.no_grad()
 def evaluate_shard(engine, shard, task: str, batch_size: int, device, num_labels: int) -> dict[str, float]:
     """Validation metrics over all workers' shards (loss, and accuracy/F1 or perplexity)."""
     engine.eval()
