@@ -403,7 +403,7 @@ def _fit(
             parts.append(sample.select(["text", "label"]).cast(ROWS))
     if c.distill_weight and replay_rows:
         # The loop distills the champion's logits on the rows this column marks (train/loop.py).
-        parts = [p.append_column(REPLAYED, pa.array([int(i > 0)] * p.num_rows, pa.int64())) for i, p in enumerate(parts)]
+        parts = [p.append_column(REPLAYED, pa.repeat(pa.scalar(int(i > 0), pa.int64()), p.num_rows)) for i, p in enumerate(parts)]
     cycle_config = config.model_copy(update={"run_name": run, "model": config.model.model_copy(update={"init_from": champion_ref})})
     say(
         f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed, "
