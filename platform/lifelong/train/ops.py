@@ -6,6 +6,14 @@ process needs them, a minute or more each on a small machine, into ~/.cache/torc
 A node with a fresh HOME (a container, a CI runner, a second user) paid that again inside its
 first training run. `python -m lifelong.train.ops` builds them into the environment itself
 (`make setup` and the cluster image run it), and training workers load them from there.
+
+Two things make a build that exists get compiled again, and both are pinned here: the directory
+(one per spelling of the environment's path, below) and the ninja that checks it. ninja keeps a
+hash of every command it ran in the build's log and reruns a command whose hash differs, and
+releases hash differently (1.11 and 1.12+): a build checked by another ninja than the one that
+made it is compiled again whole, and back again when the first one checks it next. Which ninja
+torch runs is whichever comes first on PATH (a system one for `make setup`, the environment's
+own under `ray start` from its bin directory), so both here put the environment's own first.
 """
 
 from __future__ import annotations
@@ -35,6 +43,19 @@ def use_prebuilt() -> None:
     if "TORCH_EXTENSIONS_DIR" not in os.environ and EXTENSIONS_ROOT.is_dir() and os.access(EXTENSIONS_ROOT, os.W_OK):
         EXTENSIONS_DIR.mkdir(exist_ok=True)
         os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR)
+    _own_ninja_first()
+
+
+def _own_ninja_first() -> None:
+    """The environment's ninja (the `ninja` package DeepSpeed requires) first on this process's
+    PATH, for the builds and checks torch runs from here (see the module's docstring)."""
+    try:
+        import ninja
+    except ImportError:  # none in the environment: the system's, for builds and checks alike
+        return
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if path[:1] != [ninja.BIN_DIR]:
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, *path])
 
 
 def build(names: tuple[str, ...] = CPU_OPS) -> list[str]:
@@ -42,6 +63,7 @@ def build(names: tuple[str, ...] = CPU_OPS) -> list[str]:
     it built; on an accelerator other than the CPU it builds nothing (those compile on first use)."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
     Path(os.environ["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
+    _own_ninja_first()
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
