@@ -67,7 +67,11 @@ STEPS = [
     Step(
         ["lifelong pretrain configs/gpt2/tiny_pretrain.yaml"],
         "lifelong pretrain configs/gpt2/tiny_pretrain.yaml",
-        ("the best checkpoint is already registered as tiny-gpt2:1", "lifelong models promote tiny-gpt2:1 --alias champion"),
+        (
+            "finished its 2 epoch(s) already: nothing to train",
+            "the best checkpoint is already registered as tiny-gpt2:1",
+            "lifelong models promote tiny-gpt2:1 --alias champion",
+        ),
     ),
     Step(
         ["lifelong models promote NAME:3 --alias champion"],
@@ -83,7 +87,7 @@ STEPS = [
     Step(
         ["lifelong finetune configs/gpt2/tiny_finetune.yaml"],
         "lifelong finetune configs/gpt2/tiny_finetune.yaml",
-        ("the best checkpoint is already registered as tiny-topics:1",),
+        ("finished its 3 epoch(s) already: nothing to train", "the best checkpoint is already registered as tiny-topics:1"),
     ),
     Step([], "lifelong models promote tiny-topics:1 --alias champion", ("tiny-topics@champion: None → 1",)),
     Step(

@@ -186,7 +186,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
     assert Registry(Storage(str(tmp_path))).versions("tiny-gpt2") == [outcome.version]
 
 
-def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_two(pretrained, tmp_path):
+def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_two(pretrained, tmp_path, capsys):
     """Re-running with a new learning rate under the default name used to resume the old run and
     return its version; now it is a new run. A run_name that holds another config or data is
     refused (naming run_name and --resume); --resume continues it anyway."""
@@ -215,8 +215,11 @@ def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_tw
     with pytest.raises(ConfigError, match=r"changed since: data files"):
         run_training(make_config("gpt2/tiny_pretrain.yaml", *named, "train.lr=1e-3", f"data.path={other}"))
     versions = registry.versions("tiny-gpt2")
+    capsys.readouterr()
     forced = run_training(make_config("gpt2/tiny_pretrain.yaml", *named, "train.lr=5e-4"), resume=True)
     assert forced.version == changed.version  # continued the finished run: nothing new to register
+    out = capsys.readouterr().out
+    assert f"run '{changed.run_name}' finished its 1 epoch(s) already: nothing to train" in out, out[-2000:]
     assert registry.versions("tiny-gpt2") == versions
 
 

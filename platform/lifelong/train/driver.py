@@ -236,6 +236,12 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
     config = settle_run(config, storage, validated.report, resume)
     run_name = config.run_name
     prep = prepare_run(config, prepare_data(config, storage, registry, validated))
+    finished = finished_run(storage, run_name, config.train.epochs)
+    if finished is not None:
+        # Run again (the same command, a job retried after its driver registered nothing):
+        # workers would resume after the last epoch and train nothing.
+        print(f"[lifelong] run '{run_name}' finished its {config.train.epochs} epoch(s) already: nothing to train", flush=True)
+        return register_best(prep, finished, run_name)
     trainer = build_trainer(prep, run_name)
     print(
         f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
@@ -249,6 +255,14 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
     if result.error:
         raise LifelongError(f"training run '{run_name}' failed: {result.error}")
     return register_best(prep, result, run_name)
+
+
+def finished_run(storage: Storage, run_name: str, epochs: int) -> ray.train.Result | None:
+    """The stored result of a Ray Train run whose latest checkpoint is its last epoch, else None."""
+    if not storage.exists(f"runs/{run_name}/checkpoint_manager_snapshot.json"):
+        return None
+    result = ray.train.Result.from_path(storage.path(f"runs/{run_name}"), storage_filesystem=storage.fs)
+    return result if result.metrics and result.metrics.get("epoch", 0) >= epochs else None
 
 
 def pin_init_from(config: JobConfig, registry: Registry) -> JobConfig:
