@@ -25,16 +25,15 @@ $(STAMP): pyproject.toml platform/lifelong/train/ops.py
 quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python jobs/quickstart.py
 
-# Two lanes side by side (tests/conftest.py): the modules on the session's Ray, and the rest.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15
 
 # On a CUDA machine: the tests marked gpu (training with nccl, serving on CUDA); skipped elsewhere.
 test-gpu: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m gpu
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow" -n 2 --dist loadgroup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow"
 
 # The serving benchmark also measures the real all-MiniLM-L6-v2 (an optional extra).
 bench: $(STAMP)

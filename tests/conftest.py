@@ -22,16 +22,11 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 
 def pytest_collection_modifyitems(items):
-    """Two lanes: the modules that use the session's local Ray, and those none of whose tests do
-    (they bring up Ray of their own: cluster nodes, the README's commands, or none). `make test`
-    runs the lanes side by side (pytest-xdist, `-n 2 --dist loadgroup`): much of either lane's
-    time is spent waiting (on nodes joining, jobs, polls, process start-up), and the other lane
-    fills it. Run serially, the lane without the session's Ray goes first, before the session's
-    Serve controller, proxy and idle workers exist to take CPU from it. Modules stay whole, in order."""
+    """Modules none of whose tests use the session's local Ray run first: those that bring up Ray
+    of their own (cluster nodes, the README's commands) then run before the session's Serve
+    controller, proxy and idle workers exist to take CPU from them. Modules stay whole, in order."""
     uses_session = {item.module for item in items if "ray_session" in item.fixturenames}
     items.sort(key=lambda item: item.module in uses_session)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("session-ray" if item.module in uses_session else "own-ray"))
 
 
 @pytest.fixture(scope="session")
