@@ -279,7 +279,8 @@ def test_a_cycle_whose_training_actor_is_killed_resumes_its_run_in_a_new_one(str
         while time.monotonic() < deadline and not (markers := list(root.glob("runs/*-w*/checkpoint_*/lifelong-checkpoint.json"))):
             time.sleep(0.05)
         first.update(json.loads(markers[0].read_text()))
-        for actor in list_actors(filters=[("class_name", "=", "WarmTrainer"), ("state", "=", "ALIVE")], detail=True):
+        alive = [("class_name", "=", "WarmTrainer"), ("state", "=", "ALIVE")]  # on the session's Ray, named: not any on the machine
+        for actor in list_actors(address=ray_session.get_runtime_context().gcs_address, filters=alive, detail=True):
             os.kill(actor.pid, signal.SIGKILL)
             killed.append(actor.pid)
 

@@ -3,6 +3,7 @@ their own Tune process, multi-worker ones as Ray Train runs), a failing trial, a
 resumed with --resume, the best trial registered."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -218,6 +219,27 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(pretrained, demo
     study = searcher._ot_study
     assert len(study.trials) == 4 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert Registry(Storage(str(pretrained["root"]))).resolve("tune-resume@challenger").version == outcome.version
+
+
+def test_the_state_api_check_asks_the_cluster_it_is_connected_to_when_other_rays_run_on_the_machine(ray_session):
+    """Two Rays on one machine (a user's local cluster beside an embedded run; seen: two test
+    lanes side by side): the check let Ray guess which one to ask, and refused a sweep on a Ray
+    that serves the state API ("Found multiple active Ray instances")."""
+    from lifelong.config import validate_config
+    from lifelong.tune import check_state_api
+
+    code = (
+        "import ray, sys; ray.init(num_cpus=1, include_dashboard=False, logging_level='ERROR'); print('up', flush=True); sys.stdin.read()"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        base = {"name": "x", "scaling": {"num_workers": 2}, "tune": {"space": {"train.lr": {"choice": [0.1]}}}}
+        check_state_api(validate_config(base))  # the session's Ray has its dashboard: not refused
+    finally:
+        other.stdin.close()
+        other.wait(timeout=120)
 
 
 def test_an_asha_sweep_of_multi_worker_trials_on_a_cluster_without_the_state_api_is_refused_up_front():

@@ -221,7 +221,9 @@ def check_state_api(config: JobConfig) -> None:
     from ray.util.state import list_nodes
 
     try:
-        list_nodes(limit=1, timeout=10)
+        # This driver's cluster, named: left to guess, Ray picks any Ray on the machine, or none
+        # when it finds several ("Found multiple active Ray instances").
+        list_nodes(address=getattr(ray.get_runtime_context(), "gcs_address", None), limit=1, timeout=10)
     except Exception as e:  # no dashboard: its address is missing, refused or not answering
         raise LifelongError(
             "early stopping (tune.scheduler=asha) needs the Ray dashboard's state API, which this cluster does not serve "
