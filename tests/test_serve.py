@@ -217,6 +217,17 @@ def test_unauthenticated_or_oversized_bodies_are_refused_before_they_are_read(ap
     assert status == 408 and b"serve.body_timeout_s" in data and took < 6, (status, data[-300:], took)
 
 
+def test_the_haproxy_ingress_on_a_ray_started_without_it_is_refused_saying_how(ray_session, tmp_path):
+    """Serve reads its HAProxy mode when Ray's processes start: asked of a Ray already running
+    without it (a cluster, here the session's), serving refuses and says what the nodes need."""
+    from lifelong.errors import ConfigError
+    from lifelong.serve import connect_for_serving
+
+    config = validate_config({"name": "topics", "storage": {"root": str(tmp_path)}, "serve": {"ingress": "haproxy"}})
+    with pytest.raises(ConfigError, match=r"started without Serve's HAProxy mode.*RAY_SERVE_ENABLE_HA_PROXY=1"):
+        connect_for_serving(config)
+
+
 def test_the_batcher_runs_a_lone_request_at_once_and_batches_what_queued_meanwhile():
     import asyncio
 

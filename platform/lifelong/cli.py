@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -217,18 +218,18 @@ def serve(
     import time
 
     from lifelong.config import load_config
-    from lifelong.runtime import connect
-    from lifelong.serve import check_servable, deploy, exposure_warning, resolve_token
+    from lifelong.serve import check_servable, connect_for_serving, deploy, exposure_warning, haproxy_exposure, resolve_token
 
     cfg = load_config(config, overrides or [])
     check_servable(cfg)  # before starting Ray: a missing alias or export fails in a second
     resolve_token(cfg)
-    where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.serve.num_replicas * cfg.serve.cpus_per_replica)
+    where = connect_for_serving(cfg, address)
     url = deploy(cfg)
-    console.print(f"[bold]lifelong serve[/] {cfg.served_model}@{cfg.serve.alias} on {where}")
+    ingress = " through HAProxy" if cfg.serve.ingress == "haproxy" else ""
+    console.print(f"[bold]lifelong serve[/] {cfg.served_model}@{cfg.serve.alias} on {where}{ingress}")
     console.print(f"  {url}/v1/predict  {url}/v1/generate  {url}/v1/model  {url}/healthz  docs: {url}/docs")
-    if warning := exposure_warning(cfg):
-        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+    for warning in filter(None, (exposure_warning(cfg), haproxy_exposure(cfg))):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     if detach:
         return
     console.print("following the alias; Ctrl-C stops serving")
@@ -582,7 +583,8 @@ def main(argv: list[str] | None = None) -> None:
         # Standalone mode: usage errors print their message and exit 2, as click does.
         app(args=argv)
     except LifelongError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line per line: logs get grepped
+        # One line per line (logs get grepped); the message as written: `[haproxy]` is not markup.
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:  # a store, a data path or a cluster cannot be reached: what and where, not a traceback
         hint = (
@@ -591,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
             else "check that the storage root, data paths and their endpoints are right and reachable"
         )
         Console(stderr=True).print(
-            f"[bold red]error:[/] {type(e).__name__}: {first_line(e, 500)} ({hint})", highlight=False, soft_wrap=True
+            f"[bold red]error:[/] {type(e).__name__}: {escape(first_line(e, 500))} ({hint})", highlight=False, soft_wrap=True
         )
         sys.exit(2)
 

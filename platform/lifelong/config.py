@@ -157,6 +157,10 @@ class ServeSection(Section):
     route_prefix: str = Field(default="/", pattern=r"^/[A-Za-z0-9_/-]*$")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # The HTTP ingress: Serve's proxy actor, or HAProxy forwarding straight to the replicas (Ray
+    # Serve's HAProxy mode with its throughput-optimized settings; needs `lifelong[haproxy]` or a
+    # haproxy on PATH). The same API, token and host; a cluster's nodes must start in that mode.
+    ingress: Literal["proxy", "haproxy"] = "proxy"
     num_replicas: int = Field(default=2, ge=1)
     # When set, Serve autoscales between min and max replicas instead of num_replicas.
     autoscaling: AutoscalingSection | None = None

