@@ -224,14 +224,16 @@ async def load(url: str, texts: list[str], concurrency: int, total: int, time_li
     }
 
 
-def serve_floor(port: int, reps: int) -> list[float]:
-    """The cost of Serve itself here: a FastAPI ingress that answers without any work."""
+def serve_floor(port: int, reps: int, texts: list[str] | None = None, total: int = 0) -> list[float] | dict:
+    """The cost of Serve itself here: a FastAPI ingress that answers without any work. Latency of
+    one request at a time (reps), or with `total`: its throughput at concurrency 32 (the most any
+    model could be served at through this ingress, with this load generator, on this machine)."""
     from fastapi import FastAPI
     from ray import serve
 
     echo = FastAPI()
 
-    @serve.deployment(logging_config={"enable_access_log": False})
+    @serve.deployment(logging_config={"enable_access_log": False}, max_ongoing_requests=32)  # as the batched app's
     @serve.ingress(echo)
     class Echo:
         @echo.post("/v1/predict")
@@ -240,6 +242,9 @@ def serve_floor(port: int, reps: int) -> list[float]:
 
     serve.run(Echo.bind(), name="bench-echo", route_prefix="/echo")
     try:
+        if total:
+            asyncio.run(load(f"http://127.0.0.1:{port}/echo", texts, 32, 64, 60))  # warm-up
+            return asyncio.run(load(f"http://127.0.0.1:{port}/echo", texts, 32, total, 120))
         with httpx.Client(timeout=30) as client:
             return time_calls(
                 lambda: client.post(f"http://127.0.0.1:{port}/echo/v1/predict", json={"texts": ["x"]}).raise_for_status(), reps, warmup=20
@@ -296,6 +301,8 @@ def batching_gain(root, name, port, texts, total, ingress: str = "proxy") -> tup
         finally:
             undeploy(name)
         print(f"  {name} {label}: {runs[label]}", flush=True)
+    runs["noop_ingress"] = serve_floor(port, 0, texts, total)
+    print(f"  {name} no-op ingress: {runs['noop_ingress']}", flush=True)
     gain = runs["batched"]["rps"] / runs["unbatched"]["rps"]
     return (
         {
@@ -308,6 +315,10 @@ def batching_gain(root, name, port, texts, total, ingress: str = "proxy") -> tup
             "baseline": round(runs["unbatched"]["rps"], 1),
             "baseline_unit": "requests/s at concurrency 32 (max batch 16 vs 1)",
             "failures": runs["batched"]["failures"] + runs["unbatched"]["failures"],
+            # The measured ceiling: a model served with batching cannot go faster than the same
+            # ingress answering without any model (the HTTP path and the load generator share 2 cores).
+            "noop_ingress_rps": round(runs["noop_ingress"]["rps"], 1),
+            "batched_share_of_noop_ingress_rps": round(runs["batched"]["rps"] / runs["noop_ingress"]["rps"], 2),
         },
         runs,
     )
