@@ -136,6 +136,15 @@ def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-clas
     return registry.register_version(name, workdir / "hf", card, extra_files=exported.files if exported else None)
 
 
+def as_in_a_terminal() -> None:
+    """preexec_fn for a child that a test stops with Ctrl-C (SIGINT): SIGINT at its default, as a
+    terminal's foreground process has it. A suite started in the background (`make test &`)
+    passes SIGINT on ignored, and a child would then ignore the test's Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     import socket
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, as_in_a_terminal
 
 README = Path(ROOT) / "README.md"
 CONFIGS = sorted((Path(ROOT) / "configs").glob("*/*.yaml"))
@@ -261,6 +261,7 @@ def serve_and_ask(project: Path, env: dict) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=as_in_a_terminal,
     )
     try:
         deadline = time.monotonic() + 300

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import free_port, register_tiny
+from conftest import as_in_a_terminal, free_port, register_tiny
 from lifelong.registry import Registry
 from lifelong.serve import haproxy_binary
 from lifelong.storage import Storage
@@ -76,6 +76,7 @@ def test_the_haproxy_ingress_keeps_the_token_and_loopback_and_swaps_live(tiny_to
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=as_in_a_terminal,
     )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(server.stdout), daemon=True)
@@ -106,7 +107,10 @@ def test_the_haproxy_ingress_keeps_the_token_and_loopback_and_swaps_live(tiny_to
         while (listening := listeners(tree(server.pid))).get(("127.0.0.1", port)) != "haproxy":
             assert time.monotonic() < deadline, listening
             time.sleep(0.5)
-        console = " ".join("".join(output).split())  # the console wraps long lines
+        deadline = time.monotonic() + 60  # printed once deployed, which may be after the first answer
+        while "firewall them" not in (console := " ".join("".join(output).split())):  # (the console wraps lines)
+            assert time.monotonic() < deadline, console[-3000:]
+            time.sleep(0.5)
         warning = console[console.index("HAProxy's stats page") :].split("firewall them")[0]
         side = {int(p) for p in re.findall(r"on port (\d+)", warning)}
         assert len(side) == 2 and {p for (_, p), name in listening.items() if name == "haproxy" and p != port} == side, (listening, side)
