@@ -137,12 +137,21 @@ def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-clas
 
 
 def as_in_a_terminal() -> None:
-    """preexec_fn for a child that a test stops with Ctrl-C (SIGINT): SIGINT at its default, as a
-    terminal's foreground process has it. A suite started in the background (`make test &`)
-    passes SIGINT on ignored, and a child would then ignore the test's Ctrl-C."""
+    """SIGINT at its default, as a terminal's foreground process has it: a suite started in the
+    background (`make test &`) passes SIGINT on ignored, and a server would ignore the Ctrl-C."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_server(args: list[str], **kwargs):
+    """A server that the test stops with Ctrl-C, as a user would: a process group of its own (the
+    test sends SIGINT to the group, as a terminal does), SIGINT at its default, output on one pipe."""
+    import subprocess
+
+    return subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=as_in_a_terminal, **kwargs
+    )
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, as_in_a_terminal
+from conftest import ROOT, start_server
 
 README = Path(ROOT) / "README.md"
 CONFIGS = sorted((Path(ROOT) / "configs").glob("*/*.yaml"))
@@ -253,16 +253,7 @@ def test_the_shown_commands_work_as_printed(fresh_project):
 
 def serve_and_ask(project: Path, env: dict) -> None:
     """`lifelong serve configs/gpt2/tiny_serve.yaml`, the README's requests, then Ctrl-C."""
-    server = subprocess.Popen(
-        ["bash", "-c", SERVE],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=as_in_a_terminal,
-    )
+    server = start_server(["bash", "-c", SERVE], cwd=project, env=env)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and server.poll() is None:

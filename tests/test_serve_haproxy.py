@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import as_in_a_terminal, free_port, register_tiny
+from conftest import free_port, register_tiny, start_server
 from lifelong.registry import Registry
 from lifelong.serve import haproxy_binary
 from lifelong.storage import Storage
@@ -69,15 +69,7 @@ def test_the_haproxy_ingress_keeps_the_token_and_loopback_and_swaps_live(tiny_to
     serve = {"port": port, "ingress": "haproxy", "num_replicas": 1, "poll_interval_s": 0.5, "auth": {"token_env": "LIFELONG_TEST_TOKEN"}}
     config.write_text(yaml.safe_dump({"name": "topics", "storage": {"root": str(tmp_path / "store")}, "serve": serve}))
     env = {**os.environ, "LIFELONG_TEST_TOKEN": TOKEN, "RAY_ADDRESS": ""}
-    server = subprocess.Popen(
-        [str(BIN / "lifelong"), "serve", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        preexec_fn=as_in_a_terminal,
-    )
+    server = start_server([str(BIN / "lifelong"), "serve", str(config)], env=env)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(server.stdout), daemon=True)
     reader.start()
