@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from datetime import date
@@ -237,12 +239,21 @@ def main() -> None:
             "baseline_unit": "forgetting (replay vs naive)",
         },
     ]
+    replayed = config(Path("."), Path("."), "replay", 0).continual  # the settings the replay strategy ran with
     result = {
         "benchmark": "continual",
-        "command": "python benchmarks/continual.py" + (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds else ""),
+        "command": " ".join(["python benchmarks/continual.py", *map(shlex.quote, sys.argv[1:])]),
         "machine": "2 CPU cores, no GPU",
         "date": date.today().isoformat(),
-        "setup": {"windows": windows, "rows_per_window": rows, "seeds": seeds, "epochs": 3, "workers": 1, "replay_ratio": 1.0},
+        "setup": {
+            "windows": windows,
+            "rows_per_window": rows,
+            "seeds": seeds,
+            "epochs": 3,
+            "workers": 1,
+            "replay_ratio": replayed.replay_ratio,
+            "replay_weighting": replayed.replay_weighting,
+        },
         "summary": {
             "average_accuracy": acc,
             "forgetting": forgetting,

@@ -56,9 +56,9 @@ def test_the_best_scoring_trial_is_kept_and_every_trial_recorded():
     assert [t["chosen"] for t in trials].count(True) == 1 and best["chosen"] and fitted.run == best["run"]
     assert {t["run"] for t in trials} == {f"cycle-w001-s{i}" for i in range(4)}
     assert all(1e-4 <= t["params"]["train.lr"] <= 1e-2 and 0.5 <= t["params"]["continual.replay_ratio"] <= 2.0 for t in trials)
-    # The config as it is is the first trial (lr 2e-3, replay ratio 1 in tiny_continual.yaml).
+    # The config as it is is the first trial (lr 2e-3, replay ratio 2 in tiny_continual.yaml).
     assert trials[0]["params"] == {"train.lr": config.train.lr, "continual.replay_ratio": config.continual.replay_ratio}
-    assert drill.fits[0] == ("cycle-w001-s0", 2e-3, 1.0)
+    assert drill.fits[0] == ("cycle-w001-s0", 2e-3, 2.0)
     # ... unless the space does not hold it.
     narrow = search_config("continual.search.space={train.lr: {loguniform: [1.0e-4, 1.0e-3]}}")
     assert Drill().run(narrow)[1][0]["params"]["train.lr"] != 2e-3
@@ -138,6 +138,11 @@ def test_the_best_trial_the_gates_would_pass_is_kept_over_a_better_score_that_fo
             "continual.search.space.train.epochs: the value 0 makes an invalid config",
         ),
         ("continual.search.space={train.lr: {grid: [1.0e-3, 3.0e-3]}}", "continual.search.space.train.lr: a grid"),
+        (
+            "continual.search.space={continual.replay_weighting: {choice: [rows, windows]}}",
+            "continual.search.space.continual.replay_weighting: the value 'windows' makes an invalid config",
+        ),
+        ("continual.search.space={continual.min_new_rows: {choice: [10, 20]}}", "continual.search.space.continual.min_new_rows: a cycle"),
         ("continual.search.space={}", "continual.search.space: name at least one"),
         ("continual.search.num_samples=1", "continual.search.num_samples"),
     ],
@@ -146,3 +151,16 @@ def test_a_bad_search_section_is_refused_with_its_key(override, message):
     with pytest.raises(ConfigError, match=None) as e:
         make_config("gpt2/tiny_continual.yaml", SPACE, override)
     assert message in str(e.value)
+
+
+def test_a_cycle_may_search_how_its_replayed_rows_are_weighed():
+    drill, trained_with = Drill(), []
+    fit = drill.fit
+    drill.fit = lambda config, run: (trained_with.append(config.continual.replay_weighting), fit(config, run))[1]
+    config = search_config(
+        "continual.search.space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, continual.replay_weighting: {choice: [rows, history]}}"
+    )
+    _, trials = drill.run(config)
+    assert trials[0]["params"]["continual.replay_weighting"] == "history"  # the config as it is first
+    assert trained_with == [t["params"]["continual.replay_weighting"] for t in trials]
+    assert set(trained_with) <= {"rows", "history"}

@@ -1,5 +1,6 @@
 """continual.distill_weight: the replayed rows of a cycle are marked through tokenization, and the
-loop's distillation term counts those rows alone, against the champion's logits."""
+loop's distillation term counts those rows alone, against the champion's logits.
+continual.replay_weighting=history: the loop weighs the marked rows as the cycle's weights say."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 
 from conftest import LABELS
 from lifelong.config import ModelConfig
+from lifelong.continual.cycle import history_weights
 from lifelong.data import REPLAYED, tokenize_for_classification
 from lifelong.models import build_model, load_tokenizer
-from lifelong.train.loop import distillation_loss
+from lifelong.train.loop import distillation_loss, weighted_loss
 
 
 def test_replayed_rows_are_marked_through_tokenization_and_only_they_are_distilled(tiny_tokenizer):
@@ -37,3 +39,27 @@ def test_replayed_rows_are_marked_through_tokenization_and_only_they_are_distill
     assert loss.item() == pytest.approx(2.0, rel=1e-5)
     loss.backward()  # it pulls the candidate's replayed rows back towards the champion, and only those
     assert moved.grad[1].tolist() == pytest.approx([0.5] * 4) and not moved.grad[[0, 2, 3]].any()
+
+
+def test_history_weights_give_the_new_window_its_share_of_all_rows_seen_at_a_mean_weight_of_one():
+    # Window 5 of a stream of 1,000-row windows: 800 new rows, 800 replayed standing for the 4,000 before.
+    w = history_weights(new=800, replayed=800, seen=4000)
+    assert w["new"] * 800 / (w["new"] * 800 + w["replayed"] * 800) == pytest.approx(800 / 4800)
+    assert (w["new"] * 800 + w["replayed"] * 800) / 1600 == pytest.approx(1.0)
+    assert w["replayed"] / w["new"] == pytest.approx(5.0)
+    # The first replayed window (as many rows seen as replayed): every row alike.
+    assert history_weights(new=800, replayed=800, seen=800) == pytest.approx({"new": 1.0, "replayed": 1.0})
+
+
+def test_the_weighted_loss_is_the_models_own_at_equal_weights_and_weighs_replayed_rows_as_told(tiny_tokenizer):
+    table = pa.table({"text": ["rain tonight", "stocks fell", "a new frog", "the match"], "label": [3, 0, 1, 2], REPLAYED: [0, 1, 0, 1]})
+    batch = {k: torch.from_numpy(v) for k, v in tokenize_for_classification(table, str(tiny_tokenizer), 8).items()}
+    torch.manual_seed(0)
+    cfg = ModelConfig(task="sequence-classification", hf_config={"n_layer": 1, "n_embd": 16, "n_head": 2}, max_length=8)
+    model = build_model(cfg, load_tokenizer(tiny_tokenizer), labels=LABELS).eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert weighted_loss(out.logits, batch, {"new": 1.0, "replayed": 1.0}).item() == pytest.approx(out.loss.item(), rel=1e-6)
+    per_row = torch.nn.functional.cross_entropy(out.logits, batch["labels"], reduction="none")
+    expected = (0.5 * per_row[0] + 1.5 * per_row[1] + 0.5 * per_row[2] + 1.5 * per_row[3]) / 4
+    assert weighted_loss(out.logits, batch, {"new": 0.5, "replayed": 1.5}).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -319,6 +319,10 @@ class GatesSection(Section):
     min_gain: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
+# The continual.* keys a cycle's search may set: how a candidate trains from the champion.
+SEARCHED_CONTINUAL_KEYS = ("continual.replay_ratio", "continual.replay_weighting", "continual.distill_weight")
+
+
 class CycleSearchSection(Section):
     # Candidates a cycle trains from the champion, each with settings Optuna's TPE picks (seeded
     # per window, warm-started with the stream's earlier trials); the best goes to the gates.
@@ -339,10 +343,10 @@ class CycleSearchSection(Section):
             raise ValueError("continual.search.space: name at least one key to search, e.g. {train.lr: {loguniform: [1e-4, 1e-2]}}")
         self.space.update(checked_space(self.space, "continual.search.space", "a grid is enumerated, which Optuna does not do: use choice"))
         for key in self.space:
-            if not (key.startswith("train.") or key in ("continual.replay_ratio", "continual.distill_weight")):
+            if not (key.startswith("train.") or key in SEARCHED_CONTINUAL_KEYS):
                 raise ValueError(
                     f"continual.search.space.{key}: a cycle searches how it trains from the champion: "
-                    "train.* keys, continual.replay_ratio and continual.distill_weight"
+                    f"train.* keys and {', '.join(SEARCHED_CONTINUAL_KEYS)}"
                 )
         return self
 
@@ -370,11 +374,16 @@ class ContinualSection(Section):
     keep_runs: int = Field(default=2, ge=1)
     replay_capacity: int = Field(default=5000, ge=1)
     # Replay rows drawn per new training row (replay strategy).
-    replay_ratio: float = Field(default=1.0, gt=0)
+    replay_ratio: float = Field(default=2.0, gt=0)
     # Distillation on replayed rows (replay strategy): the candidate's loss adds this weight times
     # the mean squared difference between its logits and the champion's on the replayed rows of
     # each batch, so old windows keep their answers as well as their labels (0: labels alone).
     distill_weight: float = Field(default=0.0, ge=0)
+    # How the cycle's loss weighs the replayed rows against the window's new ones (replay strategy).
+    # rows: every row alike, so the new window is half of a ratio-1 cycle's loss however many
+    # windows came before. history: the replayed rows stand for all rows trained on before (the
+    # buffer's count), so the new window weighs what it would in full retraining on everything.
+    replay_weighting: Literal["rows", "history"] = "history"
     gates: GatesSection = Field(default_factory=GatesSection)
     # A small search of the cycle's own (None: one candidate, trained with the config as it is).
     search: CycleSearchSection | None = None

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -394,23 +394,27 @@ def _fit(
 
     c, k = config.continual, window.window
     t0 = time.perf_counter()
-    parts, replay_rows = [train], 0
+    parts, replay_rows, weights, weighted = [train], 0, None, ""
     if c.strategy == "replay":
         buffer = ReplayBuffer(storage, stream.name, c.replay_capacity, seed=config.train.seed)
         sample = buffer.sample(round(c.replay_ratio * train.num_rows), seed=config.train.seed + k)
         if sample is not None:
             replay_rows = sample.num_rows
             parts.append(sample.select(["text", "label"]).cast(ROWS))
-    if c.distill_weight and replay_rows:
-        # The loop distills the champion's logits on the rows this column marks (train/loop.py).
+            if c.replay_weighting == "history":
+                seen = buffer.state()["seen"]
+                weights = history_weights(train.num_rows, replay_rows, seen)
+                weighted = f" (weighted {weights['replayed'] / weights['new']:.1f}x, standing for the {seen} rows trained on before)"
+    if (c.distill_weight or weights) and replay_rows:
+        # The loop distills the champion's logits on, and weighs, the rows this column marks (train/loop.py).
         parts = [p.append_column(REPLAYED, pa.repeat(pa.scalar(int(i > 0), pa.int64()), p.num_rows)) for i, p in enumerate(parts)]
     cycle_config = config.model_copy(update={"run_name": run, "model": config.model.model_copy(update={"init_from": champion_ref})})
     say(
-        f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed, "
+        f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed{weighted}, "
         f"from {champion_ref}, run '{run}'" + (f" (attempt {window.attempts + 1})" if window.attempts else "")
     )
     data = prepare_data_from_tables(cycle_config, storage, registry, pa.concat_tables(parts), holdout, report)
-    prep = prepare_run(cycle_config, data)
+    prep = replace(prepare_run(cycle_config, data), row_weights=weights)
     t1 = time.perf_counter()
     result = _train(prep, run)
     spent["prepare"] += t1 - t0
@@ -418,6 +422,15 @@ def _fit(
     if result.error:
         raise LifelongError(f"cycle training run '{run}' failed: {result.error}")
     return Fitted(prep, result, run, replay_rows)
+
+
+def history_weights(new: int, replayed: int, seen: int) -> dict[str, float]:
+    """Loss weights under which `replayed` rows stand for the `seen` rows trained on before, so the
+    window's `new` rows keep the share of the loss they would have among all rows, new / (new + seen),
+    as in full retraining; the mean weight over the cycle's rows stays 1 (the learning rate means
+    what it says)."""
+    w_new = (new + replayed) / (new + seen)
+    return {"new": w_new, "replayed": w_new * seen / replayed}
 
 
 def _best(fitted: Fitted):

@@ -152,6 +152,8 @@ class PreparedRun:
     data: PreparedData
     total_steps: int
     gpu: bool
+    # A continual cycle's loss weights of its new and its replayed rows (continual.replay_weighting).
+    row_weights: dict[str, float] | None = None
 
 
 def prepare_run(config: JobConfig, data: PreparedData | None = None) -> PreparedRun:
@@ -181,6 +183,7 @@ def loop_config(prep: PreparedRun, report_every_steps: int | None = None) -> dic
         "tokenizer": prep.data.tokenizer,
         "total_steps": prep.total_steps,
         "report_every_steps": report_every_steps,
+        "row_weights": prep.row_weights,
     }
 
 

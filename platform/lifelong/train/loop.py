@@ -146,6 +146,7 @@ def run_loop(loop_config: dict, session) -> None:
     # frozen, scores the replayed rows of each batch; loaded when the first such batch comes.
     distill = config.continual.distill_weight if init_dir is not None and task == "sequence-classification" else 0.0
     teacher = None
+    row_weights = loop_config.get("row_weights")  # a continual cycle's, for its new and its replayed rows
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
         # --- train one epoch ---------------------------------------------------------------
@@ -160,7 +161,7 @@ def run_loop(loop_config: dict, session) -> None:
         )
         for batch in batches:
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            loss = out.loss
+            loss = out.loss if row_weights is None else weighted_loss(out.logits, batch, row_weights)
             if distill and REPLAYED in batch and bool(batch[REPLAYED].any()):
                 if teacher is None:
                     teacher = build_model(config.model, tokenizer, init_dir=init_dir, labels=config.data.labels).to(device).eval()
@@ -274,6 +275,14 @@ def mark_fp32(config_json: Path) -> None:
     config = json.loads(config_json.read_text())
     config["dtype"] = "float32"
     config_json.write_text(json.dumps(config, indent=2))
+
+
+def weighted_loss(logits: torch.Tensor, batch: dict, weights: dict[str, float]) -> torch.Tensor:
+    """Cross-entropy with each row weighed as new or replayed (continual.replay_weighting); the
+    weights have mean 1 over the cycle's rows, so a batch's mean stays on the unweighted scale."""
+    per_row = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    w = torch.where(batch[REPLAYED].bool(), weights["replayed"], weights["new"]).to(per_row.dtype)
+    return (per_row * w).mean()
 
 
 def distillation_loss(teacher, batch: dict, logits: torch.Tensor) -> torch.Tensor:
