@@ -208,8 +208,9 @@ def test_data_tasks_tokenize_as_the_model_side_does_without_importing_torch(tmp_
     import numpy as np
     import pyarrow as pa
 
-    from lifelong.data import tokenize_for_causal_lm, tokenize_for_classification
     from lifelong.models import load_tokenizer, train_tokenizer
+    from lifelong.tasks.causal_lm import tokenize as tokenize_for_causal_lm
+    from lifelong.tasks.text_classification import tokenize as tokenize_for_classification
 
     gpt2_dir = tmp_path / "gpt2"
     train_tokenizer(iter([r["text"] for r in good_rows(200)] * 3), 300, gpt2_dir)
@@ -226,13 +227,14 @@ def test_data_tasks_tokenize_as_the_model_side_does_without_importing_torch(tmp_
     packed = tokenize_for_causal_lm(batch, str(gpt2_dir), 4)
     assert packed["input_ids"].shape[1] == 4 and packed["attention_mask"].all()
 
-    probe = (
-        "import sys; from lifelong.data import cached_tokenizer, TokenizerRef; "
-        f"t = cached_tokenizer(TokenizerRef({str(bert_dir)!r})); "
-        "print(t.pad_token, 'torch' in sys.modules)"
+    probe = (  # as a Ray Data task does: the task's tokenize, through its family module
+        "import sys; import pyarrow as pa; from lifelong.data import cached_tokenizer, TokenizerRef; from lifelong.tasks import task; "
+        f"ref = TokenizerRef({str(bert_dir)!r}); "
+        "out = task('sequence-classification').tokenize(pa.table({'text': ['a b'], 'label': [1]}), ref, 8); "
+        "print(cached_tokenizer(ref).pad_token, out['input_ids'].shape[1], 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["[PAD]", "False"]
+    assert out == ["[PAD]", "8", "False"]
 
 
 def test_one_large_file_is_spread_over_blocks_for_every_cpu(ray_session, tmp_path):

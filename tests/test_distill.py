@@ -11,8 +11,9 @@ import torch
 from conftest import LABELS
 from lifelong.config import ModelConfig
 from lifelong.continual.cycle import history_weights
-from lifelong.data import REPLAYED, tokenize_for_classification
+from lifelong.data import REPLAYED
 from lifelong.models import build_model, load_tokenizer
+from lifelong.tasks.text_classification import tokenize as tokenize_for_classification
 from lifelong.train.loop import distillation_loss, weighted_loss
 
 

@@ -1,4 +1,4 @@
-"""ONNX export: parity with PyTorch, int8 measured and gated, add-only exports, backends agree."""
+"""ONNX and TorchScript export: parity with PyTorch, int8 measured and gated, add-only exports, backends agree."""
 
 import numpy as np
 import pytest
@@ -96,7 +96,7 @@ def test_a_new_version_of_the_same_architecture_reuses_its_parents_graph(store, 
     )
     assert reused.records["onnx"]["exporter"] == "weights written into the graph of tmpl:2"
     assert reused.records["onnx"]["parity_max_abs_diff"] <= 1e-4
-    ours = Classifier(child, "onnx", card.max_length, onnx_path=reused.files["model.onnx"]).probabilities(TEXTS)[0]
+    ours = Classifier(child, "onnx", card.max_length, exported=reused.files["model.onnx"]).probabilities(TEXTS)[0]
     np.testing.assert_allclose(ours, Classifier(child, "torch", card.max_length).probabilities(TEXTS)[0], atol=1e-5)
     assert not np.allclose(ours, Classifier(parent_dir, "onnx", card.max_length).probabilities(TEXTS)[0], atol=1e-3)
     # An untrained template (its equal biases share one initializer) is not used: a fresh export.
@@ -139,21 +139,59 @@ def test_int8_gate_refuses_a_drop_above_the_limit(store, tiny_tokenizer, topic_r
         assert "onnx-int8" in strict.records
 
 
-def test_parity_failure_is_an_error_and_registers_nothing(store, tiny_tokenizer, tmp_path):
+def test_torchscript_is_added_to_a_version_agrees_with_pytorch_and_loads_without_the_model_code(store, tiny_tokenizer, topic_rows, capsys):
+    import subprocess
+    import sys
+
+    registry = store["registry"]
+    version = register_tiny(registry, "traced", tiny_tokenizer, store["work"], seed=13, rows=topic_rows[:100])
+    assert set(registry.card("traced", version).exports) == {"onnx", "onnx-int8"}
+    code = run_cli("export", f"traced:{version}", "--root", str(store["root"]), "--torchscript")
+    assert code in (0, None), capsys.readouterr()
+    card = registry.card("traced", version)
+    record = card.exports["torchscript"]
+    assert record.parity_max_abs_diff <= 1e-4 and record.exporter.startswith("torch.jit.trace")
+    assert [1, 1] in record.parity_shapes and any(batch > 1 for batch, _ in record.parity_shapes)  # one token; a padded batch
+    assert card.size_bytes["torchscript"] > 0
+    model_dir = registry.local_dir("traced", version)
+    traced, eager = (Classifier(model_dir, b, card.max_length) for b in ("torchscript", "torch"))
+    np.testing.assert_allclose(traced.probabilities(TEXTS)[0], eager.probabilities(TEXTS)[0], atol=1e-5)
+    assert traced.probabilities(TEXTS)[1] == [False, False, False, True]
+    # The file is the whole model: torch.jit.load alone runs it, no transformers imported.
+    probe = (
+        "import sys, torch; m = torch.jit.load(sys.argv[1]); "
+        "out = m(torch.ones(3, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)); "
+        "print(tuple(out.shape), 'transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(model_dir / "model.torchscript.pt")], capture_output=True, text=True)
+    assert done.stdout.split("\n")[0] == "(3, 4) False", done.stderr[-2000:]
+    assert run_cli("export", f"traced:{version}", "--root", str(store["root"]), "--torchscript") == 2
+    assert "already has" in capsys.readouterr().err
+
+
+def test_torchscript_of_a_language_model_is_refused_naming_why(store, tiny_tokenizer, tmp_path):
+    registry = store["registry"]
+    version = register_tiny(registry, "lm-ts", tiny_tokenizer, store["work"], task="causal-lm", seed=14, export=False)
+    with pytest.raises(ExportError, match="TorchScript is built for classifiers; a causal-lm model generates with PyTorch"):
+        export_files(registry.local_dir("lm-ts", version), "causal-lm", 32, ExportSection(), tmp_path / "out", None, ("torchscript",))
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_parity_failure_is_an_error_and_registers_nothing(store, tiny_tokenizer, tmp_path, fmt):
     """A model whose outputs are NaN cannot pass parity (NaN is not within any tolerance)."""
     from transformers import AutoModelForSequenceClassification
 
     registry = store["registry"]
-    version = register_tiny(registry, "nan", tiny_tokenizer, store["work"], seed=10, export=False)
+    version = register_tiny(registry, f"nan-{fmt}", tiny_tokenizer, store["work"], seed=10, export=False)
     model_dir = tmp_path / "nan"
-    model = AutoModelForSequenceClassification.from_pretrained(str(registry.local_dir("nan", version)), use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(registry.local_dir(f"nan-{fmt}", version)), use_safetensors=True)
     with torch.no_grad():
         model.score.weight.fill_(float("nan"))
     model.save_pretrained(model_dir)
     for f in tiny_tokenizer.iterdir():
         (model_dir / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ExportError, match="parity_tolerance"):
-        export_files(model_dir, "sequence-classification", None, ExportSection(), tmp_path / "out", None, ("onnx",))
+        export_files(model_dir, "sequence-classification", None, ExportSection(), tmp_path / "out", None, (fmt,))
 
 
 def test_export_errors_are_one_clear_message(store, capsys):

@@ -636,6 +636,38 @@ def test_autoscaling_config_deploys_and_serves(app, serve_port):
         serve.delete("topics-auto")
 
 
+def test_a_classifier_is_served_from_its_torchscript_export(app, serve_port):
+    """serve.backend=torchscript: refused (naming the command) until the version has the file,
+    then served from it, the answers those of the offline model."""
+    from ray import serve
+
+    from lifelong.config import ExportSection
+    from lifelong.errors import LifelongError
+    from lifelong.export import export_version
+    from lifelong.serve import check_servable, deploy
+
+    registry = app["registry"]
+    served = registry.alias_version("topics", "champion")  # whichever version the tests before left serving
+    config = serve_config(
+        app["root"], "topics", serve_port, app_name="topics-ts", route_prefix="/ts", num_replicas=1, backend="torchscript"
+    )
+    with pytest.raises(
+        LifelongError, match=f"topics:{served} has no model.torchscript.pt: run 'lifelong export topics:{served} --torchscript'"
+    ):
+        check_servable(config)
+    export_version(registry, "topics", served, ExportSection(), None, ("torchscript",))
+    url = deploy(config)
+    try:
+        r = httpx.post(url + "/v1/predict", json={"texts": TEXTS}, timeout=30)
+        assert r.status_code == 200, r.text
+        got = np.array([[p["probabilities"][label] for label in LABELS] for p in r.json()["predictions"]])
+        np.testing.assert_allclose(got, offline_probabilities(registry.local_dir("topics", served), TEXTS), atol=1e-4)
+        info = httpx.get(url + "/v1/model", timeout=30).json()
+        assert info["backend"] == "torchscript" and info["exports"]["torchscript"]["parity_max_abs_diff"] <= 1e-4
+    finally:
+        serve.delete("topics-ts")
+
+
 def test_serving_without_a_token_is_said_loudly(tmp_path):
     from lifelong.serve import exposure_warning
 

@@ -39,12 +39,14 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run name
 def _train(job: str, config_path: Path, overrides: list[str] | None, address: str | None, resume: bool = False) -> None:
     from lifelong.config import load_config
     from lifelong.runtime import connect
+    from lifelong.tasks import task, with_capability
     from lifelong.train.driver import run_training
 
     config = load_config(config_path, overrides or [])
-    if job == "pretrain" and config.model.task != "causal-lm":
+    if job == "pretrain" and not task(config.model.task).PRETRAINS:
         raise LifelongError(
-            f"{config_path}: 'lifelong pretrain' trains a causal-lm; for model.task={config.model.task} use 'lifelong finetune'"
+            f"{config_path}: 'lifelong pretrain' trains a {' or '.join(with_capability('PRETRAINS'))} from scratch; "
+            f"for model.task={config.model.task} use 'lifelong finetune'"
         )
     if job == "finetune" and not config.model.init_from:
         raise LifelongError(f"{config_path}: 'lifelong finetune' needs model.init_from (a registry reference or an HF directory)")
@@ -164,6 +166,10 @@ def evaluate(
 def export(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS of the version to export")],
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also build the int8 variant (classification; gated on accuracy).")] = True,
+    torchscript: Annotated[
+        bool,
+        typer.Option("--torchscript", help="Also trace a TorchScript module (classifiers, parity-checked; serve.backend=torchscript)."),
+    ] = False,
     tolerance: Annotated[
         Optional[float], typer.Option("--tolerance", help="Max |ONNX - PyTorch| logit difference (default: export.parity_tolerance).")
     ] = None,
@@ -176,9 +182,9 @@ def export(
     root: RootOpt = "./lifelong-store",
     address: AddressOpt = None,
 ) -> None:
-    """Write ONNX (and a gated int8 variant) into a registry version; parity goes on its card."""
+    """Write ONNX (a gated int8 variant, TorchScript with --torchscript) into a registry version; parity goes on its card."""
     from lifelong.config import DataConfig, ExportSection
-    from lifelong.export import export_version, validation_rows
+    from lifelong.export import export_formats, export_version, validation_rows
 
     registry = _registry(root)
     resolved = registry.resolve(ref)
@@ -186,9 +192,10 @@ def export(
         raise LifelongError(f"'{ref}' is a directory, not a registry reference: register it first")
     card = resolved.card
     cfg = ExportSection(**{k: v for k, v in {"parity_tolerance": tolerance, "int8_max_accuracy_drop": max_drop}.items() if v is not None})
-    classification = card.task == "sequence-classification"
-    formats = ("onnx", "onnx-int8") if (int8 and classification) else ("onnx",)
-    formats = tuple(f for f in formats if f not in card.exports) or formats
+    asked = export_formats(card.task, int8, torchscript)
+    formats = tuple(f for f in asked if f not in card.exports)
+    if not formats:  # before any data is read for a gate that would not run
+        raise LifelongError(f"{resolved.ref} already has {', '.join(asked)}; versions are immutable")
     rows = None
     if "onnx-int8" in formats:
         from lifelong.runtime import connect

@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lifelong.errors import ConfigError
+from lifelong.tasks import DEFAULT as DEFAULT_TASK
+from lifelong.tasks import TaskName, task
 
 
 class Section(BaseModel):
@@ -23,7 +25,7 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    task: Literal["causal-lm", "sequence-classification"] = "causal-lm"
+    task: TaskName = DEFAULT_TASK
     # For a model built from scratch: the HF model type and config keys (GPT-2 family tested).
     architecture: str = "gpt2"
     hf_config: dict[str, Any] = Field(default_factory=dict)
@@ -131,6 +133,9 @@ class ExportSection(Section):
     int8_max_accuracy_drop: float = Field(default=0.01, ge=0.0, le=1.0)
     # Validation rows scored to measure the int8 accuracy drop.
     eval_rows: int = Field(default=2000, ge=10)
+    # Also trace a TorchScript module (classifiers; parity-checked like ONNX), served with
+    # serve.backend=torchscript: PyTorch's runtime without the model's Python code.
+    torchscript: bool = False
 
 
 class AutoscalingSection(Section):
@@ -151,7 +156,7 @@ class ServeSection(Section):
     model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     alias: str = Field(default="champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
     # Classification backend; causal-LM versions always generate with PyTorch.
-    backend: Literal["onnx", "onnx-int8", "torch"] = "onnx"
+    backend: Literal["onnx", "onnx-int8", "torchscript", "torch"] = "onnx"
     app_name: str | None = None
     # Where the API lives under the HTTP proxy (several apps share one proxy per cluster).
     route_prefix: str = Field(default="/", pattern=r"^/[A-Za-z0-9_/-]*$")
@@ -418,18 +423,8 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
-        m, d, t = self.model, self.data, self.train
-        if m.task == "sequence-classification" and d is not None:
-            if not d.label_column or not d.labels:
-                raise ValueError(
-                    "model.task is sequence-classification but data.label_column or data.labels "
-                    "is missing: set both (e.g. data.label_column=label, data.labels=[neg, pos])"
-                )
-            if not m.init_from and not m.tokenizer:
-                raise ValueError(
-                    "a sequence-classification model needs model.init_from (a pretrained "
-                    "checkpoint) or model.tokenizer (a tokenizer directory)"
-                )
+        m, t = self.model, self.train
+        task(m.task).check(self)
         if t.precision == "fp16" and self.scaling.use_gpu is False:
             raise ValueError("train.precision=fp16 needs CUDA but scaling.use_gpu is false: use train.precision=bf16 or fp32 on CPUs")
         if m.train_last_n_layers is not None and m.init_from is None:
@@ -482,8 +477,7 @@ class JobConfig(Section):
     def default_run_name(self) -> str:
         """The stem of a run's name when `run_name` is not given (training adds a digest of the
         run's config and data to it, so that a changed run is a new run)."""
-        job = "pretrain" if self.model.task == "causal-lm" else "finetune"
-        return f"{self.name}-{job}"
+        return f"{self.name}-{task(self.model.task).JOB}"
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, resolve_paths: bool = True) -> JobConfig:

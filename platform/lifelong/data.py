@@ -712,36 +712,14 @@ def with_pad_token(tok):
 
 
 # A continual cycle's column marking replayed rows (1) among the window's new ones (0), carried
-# through tokenization to the loop, which distills the champion's logits on them.
+# through tokenization (the task's `tokenize`) to the loop, which weighs and distills them.
 REPLAYED = "replayed"
 
 
-def tokenize_for_classification(batch: pa.Table, tokenizer: TokenizerRef | str, max_length: int) -> dict[str, np.ndarray]:
-    """Rows (text, label) as padded model inputs; Arrow in, NumPy out (no pandas on the way)."""
-    tok = cached_tokenizer(tokenizer)
-    enc = tok(batch.column("text").to_pylist(), truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
-    out = {
-        "input_ids": enc["input_ids"].astype(np.int64),
-        "attention_mask": enc["attention_mask"].astype(np.int64),
-        "labels": batch.column("label").to_numpy().astype(np.int64),
-    }
-    if REPLAYED in batch.column_names:
-        out[REPLAYED] = batch.column(REPLAYED).to_numpy().astype(np.int64)
-    return out
-
-
-def tokenize_for_causal_lm(batch: pa.Table, tokenizer: TokenizerRef | str, max_length: int) -> dict[str, np.ndarray]:
-    """Pack the batch's texts (each ended by EOS) into full blocks of max_length tokens."""
-    tok = cached_tokenizer(tokenizer)
-    ids = tok(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
-    stream = np.fromiter((t for seq in ids for t in (*seq, tok.eos_token_id)), dtype=np.int64)
-    n_blocks = len(stream) // max_length
-    blocks = stream[: n_blocks * max_length].reshape(n_blocks, max_length)
-    return {"input_ids": blocks, "attention_mask": np.ones_like(blocks), "labels": blocks.copy()}
-
-
 def tokenized(ds: ray.data.Dataset, task: str, tokenizer: TokenizerRef, max_length: int) -> ray.data.Dataset:
-    fn = tokenize_for_causal_lm if task == "causal-lm" else tokenize_for_classification
+    from lifelong.tasks import task as family
+
+    fn = family(task).tokenize
     # Large batches pack causal-LM text with little waste at block boundaries.
     return ds.map_batches(fn, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, batch_format="pyarrow", batch_size=512)
 

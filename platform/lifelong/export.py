@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from lifelong.config import ExportSection
-from lifelong.errors import LifelongError
-from lifelong.inference import ONNX_FILES, Classifier, Encoder, OnnxLogits, TorchLogits, model_max_length
+from lifelong.errors import LifelongError, first_line
+from lifelong.inference import EXPORT_FILES, Classifier, Encoder, OnnxLogits, TorchLogits, TorchScriptLogits, model_max_length
+from lifelong.tasks import task as family
 
 # Used for the parity check when no validation texts are at hand.
 SAMPLE_TEXTS = [
@@ -147,18 +148,17 @@ def write_into_template(template: OnnxTemplate, task: str, torch_model: nn.Modul
     return True
 
 
-def parity(model_dir: Path, task: str, onnx_path: Path, texts: list[str], max_length: int, torch_model=None) -> dict:
-    """Max |ONNX − PyTorch| over the logits of `texts`, as one padded batch and one at a time."""
+def parity(model_dir: Path, task: str, candidate, texts: list[str], max_length: int, torch_model=None) -> dict:
+    """Max |exported − PyTorch| over the logits of `texts` (`candidate`: an exported backend's
+    logits, OnnxLogits or TorchScriptLogits), as one padded batch, one at a time, and a text of
+    one character (one token, for byte-level BPE): a traced graph keeps the branches its example
+    inputs took, so other shapes must agree too."""
     encode = Encoder(model_dir, max_length)
     reference = TorchLogits(model_dir, task, threads=None, model=torch_model)
-    candidate = OnnxLogits(onnx_path, threads=1)
     worst, shapes = 0.0, []
-    for group in (texts, texts[:1], texts[-1:]):
+    for group in (texts, texts[:1], texts[-1:], ["x"]):
         batch = encode(group)
-        a, b = reference(batch), candidate(batch)
-        if task == "causal-lm":  # padded positions are not predictions: compare real tokens only
-            keep = batch.attention_mask.astype(bool)
-            a, b = a[keep], b[keep]
+        a, b = family(task).comparable(batch, reference(batch), candidate(batch))
         diff = float(np.max(np.abs(a - b))) if a.size else 0.0
         worst = diff if not (diff <= worst) else worst  # NaN stays NaN and fails the gate
         shapes.append(list(batch.input_ids.shape))
@@ -214,21 +214,21 @@ def export_files(
     workdir.mkdir(parents=True, exist_ok=True)
     max_length = model_max_length(model_dir, max_length)
     result = ExportResult()
-    onnx_path = model_dir / ONNX_FILES["onnx"]
+    onnx_path = model_dir / EXPORT_FILES["onnx"]
+    texts = [r["text"] for r in (rows or [])[:15]] + [SAMPLE_TEXTS[-1]] if rows else SAMPLE_TEXTS
+    torch_model = load_for_inference(model_dir, task) if {"onnx", "torchscript"} & set(formats) else None
     if "onnx" in formats:
-        onnx_path = workdir / ONNX_FILES["onnx"]
-        torch_model = load_for_inference(model_dir, task)
-        texts = [r["text"] for r in (rows or [])[:15]] + [SAMPLE_TEXTS[-1]] if rows else SAMPLE_TEXTS
+        onnx_path = workdir / EXPORT_FILES["onnx"]
         exporter = f"torch.onnx dynamo (torch {torch.__version__})"
         measured = None
         if template is not None and write_into_template(template, task, torch_model, onnx_path):
-            measured = parity(model_dir, task, onnx_path, texts, max_length, torch_model)
+            measured = parity(model_dir, task, OnnxLogits(onnx_path, threads=1), texts, max_length, torch_model)
             exporter = f"weights written into the graph of {template.ref}"
             if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
                 measured, exporter = None, f"torch.onnx dynamo (torch {torch.__version__}); {template.ref}'s graph missed parity"
         if measured is None:
             export_onnx(torch_model, onnx_path, cfg.opset, max_length)
-            measured = parity(model_dir, task, onnx_path, texts, max_length, torch_model)
+            measured = parity(model_dir, task, OnnxLogits(onnx_path, threads=1), texts, max_length, torch_model)
         if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
             raise ExportError(
                 f"ONNX export of {model_dir} differs from PyTorch by {measured['parity_max_abs_diff']:.3g} "
@@ -246,17 +246,17 @@ def export_files(
             "onnxruntime": onnxruntime.__version__,
         }
     if "onnx-int8" in formats:
-        if task != "sequence-classification":
-            raise ExportError("int8 export is gated on accuracy, so it is built for sequence-classification models only")
+        if "onnx-int8" not in family(task).EXPORT_FORMATS:
+            raise ExportError(f"int8 export is gated on accuracy over labelled rows, which a {task} model has none of: export onnx only")
         if not rows:
             raise ExportError("the int8 accuracy gate needs labelled validation rows: pass --data or keep the version's data readable")
         if not onnx_path.exists():
             raise ExportError(f"{model_dir} has no model.onnx to quantize: export onnx first")
-        int8_path = workdir / ONNX_FILES["onnx-int8"]
+        int8_path = workdir / EXPORT_FILES["onnx-int8"]
         quantize_int8(onnx_path, int8_path)
         scored = rows[: cfg.eval_rows]
-        acc_fp32 = accuracy(Classifier(model_dir, "onnx", max_length, onnx_path=onnx_path), scored)
-        acc_int8 = accuracy(Classifier(model_dir, "onnx-int8", max_length, onnx_path=int8_path), scored)
+        acc_fp32 = accuracy(Classifier(model_dir, "onnx", max_length, exported=onnx_path), scored)
+        acc_int8 = accuracy(Classifier(model_dir, "onnx-int8", max_length, exported=int8_path), scored)
         drop = acc_fp32 - acc_int8
         record = {
             "accuracy_fp32": acc_fp32,
@@ -276,11 +276,53 @@ def export_files(
             )
             if "onnx" in result.records:
                 result.records["onnx"]["int8_refused"] = {**record, "reason": result.refused["onnx-int8"]}
+    if "torchscript" in formats:
+        if "torchscript" not in family(task).EXPORT_FORMATS:
+            raise ExportError(f"TorchScript is built for classifiers; a {task} model generates with PyTorch: export onnx only")
+        ts_path = workdir / EXPORT_FILES["torchscript"]
+        export_torchscript(torch_model, ts_path, max_length)
+        measured = parity(model_dir, task, TorchScriptLogits(ts_path, threads=None), texts, max_length, torch_model)
+        if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
+            raise ExportError(
+                f"TorchScript export of {model_dir} differs from PyTorch by {measured['parity_max_abs_diff']:.3g} "
+                f"(max |logit difference|) > export.parity_tolerance={cfg.parity_tolerance:g}: not kept"
+            )
+        result.files[ts_path.name] = ts_path
+        result.records["torchscript"] = {
+            **measured,
+            "parity_tolerance": cfg.parity_tolerance,
+            "max_length": max_length,
+            "exporter": f"torch.jit.trace (torch {torch.__version__})",
+        }
     return result
 
 
+def export_torchscript(torch_model: nn.Module, out_path: Path, max_length: int) -> None:
+    """Trace `torch_model` (input_ids, attention_mask → logits) into a TorchScript file, loadable
+    with torch.jit.load alone (no transformers, no Python model code). Batch and sequence length
+    stay dynamic; the parity check that follows runs other shapes than the trace's."""
+    length = min(8, max_length)
+    input_ids = torch.ones(2, length, dtype=torch.long)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, length // 2 :] = 0  # a padded row, as served batches have
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about the shapes the model checks in Python
+        try:
+            traced = torch.jit.trace(LogitsOnly(torch_model).eval(), (input_ids, attention_mask), strict=False)
+            torch.jit.save(traced, str(out_path))
+        except Exception as e:  # the tracer raises many types; all mean "this model did not trace"
+            raise ExportError(f"torch.jit.trace failed for {type(torch_model).__name__}: {first_line(e, 300)}") from None
+
+
+def export_formats(task: str, int8: bool, torchscript: bool) -> tuple[str, ...]:
+    """The formats an export of a `task` model builds: the task's, less int8 and TorchScript
+    unless asked for."""
+    wanted = {"onnx-int8": int8, "torchscript": torchscript}
+    return tuple(f for f in family(task).EXPORT_FORMATS if wanted.get(f, True))
+
+
 def should_export_on_register(cfg: ExportSection, task: str) -> bool:
-    return cfg.on_register == "always" or (cfg.on_register == "auto" and task == "sequence-classification")
+    return cfg.on_register == "always" or (cfg.on_register == "auto" and family(task).EXPORT_ON_REGISTER)
 
 
 def validation_rows(data_cfg, storage, limit: int, path: str | None = None) -> list[dict]:
@@ -304,8 +346,7 @@ def export_version(
         raise ExportError(f"{name}:{version} already has {', '.join(formats)}; versions are immutable")
     with tempfile.TemporaryDirectory(prefix="lifelong-export-") as work:
         result = export_files(registry.local_dir(name, version), card.task, card.max_length, cfg, work, rows, todo)
-        for fmt in ("onnx", "onnx-int8"):
-            if fmt in result.records:
-                files = {rel: path for rel, path in result.files.items() if format_of(rel) == fmt}
-                result.records[fmt] = registry.add_export(name, version, fmt, files, result.records[fmt])
+        for fmt in tuple(result.records):
+            files = {rel: path for rel, path in result.files.items() if format_of(rel) == fmt}
+            result.records[fmt] = registry.add_export(name, version, fmt, files, result.records[fmt])
     return result

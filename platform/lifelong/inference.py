@@ -1,4 +1,4 @@
-"""Inference backends for one registry version: ONNX Runtime or PyTorch, plus generation.
+"""Inference backends for one registry version: ONNX Runtime, TorchScript or PyTorch, plus generation.
 
 Used by the Serve replicas, by export (parity, int8 accuracy) and by the benchmarks, so
 the served path and the measured path are the same code.
@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lifelong.errors import LifelongError
+from lifelong.errors import LifelongError, first_line
+from lifelong.tasks import causal_lm, text_classification
 
-BACKENDS = ("onnx", "onnx-int8", "torch")
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+BACKENDS = ("onnx", "onnx-int8", "torchscript", "torch")
+# The file each exported backend loads from a version (`lifelong export` writes them).
+EXPORT_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.torchscript.pt"}
 
 
 class BackendError(LifelongError):
@@ -94,6 +96,29 @@ class OnnxLogits:
         return self.session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})[0]
 
 
+class TorchScriptLogits:
+    """A traced module (export.export_torchscript): (input_ids, attention_mask) → logits."""
+
+    def __init__(self, path: Path, threads: int | None, device: str = "cpu"):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BackendError("serve.gpus_per_replica asks for a GPU but PyTorch sees no CUDA device on this replica's node")
+        self.torch, self.device = torch, torch.device(device)
+        try:
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        except (RuntimeError, ValueError, OSError) as e:
+            raise BackendError(f"TorchScript cannot load {Path(path).name}: {first_line(e, 300)}") from None
+
+    def __call__(self, batch: Batch) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            logits = self.module(torch.from_numpy(batch.input_ids).to(self.device), torch.from_numpy(batch.attention_mask).to(self.device))
+        return logits.float().cpu().numpy()
+
+
 class TorchLogits:
     def __init__(self, model_dir: Path, task: str, threads: int | None, model=None, device: str = "cpu"):
         import torch
@@ -132,11 +157,11 @@ class Classifier:
         backend: str = "onnx",
         max_length: int | None = None,
         threads: int = 1,
-        onnx_path: str | Path | None = None,
+        exported: str | Path | None = None,
         device: str = "cpu",
     ):
-        """`max_length`: what the version was trained for (its card's); `onnx_path` overrides the
-        version's ONNX file (export scores files before they are stored)."""
+        """`max_length`: what the version was trained for (its card's); `exported` overrides the
+        version's file for the backend (export scores files before they are stored)."""
         model_dir = Path(model_dir)
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
@@ -149,12 +174,13 @@ class Classifier:
         self.max_length = model_max_length(model_dir, max_length)
         self.encode = Encoder(model_dir, self.max_length)
         if backend == "torch":
-            self.logits = TorchLogits(model_dir, "sequence-classification", threads, device=device)
-        else:
-            path = Path(onnx_path) if onnx_path else model_dir / ONNX_FILES[backend]
-            if not path.exists():
-                raise BackendError(f"{model_dir} has no {path.name}: export it first (lifelong export NAME:VERSION)")
-            self.logits = OnnxLogits(path, threads, device)
+            self.logits = TorchLogits(model_dir, text_classification.NAME, threads, device=device)
+            return
+        path = Path(exported) if exported else model_dir / EXPORT_FILES[backend]
+        if not path.exists():
+            flag = " --torchscript" if backend == "torchscript" else ""
+            raise BackendError(f"{model_dir} has no {path.name}: export it first (lifelong export NAME:VERSION{flag})")
+        self.logits = TorchScriptLogits(path, threads, device) if backend == "torchscript" else OnnxLogits(path, threads, device)
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
         batch = self.encode(texts)
@@ -180,7 +206,7 @@ class Generator:
 
         model_dir = Path(model_dir)
         self.torch = torch
-        self.logits = TorchLogits(model_dir, "causal-lm", threads, device=device)
+        self.logits = TorchLogits(model_dir, causal_lm.NAME, threads, device=device)
         self.model = self.logits.model
         self.max_length = model_max_length(model_dir, max_length)
         self.encode = Encoder(model_dir, self.max_length)

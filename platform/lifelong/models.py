@@ -11,17 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from lifelong.config import ModelConfig
 from lifelong.errors import ConfigError
+from lifelong.tasks import task
 
 if TYPE_CHECKING:
     from lifelong.data import TokenizerRef
@@ -54,28 +48,11 @@ def build_model(
     init_dir: str | Path | None = None,
     labels: list[str] | None = None,
 ) -> PreTrainedModel:
-    """A causal LM or sequence classifier: from `init_dir` weights, else fresh from the config."""
-    if cfg.task == "sequence-classification":
-        assert labels, "classification needs labels"
-        label_kwargs = {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {name: i for i, name in enumerate(labels)},
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-        if init_dir is None:
-            config = _fresh_config(cfg, tokenizer, **label_kwargs)
-            return AutoModelForSequenceClassification.from_config(config)
-        try:
-            return AutoModelForSequenceClassification.from_pretrained(str(init_dir), use_safetensors=True, **label_kwargs)
-        except (ValueError, RuntimeError) as e:
-            raise ConfigError(f"cannot start a {len(labels)}-label classifier from {init_dir}: {e}") from None
-    if init_dir is not None:
-        return AutoModelForCausalLM.from_pretrained(str(init_dir), use_safetensors=True)
-    return AutoModelForCausalLM.from_config(_fresh_config(cfg, tokenizer))
+    """The model.task's model: from `init_dir` weights, else fresh from the config."""
+    return task(cfg.task).build(cfg, tokenizer, init_dir, labels)
 
 
-def _fresh_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, **extra):
+def fresh_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, **extra):
     try:
         config = AutoConfig.for_model(cfg.architecture, **cfg.hf_config, **extra)
     except (ValueError, TypeError) as e:
@@ -123,8 +100,7 @@ def apply_freezing(model: PreTrainedModel, freeze_embeddings: bool, train_last_n
     return {"total_params": total, "trainable_params": trainable}
 
 
-def load_for_inference(model_dir: str | Path, task: str) -> PreTrainedModel:
-    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    model = cls.from_pretrained(str(model_dir), use_safetensors=True, dtype=torch.float32)
+def load_for_inference(model_dir: str | Path, task_name: str) -> PreTrainedModel:
+    model = task(task_name).auto_class().from_pretrained(str(model_dir), use_safetensors=True, dtype=torch.float32)
     model.eval()
     return model

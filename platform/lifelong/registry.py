@@ -29,13 +29,14 @@ import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 import lifelong
 from lifelong.errors import AliasConflict, RegistryError
 from lifelong.storage import Storage, local_cache_dir
+from lifelong.tasks import TaskName, task_of_architectures
 
 # Whole-string patterns (fullmatch): `$` alone would also accept a trailing newline.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -56,6 +57,8 @@ def format_of(filename: str) -> str | None:
         return "onnx-int8"
     if filename.startswith("model.onnx"):
         return "onnx"
+    if filename == "model.torchscript.pt":
+        return "torchscript"
     return None
 
 
@@ -123,7 +126,7 @@ class Card(_Record):
 
     name: str
     version: int
-    task: Literal["causal-lm", "sequence-classification"]
+    task: TaskName
     created_at: str
     code_version: str
     labels: list[str] | None = None
@@ -187,8 +190,7 @@ class ResolvedModel:
         """The card's task; a bare directory's from its HF architecture name."""
         if self.card:
             return self.card.task
-        architectures = json.loads((self.local_dir / "config.json").read_text()).get("architectures") or []
-        return "sequence-classification" if any("SequenceClassification" in a for a in architectures) else "causal-lm"
+        return task_of_architectures(json.loads((self.local_dir / "config.json").read_text()).get("architectures") or [])
 
 
 def parse_ref(text: str) -> ModelRef | None:

@@ -31,7 +31,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import ray
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -45,10 +44,10 @@ import lifelong
 from lifelong.config import JobConfig
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.registry import Card
+from lifelong.tasks import task
 
 logger = logging.getLogger("ray.serve")
 
-SMOKE_TEXTS = ["a smoke test before this version serves", "ok"]
 # A replica held this long past its hold window without a commit (its follower died mid-swap)
 # resumes with the version it had.
 HOLD_GRACE_S = 5.0
@@ -148,7 +147,6 @@ class Loaded:
 
 def load_version(settings: ServeSettings, version: int) -> Loaded:
     """Load one version with the configured backend and smoke-test it; raises LifelongError."""
-    from lifelong.inference import Classifier, Generator
     from lifelong.registry import Registry
     from lifelong.storage import Storage
 
@@ -156,23 +154,11 @@ def load_version(settings: ServeSettings, version: int) -> Loaded:
     name = settings.model
     card = registry.card(name, version)
     model_dir = registry.local_dir(name, version)
-    task = card.task
-    if task == "sequence-classification":
-        model = Classifier(model_dir, settings.backend, card.max_length, threads=settings.threads, device=settings.device)
-        out = model.predict(SMOKE_TEXTS)
-        probs = np.asarray([list(p["probabilities"].values()) for p in out])
-        if (
-            probs.shape != (len(SMOKE_TEXTS), len(model.labels))
-            or not np.all(np.isfinite(probs))
-            or not np.allclose(probs.sum(1), 1, atol=1e-3)
-        ):
-            raise LifelongError(f"{name}:{version} failed its smoke test: probabilities {probs.tolist()}")
-    else:
-        model = Generator(model_dir, card.max_length, threads=settings.threads, device=settings.device)
-        out = model.generate(SMOKE_TEXTS[0], max_new_tokens=2)
-        if not isinstance(out["text"], str):
-            raise LifelongError(f"{name}:{version} failed its smoke test: generate returned {out!r}")
-    return Loaded(version=version, task=task, card=card, model=model)
+    family = task(card.task)
+    model = family.serving_model(model_dir, family.backend(settings.backend), card.max_length, settings.threads, settings.device)
+    if problem := family.smoke_test(model):
+        raise LifelongError(f"{name}:{version} failed its smoke test: {problem}")
+    return Loaded(version=version, task=card.task, card=card, model=model)
 
 
 def check_compatible(current: Loaded, new: Loaded, allow_label_change: bool) -> None:
@@ -637,8 +623,8 @@ class ModelServer:
     @api.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(bearer)], responses=_errors(400, 401, 408, 413, 422))
     async def predict(self, body: PredictRequest, response: Response) -> PredictResponse:
         """Label and probabilities per text, from the version serving now."""
-        if self.task != "sequence-classification":
-            raise _reject(400, "texts", f"this deployment serves a {self.task} model: use POST /v1/generate")
+        if (route := task(self.task).ENDPOINT) != "/v1/predict":
+            raise _reject(400, "texts", f"this deployment serves a {self.task} model: use POST {route}")
         if len(body.texts) > self.settings.max_texts:
             raise _reject(
                 413, "texts", f"{len(body.texts)} texts; at most {self.settings.max_texts} per request (serve.max_texts_per_request)"
@@ -660,8 +646,8 @@ class ModelServer:
     @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(bearer)], responses=_errors(400, 401, 408, 413, 422))
     async def generate(self, body: GenerateRequest, response: Response) -> GenerateResponse:
         """A continuation of the prompt (causal-LM versions, PyTorch backend)."""
-        if self.task != "causal-lm":
-            raise _reject(400, "prompt", f"this deployment serves a {self.task} model: use POST /v1/predict")
+        if (route := task(self.task).ENDPOINT) != "/v1/generate":
+            raise _reject(400, "prompt", f"this deployment serves a {self.task} model: use POST {route}")
         if len(body.prompt) > self.settings.max_text_chars:
             raise _reject(413, "prompt", f"{len(body.prompt)} characters; at most {self.settings.max_text_chars} (serve.max_text_chars)")
         if problem := _unencodable(body.prompt):
@@ -689,7 +675,7 @@ class ModelServer:
             "alias": self.settings.alias,
             "version": loaded.version,
             "task": loaded.task,
-            "backend": self.settings.backend if loaded.task == "sequence-classification" else "torch",
+            "backend": task(loaded.task).backend(self.settings.backend),
             "labels": loaded.labels,
             "max_length": loaded.model.max_length,
             "metrics": loaded.card.metrics,
@@ -1004,13 +990,14 @@ def check_servable(config: JobConfig) -> int:
     registry = Registry(Storage(config.storage.root))
     version = registry.alias_version(name, config.serve.alias)
     card = registry.card(name, version)
-    if card.task == "sequence-classification" and config.serve.backend != "torch":
-        from lifelong.inference import ONNX_FILES
+    backend = task(card.task).backend(config.serve.backend)
+    if backend != "torch":
+        from lifelong.inference import EXPORT_FILES
 
-        if config.serve.backend not in card.exports:
+        if backend not in card.exports:
             raise LifelongError(
-                f"{name}:{version} has no {ONNX_FILES[config.serve.backend]}: run "
-                f"'lifelong export {name}:{version}' or set serve.backend=torch"
+                f"{name}:{version} has no {EXPORT_FILES[backend]}: run 'lifelong export {name}:{version}"
+                f"{' --torchscript' if backend == 'torchscript' else ''}' or set serve.backend=torch"
             )
     return version
 

@@ -42,6 +42,7 @@ from lifelong.data import REPLAYED, DataReport, FileReport, validation_fingerpri
 from lifelong.errors import AliasConflict, LifelongError, first_line
 from lifelong.registry import Registry
 from lifelong.storage import Storage, is_uri
+from lifelong.tasks import task, with_capability
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,11 @@ def check_continual(config: JobConfig) -> None:
         filesystem_for(landing)  # a malformed URI gets its one-line message here
     elif not Path(landing).expanduser().is_dir():
         raise LifelongError(f"continual.landing '{landing}' is not a directory: create it (new data files are dropped there)")
-    if config.model.task != "sequence-classification":
-        raise LifelongError(f"continual learning gates on accuracy: it needs model.task=sequence-classification (got {config.model.task})")
+    if not task(config.model.task).CONTINUAL:
+        raise LifelongError(
+            f"continual learning gates on holdout accuracy: it needs model.task={' or '.join(with_capability('CONTINUAL'))} "
+            f"(got {config.model.task})"
+        )
     if not config.data or not config.data.labels:
         raise LifelongError(
             "continual learning needs data.text_column, data.label_column and data.labels: every landing file is checked against them"
@@ -591,19 +595,19 @@ def _score_holdouts(
 ) -> list[float]:
     import torch
 
-    from lifelong.data import tokenize_for_classification
     from lifelong.models import load_for_inference
+    from lifelong.tasks import text_classification  # the one family with continual cycles (CONTINUAL)
 
     accuracies = []
     with _model_dir(storage, ref) as model_dir:
-        model = load_for_inference(model_dir, "sequence-classification")
+        model = load_for_inference(model_dir, text_classification.NAME)
         for rel in rels:
             table = storage.read_table(rel)
             rows = pa.table({"text": table.column(text_column), "label": [labels.index(v) for v in table.column(label_column).to_pylist()]})
             correct = 0
             with torch.no_grad():
                 for start in range(0, rows.num_rows, batch_size):
-                    enc = tokenize_for_classification(rows.slice(start, batch_size), str(model_dir), max_length)
+                    enc = text_classification.tokenize(rows.slice(start, batch_size), str(model_dir), max_length)
                     logits = model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
                     correct += int((logits.argmax(-1) == torch.tensor(enc["labels"])).sum())
             accuracies.append(correct / max(rows.num_rows, 1))

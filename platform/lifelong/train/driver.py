@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 from lifelong.config import JobConfig
 from lifelong.data import DataReport, TokenizerRef, ValidatedData, read_validated, text_iterator, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError
-from lifelong.export import ExportResult, OnnxTemplate, export_files, should_export_on_register
+from lifelong.export import ExportResult, OnnxTemplate, export_files, export_formats, should_export_on_register
 from lifelong.models import train_tokenizer
 from lifelong.registry import Registry, ResolvedModel
 from lifelong.storage import Storage, is_uri
@@ -403,9 +403,8 @@ def export_on_register(
     task = config.model.task
     if not should_export_on_register(config.export, task):
         return ExportResult()
-    classification = task == "sequence-classification"
-    formats = ("onnx", "onnx-int8") if classification and config.export.int8 else ("onnx",)
-    rows = validation_rows.take(config.export.eval_rows) if classification and validation_rows is not None else None
+    formats = export_formats(task, config.export.int8, config.export.torchscript)
+    rows = validation_rows.take(config.export.eval_rows) if "onnx-int8" in formats and validation_rows is not None else None
     exported = export_files(model_dir, task, config.model.max_length, config.export, workdir, rows, formats, template)
     for fmt, record in exported.records.items():
         print(f"[lifelong] export {fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)

@@ -28,10 +28,10 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from lifelong.config import JobConfig
 from lifelong.data import REPLAYED
-from lifelong.evaluate import classification_metrics, lm_metrics
 from lifelong.models import apply_freezing, build_model, load_tokenizer
 from lifelong.registry import Registry
 from lifelong.storage import Storage
+from lifelong.tasks import task as family
 from lifelong.train import ops
 from lifelong.train.ds_config import build_deepspeed_config, resolve_precision
 
@@ -96,7 +96,7 @@ def run_loop(loop_config: dict, session) -> None:
     entered = time.perf_counter()
     ops.use_prebuilt()  # before DeepSpeed loads (or would compile) its CPU ops
     config = JobConfig.model_validate(loop_config["config"])
-    train_cfg, task = config.train, config.model.task
+    train_cfg, task = config.train, family(config.model.task)
     rank, world, device = session.rank, session.world, session.device
     precision = resolve_precision(train_cfg.precision, device)
     torch.manual_seed(train_cfg.seed)
@@ -144,7 +144,7 @@ def run_loop(loop_config: dict, session) -> None:
     n_labels = len(config.data.labels or [])
     # A continual cycle's distillation (continual.distill_weight): the champion it starts from,
     # frozen, scores the replayed rows of each batch; loaded when the first such batch comes.
-    distill = config.continual.distill_weight if init_dir is not None and task == "sequence-classification" else 0.0
+    distill = config.continual.distill_weight if init_dir is not None and task.CONTINUAL else 0.0
     teacher = None
     row_weights = loop_config.get("row_weights")  # a continual cycle's, for its new and its replayed rows
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
@@ -295,31 +295,29 @@ def distillation_loss(teacher, batch: dict, logits: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate_shard(engine, shard, task: str, batch_size: int, device, num_labels: int) -> dict[str, float]:
-    """Validation metrics over all workers' shards (loss, and accuracy/F1 or perplexity)."""
+def evaluate_shard(engine, shard, task, batch_size: int, device, num_labels: int) -> dict[str, float]:
+    """Validation metrics over all workers' shards (loss, and what the task measures: accuracy
+    and F1, or perplexity)."""
     engine.eval()
     loss_sum, count, preds, labels = 0.0, 0, [], []
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=device, dtypes=torch.long):
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        if task == "causal-lm":
-            n = int(batch["attention_mask"][:, 1:].sum())  # the model predicts every token but the first
-        else:
-            n = batch["labels"].shape[0]
-            preds.extend(out.logits.float().argmax(-1).tolist())
+        n = task.loss_weight(batch)
+        predicted = task.predictions(out.logits)
+        if predicted is not None:
+            preds.extend(predicted)
             labels.extend(batch["labels"].tolist())
         loss_sum += float(out.loss.float()) * n
         count += n
     engine.train()
     loss_sum, count = all_reduce_sum(device, [loss_sum, count])
     loss = loss_sum / max(count, 1)
-    if task == "causal-lm":
-        return {f"val_{k}": v for k, v in lm_metrics(loss).items()}
     gathered = [None] * dist.get_world_size() if dist.is_initialized() else [(preds, labels)]
     if dist.is_initialized():
         dist.all_gather_object(gathered, (preds, labels))
     all_preds = [p for part in gathered for p in part[0]]
     all_labels = [y for part in gathered for y in part[1]]
-    return {f"val_{k}": v for k, v in classification_metrics(all_labels, all_preds, loss, num_labels).items()}
+    return {f"val_{k}": v for k, v in task.metrics(loss, all_labels, all_preds, num_labels).items()}
 
 
 def all_reduce_sum(device, values: list[float]) -> list[float]:

@@ -1,0 +1,65 @@
+"""Task families: what is particular to each `model.task`, in one module per family.
+
+The loop, the cycle, evaluation, export and serving ask the task (`task(name)`) and never test
+its name. Every family module provides the same names (`CONTRACT`); adding a family is a new
+module here, its name in `TaskName` and its entry in `TASKS`.
+
+A family module imports nothing heavy at import time: configs and Ray Data tasks import it.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Literal, get_args
+
+from lifelong.errors import LifelongError
+from lifelong.tasks import causal_lm, text_classification
+
+TaskName = Literal["causal-lm", "sequence-classification"]
+DEFAULT: TaskName = "causal-lm"
+
+TASKS: dict[str, ModuleType] = {module.NAME: module for module in (causal_lm, text_classification)}
+
+# What every family module provides (checked by tests/test_tasks.py).
+CONTRACT = (
+    "NAME",  # its model.task
+    "LABELLED",  # rows carry a label (data.label_column, data.labels)
+    "PRETRAINS",  # `lifelong pretrain` trains it from scratch; else `lifelong finetune`
+    "JOB",  # the stem of its runs' default names
+    "CONTINUAL",  # continual cycles (gated on holdout accuracy) are built for it
+    "EXPORT_FORMATS",  # what `lifelong export` builds for it, in order
+    "EXPORT_ON_REGISTER",  # export.on_register=auto exports its new versions
+    "ENDPOINT",  # the HTTP route that serves it
+    "check",  # (JobConfig) -> None: raises ValueError naming the keys to set
+    "claims",  # (HF architecture names) -> bool: a bare HF directory holds this family
+    "tokenize",  # Ray Data batch (pyarrow) -> model inputs (numpy)
+    "build",  # (ModelConfig, tokenizer, init_dir, labels) -> the HF model, trainable
+    "auto_class",  # the HF Auto class that loads a saved one
+    "loss_weight",  # (batch) -> how many predictions the model's mean loss averages over
+    "predictions",  # (logits) -> per-row predictions to score, or None
+    "metrics",  # (loss, labels, predictions, num_labels) -> metrics
+    "score",  # (model, batch) -> per-row loss sums, counts, predictions, labels (lifelong evaluate)
+    "comparable",  # (batch, logits a, logits b) -> the parts of a and b that must agree (export parity)
+    "backend",  # (serve.backend) -> the backend it is served with
+    "serving_model",  # (model_dir, backend, max_length, threads, device) -> what a replica calls
+    "smoke_test",  # (serving model) -> None, or what is wrong with it
+)
+assert set(TASKS) == set(get_args(TaskName)), "TaskName and TASKS must name the same families"
+
+
+def task(name: str) -> ModuleType:
+    """The family module of a task name (configs and cards are validated against TaskName)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise LifelongError(f"unknown model.task '{name}': use one of {', '.join(TASKS)}") from None
+
+
+def task_of_architectures(architectures: list[str]) -> str:
+    """The task of a bare HF directory (no card), from its config's architecture names."""
+    return next((name for name, module in TASKS.items() if module.claims(architectures)), DEFAULT)
+
+
+def with_capability(flag: str) -> list[str]:
+    """The task names whose module sets `flag`, for messages that say what would work."""
+    return [name for name, module in TASKS.items() if getattr(module, flag)]

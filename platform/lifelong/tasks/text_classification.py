@@ -1,0 +1,133 @@
+"""`model.task: sequence-classification`: a text classifier (fine-tuned from a pretrained
+checkpoint), served as labels and probabilities (`/v1/predict`), continually trained with
+holdout-accuracy gates, exported to ONNX with a gated int8 variant."""
+
+from __future__ import annotations
+
+import numpy as np
+
+NAME = "sequence-classification"
+LABELLED = True
+PRETRAINS = False
+JOB = "finetune"
+CONTINUAL = True
+EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
+EXPORT_ON_REGISTER = True
+ENDPOINT = "/v1/predict"
+SMOKE_TEXTS = ["a smoke test before this version serves", "ok"]
+
+
+def check(config) -> None:
+    m, d = config.model, config.data
+    if d is None:
+        return
+    if not d.label_column or not d.labels:
+        raise ValueError(
+            f"model.task is {NAME} but data.label_column or data.labels is missing: "
+            "set both (e.g. data.label_column=label, data.labels=[neg, pos])"
+        )
+    if not m.init_from and not m.tokenizer:
+        raise ValueError(f"a {NAME} model needs model.init_from (a pretrained checkpoint) or model.tokenizer (a tokenizer directory)")
+
+
+def claims(architectures: list[str]) -> bool:
+    return any("SequenceClassification" in a for a in architectures)
+
+
+def tokenize(batch, tokenizer, max_length: int) -> dict[str, np.ndarray]:
+    """Rows (text, label) as padded model inputs; Arrow in, NumPy out (no pandas on the way).
+    A continual cycle's `replayed` marks travel along, for the loop's weights and distillation."""
+    from lifelong.data import REPLAYED, cached_tokenizer
+
+    tok = cached_tokenizer(tokenizer)
+    enc = tok(batch.column("text").to_pylist(), truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
+    out = {
+        "input_ids": enc["input_ids"].astype(np.int64),
+        "attention_mask": enc["attention_mask"].astype(np.int64),
+        "labels": batch.column("label").to_numpy().astype(np.int64),
+    }
+    if REPLAYED in batch.column_names:
+        out[REPLAYED] = batch.column(REPLAYED).to_numpy().astype(np.int64)
+    return out
+
+
+def auto_class():
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification
+
+
+def build(cfg, tokenizer, init_dir=None, labels=None):
+    """A classifier over `labels`: its body from `init_dir` (a new head), else fresh from the config."""
+    from lifelong.errors import ConfigError
+    from lifelong.models import fresh_config
+
+    assert labels, "classification needs labels"
+    label_kwargs = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if init_dir is None:
+        return auto_class().from_config(fresh_config(cfg, tokenizer, **label_kwargs))
+    try:
+        return auto_class().from_pretrained(str(init_dir), use_safetensors=True, **label_kwargs)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"cannot start a {len(labels)}-label classifier from {init_dir}: {e}") from None
+
+
+def loss_weight(batch) -> int:
+    return int(batch["labels"].shape[0])
+
+
+def predictions(logits) -> list[int]:
+    return logits.float().argmax(-1).tolist()
+
+
+def metrics(loss: float, labels: list[int], preds: list[int], num_labels: int) -> dict[str, float]:
+    # Imported here: scikit-learn pulls in SciPy (~1 s of CPU), which every training worker and
+    # driver importing this module paid, language-model runs included.
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if not labels:
+        return {"loss": loss, "accuracy": float("nan"), "macro_f1": float("nan")}
+    return {
+        "loss": loss,
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_f1": float(f1_score(labels, preds, labels=list(range(num_labels)), average="macro", zero_division=0)),
+    }
+
+
+def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+    import torch.nn.functional as F
+
+    ids = torch.as_tensor(batch["input_ids"])
+    labels = torch.as_tensor(batch["labels"])
+    logits = model(input_ids=ids, attention_mask=torch.as_tensor(batch["attention_mask"])).logits.float()
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    return {"loss_sum": ce.numpy(), "count": np.ones(len(ids)), "pred": logits.argmax(-1).numpy(), "label": labels.numpy()}
+
+
+def comparable(batch, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return a, b
+
+
+def backend(configured: str) -> str:
+    return configured
+
+
+def serving_model(model_dir, backend: str, max_length: int | None, threads: int, device: str):
+    from lifelong.inference import Classifier
+
+    return Classifier(model_dir, backend, max_length, threads=threads, device=device)
+
+
+def smoke_test(model) -> str | None:
+    out = model.predict(SMOKE_TEXTS)
+    probs = np.asarray([list(p["probabilities"].values()) for p in out])
+    shaped = probs.shape == (len(SMOKE_TEXTS), len(model.labels))
+    if not shaped or not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(1), 1, atol=1e-3):
+        return f"probabilities {probs.tolist()}"
+    return None
