@@ -10,11 +10,13 @@ weights, seeded), replay strategy, gates opened so that every candidate is promo
 strategies are compared, not the gates):
 
 - fixed: configs/gpt2/tiny_continual.yaml as benchmarks/continual.py runs it (lr 3e-3, 3 epochs,
-  replay ratio 1).
+  the config's replay settings, recorded in the result).
 - search2, search3: the same config plus `continual.search` with 2 or 3 trials (the fixed
   config's settings first, then TPE over lr loguniform [3e-4, 1e-2], epochs choice [1, 2, 3],
   replay ratio uniform [0.5, 2]), scored as gain on the new window minus forgetting on the past
   ones, warm-started from the stream's earlier windows.
+- fixed_low_lr, search2_low_lr: both at train.lr 3e-5, where a cycle learns next to nothing in
+  its epochs (the case that motivated the search), the second with a 2-trial search.
 
 Figures (medians over the seeds): the accuracy on its new window of the model serving after
 each window (windows 1 on: window 0 trains from random weights on both sides), the stream's
@@ -24,8 +26,10 @@ final forgetting (the CL metric), and the cycle's wall time (all of run_cycle) o
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import statistics
+import sys
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -38,7 +42,17 @@ SPACE = (
     "continual.replay_ratio: {uniform: [0.5, 2.0]}}"
 )
 SAMPLES = (2, 3)  # search sizes measured, each against the same fixed cycles
-SIDES = {"fixed": [], **{f"search{n}": [f"continual.search.num_samples={n}", SPACE] for n in SAMPLES}}
+# A learning rate at which a cycle learns next to nothing in its epochs (as the issue's real
+# encoder did at its config's rate): the fixed cycle at it, and a 2-trial search starting from it.
+LOW_LR = "train.lr=3e-5"
+SIDES = {
+    "fixed": [],
+    **{f"search{n}": [f"continual.search.num_samples={n}", SPACE] for n in SAMPLES},
+    "fixed_low_lr": [LOW_LR],
+    "search2_low_lr": [LOW_LR, "continual.search.num_samples=2", SPACE],
+}
+# (search side, its fixed side, trials, what the pair is called in the figures' names)
+PAIRS = [(f"search{n}", "fixed", n, f"cycle_search{n}") for n in SAMPLES] + [("search2_low_lr", "fixed_low_lr", 2, "cycle_search2_low_lr")]
 
 
 def run_seed(seed: int, windows: int, rows: int) -> dict:
@@ -92,59 +106,59 @@ def main() -> None:
 
     n = f"median of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
     figures = []
-    for samples in SAMPLES:
-        side = f"search{samples}"
-        gain = med(lambda r, side=side: r["new_window_accuracy"][side] - r["new_window_accuracy"]["fixed"])
-        less = med(lambda r, side=side: r["forgetting"]["fixed"] - r["forgetting"][side])
-        time_ratio = med(lambda r, side=side: r["cycle_seconds"][side] / r["cycle_seconds"]["fixed"])
-        train_share = med(lambda r: statistics.fmean(c["phases"]["train"] / c["seconds"] for c in r["cycles"]["fixed"][1:]))
+    for side, base, samples, label in PAIRS:
+        which = "the fixed config" if base == "fixed" else f"the fixed config at {LOW_LR}"
+        gain = med(lambda r, side=side, base=base: r["new_window_accuracy"][side] - r["new_window_accuracy"][base])
+        less = med(lambda r, side=side, base=base: r["forgetting"][base] - r["forgetting"][side])
+        time_ratio = med(lambda r, side=side, base=base: r["cycle_seconds"][side] / r["cycle_seconds"][base])
+        train_share = med(lambda r, base=base: statistics.fmean(c["phases"]["train"] / c["seconds"] for c in r["cycles"][base][1:]))
         figures += [
             {
-                "name": f"cycle_search{samples}_new_window_accuracy",
+                "name": f"{label}_new_window_accuracy",
                 "value": round(100 * gain, 1),
-                "unit": f"points on each window's own holdout vs the fixed config ({samples} trials, windows 1-{windows - 1}, {n})",
+                "unit": f"points on each window's own holdout vs {which} ({samples} trials, windows 1-{windows - 1}, {n})",
                 "target": "> 0",
                 "met": bool(gain > 0),
                 "platform": round(med(lambda r, side=side: r["new_window_accuracy"][side]), 3),
-                "baseline": round(med(lambda r: r["new_window_accuracy"]["fixed"]), 3),
+                "baseline": round(med(lambda r, base=base: r["new_window_accuracy"][base]), 3),
                 "baseline_unit": "mean new-window accuracy (search vs fixed)",
             },
             {
-                "name": f"cycle_search{samples}_forgetting",
+                "name": f"{label}_forgetting",
                 "value": round(100 * less, 1),
-                "unit": f"points less forgetting than the fixed config ({samples} trials, {n})",
+                "unit": f"points less forgetting than {which} ({samples} trials, {n})",
                 "target": "> 0",
                 "met": bool(less > 0),
                 "platform": round(med(lambda r, side=side: r["forgetting"][side]), 3),
-                "baseline": round(med(lambda r: r["forgetting"]["fixed"]), 3),
+                "baseline": round(med(lambda r, base=base: r["forgetting"][base]), 3),
                 "baseline_unit": "final forgetting (search vs fixed)",
             },
             {
-                "name": f"cycle_search{samples}_wall_time",
+                "name": f"{label}_wall_time",
                 "value": round(time_ratio, 2),
-                "unit": f"x the fixed config's cycle wall time ({samples} trials, {n})",
+                "unit": f"x {which}'s cycle wall time ({samples} trials, {n})",
                 "target": "<= 2",
                 "met": bool(time_ratio <= 2),
                 "platform": round(med(lambda r, side=side: r["cycle_seconds"][side]), 1),
-                "baseline": round(med(lambda r: r["cycle_seconds"]["fixed"]), 1),
+                "baseline": round(med(lambda r, base=base: r["cycle_seconds"][base]), 1),
                 "baseline_unit": (
                     f"s per cycle, windows 1 on (search vs fixed); training is {train_share:.0%} of a fixed cycle and each "
                     "trial trains up to as long, so N trials cost about 1 + (N - 1) x that share"
                 ),
             },
         ]
+    fixed = config(Path("."), Path("."), "replay", 0)  # the settings the fixed side ran with
     result = {
         "benchmark": "cycle_search",
-        "command": "python benchmarks/cycle_search.py"
-        + (" --quick" if args.quick else "")
-        + (f" --seeds {args.seeds}" if args.seeds else ""),
+        "command": " ".join(["python benchmarks/cycle_search.py", *map(shlex.quote, sys.argv[1:])]),
         "machine": "2 CPU cores, no GPU",
         "date": date.today().isoformat(),
         "setup": {
             "windows": windows,
             "rows_per_window": rows,
             "seeds": seeds,
-            "fixed": "lr 3e-3, 3 epochs, replay ratio 1",
+            "fixed": f"lr {fixed.train.lr:g}, {fixed.train.epochs} epochs, replay ratio {fixed.continual.replay_ratio:g}, "
+            f"replayed rows weighted by {fixed.continual.replay_weighting}",
             "sides": SIDES,
         },
         "figures": figures,

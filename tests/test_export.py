@@ -48,9 +48,12 @@ def test_export_adds_onnx_and_int8_to_an_existing_version_without_rewriting_it(
     assert card.exports["onnx-int8"].accuracy_fp32 > 0  # the rows carry their labels
     assert set(card.size_bytes) == {"safetensors", "onnx", "onnx-int8"}
     assert card.size_bytes["onnx-int8"] < card.size_bytes["onnx"]
-    # The same formats again: refused, and nothing changes.
+    # The same formats again: refused, and nothing changes; said before any data is asked for
+    # the int8 gate (this version records no training data: it said so instead).
     assert run_cli("export", f"plain:{version}", "--root", str(store["root"]), "--no-int8") == 2
     assert "already has" in capsys.readouterr().err
+    assert run_cli("export", f"plain:{version}", "--root", str(store["root"])) == 2
+    assert f"plain:{version} already has onnx, onnx-int8; versions are immutable" in capsys.readouterr().err
     assert registry.card("plain", version) == card
 
 
