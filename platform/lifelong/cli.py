@@ -356,6 +356,28 @@ def data_stream(
     )
 
 
+@data_app.command("image-stream")
+def data_image_stream(
+    out: Annotated[Path, typer.Argument(help="Directory to write window-000/<digit>/*.png, window-001/, … into")] = Path("data/digits"),
+    windows: Annotated[int, typer.Option(min=1, max=10, help="Number of windows")] = 3,
+    classes: Annotated[int, typer.Option(min=1, max=10, help="Digits per window (windows x classes <= 10)")] = 2,
+    size: Annotated[int, typer.Option(min=8, max=512, help="Width and height of each PNG, in pixels")] = 32,
+    per_class: Annotated[Optional[int], typer.Option(min=1, help="Images per digit (default: all, about 180)")] = None,
+    seed: Annotated[int, typer.Option(help="Which images, with --per-class")] = 0,
+) -> None:
+    """Write REAL handwritten digits (scikit-learn's 8x8 set, upscaled PNGs in class folders) as class-incremental windows."""
+    from lifelong.synth import write_digit_stream
+
+    if windows * classes > 10:
+        raise LifelongError(f"--windows {windows} x --classes {classes} needs {windows * classes} digits; there are 10")
+    dirs = write_digit_stream(out, windows, classes, size, per_class, seed)
+    images = sum(1 for d in dirs for _ in d.glob("*/*.png"))
+    console.print(
+        f"wrote {len(dirs)} windows of {classes} digits ({images} PNG images, {size}x{size} greyscale, real handwritten digits "
+        f"from scikit-learn) under {out}: window-000 holds digits 0-{classes - 1}, one folder per digit"
+    )
+
+
 class _RunByDefault(TyperGroup):
     """`lifelong continual CONFIG` runs cycles; `report`, `requeue` and `ledger` are sub-commands."""
 

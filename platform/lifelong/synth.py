@@ -10,6 +10,8 @@
   a model trained on the new window alone forgets the others) and replaces part of each
   class's vocabulary with words of its own (vocabulary drift). Files alternate JSONL, CSV and
   Parquet, as a landing zone would receive them.
+- `write_digit_stream`: REAL images (scikit-learn's handwritten digits), upscaled to PNG files
+  in class folders, as class-incremental windows of digits, for image classification.
 
 The platform itself reads any user data in the supported formats (Parquet, JSONL, CSV).
 """
@@ -138,5 +140,40 @@ def write_stream(
             else:
                 table = pa.Table.from_pylist(part)
                 pq.write_table(table, path) if kind == "parquet" else pacsv.write_csv(table, path)
+        dirs.append(d)
+    return dirs
+
+
+def write_digit_stream(
+    out: str | Path, windows: int = 3, classes_per_window: int = 2, size: int = 32, per_class: int | None = None, seed: int = 0
+) -> list[Path]:
+    """REAL images, not synthetic: the 1,797 handwritten digits (8×8, 16 grey levels) that
+    scikit-learn ships (UCI ML hand-written digits), upscaled to `size`×`size` greyscale PNGs
+    in class folders, as class-incremental windows: out/window-000/0/…png, out/window-000/1/…,
+    then digits 2 and 3 in window-001, and so on (the Split-MNIST protocol, on digits).
+
+    Each window has every image of its classes (about 180 per digit), or `per_class` of them
+    drawn with `seed`. Same arguments, same bytes. Returns the window dirs."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if classes_per_window < 1 or windows < 1 or windows * classes_per_window > 10:
+        raise ValueError(f"{windows} windows of {classes_per_window} digits need {windows * classes_per_window} of the 10 digits")
+    if size < 8:
+        raise ValueError(f"size must be at least the digits' own 8 pixels (got {size})")
+    digits = load_digits()
+    out, dirs = Path(out), []
+    for w in range(windows):
+        d = out / f"window-{w:03d}"
+        for digit in range(w * classes_per_window, (w + 1) * classes_per_window):
+            indices = np.flatnonzero(digits.target == digit)
+            if per_class is not None:
+                indices = np.sort(np.random.default_rng([seed, digit]).permutation(indices)[:per_class])
+            folder = d / str(digit)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in indices:
+                pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)  # 0..16 -> 0..255
+                Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR).save(folder / f"{i:04d}.png")
         dirs.append(d)
     return dirs
