@@ -154,6 +154,43 @@ def test_int8_gate_refuses_a_drop_above_the_limit(store, tiny_tokenizer, topic_r
     assert strict.records["onnx"]["int8_refused"]["accuracy_drop"] == measured["accuracy_drop"]
 
 
+def test_torchscript_is_added_to_a_version_agrees_with_pytorch_and_loads_without_the_model_code(store, tiny_tokenizer, topic_rows, capsys):
+    import subprocess
+    import sys
+
+    registry = store["registry"]
+    version = register_tiny(registry, "traced", tiny_tokenizer, store["work"], seed=13, rows=topic_rows[:100])
+    assert set(registry.card("traced", version).exports) == {"onnx", "onnx-int8"}
+    code = run_cli("export", f"traced:{version}", "--root", str(store["root"]), "--torchscript")
+    assert code in (0, None), capsys.readouterr()
+    card = registry.card("traced", version)
+    record = card.exports["torchscript"]
+    assert record.parity_max_abs_diff <= 1e-4 and record.exporter.startswith("torch.jit.trace")
+    assert [1, 1] in record.parity_shapes and any(batch > 1 for batch, _ in record.parity_shapes)  # one token; a padded batch
+    assert card.size_bytes["torchscript"] > 0
+    model_dir = registry.local_dir("traced", version)
+    traced, eager = (Classifier(model_dir, b, card.max_length) for b in ("torchscript", "torch"))
+    np.testing.assert_allclose(traced.probabilities(TEXTS)[0], eager.probabilities(TEXTS)[0], atol=1e-5)
+    assert traced.probabilities(TEXTS)[1] == [False, False, False, True]
+    # The file is the whole model: torch.jit.load alone runs it, no transformers imported.
+    probe = (
+        "import sys, torch; m = torch.jit.load(sys.argv[1]); "
+        "out = m(torch.ones(3, 5, dtype=torch.long), torch.ones(3, 5, dtype=torch.long)); "
+        "print(tuple(out.shape), 'transformers' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(model_dir / "model.torchscript.pt")], capture_output=True, text=True)
+    assert done.stdout.split("\n")[0] == "(3, 4) False", done.stderr[-2000:]
+    assert run_cli("export", f"traced:{version}", "--root", str(store["root"]), "--torchscript") == 2
+    assert "already has" in capsys.readouterr().err
+
+
+def test_torchscript_of_a_language_model_is_refused_naming_why(store, tiny_tokenizer, tmp_path):
+    registry = store["registry"]
+    version = register_tiny(registry, "lm-ts", tiny_tokenizer, store["work"], task="causal-lm", seed=14, export=False)
+    with pytest.raises(ExportError, match="TorchScript is built for classifiers; a causal-lm model generates with PyTorch"):
+        export_files(registry.local_dir("lm-ts", version), "causal-lm", 32, ExportSection(), tmp_path / "out", None, ("torchscript",))
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_parity_failure_is_an_error_and_registers_nothing(store, tiny_tokenizer, tmp_path, fmt):
     """A model whose outputs are NaN cannot pass parity (NaN is not within any tolerance)."""
