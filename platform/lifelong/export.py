@@ -229,11 +229,7 @@ def export_files(
         if measured is None:
             export_onnx(torch_model, onnx_path, cfg.opset, max_length)
             measured = parity(model_dir, task, OnnxLogits(onnx_path, threads=1), texts, max_length, torch_model)
-        if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
-            raise ExportError(
-                f"ONNX export of {model_dir} differs from PyTorch by {measured['parity_max_abs_diff']:.3g} "
-                f"(max |logit difference|) > export.parity_tolerance={cfg.parity_tolerance:g}: not kept"
-            )
+        require_parity(measured, cfg, f"ONNX export of {model_dir}")
         result.files["model.onnx"] = onnx_path
         for extra in workdir.glob("model.onnx.data"):
             result.files[extra.name] = extra
@@ -282,11 +278,7 @@ def export_files(
         ts_path = workdir / EXPORT_FILES["torchscript"]
         export_torchscript(torch_model, ts_path, max_length)
         measured = parity(model_dir, task, TorchScriptLogits(ts_path, threads=None), texts, max_length, torch_model)
-        if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
-            raise ExportError(
-                f"TorchScript export of {model_dir} differs from PyTorch by {measured['parity_max_abs_diff']:.3g} "
-                f"(max |logit difference|) > export.parity_tolerance={cfg.parity_tolerance:g}: not kept"
-            )
+        require_parity(measured, cfg, f"TorchScript export of {model_dir}")
         result.files[ts_path.name] = ts_path
         result.records["torchscript"] = {
             **measured,
@@ -295,6 +287,16 @@ def export_files(
             "exporter": f"torch.jit.trace (torch {torch.__version__})",
         }
     return result
+
+
+def require_parity(measured: dict, cfg: ExportSection, what: str) -> None:
+    """Refuse an export whose logits differ from PyTorch's by more than export.parity_tolerance
+    (NaN included: it is within no tolerance)."""
+    if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
+        raise ExportError(
+            f"{what} differs from PyTorch by {measured['parity_max_abs_diff']:.3g} "
+            f"(max |logit difference|) > export.parity_tolerance={cfg.parity_tolerance:g}: not kept"
+        )
 
 
 def export_torchscript(torch_model: nn.Module, out_path: Path, max_length: int) -> None:
