@@ -37,3 +37,26 @@ def test_a_lock_wait_is_bounded_and_names_the_holder(tmp_path):
         child.wait()
     with Storage(str(tmp_path)).lock("streams/s/cycle", wait_s=5) as hold:  # free again once its holder is gone
         hold.check()
+
+
+def test_a_directory_created_while_it_is_listed_lists_as_empty_or_whole(tmp_path):
+    """Two registrations of a new model race like this (CI saw one fail): one lists the versions
+    directory while the other creates it; the listing must be empty or whole, never an error."""
+    import threading
+
+    store = Storage(str(tmp_path / "root"))
+    failures = []
+
+    def create(i):
+        (tmp_path / "root" / f"d{i}").mkdir()
+        (tmp_path / "root" / f"d{i}" / "1").mkdir()
+
+    for i in range(3000):
+        t = threading.Thread(target=create, args=(i,))
+        t.start()
+        try:
+            assert store.listdir(f"d{i}") in ([], ["1"])
+        except FileNotFoundError as e:
+            failures.append(str(e))
+        t.join()
+    assert failures == [], f"{len(failures)} of 3000 listings failed, e.g. {failures[0]}"

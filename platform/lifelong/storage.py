@@ -275,6 +275,13 @@ class Storage:
 
     def listdir(self, rel: str) -> list[str]:
         """Names directly under `rel` (empty when it does not exist)."""
+        if self.is_local:
+            # Not pyarrow's selector: it lists, and on ENOENT asks whether the directory exists,
+            # so one created in between (a concurrent writer's first file) fails the listing.
+            try:
+                return sorted(os.listdir(self.path(rel)))
+            except FileNotFoundError:
+                return []
         selector = pafs.FileSelector(self.path(rel), allow_not_found=True)
         return sorted(posixpath.basename(info.path) for info in self.fs.get_file_info(selector))
 
