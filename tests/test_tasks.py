@@ -27,7 +27,7 @@ def test_every_family_provides_the_whole_contract_under_its_own_name():
         assert module.NAME == name
         assert [key for key in CONTRACT if not hasattr(module, key)] == [], name
         assert module.JOB in ("pretrain", "finetune") and module.ENDPOINT.startswith("/v1/")
-        assert module.EXPORT_FORMATS[0] == "onnx"
+        assert module.EXPORT_FORMATS[:1] in ((), ("onnx",))  # the int8 and TorchScript variants come after ONNX
 
 
 def test_no_module_outside_the_families_branches_on_a_task_name():
@@ -51,8 +51,10 @@ def test_the_branch_check_sees_the_shapes_it_forbids():
 def test_an_unknown_task_is_one_message_naming_the_known_ones():
     from lifelong.errors import LifelongError
 
-    with pytest.raises(LifelongError, match="unknown model.task 'image-classification': use one of causal-lm, sequence-classification"):
-        task("image-classification")
+    with pytest.raises(
+        LifelongError, match="unknown model.task 'object-detection': use one of causal-lm, sequence-classification, image-classification"
+    ):
+        task("object-detection")
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,8 @@ def test_an_unknown_task_is_one_message_naming_the_known_ones():
         (["LlamaForCausalLM"], "causal-lm"),
         (["GPT2ForSequenceClassification"], "sequence-classification"),
         (["BertForSequenceClassification"], "sequence-classification"),
+        (["ViTForImageClassification"], "image-classification"),
+        (["ResNetForImageClassification"], "image-classification"),
         ([], "causal-lm"),  # a config.json without architectures: the config's default task
     ],
 )

@@ -137,6 +137,9 @@ def evaluate(
     overrides: OverridesArg = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Data to evaluate on (default: data.path).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    confusion_png: Annotated[
+        Optional[Path], typer.Option("--confusion-matrix", help="Also draw a classifier's confusion matrix as a PNG here.")
+    ] = None,
     address: AddressOpt = None,
 ) -> None:
     """Judge a model on data without updating it: a table and JSON of its metrics."""
@@ -154,6 +157,13 @@ def evaluate(
         table.add_row(key, f"{value:.4g}")
     console.print(table)
     console.print(f"data: {result.data.summary()}")
+    if confusion_png:
+        if result.confusion is None:
+            raise LifelongError(f"--confusion-matrix: {result.model} is a {result.task} model, not a classifier")
+        from lifelong.tasks.classify import confusion_png as draw
+
+        draw(result.confusion, result.labels, confusion_png, title=f"{result.model} on {result.data.source}")
+        console.print(f"confusion matrix: {confusion_png}")
     payload = json.dumps(result.to_dict(), indent=2)
     if json_out:
         json_out.write_text(payload)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from lifelong.errors import ConfigError
 from lifelong.tasks import DEFAULT as DEFAULT_TASK
@@ -44,14 +44,28 @@ class ModelConfig(Section):
 class DataConfig(Section):
     # A file, a directory or a glob; a local path or any pyarrow filesystem URI.
     path: str
-    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    format: Literal["auto", "parquet", "jsonl", "csv", "image"] = "auto"
     text_column: str = "text"
+    # Image tasks: the column of encoded image bytes (Parquet binary, base64 text in JSONL/CSV)
+    # in table files; image files themselves (.png, .jpg, ...) are one row each, labelled by
+    # their folder's name (one sub-folder per class).
+    image_column: str = "image"
     label_column: str | None = None
     # The label set for classification; rows with other labels are dropped and counted.
     labels: list[str] | None = None
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     # Fixed salt of the content hash that splits train/validation; change it only to reshuffle.
     split_salt: str = "lifelong"
+    # Light augmentation of training images (never of validation): a random horizontal flip, and
+    # a random crop of the image padded by this many pixels on each side (0: none).
+    augment_flip: bool = False
+    augment_crop_padding: int = Field(default=0, ge=0)
+    # What a row holds, "text" or "image": the task's (set from model.task by JobConfig).
+    _content: str = PrivateAttr(default="text")
+
+    @property
+    def content(self) -> str:
+        return self._content
 
     @model_validator(mode="after")
     def _labels_unique(self) -> DataConfig:
@@ -424,6 +438,8 @@ class JobConfig(Section):
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
         m, t = self.model, self.train
+        if self.data is not None:
+            self.data._content = task(m.task).CONTENT
         task(m.task).check(self)
         if t.precision == "fp16" and self.scaling.use_gpu is False:
             raise ValueError("train.precision=fp16 needs CUDA but scaling.use_gpu is false: use train.precision=bf16 or fp32 on CPUs")

@@ -1,6 +1,6 @@
 """Data in: find files, read each exactly once, validate its rows, split, tokenize.
 
-    files ──read_file (Ray tasks: copy + hash + parse + validate)──▶ valid rows (object store)
+    files ──read_files (Ray tasks: copy + hash + parse + validate)──▶ valid rows (object store)
       │                                                               └─▶ Ray Data ─▶ tokenize
       └─ unparseable / wrong schema / no rows ──▶ <root>/quarantine/<area>/ (with the reason)
 
@@ -44,10 +44,22 @@ from lifelong.config import DataConfig
 from lifelong.errors import DataError, first_line
 from lifelong.storage import Storage, filesystem_for, is_uri, local_cache_dir
 
-FORMAT_BY_SUFFIX = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+FORMAT_BY_SUFFIX = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    **dict.fromkeys(IMAGE_SUFFIXES, "image"),
+}
 SUPPORTED = ", ".join(FORMAT_BY_SUFFIX)
+# Image modes a model reads (converted to RGB); others (CMYK, 32-bit integer or float
+# pixels, ...) are refused with their mode named rather than converted by a guess.
+IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 # Part of a validation's fingerprint (continual ledger): bump when the rules below change.
-RULES_VERSION = 2
+RULES_VERSION = 3
 # Files up to this size are parsed from memory; larger ones from a local copy on disk.
 IN_MEMORY_BYTES = 64 << 20
 TRANSIENT_RETRIES = 3
@@ -274,6 +286,7 @@ class ParsedFile:
 
 
 ROWS_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int64()), ("split", pa.string())])
+IMAGE_ROWS_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("split", pa.string())])
 
 
 def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = "") -> ParsedFile:
@@ -288,7 +301,12 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
         return ParsedFile(None, reason=f"unknown file type '{posixpath.splitext(name)[1]}' (supported: {SUPPORTED}; or set data.format)")
     if source.size == 0:
         return ParsedFile(None, reason="empty file (0 bytes)")
-    columns = [cfg.text_column] + ([cfg.label_column] if cfg.label_column else [])
+    if fmt == "image":
+        return _parse_image_file(source, cfg, name)
+    if cfg.content == "image" and not cfg.label_column:
+        return ParsedFile(None, reason="a table of images needs data.label_column (only image files are labelled by their folder)")
+    content_column = cfg.image_column if cfg.content == "image" else cfg.text_column
+    columns = [content_column] + ([cfg.label_column] if cfg.label_column else [])
     dropped: Counter = Counter()
     try:
         if fmt == "parquet":
@@ -304,7 +322,7 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
     if table.num_rows == 0 and not dropped:
         return ParsedFile(None, reason="holds no rows")
     unparsed = sum(dropped.values())  # lines that never became rows
-    rows, row_drops = validate_table(table, cfg)
+    rows, row_drops = (validate_image_table if cfg.content == "image" else validate_table)(table, cfg)
     dropped.update(row_drops)
     return ParsedFile(rows, read=table.num_rows + unparsed, dropped=dict(dropped))
 
@@ -494,14 +512,7 @@ def validate_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str
     if pa.types.is_string(text.type) and pc.any(pc.starts_with(text.fill_null(""), _INT_PREFIX)).as_py():
         _mark(reasons, pc.starts_with(text.fill_null(""), _INT_PREFIX), "wrong_text_type")  # a number is not text
     _mark(reasons, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text.fill_null(""))), 0), "empty_text")
-    if cfg.label_column:
-        label = _strings(table.column(cfg.label_column), reasons, "wrong_label_type")
-        label = pc.utf8_trim_whitespace(pc.replace_substring(label, _INT_PREFIX, ""))
-        _mark(reasons, pc.equal(pc.utf8_length(label.fill_null("")), 0), "missing_label")
-        index = pc.index_in(label, value_set=pa.array(cfg.labels or [], pa.string()))
-        _mark(reasons, index.is_null(), "unknown_label")
-    else:
-        label, index = pa.nulls(n, pa.string()), pa.array(np.full(n, -1, dtype=np.int64))
+    label, index = _labels(table, cfg, reasons)
     keep = pa.array(reasons == "")
     texts = text.filter(keep)
     names = label.filter(keep).fill_null("").to_pylist()
@@ -511,6 +522,114 @@ def validate_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str
     return rows, dict(dropped)
 
 
+# --- images ---------------------------------------------------------------------------------
+def image_problem(data: bytes | None) -> str:
+    """Why these bytes are not an image a model can read ("" when they are): decoded in full, so
+    a truncated file is caught here and not in the middle of training."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        return "empty_image"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mode = image.mode
+            image.load()
+    except UnidentifiedImageError:
+        return "not_an_image"
+    except Image.DecompressionBombError:
+        return "image_too_large"
+    except (OSError, SyntaxError, ValueError) as e:
+        return "truncated_image" if "truncated" in str(e).lower() else "undecodable_image"
+    return "" if mode in IMAGE_MODES else f"unsupported_mode_{mode}"
+
+
+IMAGE_REASONS = {
+    "not_an_image": "not an image (no image format recognises its bytes)",
+    "truncated_image": "a truncated image (its data ends before the picture does)",
+    "undecodable_image": "an image that cannot be decoded",
+    "image_too_large": "an image above Pillow's decompression-bomb limit of pixels",
+}
+
+
+def _image_reason(problem: str) -> str:
+    if problem.startswith("unsupported_mode_"):
+        mode = problem.removeprefix("unsupported_mode_")
+        return f"unsupported image mode {mode} (supported: {', '.join(IMAGE_MODES)})"
+    return IMAGE_REASONS[problem]
+
+
+def _parse_image_file(source: Fetched, cfg: DataConfig, name: str) -> ParsedFile:
+    """One image file: one row, labelled by its folder's name (the image-folder layout)."""
+    if cfg.content != "image":
+        return ParsedFile(None, reason="an image file, but model.task reads text")
+    with source.open() as f:
+        data = f.read()
+    problem = image_problem(data)
+    if problem:
+        return ParsedFile(None, read=1, reason=_image_reason(problem))
+    folder = posixpath.basename(posixpath.dirname(name))
+    labels = cfg.labels or []
+    if folder not in labels:
+        return ParsedFile(
+            None, read=1, reason=f"its folder '{folder}' is not one of data.labels {labels} (images are labelled by their folder)"
+        )
+    label = labels.index(folder)
+    split = split_of(hashlib.sha256(data).hexdigest(), folder, cfg.split_salt, cfg.validation_fraction)
+    rows = pa.Table.from_arrays([pa.array([data], pa.binary()), pa.array([label], pa.int64()), pa.array([split])], schema=IMAGE_ROWS_SCHEMA)
+    return ParsedFile(rows, read=1)
+
+
+def validate_image_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str, int]]:
+    """Image rows of a table file: encoded bytes (binary, or base64 text) and a label. Rows whose
+    bytes are not a readable image are dropped by reason (empty_image, not_an_image,
+    truncated_image, unsupported_mode_<MODE>, ...), as bad text rows are."""
+    import base64
+    import binascii
+
+    n = table.num_rows
+    reasons = np.full(n, "", dtype=object)
+    column = table.column(cfg.image_column).combine_chunks()
+    images: list[bytes | None] = []
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        images = column.to_pylist()
+    elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        for i, value in enumerate(column.to_pylist()):
+            try:
+                images.append(base64.b64decode(value, validate=True) if value else None)
+            except (binascii.Error, ValueError):
+                images.append(None)
+                reasons[i] = "invalid_base64"
+    else:
+        images = [None] * n
+        _mark(reasons, column.is_valid(), "wrong_image_type")
+    for i, data in enumerate(images):
+        if not reasons[i]:
+            reasons[i] = image_problem(data)
+    label, index = _labels(table, cfg, reasons)
+    keep = reasons == ""
+    kept = [d for d, k in zip(images, keep) if k]
+    names = label.filter(pa.array(keep)).fill_null("").to_pylist()
+    split = [split_of(hashlib.sha256(d).hexdigest(), lab, cfg.split_salt, cfg.validation_fraction) for d, lab in zip(kept, names)]
+    rows = pa.Table.from_arrays(
+        [pa.array(kept, pa.binary()), index.filter(pa.array(keep)).cast(pa.int64()), pa.array(split, pa.string())], schema=IMAGE_ROWS_SCHEMA
+    )
+    return rows, dict(Counter(r for r in reasons if r))
+
+
+def _labels(table: pa.Table, cfg: DataConfig, reasons: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """Each row's label name and its index into data.labels (-1 without a label column); rows
+    without one, or with one that is not a label, get their reason."""
+    n = table.num_rows
+    if not cfg.label_column:
+        return pa.nulls(n, pa.string()), pa.array(np.full(n, -1, dtype=np.int64))
+    label = _strings(table.column(cfg.label_column), reasons, "wrong_label_type")
+    label = pc.utf8_trim_whitespace(pc.replace_substring(label, _INT_PREFIX, ""))
+    _mark(reasons, pc.equal(pc.utf8_length(label.fill_null("")), 0), "missing_label")
+    index = pc.index_in(label, value_set=pa.array(cfg.labels or [], pa.string()))
+    _mark(reasons, index.is_null(), "unknown_label")
+    return label, index
+
+
 def split_of(text: str, label: str, salt: str, validation_fraction: float) -> str:
     digest = hashlib.blake2b(f"{salt}\x00{text}\x00{label}".encode(), digest_size=8).digest()
     return "validation" if int.from_bytes(digest, "big") / 2**64 < validation_fraction else "train"
@@ -518,7 +637,7 @@ def split_of(text: str, label: str, salt: str, validation_fraction: float) -> st
 
 def validation_fingerprint(cfg: DataConfig) -> str:
     """What a file's validation depends on: when any of it changes, pending files are judged again."""
-    keys = ("format", "text_column", "label_column", "labels", "validation_fraction", "split_salt")
+    keys = ("format", "content", "text_column", "image_column", "label_column", "labels", "validation_fraction", "split_salt")
     blob = json.dumps({"rules": RULES_VERSION, **{k: getattr(cfg, k) for k in keys}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -530,8 +649,31 @@ def validation_fingerprint(cfg: DataConfig) -> str:
 # started (then reaped) a worker process for each on every read, ~1 s of imports apiece, which
 # cost more than the reading.
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD", num_returns=2)
+def read_files(fs: pafs.FileSystem, paths: list[str], cfg: DataConfig) -> tuple[list[FileReport], pa.Table | None]:
+    """Copy, hash, parse and validate a group of files in one Ray task: (their reports, their
+    valid rows as one table). Many small files (an image folder) share a task and a block."""
+    reports, tables = [], []
+    for path in paths:
+        report, rows = read_file(fs, path, cfg)
+        reports.append(report)
+        if rows is not None and rows.num_rows:
+            tables.append(rows)
+    return reports, (pa.concat_tables(tables) if tables else None)
+
+
+# Files read by one task, at most: an image folder's thousands of files become a few blocks.
+MAX_FILES_PER_TASK = 256
+
+
+def file_groups(files: list[str], cpus: int) -> list[list[str]]:
+    """Consecutive files in groups: one file per task while there are few (each a block of its
+    own, read in parallel), up to MAX_FILES_PER_TASK when there are many."""
+    size = max(1, min(MAX_FILES_PER_TASK, len(files) // (4 * cpus)))
+    return [files[i : i + size] for i in range(0, len(files), size)]
+
+
 def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> tuple[FileReport, pa.Table | None]:
-    """Copy, hash, parse and validate one file in a Ray task: (its report, its valid rows)."""
+    """Copy, hash, parse and validate one file: (its report, its valid rows)."""
     fmt = detect_format(path, cfg.format)
     shown = display_uri(fs, path)
     try:
@@ -593,14 +735,14 @@ class ValidatedData:
     report: DataReport
 
     def split(self, name: str | None) -> ray.data.Dataset:
-        """Valid rows of one split ("train", "validation") or of all (None): text, label."""
+        """Valid rows of one split ("train", "validation") or of all (None): text (or image), label."""
         return self.rows.map_batches(_only, fn_kwargs={"split": name}, batch_format="pyarrow")
 
 
 def _only(batch: pa.Table, split: str | None) -> pa.Table:
     if split is not None:
         batch = batch.filter(pc.equal(batch.column("split"), split))
-    return batch.select(["text", "label"])
+    return batch.select([batch.column_names[0], "label"])  # text or image, label
 
 
 def read_validated(
@@ -620,8 +762,10 @@ def read_validated(
             source = str(Path(source).expanduser().resolve())
         exclude = (storage.base,) if storage.is_local else ()
         fs, files = list_data_files(source, exclude)
-    pairs = [read_file.remote(fs, f, cfg) for f in files]
-    reports = ray.get([report for report, _ in pairs])
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    pairs = [read_files.remote(fs, group, cfg) for group in file_groups(files, cpus)]
+    groups = ray.get([reports for reports, _ in pairs])
+    reports = [r for group in groups for r in group]
     trouble = [r for r in reports if r.state in ("missing", "unreadable", "changing")]
     if trouble:
         lines = "\n".join(f"  - {r.path}: {r.reason}" for r in trouble)
@@ -629,8 +773,7 @@ def read_validated(
     for bad, inner in ((r, f) for r, f in zip(reports, files) if r.state == "bad"):
         quarantine(storage, quarantine_area, fs, inner, bad.reason)
     report = DataReport(source=source, files=reports)
-    good = [(r, table) for r, (_, table) in zip(reports, pairs) if r.ok]
-    if not good:
+    if not report.used_files:
         reasons = "\n".join(f"  - {r.path}: {r.reason}" for r in reports)
         raise DataError(f"no readable data in '{source}'; every file was quarantined:\n{reasons}")
     for r in reports:
@@ -640,9 +783,9 @@ def read_validated(
             report.rows[split] = report.rows.get(split, 0) + n
     if not report.rows:
         raise DataError(f"no valid rows in '{source}': {report.summary()}")
-    refs = [table for r, table in good if r.rows]
+    refs = [table for group, (_, table) in zip(groups, pairs) if any(r.rows for r in group)]
     rows = ray.data.from_arrow_refs(refs)
-    blocks = block_count(len(refs), sum(report.rows.values()), int(ray.cluster_resources().get("CPU", 1)))
+    blocks = block_count(len(refs), sum(report.rows.values()), cpus)
     if blocks > len(refs):
         rows = rows.repartition(blocks)  # a few large files: every CPU tokenizes a share
     return ValidatedData(rows=rows, report=report)

@@ -6,7 +6,7 @@ through the cluster; only per-row losses and predictions come back to the driver
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -41,9 +41,14 @@ class Evaluation:
     task: str
     metrics: dict[str, float]
     data: DataReport
+    labels: list[str] = field(default_factory=list)
+    confusion: list[list[int]] | None = None  # counts[true][predicted], for classifiers
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "task": self.task, "metrics": self.metrics, "data": self.data.to_dict()}
+        out = {"model": self.model, "task": self.task, "metrics": self.metrics, "data": self.data.to_dict()}
+        if self.confusion is not None:
+            out["confusion_matrix"] = {"labels": self.labels, "counts": self.confusion}
+        return out
 
 
 def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, workers: int = 1, batch_size: int = 32) -> Evaluation:
@@ -68,6 +73,9 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     scores = pd.concat(parts)
     loss = float(scores["loss_sum"].sum() / max(scores["count"].sum(), 1))
     labels = config.data.labels or (resolved.card.labels if resolved.card else None) or []
-    metrics = task(task_name).metrics(loss, scores["label"].tolist(), scores["pred"].tolist(), len(labels))
+    family = task(task_name)
+    probs = np.stack(scores["prob"].to_numpy()) if "prob" in scores else None
+    metrics = family.metrics(loss, scores["label"].tolist(), scores["pred"].tolist(), len(labels), probs)
     metrics["rows"] = float(len(scores))
-    return Evaluation(model=resolved.ref, task=task_name, metrics=metrics, data=validated.report)
+    counts = family.confusion(scores["label"].tolist(), scores["pred"].tolist(), len(labels)) if "pred" in scores else None
+    return Evaluation(model=resolved.ref, task=task_name, metrics=metrics, data=validated.report, labels=labels, confusion=counts)

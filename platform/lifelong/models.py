@@ -100,6 +100,24 @@ def apply_freezing(model: PreTrainedModel, freeze_embeddings: bool, train_last_n
     return {"total_params": total, "trainable_params": trainable}
 
 
+def hold_frozen_norms(model: nn.Module) -> None:
+    """Batch norms whose weights are frozen stay in eval mode while the rest trains: their running
+    statistics are part of what was frozen (a ResNet's linear probe leaves its body bit-identical)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def batch_norm_stats_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Running statistics of batch norms in the weights' dtype: DeepSpeed casts parameters to
+    bf16/fp16 but not buffers, and batch_norm wants both in one dtype. Saved as fp32 again."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.is_floating_point():
+                    module._buffers[name] = buf.to(dtype)
+
+
 def load_for_inference(model_dir: str | Path, task_name: str) -> PreTrainedModel:
     model = task(task_name).auto_class().from_pretrained(str(model_dir), use_safetensors=True, dtype=torch.float32)
     model.eval()

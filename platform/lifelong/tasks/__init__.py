@@ -13,16 +13,19 @@ from types import ModuleType
 from typing import Literal, get_args
 
 from lifelong.errors import LifelongError
-from lifelong.tasks import causal_lm, text_classification
+from lifelong.tasks import causal_lm, image_classification, text_classification
 
-TaskName = Literal["causal-lm", "sequence-classification"]
+TaskName = Literal["causal-lm", "sequence-classification", "image-classification"]
 DEFAULT: TaskName = "causal-lm"
 
-TASKS: dict[str, ModuleType] = {module.NAME: module for module in (causal_lm, text_classification)}
+TASKS: dict[str, ModuleType] = {module.NAME: module for module in (causal_lm, text_classification, image_classification)}
 
 # What every family module provides (checked by tests/test_tasks.py).
 CONTRACT = (
     "NAME",  # its model.task
+    "CONTENT",  # what a row holds: "text" or "image" (data.content)
+    "UNIT",  # what training throughput counts (train_<UNIT>_per_s): tokens, images
+    "PREPROCESSOR_FILES",  # a directory holding one of these is its preprocessor (model.tokenizer)
     "LABELLED",  # rows carry a label (data.label_column, data.labels)
     "PRETRAINS",  # `lifelong pretrain` trains it from scratch; else `lifelong finetune`
     "JOB",  # the stem of its runs' default names
@@ -32,12 +35,19 @@ CONTRACT = (
     "ENDPOINT",  # the HTTP route that serves it
     "check",  # (JobConfig) -> None: raises ValueError naming the keys to set
     "claims",  # (HF architecture names) -> bool: a bare HF directory holds this family
+    "fresh_preprocessor",  # (JobConfig, train rows, out_dir) -> None: a new tokenizer / image processor saved there
+    "load_preprocessor",  # (TokenizerRef or directory) -> the loaded tokenizer / image processor
     "tokenize",  # Ray Data batch (pyarrow) -> model inputs (numpy)
+    "batch_dtypes",  # -> iter_torch_batches' dtypes for those inputs
+    "model_inputs",  # (torch batch, model dtype, augment: DataConfig | None) -> the forward's kwargs, labels apart
+    "batch_units",  # (torch batch) -> how many UNITs it holds
     "build",  # (ModelConfig, tokenizer, init_dir, labels) -> the HF model, trainable
     "auto_class",  # the HF Auto class that loads a saved one
     "loss_weight",  # (batch) -> how many predictions the model's mean loss averages over
     "predictions",  # (logits) -> per-row predictions to score, or None
-    "metrics",  # (loss, labels, predictions, num_labels) -> metrics
+    "probabilities",  # (logits) -> per-row class probabilities (for mAP), or None
+    "metrics",  # (loss, labels, predictions, num_labels, probabilities) -> metrics
+    "confusion",  # (labels, predictions, num_labels) -> counts[true][predicted], or None
     "score",  # (model, batch) -> per-row loss sums, counts, predictions, labels (lifelong evaluate)
     "comparable",  # (batch, logits a, logits b) -> the parts of a and b that must agree (export parity)
     "backend",  # (serve.backend) -> the backend it is served with

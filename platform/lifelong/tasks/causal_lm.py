@@ -7,6 +7,18 @@ import math
 
 import numpy as np
 
+# What every text family shares (the task contract's text half).
+from lifelong.tasks.text import (  # noqa: F401
+    CONTENT,
+    PREPROCESSOR_FILES,
+    UNIT,
+    batch_dtypes,
+    batch_units,
+    fresh_preprocessor,
+    load_preprocessor,
+    model_inputs,
+)
+
 NAME = "causal-lm"
 LABELLED = False
 PRETRAINS = True
@@ -62,7 +74,15 @@ def predictions(logits):
     return None
 
 
-def metrics(loss: float, labels=None, preds=None, num_labels: int = 0) -> dict[str, float]:
+def probabilities(logits):
+    return None
+
+
+def confusion(labels, preds, num_labels: int):
+    return None
+
+
+def metrics(loss: float, labels=None, preds=None, num_labels: int = 0, probs=None) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 

@@ -6,6 +6,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from lifelong.tasks.classify import confusion, loss_weight, metrics, predictions, probabilities  # noqa: F401
+
+# What every text family shares (the task contract's text half).
+from lifelong.tasks.text import (  # noqa: F401
+    CONTENT,
+    PREPROCESSOR_FILES,
+    UNIT,
+    batch_dtypes,
+    batch_units,
+    fresh_preprocessor,
+    load_preprocessor,
+    model_inputs,
+)
+
 NAME = "sequence-classification"
 LABELLED = True
 PRETRAINS = False
@@ -77,28 +91,6 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
         raise ConfigError(f"cannot start a {len(labels)}-label classifier from {init_dir}: {e}") from None
 
 
-def loss_weight(batch) -> int:
-    return int(batch["labels"].shape[0])
-
-
-def predictions(logits) -> list[int]:
-    return logits.float().argmax(-1).tolist()
-
-
-def metrics(loss: float, labels: list[int], preds: list[int], num_labels: int) -> dict[str, float]:
-    # Imported here: scikit-learn pulls in SciPy (~1 s of CPU), which every training worker and
-    # driver importing this module paid, language-model runs included.
-    from sklearn.metrics import accuracy_score, f1_score
-
-    if not labels:
-        return {"loss": loss, "accuracy": float("nan"), "macro_f1": float("nan")}
-    return {
-        "loss": loss,
-        "accuracy": float(accuracy_score(labels, preds)),
-        "macro_f1": float(f1_score(labels, preds, labels=list(range(num_labels)), average="macro", zero_division=0)),
-    }
-
-
 def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import torch
     import torch.nn.functional as F
@@ -107,7 +99,14 @@ def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     labels = torch.as_tensor(batch["labels"])
     logits = model(input_ids=ids, attention_mask=torch.as_tensor(batch["attention_mask"])).logits.float()
     ce = F.cross_entropy(logits, labels, reduction="none")
-    return {"loss_sum": ce.numpy(), "count": np.ones(len(ids)), "pred": logits.argmax(-1).numpy(), "label": labels.numpy()}
+    probs = logits.softmax(-1)
+    return {
+        "loss_sum": ce.numpy(),
+        "count": np.ones(len(ids)),
+        "pred": logits.argmax(-1).numpy(),
+        "label": labels.numpy(),
+        "prob": probs.numpy(),
+    }
 
 
 def comparable(batch, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,12 +21,12 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from lifelong.config import JobConfig
-from lifelong.data import DataReport, TokenizerRef, ValidatedData, read_validated, text_iterator, tokenized
+from lifelong.data import DataReport, TokenizerRef, ValidatedData, read_validated, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError
 from lifelong.export import ExportResult, OnnxTemplate, export_files, export_formats, should_export_on_register
-from lifelong.models import train_tokenizer
 from lifelong.registry import Registry, ResolvedModel
 from lifelong.storage import Storage, is_uri
+from lifelong.tasks import task
 from lifelong.train.ds_config import total_optimizer_steps
 from lifelong.train.loop import train_loop_per_worker
 
@@ -53,24 +53,27 @@ def use_gpu(config: JobConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= needed
 
 
-def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, train_texts) -> TokenizerRef:
-    """The run's tokenizer: model.tokenizer, else init_from's (a pinned NAME:VERSION), else one
-    trained on the corpus and stored with the run (so a resumed run reuses exactly the same one).
-    A reference that every node resolves for itself, never a path that exists only here."""
+def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, train_rows) -> TokenizerRef:
+    """The run's tokenizer (an image processor, for image tasks): model.tokenizer, else
+    init_from's (a pinned NAME:VERSION), else a new one (the task's: a BPE trained on the corpus,
+    an image processor at the model's image size) stored with the run, so that a resumed run
+    reuses exactly the same one. A reference that every node resolves for itself, never a path
+    that exists only here."""
+    family = task(config.model.task)
     if config.model.tokenizer:
         given = config.model.tokenizer
         if not is_uri(given):
             path = Path(given).expanduser()
-            if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
-                raise ConfigError(f"model.tokenizer='{given}' is not a tokenizer directory")
+            if not any((path / name).is_file() for name in family.PREPROCESSOR_FILES):
+                raise ConfigError(f"model.tokenizer='{given}' is not a directory with {' or '.join(family.PREPROCESSOR_FILES)}")
             given = str(path.resolve())
         return TokenizerRef(given)
     if config.model.init_from:
         return TokenizerRef(version=registry.resolve(config.model.init_from).ref, root=storage.uri)
     rel = f"runs/{config.run_name or config.default_run_name}/tokenizer"
-    if not storage.exists(f"{rel}/tokenizer.json"):
+    if not any(storage.exists(f"{rel}/{name}") for name in family.PREPROCESSOR_FILES):
         with tempfile.TemporaryDirectory() as tmp:
-            train_tokenizer(text_iterator(train_texts, config.model.tokenizer_train_rows), config.model.vocab_size, tmp)
+            family.fresh_preprocessor(config, train_rows, tmp)
             storage.upload_dir(tmp, rel)
     return TokenizerRef(storage.location(rel))
 

@@ -28,7 +28,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from lifelong.config import JobConfig
 from lifelong.data import REPLAYED
-from lifelong.models import apply_freezing, build_model, load_tokenizer
+from lifelong.models import apply_freezing, batch_norm_stats_in, build_model, hold_frozen_norms
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 from lifelong.tasks import task as family
@@ -105,7 +105,7 @@ def run_loop(loop_config: dict, session) -> None:
     sys.stdout.flush()
 
     # --- model -----------------------------------------------------------------------------
-    tokenizer = load_tokenizer(loop_config["tokenizer"])  # a TokenizerRef, resolved on this worker's node
+    tokenizer = task.load_preprocessor(loop_config["tokenizer"])  # a TokenizerRef, resolved on this worker's node
     init_dir = None
     if config.model.init_from:
         init_dir = Registry(Storage(config.storage.root)).resolve(config.model.init_from).local_dir
@@ -114,13 +114,15 @@ def run_loop(loop_config: dict, session) -> None:
     ds_config = build_deepspeed_config(train_cfg, precision, world, loop_config["total_steps"])
     # DeepSpeed casts the module to bf16/fp16 and keeps fp32 masters only of what it trains:
     # frozen weights are saved from this copy, so they come out exactly as they went in.
-    frozen_fp32 = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad} if precision != "fp32" else {}
+    frozen_fp32 = frozen_weights(model) if precision != "fp32" else {}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
     )
 
+    dtype = next(engine.module.parameters()).dtype  # floating inputs (pixels) go in at the weights' precision
+    batch_norm_stats_in(engine.module, dtype)
     # --- resume: a run re-started under the same name continues after its last epoch -------
     start_epoch, history = 1, []
     checkpoint = session.checkpoint()
@@ -151,25 +153,27 @@ def run_loop(loop_config: dict, session) -> None:
     for epoch in range(start_epoch, train_cfg.epochs + 1):
         # --- train one epoch ---------------------------------------------------------------
         engine.train()
-        started, tokens, loss_sum, micro_steps = time.perf_counter(), 0, 0.0, 0
+        hold_frozen_norms(engine.module)
+        started, units, loss_sum, micro_steps = time.perf_counter(), 0, 0.0, 0
         batches = train_shard.iter_torch_batches(
             batch_size=train_cfg.batch_size,
             device=device,
-            dtypes=torch.long,
+            dtypes=task.batch_dtypes(),
             local_shuffle_buffer_size=train_cfg.batch_size * 8,
             local_shuffle_seed=train_cfg.seed + epoch,
         )
         for batch in batches:
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            inputs = task.model_inputs(batch, dtype, augment=config.data)
+            out = engine(**inputs, labels=batch["labels"])
             loss = out.loss if row_weights is None else weighted_loss(out.logits, batch, row_weights)
             if distill and REPLAYED in batch and bool(batch[REPLAYED].any()):
                 if teacher is None:
                     teacher = build_model(config.model, tokenizer, init_dir=init_dir, labels=config.data.labels).to(device).eval()
-                loss = loss + distill * distillation_loss(teacher, batch, out.logits)
+                loss = loss + distill * distillation_loss(teacher, inputs, batch[REPLAYED].bool(), out.logits)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer and schedule at accumulation boundaries
             micro_steps += 1
-            tokens += int(batch["attention_mask"].sum())
+            units += task.batch_units(batch)
             loss_sum += float(loss.detach().float())
             if (
                 engine.is_gradient_accumulation_boundary()
@@ -187,7 +191,7 @@ def run_loop(loop_config: dict, session) -> None:
                 # Inside the epoch (its end reports below, with the checkpoint): validate and
                 # report without a checkpoint, so that ASHA can stop a poor trial before it ends.
                 totals = all_reduce_sum(device, [loss_sum, micro_steps])
-                val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, n_labels)
+                val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, n_labels, dtype)
                 partial = {
                     "epoch": epoch - 1,  # epochs completed
                     "progress": epoch - 1 + step / steps_per_epoch,  # epochs trained, fractional
@@ -198,19 +202,19 @@ def run_loop(loop_config: dict, session) -> None:
                 log(rank, f"epoch {epoch}/{train_cfg.epochs} step {step}/{steps_per_epoch}: " + _shown(val_metrics))
                 session.report(partial, None)
         elapsed = time.perf_counter() - started
-        totals = all_reduce_sum(device, [tokens, loss_sum, micro_steps])
+        totals = all_reduce_sum(device, [units, loss_sum, micro_steps])
         train_metrics = {
             "epoch": epoch,
             **({"progress": float(epoch)} if report_every else {}),  # ASHA's clock when it reports inside epochs
             "train_loss": totals[1] / max(totals[2], 1),
-            "train_tokens_per_s": totals[0] / elapsed,
+            f"train_{task.UNIT}_per_s": totals[0] / elapsed,
             "epoch_seconds": elapsed,
             "global_step": engine.global_steps,
         }
 
         # --- validate ----------------------------------------------------------------------
         started = time.perf_counter()
-        val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, n_labels)
+        val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, n_labels, dtype)
         timing = {"val_seconds": time.perf_counter() - started, "setup_seconds": setup_seconds}
         metrics = {**train_metrics, **val_metrics, **timing}
         # Both losses are all-reduced, so every rank stops here together.
@@ -246,6 +250,17 @@ def _shown(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
 
 
+def frozen_weights(model) -> dict[str, torch.Tensor]:
+    """fp32 copies of what does not train: frozen parameters, and the running statistics of batch
+    norms held in eval mode (`hold_frozen_norms`), which are cast with the weights."""
+    frozen = {n: p.detach().float().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    for prefix, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            for name, buf in module.named_buffers(recurse=False):
+                frozen[f"{prefix}.{name}"] = buf.detach().clone()
+    return frozen
+
+
 def consolidated_state_dict(engine, frozen_fp32: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Full fp32 weights on every rank (collective): optimizer masters where they exist, the
     pre-cast copy of frozen weights (`frozen_fp32`) where one was kept."""
@@ -264,8 +279,10 @@ def consolidated_state_dict(engine, frozen_fp32: dict[str, torch.Tensor] | None 
                 full = param.detach().clone()
         state[name] = full.float().cpu()
     for name, buf in module.named_buffers():
-        if name in keep:
-            state[name] = buf.detach().cpu()
+        if frozen_fp32 and name in frozen_fp32:
+            state[name] = frozen_fp32[name]
+        elif name in keep:
+            state[name] = buf.detach().cpu().float() if buf.is_floating_point() else buf.detach().cpu()
     return state
 
 
@@ -285,39 +302,40 @@ def weighted_loss(logits: torch.Tensor, batch: dict, weights: dict[str, float]) 
     return (per_row * w).mean()
 
 
-def distillation_loss(teacher, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+def distillation_loss(teacher, inputs: dict, replayed: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean squared difference between the candidate's logits and the frozen champion's on the
     batch's replayed rows (logit matching, as dark experience replay does)."""
-    replayed = batch[REPLAYED].bool()
     with torch.no_grad():
-        target = teacher(input_ids=batch["input_ids"][replayed], attention_mask=batch["attention_mask"][replayed]).logits
+        target = teacher(**{k: v[replayed].float() if v.is_floating_point() else v[replayed] for k, v in inputs.items()}).logits
     return torch.nn.functional.mse_loss(logits[replayed].float(), target.float())
 
 
 @torch.no_grad()
-def evaluate_shard(engine, shard, task, batch_size: int, device, num_labels: int) -> dict[str, float]:
+def evaluate_shard(engine, shard, task, batch_size: int, device, num_labels: int, dtype=torch.float32) -> dict[str, float]:
     """Validation metrics over all workers' shards (loss, and what the task measures: accuracy
     and F1, or perplexity)."""
     engine.eval()
-    loss_sum, count, preds, labels = 0.0, 0, [], []
-    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device, dtypes=torch.long):
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    loss_sum, count, preds, labels, probs = 0.0, 0, [], [], []
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device, dtypes=task.batch_dtypes()):
+        out = engine(**task.model_inputs(batch, dtype), labels=batch["labels"])
         n = task.loss_weight(batch)
         predicted = task.predictions(out.logits)
         if predicted is not None:
             preds.extend(predicted)
             labels.extend(batch["labels"].tolist())
+            probs.extend(task.probabilities(out.logits))
         loss_sum += float(out.loss.float()) * n
         count += n
     engine.train()
     loss_sum, count = all_reduce_sum(device, [loss_sum, count])
     loss = loss_sum / max(count, 1)
-    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [(preds, labels)]
+    gathered = [None] * dist.get_world_size() if dist.is_initialized() else [(preds, labels, probs)]
     if dist.is_initialized():
-        dist.all_gather_object(gathered, (preds, labels))
+        dist.all_gather_object(gathered, (preds, labels, probs))
     all_preds = [p for part in gathered for p in part[0]]
     all_labels = [y for part in gathered for y in part[1]]
-    return {f"val_{k}": v for k, v in task.metrics(loss, all_labels, all_preds, num_labels).items()}
+    all_probs = [p for part in gathered for p in part[2]] if all_preds else None
+    return {f"val_{k}": v for k, v in task.metrics(loss, all_labels, all_preds, num_labels, all_probs).items()}
 
 
 def all_reduce_sum(device, values: list[float]) -> list[float]:

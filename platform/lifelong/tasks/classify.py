@@ -1,0 +1,71 @@
+"""What the classification families (text and image) share: predictions, their metrics
+(accuracy, macro-F1, mAP over the predicted probabilities) and the confusion matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def loss_weight(batch) -> int:
+    return int(batch["labels"].shape[0])
+
+
+def predictions(logits) -> list[int]:
+    return logits.float().argmax(-1).tolist()
+
+
+def probabilities(logits) -> list[list[float]]:
+    return logits.float().softmax(-1).tolist()
+
+
+def metrics(loss: float, labels: list[int], preds: list[int], num_labels: int, probs=None) -> dict[str, float]:
+    """Accuracy, macro-F1 over every label, and with `probs` (rows of class probabilities) mAP:
+    the mean over the classes present of the average precision of their probability."""
+    # Imported here: scikit-learn pulls in SciPy (~1 s of CPU), which every training worker and
+    # driver importing this module paid, language-model runs included.
+    from sklearn.metrics import accuracy_score, average_precision_score, f1_score
+
+    if not labels:
+        return {"loss": loss, "accuracy": float("nan"), "macro_f1": float("nan"), **({"map": float("nan")} if probs is not None else {})}
+    out = {
+        "loss": loss,
+        "accuracy": float(accuracy_score(labels, preds)),
+        "macro_f1": float(f1_score(labels, preds, labels=list(range(num_labels)), average="macro", zero_division=0)),
+    }
+    if probs is not None:
+        y, p = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+        present = [c for c in range(num_labels) if (y == c).any()]
+        out["map"] = float(np.mean([average_precision_score(y == c, p[:, c]) for c in present]))
+    return out
+
+
+def confusion(labels: list[int], preds: list[int], num_labels: int) -> list[list[int]]:
+    """counts[true][predicted]."""
+    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(counts, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
+    return counts.tolist()
+
+
+def confusion_png(counts: list[list[int]], names: list[str], path, title: str = "") -> None:
+    """The confusion matrix as a PNG (matplotlib, no display): true labels down, predictions across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n), dpi=100)
+    ax.imshow(np.asarray(counts), cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=90 if max(map(len, names)) > 3 else 0)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9)
+    top = max(max(row) for row in counts) or 1
+    for i, row in enumerate(counts):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
