@@ -110,6 +110,27 @@ STEPS = [
     Step(["lifelong models list"], "lifelong models list", ("tiny-gpt2", "tiny-topics")),
     Step(["lifelong models show NAME@ALIAS"], "lifelong models show tiny-topics@champion", ('"version": 2',)),
     Step(["lifelong models rollback NAME"], "lifelong models rollback tiny-topics", ("tiny-topics@champion: rolled back 2 → 1",)),
+    # Images: real handwritten digits in class folders, a ResNet and a ViT trained on them.
+    Step(
+        ["lifelong data image-stream data/digits --windows 1 --classes 10"],
+        "lifelong data image-stream data/digits --windows 1 --classes 10",
+        ("wrote 1 windows of 10 digits (1797 PNG images",),
+    ),
+    Step(
+        ["lifelong pretrain configs/resnet/tiny_scratch.yaml"],
+        "lifelong pretrain configs/resnet/tiny_scratch.yaml",
+        ("1797 file(s) read, 0 quarantined", "registered tiny-resnet-digits:1", "export onnx: parity_max_abs_diff="),
+    ),
+    Step(
+        ["lifelong pretrain configs/vit/tiny_scratch.yaml"],
+        "lifelong pretrain configs/vit/tiny_scratch.yaml",
+        ("registered tiny-vit-digits:1",),
+    ),
+    Step(
+        ["lifelong evaluate configs/resnet/tiny_scratch.yaml --model tiny-resnet-digits:1 --confusion-matrix confusion.png"],
+        "lifelong evaluate configs/resnet/tiny_scratch.yaml --model tiny-resnet-digits:1 --confusion-matrix confusion.png",
+        ("map", "confusion matrix: confusion.png"),
+    ),
     # Served: the README's requests, then Ctrl-C (`serve_and_ask`).
     Step(["lifelong serve configs/gpt2/tiny_serve.yaml"], SERVE),
     Step(["lifelong data stream data/stream --windows 4"], "lifelong data stream data/stream --windows 4", ("wrote 4 windows",)),

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import make_config
 from lifelong.config import JobConfig
 from lifelong.data import Fetched, parse_file, read_validated
+from lifelong.inference import EXPORT_FILES
 from lifelong.storage import Storage
 
 DIGITS = ["0", "1", "2", "3"]
@@ -172,29 +173,189 @@ def test_a_resnet_learns_digits_from_image_folders_with_its_image_processor_in_t
     assert Image.open(tmp_path / "cm.png").format == "PNG"
 
 
-def test_a_linear_probe_trains_only_the_head_and_leaves_the_body_bit_identical(resnet, digits):
-    from lifelong.registry import Registry
+@pytest.fixture(scope="module")
+def probe(resnet, digits):
+    """A linear probe of the ResNet: its version 2 (only the head trained, one epoch)."""
     from lifelong.train.driver import run_training
 
-    parent = resnet["outcome"].ref
     config = make_config(
         "resnet/tiny_scratch.yaml",
         f"data.path={digits}",
         f"data.labels={json.dumps(DIGITS)}",
         f"storage.root={resnet['root']}",
-        "name=probe",
-        f"model.init_from={parent}",
+        f"model.init_from={resnet['outcome'].ref}",
         "model.train_last_n_layers=0",
         "train.epochs=1",
         "train.lr=0.05",
     )
-    outcome = run_training(config)
+    return run_training(config)
+
+
+def test_a_linear_probe_trains_only_the_head_and_leaves_the_body_bit_identical(resnet, probe):
+    from lifelong.registry import Registry
+
+    parent = resnet["outcome"].ref
     registry = Registry(Storage(str(resnet["root"])))
     before = load_file(registry.resolve(parent).local_dir / "model.safetensors")
-    after = load_file(registry.resolve(outcome.ref).local_dir / "model.safetensors")
+    after = load_file(registry.resolve(probe.ref).local_dir / "model.safetensors")
     assert before.keys() == after.keys()
     body = [k for k in before if not k.startswith("classifier.")]
     assert any("running_mean" in k for k in body)  # batch-norm statistics are part of the body
     assert [k for k in body if not torch.equal(before[k], after[k])] == []
     assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
-    assert registry.card("probe", outcome.version).parent == parent
+    assert registry.card(probe.model, probe.version).parent == parent
+
+
+def tiny_vit_dir(out: Path) -> Path:
+    """A tiny ViT classifier with random weights and its image processor, as a version holds them."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=4
+    )
+    config.id2label, config.label2id = dict(enumerate(DIGITS)), {d: i for i, d in enumerate(DIGITS)}
+    ViTForImageClassification(config).eval().save_pretrained(out)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out)
+    return out
+
+
+def test_onnx_and_torchscript_match_pytorch_for_vit_and_resnet_and_int8_is_gated_on_images(resnet, digits, tmp_path):
+    from lifelong.config import ExportSection
+    from lifelong.export import export_files
+    from lifelong.inference import Classifier
+    from lifelong.registry import Registry
+
+    registry = Registry(Storage(str(resnet["root"])))
+    resnet_dir = registry.resolve(resnet["outcome"].ref).local_dir
+    # Registration exported the ResNet (export.on_register: auto): ONNX with parity, int8 gated.
+    card = registry.card(resnet["outcome"].model, resnet["outcome"].version)
+    assert card.exports["onnx"].parity_max_abs_diff <= 1e-4
+    int8 = card.exports["onnx-int8"].model_dump() if "onnx-int8" in card.exports else card.exports["onnx"].int8_refused
+    assert int8["rows"] > 0 and ("onnx-int8" in card.exports) == (int8["accuracy_drop"] <= 0.01)
+
+    images = [p.read_bytes() for p in sorted(digits.rglob("*.png"))[::60]]
+    rows = [{"image": b, "label": DIGITS.index(p.parent.name)} for b, p in zip(images, sorted(digits.rglob("*.png"))[::60])]
+    for model_dir in (tiny_vit_dir(tmp_path / "vit"), resnet_dir):
+        work = tmp_path / f"export-{model_dir.name}"
+        result = export_files(model_dir, "image-classification", None, ExportSection(), work, rows, ("onnx", "onnx-int8", "torchscript"))
+        for fmt in ("onnx", "torchscript"):
+            record = result.records[fmt]
+            assert record["parity_max_abs_diff"] <= 1e-4, (model_dir, fmt, record)
+            assert record["parity_shapes"] == [[len(rows), 3, 32, 32], [1, 3, 32, 32]]  # the batch axis is dynamic
+        measured = result.records.get("onnx-int8") or result.records["onnx"]["int8_refused"]
+        assert measured["rows"] == len(rows) and measured["accuracy_fp32"] >= measured["accuracy_int8"] - 1
+        torch_probs, _ = Classifier(model_dir, "torch").probabilities(images)
+        for fmt in ("onnx", "torchscript"):
+            probs, _ = Classifier(model_dir, fmt, exported=result.files[EXPORT_FILES[fmt]]).probabilities(images)
+            np.testing.assert_allclose(probs, torch_probs, atol=1e-5)
+
+
+def offline_probabilities(model_dir: Path, images: list[bytes]) -> np.ndarray:
+    """The reference: HF's own image processor and model, no lifelong inference code."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    processor = AutoImageProcessor.from_pretrained(str(model_dir))
+    model = AutoModelForImageClassification.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    pixels = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        return torch.softmax(model(pixel_values=pixels).logits, -1).numpy()
+
+
+def test_images_over_http_as_base64_and_multipart_with_limits_and_a_swap_under_load(resnet, probe, digits, serve_port):
+    import threading
+    import time
+
+    import httpx
+    from ray import serve
+
+    from lifelong.config import absolute_paths, validate_config
+    from lifelong.registry import Registry
+    from lifelong.serve import deploy
+
+    root, name = resnet["root"], resnet["outcome"].model
+    registry = Registry(Storage(str(root)))
+    registry.move_alias(name, "champion", resnet["outcome"].version)
+    config = absolute_paths(
+        validate_config(
+            {
+                "name": name,
+                "storage": {"root": str(root)},
+                "serve": {
+                    "port": serve_port,
+                    "route_prefix": "/digits",
+                    "num_replicas": 1,
+                    "poll_interval_s": 0.3,
+                    "max_images_per_request": 4,
+                    "max_image_bytes": 20_000,
+                    "max_image_pixels": 64 * 64,
+                },
+            }
+        )
+    )
+    url = deploy(config)
+    files = sorted(digits.rglob("*.png"))[::90][:4]
+    images = [p.read_bytes() for p in files]
+    try:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            r = client.post("/v1/predict", json={"images": [base64.b64encode(b).decode() for b in images]})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["version"] == resnet["outcome"].version
+            got = np.array([[p["probabilities"][d] for d in DIGITS] for p in body["predictions"]])
+            np.testing.assert_allclose(got, offline_probabilities(registry.local_dir(name, body["version"]), images), atol=1e-4)
+            uploaded = client.post("/v1/predict", files=[("images", (f.name, b, "image/png")) for f, b in zip(files, images)])
+            assert uploaded.status_code == 200, uploaded.text
+            assert uploaded.json()["predictions"] == body["predictions"]
+
+            def refused(status, field, **request):
+                r = client.post("/v1/predict", **request)
+                assert r.status_code == status and r.json()["field"] == field, r.text
+                return r.json()["error"]
+
+            b64 = [base64.b64encode(b).decode() for b in images]
+            big = io.BytesIO()
+            Image.new("L", (100, 100)).save(big, format="PNG")
+            noisy = io.BytesIO()
+            Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(noisy, format="BMP")
+            big_b64 = base64.b64encode(big.getvalue()).decode()
+            assert "100x100 pixels; at most 4096" in refused(413, "images[1]", json={"images": [b64[0], big_b64]})
+            assert "bytes" in refused(413, "images[0]", json={"images": [base64.b64encode(noisy.getvalue()).decode()]})
+            assert "not an image" in refused(422, "images[1]", json={"images": [b64[0], base64.b64encode(b"plain text").decode()]})
+            assert "CMYK" in refused(422, "images[0]", json={"images": [base64.b64encode(jpeg(7, "CMYK")).decode()]})
+            assert "truncated" in refused(422, "images[0]", json={"images": [base64.b64encode(jpeg(7)[:200]).decode()]})
+            assert "base64" in refused(422, "images[0]", json={"images": ["%%%"]})
+            assert "at most 4" in refused(413, "images", json={"images": b64 * 2})
+            assert "send images" in refused(422, "texts", json={"texts": ["a digit?"]})
+            assert "fields named 'images'" in refused(422, "photo", files=[("photo", ("a.png", images[0], "image/png"))])
+            assert "empty file" in refused(422, "images[1]", files=[("images", ("a.png", images[0])), ("images", ("b.png", b""))])
+            assert "images" in refused(413, "images", files=[("images", (f"{i}.png", images[0])) for i in range(5)])
+            assert "multipart" in refused(400, "body", content=b"--x\r\nnot a form", headers={"Content-Type": "multipart/form-data"})
+
+            # A swap to the probe (version 2) under load: every request answered, by one version or the other.
+            results, stop = [], threading.Event()
+
+            def load():
+                while not stop.is_set() and len(results) < 2000:
+                    r = client.post("/v1/predict", files=[("images", ("x.png", images[len(results) % 4], "image/png"))])
+                    results.append((r.status_code, r.json().get("version")))
+
+            thread = threading.Thread(target=load)
+            thread.start()
+            try:
+                time.sleep(1)
+                registry.move_alias(name, "champion", probe.version)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not any(v == probe.version for _, v in results[-5:]):
+                    time.sleep(0.2)
+                time.sleep(1)
+            finally:
+                stop.set()
+                thread.join()
+            assert [r for r in results if r[0] != 200] == []
+            versions = [v for _, v in results]
+            assert versions[0] == resnet["outcome"].version and versions[-1] == probe.version
+            switch = versions.index(probe.version)
+            assert set(versions[switch:]) == {probe.version}  # no answer from the old version after the first from the new
+    finally:
+        serve.delete(config.serve_app_name)

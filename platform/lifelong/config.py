@@ -198,6 +198,12 @@ class ServeSection(Section):
     max_texts_per_request: int = Field(default=64, ge=1)
     max_text_chars: int = Field(default=20000, ge=1)
     max_new_tokens: int = Field(default=64, ge=1)
+    # Image classifiers: more images, a larger image (encoded bytes) or more pixels get a 4xx.
+    # Images arrive as base64 in JSON ({"images": [...]}) or as multipart/form-data files named
+    # "images"; raise max_body_bytes with these.
+    max_images_per_request: int = Field(default=16, ge=1)
+    max_image_bytes: int = Field(default=2_000_000, ge=1024)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64)
     # A /v1/* request body above this many bytes gets 413 before it is parsed; a body that has
     # not arrived within body_timeout_s gets 408 (a trickling client cannot hold a replica).
     max_body_bytes: int = Field(default=1_000_000, ge=1024)

@@ -544,6 +544,7 @@ def image_problem(data: bytes | None) -> str:
 
 
 IMAGE_REASONS = {
+    "empty_image": "an empty image (0 bytes)",
     "not_an_image": "not an image (no image format recognises its bytes)",
     "truncated_image": "a truncated image (its data ends before the picture does)",
     "undecodable_image": "an image that cannot be decoded",
@@ -551,7 +552,7 @@ IMAGE_REASONS = {
 }
 
 
-def _image_reason(problem: str) -> str:
+def image_reason(problem: str) -> str:
     if problem.startswith("unsupported_mode_"):
         mode = problem.removeprefix("unsupported_mode_")
         return f"unsupported image mode {mode} (supported: {', '.join(IMAGE_MODES)})"
@@ -566,7 +567,7 @@ def _parse_image_file(source: Fetched, cfg: DataConfig, name: str) -> ParsedFile
         data = f.read()
     problem = image_problem(data)
     if problem:
-        return ParsedFile(None, read=1, reason=_image_reason(problem))
+        return ParsedFile(None, read=1, reason=image_reason(problem))
     folder = posixpath.basename(posixpath.dirname(name))
     labels = cfg.labels or []
     if folder not in labels:

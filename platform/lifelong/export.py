@@ -1,4 +1,4 @@
-"""ONNX export of a registry version: dynamic batch and sequence axes, parity, int8.
+"""ONNX and TorchScript exports of a registry version: dynamic axes, parity, int8.
 
     HF weights ─▶ torch.onnx.export(dynamo) ─▶ model.onnx ─▶ parity vs PyTorch (max |Δlogit|)
                                                   └─▶ quantize_dynamic ─▶ model.int8.onnx
@@ -25,17 +25,9 @@ from torch import nn
 
 from lifelong.config import ExportSection
 from lifelong.errors import LifelongError, first_line
-from lifelong.inference import EXPORT_FILES, Classifier, Encoder, OnnxLogits, TorchLogits, TorchScriptLogits, model_max_length
+from lifelong.inference import EXPORT_FILES, Classifier, OnnxLogits, TorchLogits, TorchScriptLogits, model_max_length
 from lifelong.tasks import task as family
 
-# Used for the parity check when no validation texts are at hand.
-SAMPLE_TEXTS = [
-    "The quarterly earnings beat expectations and the shares rose.",
-    "A storm front brings heavy rain and strong winds tonight.",
-    "ok",
-    "The team scored twice in the second half to win the final, and the coach praised the defence "
-    "for holding firm under pressure through the closing minutes of a long and tiring match.",
-]
 # ONNX files above this size keep their weights in an external .onnx.data file (protobuf's 2 GB limit).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
@@ -45,14 +37,19 @@ class ExportError(LifelongError):
 
 
 class LogitsOnly(nn.Module):
-    """The model as ONNX sees it: (input_ids, attention_mask) → logits, no KV cache."""
+    """The model as an export sees it: its inputs, positionally in the task's order (text:
+    input_ids, attention_mask; images: pixel_values) → logits, no KV cache."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, names: list[str], forward_kwargs: dict):
         super().__init__()
-        self.model = model
+        self.model, self.names, self.forward_kwargs = model, names, forward_kwargs
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, inputs)), **self.forward_kwargs).logits
+
+
+def logits_only(torch_model: nn.Module, task: str, names) -> LogitsOnly:
+    return LogitsOnly(torch_model, list(names), family(task).FORWARD_KWARGS).eval()
 
 
 @dataclass
@@ -62,13 +59,9 @@ class ExportResult:
     refused: dict[str, str] = field(default_factory=dict)  # format → why it was not kept
 
 
-def export_onnx(torch_model: nn.Module, out_path: Path, opset: int, max_length: int) -> None:
-    """Write `torch_model` as ONNX with dynamic batch and sequence axes."""
-    # Two distinct tensors: passing one object for both inputs makes the exporter alias them.
-    input_ids = torch.ones(2, min(8, max_length), dtype=torch.long)
-    attention_mask = torch.ones(2, min(8, max_length), dtype=torch.long)
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("seq", max=max_length)
+def export_onnx(torch_model: nn.Module, out_path: Path, opset: int, max_length: int, task: str, model_dir: Path) -> None:
+    """Write `torch_model` as ONNX with the task's dynamic axes (batch; and sequence, for text)."""
+    inputs, dynamic = family(task).export_inputs(model_dir, max_length, padded=False)
     big = sum(p.numel() * p.element_size() for p in torch_model.parameters()) > EXTERNAL_DATA_BYTES
     # The exporter prints progress lines and warns about internals: keep the job log readable.
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -76,13 +69,12 @@ def export_onnx(torch_model: nn.Module, out_path: Path, opset: int, max_length: 
         warnings.simplefilter("ignore", category=FutureWarning)
         try:
             torch.onnx.export(
-                LogitsOnly(torch_model).eval(),
-                (),
+                logits_only(torch_model, task, inputs),
+                tuple(inputs.values()),
                 str(out_path),
-                kwargs={"input_ids": input_ids, "attention_mask": attention_mask},
-                input_names=["input_ids", "attention_mask"],
+                input_names=list(inputs),
                 output_names=["logits"],
-                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                dynamic_shapes=(tuple(dynamic.values()),),  # forward(*inputs): one tuple of them
                 opset_version=opset,
                 dynamo=True,
                 external_data=big,
@@ -148,20 +140,20 @@ def write_into_template(template: OnnxTemplate, task: str, torch_model: nn.Modul
     return True
 
 
-def parity(model_dir: Path, task: str, candidate, texts: list[str], max_length: int, torch_model=None) -> dict:
-    """Max |exported − PyTorch| over the logits of `texts` (`candidate`: an exported backend's
-    logits, OnnxLogits or TorchScriptLogits), as one padded batch, one at a time, and a text of
-    one character (one token, for byte-level BPE): a traced graph keeps the branches its example
-    inputs took, so other shapes must agree too."""
-    encode = Encoder(model_dir, max_length)
+def parity(model_dir: Path, task: str, candidate, samples: list, max_length: int, torch_model=None) -> dict:
+    """Max |exported − PyTorch| over the logits of `samples` (texts or encoded images;
+    `candidate`: an exported backend's logits, OnnxLogits or TorchScriptLogits), in the task's
+    groups (`parity_groups`: several batch shapes, for text several lengths too): a traced graph
+    keeps the branches its example inputs took, so other shapes must agree too."""
+    encode = family(task).encoder(model_dir, max_length)
     reference = TorchLogits(model_dir, task, threads=None, model=torch_model)
     worst, shapes = 0.0, []
-    for group in (texts, texts[:1], texts[-1:], ["x"]):
+    for group in family(task).parity_groups(samples):
         batch = encode(group)
         a, b = family(task).comparable(batch, reference(batch), candidate(batch))
         diff = float(np.max(np.abs(a - b))) if a.size else 0.0
         worst = diff if not (diff <= worst) else worst  # NaN stays NaN and fails the gate
-        shapes.append(list(batch.input_ids.shape))
+        shapes.append(batch.shape)
     return {"parity_max_abs_diff": worst, "parity_shapes": shapes}
 
 
@@ -169,7 +161,7 @@ def accuracy(classifier: Classifier, rows: list[dict], batch_size: int = 64) -> 
     correct = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        probs, _ = classifier.probabilities([r["text"] for r in chunk])
+        probs, _ = classifier.probabilities([r[family(classifier.task).CONTENT] for r in chunk])
         correct += int((probs.argmax(axis=-1) == np.asarray([r["label"] for r in chunk])).sum())
     return correct / max(len(rows), 1)
 
@@ -200,7 +192,7 @@ def export_files(
     """Build the requested formats of the model in `model_dir` into `workdir`.
 
     `task` and `max_length` are what the model was trained as (its card's, or its run's).
-    `rows` are labelled validation rows ({"text", "label" id}) for the int8 accuracy gate.
+    `rows` are labelled validation rows ({"text" or "image", "label" id}) for the int8 accuracy gate.
     A format already present in `model_dir` (e.g. model.onnx when only int8 is asked for)
     is reused as the quantization source. With a `template` (the same architecture's export),
     the new weights are written into its graph, which takes a fraction of a second instead of
@@ -215,20 +207,20 @@ def export_files(
     max_length = model_max_length(model_dir, max_length)
     result = ExportResult()
     onnx_path = model_dir / EXPORT_FILES["onnx"]
-    texts = [r["text"] for r in (rows or [])[:15]] + [SAMPLE_TEXTS[-1]] if rows else SAMPLE_TEXTS
+    samples = family(task).parity_samples(rows)
     torch_model = load_for_inference(model_dir, task) if {"onnx", "torchscript"} & set(formats) else None
     if "onnx" in formats:
         onnx_path = workdir / EXPORT_FILES["onnx"]
         exporter = f"torch.onnx dynamo (torch {torch.__version__})"
         measured = None
         if template is not None and write_into_template(template, task, torch_model, onnx_path):
-            measured = parity(model_dir, task, OnnxLogits(onnx_path, threads=1), texts, max_length, torch_model)
+            measured = parity(model_dir, task, OnnxLogits(onnx_path, threads=1), samples, max_length, torch_model)
             exporter = f"weights written into the graph of {template.ref}"
             if not measured["parity_max_abs_diff"] <= cfg.parity_tolerance:
                 measured, exporter = None, f"torch.onnx dynamo (torch {torch.__version__}); {template.ref}'s graph missed parity"
         if measured is None:
-            export_onnx(torch_model, onnx_path, cfg.opset, max_length)
-            measured = parity(model_dir, task, OnnxLogits(onnx_path, threads=1), texts, max_length, torch_model)
+            export_onnx(torch_model, onnx_path, cfg.opset, max_length, task, model_dir)
+            measured = parity(model_dir, task, OnnxLogits(onnx_path, threads=1), samples, max_length, torch_model)
         require_parity(measured, cfg, f"ONNX export of {model_dir}")
         result.files["model.onnx"] = onnx_path
         for extra in workdir.glob("model.onnx.data"):
@@ -276,8 +268,8 @@ def export_files(
         if "torchscript" not in family(task).EXPORT_FORMATS:
             raise ExportError(f"TorchScript is built for classifiers; a {task} model generates with PyTorch: export onnx only")
         ts_path = workdir / EXPORT_FILES["torchscript"]
-        export_torchscript(torch_model, ts_path, max_length)
-        measured = parity(model_dir, task, TorchScriptLogits(ts_path, threads=None), texts, max_length, torch_model)
+        export_torchscript(torch_model, ts_path, max_length, task, model_dir)
+        measured = parity(model_dir, task, TorchScriptLogits(ts_path, threads=None), samples, max_length, torch_model)
         require_parity(measured, cfg, f"TorchScript export of {model_dir}")
         result.files[ts_path.name] = ts_path
         result.records["torchscript"] = {
@@ -299,18 +291,15 @@ def require_parity(measured: dict, cfg: ExportSection, what: str) -> None:
         )
 
 
-def export_torchscript(torch_model: nn.Module, out_path: Path, max_length: int) -> None:
-    """Trace `torch_model` (input_ids, attention_mask → logits) into a TorchScript file, loadable
-    with torch.jit.load alone (no transformers, no Python model code). Batch and sequence length
-    stay dynamic; the parity check that follows runs other shapes than the trace's."""
-    length = min(8, max_length)
-    input_ids = torch.ones(2, length, dtype=torch.long)
-    attention_mask = torch.ones(2, length, dtype=torch.long)
-    attention_mask[1, length // 2 :] = 0  # a padded row, as served batches have
+def export_torchscript(torch_model: nn.Module, out_path: Path, max_length: int, task: str, model_dir: Path) -> None:
+    """Trace `torch_model` (the task's inputs → logits) into a TorchScript file, loadable with
+    torch.jit.load alone (no transformers, no Python model code). The batch axis (and a text's
+    length) stays dynamic; the parity check that follows runs other shapes than the trace's."""
+    inputs, _ = family(task).export_inputs(model_dir, max_length, padded=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about the shapes the model checks in Python
         try:
-            traced = torch.jit.trace(LogitsOnly(torch_model).eval(), (input_ids, attention_mask), strict=False)
+            traced = torch.jit.trace(logits_only(torch_model, task, inputs), tuple(inputs.values()), strict=False)
             torch.jit.save(traced, str(out_path))
         except Exception as e:  # the tracer raises many types; all mean "this model did not trace"
             raise ExportError(f"torch.jit.trace failed for {type(torch_model).__name__}: {first_line(e, 300)}") from None

@@ -3,7 +3,7 @@
 Used by the Serve replicas, by export (parity, int8 accuracy) and by the benchmarks, so
 the served path and the measured path are the same code.
 
-    encode(texts) ─▶ Batch(input_ids, attention_mask, truncated) ─▶ backend.logits ─▶ softmax
+    encode(texts | images) ─▶ Batch(inputs: the model's named arrays, truncated) ─▶ backend.logits ─▶ softmax
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from lifelong.errors import LifelongError, first_line
-from lifelong.tasks import causal_lm, text_classification
+from lifelong.tasks import causal_lm, task_of_architectures
+from lifelong.tasks import task as family
 
 BACKENDS = ("onnx", "onnx-int8", "torchscript", "torch")
 # The file each exported backend loads from a version (`lifelong export` writes them).
@@ -30,9 +31,23 @@ class BackendError(LifelongError):
 
 @dataclass
 class Batch:
-    input_ids: np.ndarray  # int64 [batch, seq]
-    attention_mask: np.ndarray  # int64 [batch, seq]
+    """A model's inputs by name, in the order its exports take them (text: input_ids and
+    attention_mask, int64 [batch, seq]; images: pixel_values, float32 [batch, 3, h, w])."""
+
+    inputs: dict[str, np.ndarray]
     truncated: list[bool]
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self.inputs["input_ids"]
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return self.inputs["attention_mask"]
+
+    @property
+    def shape(self) -> list[int]:
+        return list(next(iter(self.inputs.values())).shape)
 
 
 class Encoder:
@@ -53,10 +68,26 @@ class Encoder:
     def __call__(self, texts: list[str]) -> Batch:
         encodings = self._fast.encode_batch(list(texts))
         return Batch(
-            input_ids=np.asarray([e.ids for e in encodings], dtype=np.int64),
-            attention_mask=np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+            inputs={
+                "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
+                "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+            },
             truncated=[bool(e.overflowing) for e in encodings],
         )
+
+
+class ImageEncoder:
+    """Encoded images (PNG, JPEG, ... bytes) → pixel values by the version's image processor."""
+
+    def __init__(self, model_dir: str | Path, max_length: int | None = None):
+        from lifelong.tasks.image_classification import cached_processor
+
+        self.processor = cached_processor(str(model_dir))
+
+    def __call__(self, images: list[bytes]) -> Batch:
+        from lifelong.tasks.image_classification import decode, pixel_values
+
+        return Batch(inputs={"pixel_values": pixel_values(self.processor, [decode(b) for b in images])}, truncated=[False] * len(images))
 
 
 def model_max_length(model_dir: str | Path, trained: int | None = None) -> int:
@@ -93,11 +124,11 @@ class OnnxLogits:
             raise BackendError(f"ONNX Runtime cannot load {path.name}: {e}") from None
 
     def __call__(self, batch: Batch) -> np.ndarray:
-        return self.session.run(["logits"], {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})[0]
+        return self.session.run(["logits"], batch.inputs)[0]
 
 
 class TorchScriptLogits:
-    """A traced module (export.export_torchscript): (input_ids, attention_mask) → logits."""
+    """A traced module (export.export_torchscript): the model's inputs, in order → logits."""
 
     def __init__(self, path: Path, threads: int | None, device: str = "cpu"):
         import torch
@@ -115,7 +146,7 @@ class TorchScriptLogits:
     def __call__(self, batch: Batch) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
-            logits = self.module(torch.from_numpy(batch.input_ids).to(self.device), torch.from_numpy(batch.attention_mask).to(self.device))
+            logits = self.module(*(torch.from_numpy(v).to(self.device) for v in batch.inputs.values()))
         return logits.float().cpu().numpy()
 
 
@@ -130,6 +161,7 @@ class TorchLogits:
         if device == "cuda" and not torch.cuda.is_available():
             raise BackendError("serve.gpus_per_replica asks for a GPU but PyTorch sees no CUDA device on this replica's node")
         self.torch, self.device = torch, torch.device(device)
+        self.forward_kwargs = family(task).FORWARD_KWARGS
         if model is not None:  # already loaded by the caller
             self.model = model
             return
@@ -140,16 +172,12 @@ class TorchLogits:
 
     def __call__(self, batch: Batch) -> np.ndarray:
         with self.torch.inference_mode():
-            out = self.model(
-                input_ids=self.torch.from_numpy(batch.input_ids).to(self.device),
-                attention_mask=self.torch.from_numpy(batch.attention_mask).to(self.device),
-                use_cache=False,
-            )
+            out = self.model(**{k: self.torch.from_numpy(v).to(self.device) for k, v in batch.inputs.items()}, **self.forward_kwargs)
         return out.logits.float().cpu().numpy()
 
 
 class Classifier:
-    """Texts → label probabilities for one version, with the chosen backend."""
+    """Texts or images → label probabilities for one version, with the chosen backend."""
 
     def __init__(
         self,
@@ -166,15 +194,17 @@ class Classifier:
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
         config = json.loads((model_dir / "config.json").read_text())
-        if not any("SequenceClassification" in a for a in config.get("architectures") or []):
-            raise BackendError(f"{model_dir} holds a {', '.join(config.get('architectures') or ['?'])} model, not a sequence classifier")
+        architectures = config.get("architectures") or []
+        task = task_of_architectures(architectures)
+        if not family(task).LABELLED:
+            raise BackendError(f"{model_dir} holds a {', '.join(architectures or ['?'])} model, not a classifier")
         id2label = config.get("id2label") or {}
         self.labels = [id2label[str(i)] for i in range(len(id2label))]
-        self.backend = backend
+        self.backend, self.task = backend, task
         self.max_length = model_max_length(model_dir, max_length)
-        self.encode = Encoder(model_dir, self.max_length)
+        self.encode = family(task).encoder(model_dir, self.max_length)
         if backend == "torch":
-            self.logits = TorchLogits(model_dir, text_classification.NAME, threads, device=device)
+            self.logits = TorchLogits(model_dir, task, threads, device=device)
             return
         path = Path(exported) if exported else model_dir / EXPORT_FILES[backend]
         if not path.exists():
@@ -182,12 +212,14 @@ class Classifier:
             raise BackendError(f"{model_dir} has no {path.name}: export it first (lifelong export NAME:VERSION{flag})")
         self.logits = TorchScriptLogits(path, threads, device) if backend == "torchscript" else OnnxLogits(path, threads, device)
 
-    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        batch = self.encode(texts)
+    def probabilities(self, items: list) -> tuple[np.ndarray, list[bool]]:
+        batch = self.encode(items)
         return softmax(self.logits(batch)), batch.truncated
 
-    def predict(self, texts: list[str]) -> list[dict]:
-        probs, truncated = self.probabilities(texts)
+    def predict(self, items: list) -> list[dict]:
+        """One prediction per text (or encoded image): its label, every label's probability, and
+        whether the text was cut to the model's length (never, for an image)."""
+        probs, truncated = self.probabilities(items)
         return [
             {
                 "label": self.labels[int(p.argmax())],

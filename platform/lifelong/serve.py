@@ -36,7 +36,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -98,6 +98,9 @@ class ServeSettings(BaseModel):
     max_texts: int
     max_text_chars: int
     max_new_tokens: int
+    max_images: int
+    max_image_bytes: int
+    max_image_pixels: int
     max_body_bytes: int
     body_timeout_s: float
     hold_timeout_s: float
@@ -122,6 +125,9 @@ def serve_settings(config: JobConfig) -> ServeSettings:
         max_texts=s.max_texts_per_request,
         max_text_chars=s.max_text_chars,
         max_new_tokens=s.max_new_tokens,
+        max_images=s.max_images_per_request,
+        max_image_bytes=s.max_image_bytes,
+        max_image_pixels=s.max_image_pixels,
         max_body_bytes=s.max_body_bytes,
         body_timeout_s=s.body_timeout_s,
         hold_timeout_s=s.hold_timeout_s,
@@ -177,8 +183,20 @@ SEED_MAX = 2**63 - 1
 
 
 class PredictRequest(BaseModel):
+    """Texts for a text classifier, or images for an image classifier (base64 here, or uploaded as
+    multipart/form-data files named `images`)."""
+
     model_config = ConfigDict(extra="forbid")
-    texts: list[Text] = Field(min_length=1, description="Texts to classify.")
+    texts: list[Text] | None = Field(default=None, min_length=1, description="Texts to classify.")
+    images: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, description="Images to classify (PNG, JPEG, WebP, BMP, GIF), each base64-encoded."
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "PredictRequest":
+        if (self.texts is None) == (self.images is None):
+            raise ValueError("send texts (a text classifier) or images (an image classifier): exactly one of them")
+        return self
 
 
 class Prediction(BaseModel):
@@ -297,6 +315,12 @@ class Gate:
                     more = message.get("more_body", False)
         except TimeoutError:
             return await _send_error(send, 408, "body", f"not complete after {s.body_timeout_s:g} s (serve.body_timeout_s)")
+        if path == "/v1/predict" and headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
+            try:
+                body = bytearray(await _multipart_as_json(scope, bytes(body), s))
+            except HTTPException as e:
+                return await _send_error(send, e.status_code, e.detail["field"], e.detail["error"].split(": ", 1)[1])
+            scope = dict(scope, headers=_json_headers(scope, len(body)))
         replayed = False
 
         async def replay():
@@ -307,6 +331,45 @@ class Gate:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _multipart_as_json(scope, body: bytes, s: ServeSettings) -> bytes:
+    """Image uploads (multipart/form-data, files named `images`) as the JSON body they stand for,
+    {"images": [base64, ...]} in upload order: one endpoint, one set of checks, the same field
+    names (images[i]) in every message."""
+    import base64
+
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+        yield b""
+
+    try:
+        form = await MultiPartParser(Headers(scope=scope), stream(), max_files=s.max_images, max_fields=16).parse()
+    except MultiPartException as e:
+        if "Too many files" in str(e):
+            raise _reject(
+                413, "images", f"more than {s.max_images} images; at most {s.max_images} per request (serve.max_images_per_request)"
+            )
+        raise _reject(400, "body", f"not valid multipart/form-data: {e}") from None
+    images = []
+    for name, value in form.multi_items():
+        if name != "images" or not isinstance(value, UploadFile):
+            raise _reject(422, name or "body", "only files in fields named 'images' are read (send each image as images=@file)")
+        data = await value.read()
+        if not data:
+            raise _reject(422, f"images[{len(images)}]", f"an empty file{f' ({value.filename})' if value.filename else ''}")
+        images.append(base64.b64encode(data).decode("ascii"))
+    if not images:
+        raise _reject(422, "images", "no files in fields named 'images'")
+    return json.dumps({"images": images}).encode()
+
+
+def _json_headers(scope, length: int) -> list:
+    kept = [(k, v) for k, v in scope.get("headers") or [] if k.lower() not in (b"content-type", b"content-length")]
+    return [*kept, (b"content-type", b"application/json"), (b"content-length", str(length).encode())]
 
 
 def _token_problem(header: bytes, expected_sha256: str) -> str | None:
@@ -334,7 +397,7 @@ def _message(error: dict) -> str:
         return "empty text (nothing but whitespace)"
     if error.get("type") == "string_unicode":  # JSON can carry lone surrogates; no tokenizer takes them
         return "not valid Unicode (a lone surrogate)"
-    return error["msg"]
+    return error["msg"].removeprefix("Value error, ")
 
 
 @api.exception_handler(RequestValidationError)
@@ -375,6 +438,55 @@ def _unencodable(text: str) -> str | None:
     return None
 
 
+def _checked_texts(texts: list[str], s: ServeSettings) -> list[str]:
+    if len(texts) > s.max_texts:
+        raise _reject(413, "texts", f"{len(texts)} texts; at most {s.max_texts} per request (serve.max_texts_per_request)")
+    for i, text in enumerate(texts):
+        if len(text) > s.max_text_chars:
+            raise _reject(413, f"texts[{i}]", f"{len(text)} characters; at most {s.max_text_chars} (serve.max_text_chars)")
+        if problem := _unencodable(text):
+            raise _reject(422, f"texts[{i}]", problem)
+    return texts
+
+
+def _checked_images(images: list[str], s: ServeSettings) -> list[bytes]:
+    """Base64 images decoded and judged before they queue: too many, too large (bytes or pixels:
+    read from the header, before any decoding) get 413, anything not a readable image 422, each
+    naming its item."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image
+
+    from lifelong.data import image_problem, image_reason
+
+    if len(images) > s.max_images:
+        raise _reject(413, "images", f"{len(images)} images; at most {s.max_images} per request (serve.max_images_per_request)")
+    out = []
+    for i, encoded in enumerate(images):
+        where = f"images[{i}]"
+        if len(encoded) > (s.max_image_bytes + 2) // 3 * 4 + 4:
+            raise _reject(413, where, f"more than {s.max_image_bytes} bytes (serve.max_image_bytes)")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise _reject(422, where, "not base64 (standard alphabet, padded)") from None
+        if len(data) > s.max_image_bytes:
+            raise _reject(413, where, f"{len(data)} bytes; at most {s.max_image_bytes} (serve.max_image_bytes)")
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Exception:  # Pillow raises many types for what is no image; judged below with a reason
+            width = height = 0
+        if width * height > s.max_image_pixels:
+            raise _reject(413, where, f"{width}x{height} pixels; at most {s.max_image_pixels} (serve.max_image_pixels)")
+        if problem := image_problem(data):
+            raise _reject(422, where, image_reason(problem))
+        out.append(data)
+    return out
+
+
 def _schema_with_limits(settings: ServeSettings) -> dict:
     """The OpenAPI schema with this deployment's limits, so generated clients agree with the server."""
     from fastapi.openapi.utils import get_openapi
@@ -382,8 +494,11 @@ def _schema_with_limits(settings: ServeSettings) -> dict:
     schema = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
     schemas = schema["components"]["schemas"]
     texts = schemas["PredictRequest"]["properties"]["texts"]
+    texts = next(a for a in texts["anyOf"] if a.get("type") == "array")
     texts["maxItems"] = settings.max_texts
     texts["items"]["maxLength"] = settings.max_text_chars
+    images = next(a for a in schemas["PredictRequest"]["properties"]["images"]["anyOf"] if a.get("type") == "array")
+    images["maxItems"] = settings.max_images
     generate = schemas["GenerateRequest"]["properties"]
     generate["prompt"]["maxLength"] = settings.max_text_chars
     bound = next(a for a in generate["max_new_tokens"]["anyOf"] if a.get("type") == "integer")
@@ -622,19 +737,15 @@ class ModelServer:
 
     @api.post("/v1/predict", response_model=PredictResponse, dependencies=[Depends(bearer)], responses=_errors(400, 401, 408, 413, 422))
     async def predict(self, body: PredictRequest, response: Response) -> PredictResponse:
-        """Label and probabilities per text, from the version serving now."""
-        if (route := task(self.task).ENDPOINT) != "/v1/predict":
-            raise _reject(400, "texts", f"this deployment serves a {self.task} model: use POST {route}")
-        if len(body.texts) > self.settings.max_texts:
-            raise _reject(
-                413, "texts", f"{len(body.texts)} texts; at most {self.settings.max_texts} per request (serve.max_texts_per_request)"
-            )
-        for i, text in enumerate(body.texts):
-            if len(text) > self.settings.max_text_chars:
-                raise _reject(413, f"texts[{i}]", f"{len(text)} characters; at most {self.settings.max_text_chars} (serve.max_text_chars)")
-            if problem := _unencodable(text):
-                raise _reject(422, f"texts[{i}]", problem)
-        loaded, predictions = await self.batcher.submit(body.texts)
+        """Label and probabilities per text or image, from the version serving now."""
+        family = task(self.task)
+        given = "texts" if body.texts is not None else "images"
+        if (route := family.ENDPOINT) != "/v1/predict":
+            raise _reject(400, given, f"this deployment serves a {self.task} model: use POST {route}")
+        if given != f"{family.CONTENT}s":
+            raise _reject(422, given, f"this deployment serves a {self.task} model: send {family.CONTENT}s")
+        items = _checked_texts(body.texts, self.settings) if body.texts is not None else _checked_images(body.images, self.settings)
+        loaded, predictions = await self.batcher.submit(items)
         response.headers["X-Lifelong-Replica"] = self.replica
         return PredictResponse(
             model=self.settings.model,

@@ -26,6 +26,7 @@ CONTRACT = (
     "CONTENT",  # what a row holds: "text" or "image" (data.content)
     "UNIT",  # what training throughput counts (train_<UNIT>_per_s): tokens, images
     "PREPROCESSOR_FILES",  # a directory holding one of these is its preprocessor (model.tokenizer)
+    "FORWARD_KWARGS",  # extra keyword arguments of every inference forward (no KV cache for text)
     "LABELLED",  # rows carry a label (data.label_column, data.labels)
     "PRETRAINS",  # `lifelong pretrain` trains it from scratch; else `lifelong finetune`
     "JOB",  # the stem of its runs' default names
@@ -49,6 +50,10 @@ CONTRACT = (
     "metrics",  # (loss, labels, predictions, num_labels, probabilities) -> metrics
     "confusion",  # (labels, predictions, num_labels) -> counts[true][predicted], or None
     "score",  # (model, batch) -> per-row loss sums, counts, predictions, labels (lifelong evaluate)
+    "encoder",  # (model_dir, max_length) -> callable: texts or encoded images -> inference.Batch
+    "export_inputs",  # (model_dir, max_length, padded) -> example inputs to trace/export, their dynamic axes
+    "parity_samples",  # (validation rows or None) -> texts or images to compare an export with PyTorch on
+    "parity_groups",  # (samples) -> the batches (shapes) the comparison runs
     "comparable",  # (batch, logits a, logits b) -> the parts of a and b that must agree (export parity)
     "backend",  # (serve.backend) -> the backend it is served with
     "serving_model",  # (model_dir, backend, max_length, threads, device) -> what a replica calls

@@ -10,13 +10,18 @@ import numpy as np
 # What every text family shares (the task contract's text half).
 from lifelong.tasks.text import (  # noqa: F401
     CONTENT,
+    FORWARD_KWARGS,
     PREPROCESSOR_FILES,
     UNIT,
     batch_dtypes,
     batch_units,
+    encoder,
+    export_inputs,
     fresh_preprocessor,
     load_preprocessor,
     model_inputs,
+    parity_groups,
+    parity_samples,
 )
 
 NAME = "causal-lm"

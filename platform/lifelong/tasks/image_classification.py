@@ -23,10 +23,11 @@ LABELLED = True
 PRETRAINS = True  # `lifelong pretrain` trains one from scratch; `lifelong finetune` from init_from
 JOB = "finetune"
 CONTINUAL = False
-EXPORT_FORMATS = ()
-EXPORT_ON_REGISTER = False
+EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
+EXPORT_ON_REGISTER = True
 ENDPOINT = "/v1/predict"
 PREPROCESSOR_FILES = ("preprocessor_config.json",)
+FORWARD_KWARGS: dict = {}
 # From scratch: images resized to model.hf_config.image_size (default below), each channel
 # normalized to [-1, 1] (the mean/std of a ViT trained from scratch).
 DEFAULT_IMAGE_SIZE = 224
@@ -182,21 +183,60 @@ def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def encoder(model_dir, max_length: int | None = None):
+    from lifelong.inference import ImageEncoder
+
+    return ImageEncoder(model_dir)
+
+
+def processor_size(model_dir) -> tuple[int, int]:
+    size = cached_processor(str(model_dir)).size
+    return (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+
+
+def export_inputs(model_dir, max_length: int | None, padded: bool):
+    """Example pixel values at the processor's size; the batch axis stays dynamic."""
+    import torch
+
+    h, w = processor_size(model_dir)
+    pixels = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    return {"pixel_values": pixels}, {"pixel_values": {0: torch.export.Dim("batch")}}
+
+
+def parity_samples(rows: list[dict] | None) -> list[bytes]:
+    """Images to compare an export with PyTorch on: validation rows', or seeded noise pictures."""
+    if rows:
+        return [r["image"] for r in rows[:15]]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for size in (32, 48, 20):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def parity_groups(samples: list[bytes]) -> list[list[bytes]]:
+    return [samples, samples[:1]]
+
+
 def comparable(batch, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
 def backend(configured: str) -> str:
-    return "torch"
+    return configured
 
 
 def serving_model(model_dir, backend: str, max_length: int | None, threads: int, device: str):
-    from lifelong.inference import BackendError
+    from lifelong.inference import Classifier
 
-    raise BackendError(
-        f"{model_dir} holds an image classifier: serving images over HTTP is not built yet (evaluate it with lifelong evaluate)"
-    )
+    return Classifier(model_dir, backend, max_length, threads=threads, device=device)
 
 
 def smoke_test(model) -> str | None:
-    return None
+    from lifelong.tasks.text_classification import probabilities_problem
+
+    return probabilities_problem(model, parity_samples(None))

@@ -11,13 +11,18 @@ from lifelong.tasks.classify import confusion, loss_weight, metrics, predictions
 # What every text family shares (the task contract's text half).
 from lifelong.tasks.text import (  # noqa: F401
     CONTENT,
+    FORWARD_KWARGS,
     PREPROCESSOR_FILES,
     UNIT,
     batch_dtypes,
     batch_units,
+    encoder,
+    export_inputs,
     fresh_preprocessor,
     load_preprocessor,
     model_inputs,
+    parity_groups,
+    parity_samples,
 )
 
 NAME = "sequence-classification"
@@ -124,9 +129,14 @@ def serving_model(model_dir, backend: str, max_length: int | None, threads: int,
 
 
 def smoke_test(model) -> str | None:
-    out = model.predict(SMOKE_TEXTS)
+    return probabilities_problem(model, SMOKE_TEXTS)
+
+
+def probabilities_problem(model, items: list) -> str | None:
+    """What is wrong with a classifier's answers to `items` (None: a distribution over its labels each)."""
+    out = model.predict(items)
     probs = np.asarray([list(p["probabilities"].values()) for p in out])
-    shaped = probs.shape == (len(SMOKE_TEXTS), len(model.labels))
+    shaped = probs.shape == (len(items), len(model.labels))
     if not shaped or not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(1), 1, atol=1e-3):
         return f"probabilities {probs.tolist()}"
     return None
