@@ -122,9 +122,15 @@ STEPS = [
         ("1797 file(s) read, 0 quarantined", "registered tiny-resnet-digits:1", "export onnx: parity_max_abs_diff="),
     ),
     Step(
-        ["lifelong pretrain configs/vit/tiny_scratch.yaml"],
-        "lifelong pretrain configs/vit/tiny_scratch.yaml",
-        ("registered tiny-vit-digits:1",),
+        ["lifelong pretrain configs/vit/tiny_mae_pretrain.yaml"],
+        "lifelong pretrain configs/vit/tiny_mae_pretrain.yaml",
+        ("registered tiny-vit-mae:1",),
+    ),
+    Step([], "lifelong models promote tiny-vit-mae:1 --alias champion", ("tiny-vit-mae@champion: None → 1",)),
+    Step(
+        ["lifelong finetune configs/vit/tiny_finetune.yaml"],
+        "lifelong finetune configs/vit/tiny_finetune.yaml",
+        ("registered tiny-vit-digits:1", "export onnx: parity_max_abs_diff="),
     ),
     Step(
         ["lifelong evaluate configs/resnet/tiny_scratch.yaml --model tiny-resnet-digits:1 --confusion-matrix confusion.png"],

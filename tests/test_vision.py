@@ -359,3 +359,48 @@ def test_images_over_http_as_base64_and_multipart_with_limits_and_a_swap_under_l
             assert set(versions[switch:]) == {probe.version}  # no answer from the old version after the first from the new
     finally:
         serve.delete(config.serve_app_name)
+
+
+def test_mae_pretraining_lowers_reconstruction_loss_and_a_vit_fine_tuned_from_it_reads_digits(ray_session, digits, tmp_path):
+    """Self-supervised ViT-MAE on the digit images (no labels: folders are ignored), registered like
+    any version, not served; a ViT classifier fine-tuned from its encoder (a new head) learns."""
+    from lifelong.errors import LifelongError
+    from lifelong.registry import Registry
+    from lifelong.serve import check_servable
+    from lifelong.train.driver import run_training
+
+    common = (f"data.path={digits}", f"storage.root={tmp_path}")
+    mae = run_training(make_config("vit/tiny_mae_pretrain.yaml", *common, "train.epochs=6"))
+    registry = Registry(Storage(str(tmp_path)))
+    card = registry.card("tiny-vit-mae", mae.version)
+    history = card.run.history
+    assert card.task == "masked-image-modeling" and card.labels is None and card.exports == {}
+    assert history[-1]["val_loss"] < history[0]["val_loss"], [h["val_loss"] for h in history]
+    # Against the same model untrained, on the same images with the same patches hidden.
+    from transformers import ViTMAEForPreTraining
+
+    from lifelong.inference import ImageEncoder
+
+    version_dir = registry.resolve(mae.ref).local_dir
+    pixels = torch.from_numpy(
+        ImageEncoder(version_dir)([p.read_bytes() for p in sorted(digits.rglob("*.png"))[::20]]).inputs["pixel_values"]
+    )
+    trained = ViTMAEForPreTraining.from_pretrained(str(version_dir), use_safetensors=True).eval()
+    untrained = ViTMAEForPreTraining(trained.config).eval()
+    noise = torch.rand(len(pixels), (32 // 4) ** 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        losses = [float(m(pixel_values=pixels, noise=noise).loss) for m in (untrained, trained)]
+    assert losses[1] < 0.5 * losses[0], losses
+    assert card.data["rows"]["train"] + card.data["rows"]["validation"] == sum(1 for _ in digits.rglob("*.png"))
+    registry.move_alias("tiny-vit-mae", "champion", mae.version)
+    with pytest.raises(LifelongError, match="masked-image-modeling model, which is not served: fine-tune a model from it"):
+        check_servable(make_config("vit/tiny_mae_pretrain.yaml", *common))
+
+    labels = f"data.labels={json.dumps(DIGITS)}"
+    tuned = run_training(make_config("vit/tiny_finetune.yaml", *common, labels))
+    assert tuned.metrics["val_accuracy"] > 0.85  # 4 digits: chance is 0.25
+    encoder = load_file(registry.resolve(mae.ref).local_dir / "model.safetensors")
+    start = load_file(registry.resolve(tuned.ref).local_dir / "model.safetensors")
+    assert "classifier.weight" in start and not any(k.startswith("decoder.") for k in start)
+    assert registry.card("tiny-vit-digits", tuned.version).parent == mae.ref
+    assert encoder.keys() - start.keys() == {k for k in encoder if k.startswith("decoder.")}

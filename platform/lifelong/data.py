@@ -303,7 +303,7 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
         return ParsedFile(None, reason="empty file (0 bytes)")
     if fmt == "image":
         return _parse_image_file(source, cfg, name)
-    if cfg.content == "image" and not cfg.label_column:
+    if cfg.content == "image" and cfg.labels and not cfg.label_column:
         return ParsedFile(None, reason="a table of images needs data.label_column (only image files are labelled by their folder)")
     content_column = cfg.image_column if cfg.content == "image" else cfg.text_column
     columns = [content_column] + ([cfg.label_column] if cfg.label_column else [])
@@ -569,7 +569,11 @@ def _parse_image_file(source: Fetched, cfg: DataConfig, name: str) -> ParsedFile
     if problem:
         return ParsedFile(None, read=1, reason=image_reason(problem))
     folder = posixpath.basename(posixpath.dirname(name))
-    labels = cfg.labels or []
+    labels = cfg.labels
+    if labels is None:  # unlabelled images (self-supervised pretraining): folders are only folders
+        split = split_of(hashlib.sha256(data).hexdigest(), "", cfg.split_salt, cfg.validation_fraction)
+        table = [pa.array([data], pa.binary()), pa.array([-1], pa.int64()), pa.array([split])]
+        return ParsedFile(pa.Table.from_arrays(table, schema=IMAGE_ROWS_SCHEMA), read=1)
     if folder not in labels:
         return ParsedFile(
             None, read=1, reason=f"its folder '{folder}' is not one of data.labels {labels} (images are labelled by their folder)"

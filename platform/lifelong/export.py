@@ -332,6 +332,10 @@ def export_version(
     from lifelong.registry import format_of
 
     card = registry.card(name, version)
+    if not family(card.task).EXPORT_FORMATS:
+        raise ExportError(
+            f"{name}:{version} is a {card.task} model: it has no deployment format (fine-tune a model from it and export that)"
+        )
     todo = tuple(f for f in formats if f not in card.exports)
     if not todo:
         raise ExportError(f"{name}:{version} already has {', '.join(formats)}; versions are immutable")

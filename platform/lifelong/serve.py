@@ -1101,6 +1101,11 @@ def check_servable(config: JobConfig) -> int:
     registry = Registry(Storage(config.storage.root))
     version = registry.alias_version(name, config.serve.alias)
     card = registry.card(name, version)
+    if task(card.task).ENDPOINT is None:
+        raise LifelongError(
+            f"{name}:{version} is a {card.task} model, which is not served: fine-tune a model from it "
+            f"(model.init_from={name}:{version}) and serve that"
+        )
     backend = task(card.task).backend(config.serve.backend)
     if backend != "torch":
         from lifelong.inference import EXPORT_FILES

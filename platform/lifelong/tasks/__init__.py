@@ -13,12 +13,14 @@ from types import ModuleType
 from typing import Literal, get_args
 
 from lifelong.errors import LifelongError
-from lifelong.tasks import causal_lm, image_classification, text_classification
+from lifelong.tasks import causal_lm, image_classification, masked_image_modeling, text_classification
 
-TaskName = Literal["causal-lm", "sequence-classification", "image-classification"]
+TaskName = Literal["causal-lm", "sequence-classification", "image-classification", "masked-image-modeling"]
 DEFAULT: TaskName = "causal-lm"
 
-TASKS: dict[str, ModuleType] = {module.NAME: module for module in (causal_lm, text_classification, image_classification)}
+TASKS: dict[str, ModuleType] = {
+    module.NAME: module for module in (causal_lm, text_classification, image_classification, masked_image_modeling)
+}
 
 # What every family module provides (checked by tests/test_tasks.py).
 CONTRACT = (
@@ -33,14 +35,14 @@ CONTRACT = (
     "CONTINUAL",  # continual cycles (gated on holdout accuracy) are built for it
     "EXPORT_FORMATS",  # what `lifelong export` builds for it, in order
     "EXPORT_ON_REGISTER",  # export.on_register=auto exports its new versions
-    "ENDPOINT",  # the HTTP route that serves it
+    "ENDPOINT",  # the HTTP route that serves it (None: not served)
     "check",  # (JobConfig) -> None: raises ValueError naming the keys to set
     "claims",  # (HF architecture names) -> bool: a bare HF directory holds this family
     "fresh_preprocessor",  # (JobConfig, train rows, out_dir) -> None: a new tokenizer / image processor saved there
     "load_preprocessor",  # (TokenizerRef or directory) -> the loaded tokenizer / image processor
     "tokenize",  # Ray Data batch (pyarrow) -> model inputs (numpy)
     "batch_dtypes",  # -> iter_torch_batches' dtypes for those inputs
-    "model_inputs",  # (torch batch, model dtype, augment: DataConfig | None) -> the forward's kwargs, labels apart
+    "model_inputs",  # (torch batch, model dtype, augment: DataConfig | None) -> the forward's kwargs (labels too, where it takes them)
     "batch_units",  # (torch batch) -> how many UNITs it holds
     "build",  # (ModelConfig, tokenizer, init_dir, labels) -> the HF model, trainable
     "auto_class",  # the HF Auto class that loads a saved one

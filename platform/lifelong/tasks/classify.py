@@ -35,7 +35,8 @@ def metrics(loss: float, labels: list[int], preds: list[int], num_labels: int, p
     if probs is not None:
         y, p = np.asarray(labels), np.asarray(probs, dtype=np.float64)
         present = [c for c in range(num_labels) if (y == c).any()]
-        out["map"] = float(np.mean([average_precision_score(y == c, p[:, c]) for c in present]))
+        finite = bool(np.isfinite(p).all())  # a diverged model's NaN logits: the loss check names it, not sklearn
+        out["map"] = float(np.mean([average_precision_score(y == c, p[:, c]) for c in present])) if finite else float("nan")
     return out
 
 

@@ -111,12 +111,16 @@ def batch_dtypes():
 
 
 def model_inputs(batch, dtype, augment=None) -> dict:
-    """The forward's inputs (labels apart), in the model's dtype; `augment` (a DataConfig) flips
-    and crops training images, each row its own draw."""
+    """The forward's inputs, pixels in the model's dtype; `augment` (a DataConfig) flips and crops
+    training images, each row its own draw."""
+    return {"pixel_values": pixels_in(batch, dtype, augment), "labels": batch["labels"]}
+
+
+def pixels_in(batch, dtype, augment=None):
     pixels = batch["pixel_values"]
     if augment is not None:
         pixels = augmented(pixels, augment.augment_flip, augment.augment_crop_padding)
-    return {"pixel_values": pixels.to(dtype)}
+    return pixels.to(dtype)
 
 
 def augmented(pixels, flip: bool, padding: int):
@@ -136,7 +140,7 @@ def augmented(pixels, flip: bool, padding: int):
 
 
 def batch_units(batch) -> int:
-    return int(batch["labels"].shape[0])
+    return int(batch["pixel_values"].shape[0])
 
 
 def auto_class():
@@ -161,9 +165,24 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
             raise ConfigError(f"model.architecture='{cfg.architecture}' / model.hf_config: {e}") from None
         return auto_class().from_config(config)
     try:
-        return auto_class().from_pretrained(str(init_dir), use_safetensors=True, **label_kwargs)
+        return auto_class().from_pretrained(str(init_dir), use_safetensors=True, config=classifier_config(init_dir, label_kwargs))
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot start a {len(labels)}-label image classifier from {init_dir}: {e}") from None
+
+
+def classifier_config(init_dir, label_kwargs: dict):
+    """The classifier's config for a start from `init_dir`: its own, or for a ViT-MAE encoder
+    (masked-image-modeling) a ViT of the same shape, whose weights it then holds under the same
+    names (the MAE's decoder is left behind; the head is new)."""
+    from transformers import AutoConfig, ViTConfig
+
+    config = AutoConfig.from_pretrained(str(init_dir))
+    if config.model_type != "vit_mae":
+        for key, value in label_kwargs.items():
+            setattr(config, key, value)
+        return config
+    shared = {k: v for k, v in config.to_dict().items() if k in ViTConfig().to_dict() and k not in ("model_type", "architectures")}
+    return ViTConfig(**{**shared, **label_kwargs})
 
 
 def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

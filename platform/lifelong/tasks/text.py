@@ -38,7 +38,7 @@ def batch_dtypes():
 
 
 def model_inputs(batch, dtype, augment=None) -> dict:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["labels"]}
 
 
 def batch_units(batch) -> int:

@@ -164,7 +164,7 @@ def run_loop(loop_config: dict, session) -> None:
         )
         for batch in batches:
             inputs = task.model_inputs(batch, dtype, augment=config.data)
-            out = engine(**inputs, labels=batch["labels"])
+            out = engine(**inputs)
             loss = out.loss if row_weights is None else weighted_loss(out.logits, batch, row_weights)
             if distill and REPLAYED in batch and bool(batch[REPLAYED].any()):
                 if teacher is None:
@@ -306,7 +306,8 @@ def distillation_loss(teacher, inputs: dict, replayed: torch.Tensor, logits: tor
     """Mean squared difference between the candidate's logits and the frozen champion's on the
     batch's replayed rows (logit matching, as dark experience replay does)."""
     with torch.no_grad():
-        target = teacher(**{k: v[replayed].float() if v.is_floating_point() else v[replayed] for k, v in inputs.items()}).logits
+        rows = {k: v[replayed].float() if v.is_floating_point() else v[replayed] for k, v in inputs.items() if k != "labels"}
+        target = teacher(**rows).logits
     return torch.nn.functional.mse_loss(logits[replayed].float(), target.float())
 
 
@@ -317,7 +318,7 @@ def evaluate_shard(engine, shard, task, batch_size: int, device, num_labels: int
     engine.eval()
     loss_sum, count, preds, labels, probs = 0.0, 0, [], [], []
     for batch in shard.iter_torch_batches(batch_size=batch_size, device=device, dtypes=task.batch_dtypes()):
-        out = engine(**task.model_inputs(batch, dtype), labels=batch["labels"])
+        out = engine(**task.model_inputs(batch, dtype))
         n = task.loss_weight(batch)
         predicted = task.predictions(out.logits)
         if predicted is not None:
