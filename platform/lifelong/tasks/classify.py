@@ -70,3 +70,37 @@ def confusion_png(counts: list[list[int]], names: list[str], path, title: str = 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def scored(logits, labels) -> dict:
+    """`score`'s per-row answer for a classifier: cross-entropy, prediction, label, probabilities."""
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    pred, prob = logits.argmax(-1).numpy(), logits.softmax(-1).numpy()
+    return {"loss_sum": ce.numpy(), "count": np.ones(len(labels)), "pred": pred, "label": labels.numpy(), "prob": prob}
+
+
+def comparable(batch, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return a, b
+
+
+def backend(configured: str) -> str:
+    return configured
+
+
+def serving_model(model_dir, backend: str, max_length: int | None, threads: int, device: str):
+    from lifelong.inference import Classifier
+
+    return Classifier(model_dir, backend, max_length, threads=threads, device=device)
+
+
+def probabilities_problem(model, items: list) -> str | None:
+    """What is wrong with a classifier's answers to `items` (None: a distribution over its labels each)."""
+    out = model.predict(items)
+    probs = np.asarray([list(p["probabilities"].values()) for p in out])
+    shaped = probs.shape == (len(items), len(model.labels))
+    if not shaped or not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(1), 1, atol=1e-3):
+        return f"probabilities {probs.tolist()}"
+    return None

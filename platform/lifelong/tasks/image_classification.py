@@ -14,7 +14,18 @@ import io
 
 import numpy as np
 
-from lifelong.tasks.classify import confusion, loss_weight, metrics, predictions, probabilities  # noqa: F401
+from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the contract)
+    backend,
+    comparable,
+    confusion,
+    loss_weight,
+    metrics,
+    predictions,
+    probabilities,
+    probabilities_problem,
+    scored,
+    serving_model,
+)
 
 NAME = "image-classification"
 CONTENT = "image"
@@ -187,19 +198,8 @@ def classifier_config(init_dir, label_kwargs: dict):
 
 def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import torch
-    import torch.nn.functional as F
 
-    labels = torch.as_tensor(batch["labels"])
-    logits = model(pixel_values=torch.as_tensor(batch["pixel_values"])).logits.float()
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    probs = logits.softmax(-1)
-    return {
-        "loss_sum": ce.numpy(),
-        "count": np.ones(len(labels)),
-        "pred": logits.argmax(-1).numpy(),
-        "label": labels.numpy(),
-        "prob": probs.numpy(),
-    }
+    return scored(model(pixel_values=torch.as_tensor(batch["pixel_values"])).logits, torch.as_tensor(batch["labels"]))
 
 
 def encoder(model_dir, max_length: int | None = None):
@@ -241,21 +241,5 @@ def parity_groups(samples: list[bytes]) -> list[list[bytes]]:
     return [samples, samples[:1]]
 
 
-def comparable(batch, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return a, b
-
-
-def backend(configured: str) -> str:
-    return configured
-
-
-def serving_model(model_dir, backend: str, max_length: int | None, threads: int, device: str):
-    from lifelong.inference import Classifier
-
-    return Classifier(model_dir, backend, max_length, threads=threads, device=device)
-
-
 def smoke_test(model) -> str | None:
-    from lifelong.tasks.text_classification import probabilities_problem
-
     return probabilities_problem(model, parity_samples(None))

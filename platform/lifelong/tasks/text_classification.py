@@ -6,7 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from lifelong.tasks.classify import confusion, loss_weight, metrics, predictions, probabilities  # noqa: F401
+from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the contract)
+    backend,
+    comparable,
+    confusion,
+    loss_weight,
+    metrics,
+    predictions,
+    probabilities,
+    probabilities_problem,
+    scored,
+    serving_model,
+)
 
 # What every text family shares (the task contract's text half).
 from lifelong.tasks.text import (  # noqa: F401
@@ -98,45 +109,10 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
 
 def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import torch
-    import torch.nn.functional as F
 
-    ids = torch.as_tensor(batch["input_ids"])
-    labels = torch.as_tensor(batch["labels"])
-    logits = model(input_ids=ids, attention_mask=torch.as_tensor(batch["attention_mask"])).logits.float()
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    probs = logits.softmax(-1)
-    return {
-        "loss_sum": ce.numpy(),
-        "count": np.ones(len(ids)),
-        "pred": logits.argmax(-1).numpy(),
-        "label": labels.numpy(),
-        "prob": probs.numpy(),
-    }
-
-
-def comparable(batch, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return a, b
-
-
-def backend(configured: str) -> str:
-    return configured
-
-
-def serving_model(model_dir, backend: str, max_length: int | None, threads: int, device: str):
-    from lifelong.inference import Classifier
-
-    return Classifier(model_dir, backend, max_length, threads=threads, device=device)
+    logits = model(input_ids=torch.as_tensor(batch["input_ids"]), attention_mask=torch.as_tensor(batch["attention_mask"])).logits
+    return scored(logits, torch.as_tensor(batch["labels"]))
 
 
 def smoke_test(model) -> str | None:
     return probabilities_problem(model, SMOKE_TEXTS)
-
-
-def probabilities_problem(model, items: list) -> str | None:
-    """What is wrong with a classifier's answers to `items` (None: a distribution over its labels each)."""
-    out = model.predict(items)
-    probs = np.asarray([list(p["probabilities"].values()) for p in out])
-    shaped = probs.shape == (len(items), len(model.labels))
-    if not shaped or not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(1), 1, atol=1e-3):
-        return f"probabilities {probs.tolist()}"
-    return None
