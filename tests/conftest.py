@@ -100,7 +100,9 @@ def tiny_tokenizer(topic_rows, demo_data, tmp_path_factory):
     return out
 
 
-def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-classification", seed=0, rows=None, export=True, n_layer=2):
+def register_tiny(
+    registry, name, tokenizer_dir, workdir, *, task="sequence-classification", seed=0, rows=None, export=True, n_layer=2, labels=LABELS
+):
     """Register a tiny GPT-2 with random weights (seeded) the way training registers one:
     HF files + tokenizer, ONNX and int8 exported first, records on the card. Returns the version."""
     import shutil
@@ -116,13 +118,14 @@ def register_tiny(registry, name, tokenizer_dir, workdir, *, task="sequence-clas
     torch.manual_seed(seed)
     tok = load_tokenizer(tokenizer_dir)
     cfg = ModelConfig(task=task, hf_config={"n_layer": n_layer, "n_embd": 32, "n_head": 2}, max_length=32, tokenizer=str(tokenizer_dir))
-    model = build_model(cfg, tok, labels=LABELS if task == "sequence-classification" else None)
+    labels = labels if task == "sequence-classification" else None
+    model = build_model(cfg, tok, labels=labels)
     model.save_pretrained(workdir / "hf")
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, workdir / "hf" / f.name)
     card = {
         "task": task,
-        "labels": LABELS if task == "sequence-classification" else None,
+        "labels": labels,
         "metrics": {"seed": seed},
         "config": {"model": cfg.model_dump(mode="json")},
     }

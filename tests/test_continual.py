@@ -474,7 +474,7 @@ def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_onc
     assert {n for n, r in records.items() if r.state == "consumed"} >= {"early.jsonl", "grow.jsonl"}
     # Every valid row trained once: the window's rows are exactly the valid rows of what landed.
     window = Stream(Storage(str(root)), "cl-topics").journal()[0]
-    train, holdout = window_rows(Storage(str(root)), [ledger.rows_rel(r.sha256, window.fingerprint) for r in consumed])
+    train, holdout = window_rows(Storage(str(root)), [ledger.rows_rel(r.sha256, window.fingerprint) for r in consumed], "text")
     texts = train.column("text").to_pylist() + holdout.column("text").to_pylist()
     window0 = sum(r.rows for n, r in records.items() if n.startswith("window-000"))
     assert len(texts) == len(set(texts)) == 20 + 20 + 3 + 2 + 1 + 1 + window0

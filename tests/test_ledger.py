@@ -86,7 +86,7 @@ def test_content_changed_while_pending_is_superseded_and_trains_once(ray_session
     f.write_text(lines(5, 100))
     recorded = ledger.scan(str(landing), cfg()).new[0]
     f.write_text(lines(7, 200))
-    train, holdout = window_rows(ledger.storage, [ledger.rows_rel(recorded.sha256, validation_fingerprint(cfg()))])
+    train, holdout = window_rows(ledger.storage, [ledger.rows_rel(recorded.sha256, validation_fingerprint(cfg()))], "text")
     assert sorted(train.column("text").to_pylist() + holdout.column("text").to_pylist()) == sorted(
         json.loads(line)["text"] for line in lines(5, 100).splitlines()
     )

@@ -31,6 +31,10 @@ CONFIGS = sorted((Path(ROOT) / "configs").glob("*/*.yaml"))
 CLUSTER = "--address http://127.0.0.1:8265"
 SERVE = "exec lifelong serve configs/gpt2/tiny_serve.yaml"
 ON_CLUSTER = "storage.root=$PWD/lifelong-store continual.landing=$PWD/data/landing"
+SPLIT_PRETRAIN = (
+    'lifelong pretrain configs/resnet/tiny_scratch.yaml name=tiny-resnet-split \'data.labels=["0","1"]\' '
+    "data.path=data/split-digits/window-000"
+)
 ON_S3 = "lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=s3://BUCKET/lifelong data.path=s3://BUCKET/corpus.jsonl"
 
 
@@ -136,6 +140,31 @@ STEPS = [
         ["lifelong evaluate configs/resnet/tiny_scratch.yaml --model tiny-resnet-digits:1 --confusion-matrix confusion.png"],
         "lifelong evaluate configs/resnet/tiny_scratch.yaml --model tiny-resnet-digits:1 --confusion-matrix confusion.png",
         ("map", "confusion matrix: confusion.png"),
+    ),
+    # Class-incremental: a ResNet over digits 0 and 1, then a window of 2 and 3 grows it.
+    Step(
+        ["lifelong data image-stream data/split-digits --windows 3 --classes 2"],
+        "lifelong data image-stream data/split-digits --windows 3 --classes 2",
+        ("wrote 3 windows of 2 digits",),
+    ),
+    Step(
+        [SPLIT_PRETRAIN],
+        SPLIT_PRETRAIN,
+        ("registered tiny-resnet-split:1",),
+    ),
+    Step(
+        ["lifelong models promote tiny-resnet-split:1 --alias champion"],
+        "lifelong models promote tiny-resnet-split:1 --alias champion",
+        ("tiny-resnet-split@champion: None → 1",),
+    ),
+    Step(
+        ["mkdir -p data/digit-landing && cp -r data/split-digits/window-001 data/digit-landing/"],
+        "mkdir -p data/digit-landing && cp -r data/split-digits/window-001 data/digit-landing/",
+    ),
+    Step(
+        ["lifelong continual configs/resnet/tiny_continual.yaml --once", "lifelong continual configs/resnet/tiny_continual.yaml [--once]"],
+        "lifelong continual configs/resnet/tiny_continual.yaml --once",
+        ("new labels ['2', '3']", "cycle of stream 'tiny-resnet-split': promoted (window 0)", "→ version 2"),
     ),
     # Served: the README's requests, then Ctrl-C (`serve_and_ask`).
     Step(["lifelong serve configs/gpt2/tiny_serve.yaml"], SERVE),

@@ -164,12 +164,11 @@ def evaluate(
 
         draw(result.confusion, result.labels, confusion_png, title=f"{result.model} on {result.data.source}")
         console.print(f"confusion matrix: {confusion_png}")
-    payload = json.dumps(result.to_dict(), indent=2)
     if json_out:
-        json_out.write_text(payload)
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
         console.print(f"written: {json_out}")
-    else:
-        print(payload)
+    else:  # on the console the files are counted, not listed (--json FILE has each with its hash)
+        print(json.dumps(result.to_dict(per_file=False), indent=2))
 
 
 @app.command()

@@ -62,10 +62,23 @@ class DataConfig(Section):
     augment_crop_padding: int = Field(default=0, ge=0)
     # What a row holds, "text" or "image": the task's (set from model.task by JobConfig).
     _content: str = PrivateAttr(default="text")
+    # A continual stream with `continual.new_labels: grow`: a label that is not in `labels` is
+    # recorded as new (the cycle then grows the label set) instead of dropped as unknown.
+    _grow_labels: bool = PrivateAttr(default=False)
 
     @property
     def content(self) -> str:
         return self._content
+
+    @property
+    def grow_labels(self) -> bool:
+        return self._grow_labels
+
+    def with_labels(self, labels: list[str], grow: bool) -> DataConfig:
+        """This config judging rows against `labels` (a stream's grown set), new labels kept as new (`grow`)."""
+        copy = self.model_copy(update={"labels": list(labels)})
+        copy._content, copy._grow_labels = self._content, grow
+        return copy
 
     @model_validator(mode="after")
     def _labels_unique(self) -> DataConfig:
@@ -214,8 +227,10 @@ class ServeSection(Section):
     hold_timeout_s: float = Field(default=5.0, gt=0.0)
     # How often the follower reads the alias from the registry.
     poll_interval_s: float = Field(default=1.0, gt=0.0)
-    # A class-label set that differs from the serving version's is refused unless allowed.
-    allow_label_change: bool = False
+    # A class-label set that differs from the serving version's is refused unless allowed: true
+    # accepts any; "grow" only one that keeps the serving labels, in order, and adds new ones at
+    # the end (a stream with continual.new_labels: grow).
+    allow_label_change: bool | Literal["grow"] = False
     # One log line per request from the proxy and every replica (costly on small machines).
     access_log: bool = False
     auth: AuthSection = Field(default_factory=AuthSection)
@@ -410,6 +425,11 @@ class ContinualSection(Section):
     # buffer's count), so the new window weighs what it would in full retraining on everything.
     replay_weighting: Literal["rows", "history"] = "history"
     gates: GatesSection = Field(default_factory=GatesSection)
+    # A label that is not in data.labels: refuse drops its rows (unknown_label) and quarantines
+    # image files in a folder of that name; grow adds it to the stream's label set (kept under
+    # streams/<stream>/labels.json, data.labels first), and the cycle's candidate grows its
+    # classification head from the champion's (the old classes' weights kept).
+    new_labels: Literal["refuse", "grow"] = "refuse"
     # A small search of the cycle's own (None: one candidate, trained with the config as it is).
     search: CycleSearchSection | None = None
     # Move `champion` to a candidate that passes the gates (false: `challenger` only).

@@ -105,10 +105,12 @@ class DataReport:
     def quarantined(self) -> list[FileReport]:
         return [f for f in self.files if not f.ok]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, per_file: bool = True) -> dict:
+        """`per_file`: every file used with its hash and counts (else only how many: an image folder has thousands)."""
+        files = [{k: v for k, v in asdict(f).items() if k not in ("state", "reason", "mtime_ns")} for f in self.used_files]
         return {
             "source": self.source,
-            "files": [{k: v for k, v in asdict(f).items() if k not in ("state", "reason", "mtime_ns")} for f in self.used_files],
+            "files": files if per_file else len(files),
             "quarantined": [{"path": f.path, "reason": f.reason} for f in self.quarantined],
             "dropped_rows": self.dropped,
             "rows": self.rows,
@@ -283,6 +285,9 @@ class ParsedFile:
     read: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     reason: str = ""
+    # Labels not in data.labels, in order of appearance, when the config grows its label set
+    # (`DataConfig.grow_labels`): their rows are dropped as new_label until the set holds them.
+    new_labels: list[str] = field(default_factory=list)
 
 
 ROWS_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int64()), ("split", pa.string())])
@@ -295,7 +300,8 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
     Row reasons: empty_text, wrong_text_type (a list, object or number where text belongs),
     invalid_utf8 (bytes that are not UTF-8, lone surrogates), malformed_line (a JSON line or CSV
     row that does not parse), missing_label, wrong_label_type (lists, objects, booleans,
-    fractional numbers), unknown_label (not one of data.labels).
+    fractional numbers), unknown_label (not one of data.labels), new_label (not yet one of them,
+    under a config that grows its label set: `ParsedFile.new_labels` names them).
     """
     if fmt is None:
         return ParsedFile(None, reason=f"unknown file type '{posixpath.splitext(name)[1]}' (supported: {SUPPORTED}; or set data.format)")
@@ -322,9 +328,9 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
     if table.num_rows == 0 and not dropped:
         return ParsedFile(None, reason="holds no rows")
     unparsed = sum(dropped.values())  # lines that never became rows
-    rows, row_drops = (validate_image_table if cfg.content == "image" else validate_table)(table, cfg)
+    rows, row_drops, new = (validate_image_table if cfg.content == "image" else validate_table)(table, cfg)
     dropped.update(row_drops)
-    return ParsedFile(rows, read=table.num_rows + unparsed, dropped=dict(dropped))
+    return ParsedFile(rows, read=table.num_rows + unparsed, dropped=dict(dropped), new_labels=new)
 
 
 class _SchemaError(Exception):
@@ -503,9 +509,10 @@ def _mark(reasons: np.ndarray, mask: pa.Array, reason: str) -> None:
     reasons[m & (reasons == "")] = reason
 
 
-def validate_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str, int]]:
-    """Judge every row: the valid ones as (text, label, split), the others counted by reason.
-    label is the index into data.labels (-1 without a label column)."""
+def validate_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str, int], list[str]]:
+    """Judge every row: the valid ones as (text, label, split), the others counted by reason, and
+    the new labels seen (a config that grows its label set). label is the index into data.labels
+    (-1 without a label column)."""
     n = table.num_rows
     reasons = np.full(n, "", dtype=object)
     text = _strings(table.column(cfg.text_column), reasons, "wrong_text_type")
@@ -519,7 +526,7 @@ def validate_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str
     split = [split_of(t, lab, cfg.split_salt, cfg.validation_fraction) for t, lab in zip(texts.to_pylist(), names)]
     rows = pa.Table.from_arrays([texts, index.filter(keep).cast(pa.int64()), pa.array(split, pa.string())], schema=ROWS_SCHEMA)
     dropped = Counter(r for r in reasons if r)
-    return rows, dict(dropped)
+    return rows, dict(dropped), _new_labels(label, reasons)
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -574,6 +581,8 @@ def _parse_image_file(source: Fetched, cfg: DataConfig, name: str) -> ParsedFile
         split = split_of(hashlib.sha256(data).hexdigest(), "", cfg.split_salt, cfg.validation_fraction)
         table = [pa.array([data], pa.binary()), pa.array([-1], pa.int64()), pa.array([split])]
         return ParsedFile(pa.Table.from_arrays(table, schema=IMAGE_ROWS_SCHEMA), read=1)
+    if folder not in labels and cfg.grow_labels:
+        return ParsedFile(IMAGE_ROWS_SCHEMA.empty_table(), read=1, dropped={"new_label": 1}, new_labels=[folder])
     if folder not in labels:
         return ParsedFile(
             None, read=1, reason=f"its folder '{folder}' is not one of data.labels {labels} (images are labelled by their folder)"
@@ -584,7 +593,7 @@ def _parse_image_file(source: Fetched, cfg: DataConfig, name: str) -> ParsedFile
     return ParsedFile(rows, read=1)
 
 
-def validate_image_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str, int]]:
+def validate_image_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str, int], list[str]]:
     """Image rows of a table file: encoded bytes (binary, or base64 text) and a label. Rows whose
     bytes are not a readable image are dropped by reason (empty_image, not_an_image,
     truncated_image, unsupported_mode_<MODE>, ...), as bad text rows are."""
@@ -618,7 +627,7 @@ def validate_image_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, di
     rows = pa.Table.from_arrays(
         [pa.array(kept, pa.binary()), index.filter(pa.array(keep)).cast(pa.int64()), pa.array(split, pa.string())], schema=IMAGE_ROWS_SCHEMA
     )
-    return rows, dict(Counter(r for r in reasons if r))
+    return rows, dict(Counter(r for r in reasons if r)), _new_labels(label, reasons)
 
 
 def _labels(table: pa.Table, cfg: DataConfig, reasons: np.ndarray) -> tuple[pa.Array, pa.Array]:
@@ -631,8 +640,14 @@ def _labels(table: pa.Table, cfg: DataConfig, reasons: np.ndarray) -> tuple[pa.A
     label = pc.utf8_trim_whitespace(pc.replace_substring(label, _INT_PREFIX, ""))
     _mark(reasons, pc.equal(pc.utf8_length(label.fill_null("")), 0), "missing_label")
     index = pc.index_in(label, value_set=pa.array(cfg.labels or [], pa.string()))
-    _mark(reasons, index.is_null(), "unknown_label")
+    _mark(reasons, index.is_null(), "new_label" if cfg.grow_labels else "unknown_label")
     return label, index
+
+
+def _new_labels(label: pa.Array, reasons: np.ndarray) -> list[str]:
+    """The names of the rows dropped only for a label that is new (DataConfig.grow_labels), in
+    order of appearance."""
+    return list(dict.fromkeys(label.filter(pa.array(reasons == "new_label")).to_pylist()))
 
 
 def split_of(text: str, label: str, salt: str, validation_fraction: float) -> str:
@@ -643,7 +658,8 @@ def split_of(text: str, label: str, salt: str, validation_fraction: float) -> st
 def validation_fingerprint(cfg: DataConfig) -> str:
     """What a file's validation depends on: when any of it changes, pending files are judged again."""
     keys = ("format", "content", "text_column", "image_column", "label_column", "labels", "validation_fraction", "split_salt")
-    blob = json.dumps({"rules": RULES_VERSION, **{k: getattr(cfg, k) for k in keys}}, sort_keys=True)
+    grow = {"grow_labels": True} if cfg.grow_labels else {}  # (absent when off: earlier fingerprints stand)
+    blob = json.dumps({"rules": RULES_VERSION, **{k: getattr(cfg, k) for k in keys}, **grow}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

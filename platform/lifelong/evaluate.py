@@ -44,8 +44,8 @@ class Evaluation:
     labels: list[str] = field(default_factory=list)
     confusion: list[list[int]] | None = None  # counts[true][predicted], for classifiers
 
-    def to_dict(self) -> dict:
-        out = {"model": self.model, "task": self.task, "metrics": self.metrics, "data": self.data.to_dict()}
+    def to_dict(self, per_file: bool = True) -> dict:
+        out = {"model": self.model, "task": self.task, "metrics": self.metrics, "data": self.data.to_dict(per_file)}
         if self.confusion is not None:
             out["confusion_matrix"] = {"labels": self.labels, "counts": self.confusion}
         return out

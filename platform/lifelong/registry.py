@@ -96,6 +96,7 @@ class StreamRecord(_Record):
     champion_before: int | None = None
     held_by: str | None = None
     search: list[dict] = []  # continual.search: every trial (params, scores, run), the chosen one marked
+    labels_added: list[str] = []  # classes it knows that the champion it started from did not (new_labels: grow)
 
 
 class SweepRecord(_Record):

@@ -105,7 +105,7 @@ class ServeSettings(BaseModel):
     body_timeout_s: float
     hold_timeout_s: float
     poll_interval_s: float
-    allow_label_change: bool
+    allow_label_change: bool | str
     token_sha256: str | None
 
 
@@ -167,14 +167,24 @@ def load_version(settings: ServeSettings, version: int) -> Loaded:
     return Loaded(version=version, task=card.task, card=card, model=model)
 
 
-def check_compatible(current: Loaded, new: Loaded, allow_label_change: bool) -> None:
+def check_compatible(current: Loaded, new: Loaded, allow_label_change: bool | str) -> None:
+    from lifelong.tasks.classify import grows
+
     if new.task != current.task:
         raise LifelongError(f"version {new.version} is a {new.task} model; this deployment serves {current.task}")
-    if current.labels is not None and new.labels != current.labels and not allow_label_change:
-        raise LifelongError(
-            f"version {new.version} has labels {new.labels}, the serving version has {current.labels} "
-            "(set serve.allow_label_change=true to accept a new label set)"
+    if current.labels is None or new.labels == current.labels or allow_label_change is True:
+        return
+    if allow_label_change == "grow" and grows(current.labels, new.labels):
+        return
+    allowed = "grow" if allow_label_change == "grow" else None
+    raise LifelongError(
+        f"version {new.version} has labels {new.labels}, the serving version has {current.labels} "
+        + (
+            "(serve.allow_label_change=grow accepts only new labels added after the serving ones)"
+            if allowed
+            else "(set serve.allow_label_change=true to accept a new label set, or grow for one that adds labels)"
         )
+    )
 
 
 # --- the HTTP API ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from lifelong.continual.gates import judge
 from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
 from lifelong.continual.search import Fitted, shown_params
-from lifelong.continual.stream import ROWS, Decision, Stream, Window, window_rows
+from lifelong.continual.stream import Decision, Stream, Window, rows_schema, window_rows
 from lifelong.data import REPLAYED, DataReport, FileReport, validation_fingerprint
 from lifelong.errors import AliasConflict, LifelongError, first_line
 from lifelong.registry import Registry
@@ -126,7 +126,7 @@ def check_continual(config: JobConfig) -> None:
         )
     if not config.data or not config.data.labels:
         raise LifelongError(
-            "continual learning needs data.text_column, data.label_column and data.labels: every landing file is checked against them"
+            "continual learning needs data.labels (and data.label_column for table files): every landing file is checked against them"
         )
 
 
@@ -146,9 +146,16 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             say(f"carrying on window {window.window} of stream '{name}' from step '{window.status}' (its cycle had stopped)")
         else:
             t0 = time.perf_counter()
+            data_cfg = data_cfg.with_labels(stream.labels(data_cfg.labels), c.new_labels == "grow")
             scan = ledger.scan(c.landing, data_cfg)
             set_aside = scan.quarantined + ledger.check_pending(data_cfg, c.landing)
             scan_lines = scan.lines()
+            if data_cfg.grow_labels:
+                added = stream.grow_labels(data_cfg.labels, [n for r in ledger.pending() if r.check for n in r.check.new_labels])
+                if added:  # the pending files are judged again against the grown set (their new labels' rows kept now)
+                    data_cfg = data_cfg.with_labels(stream.labels(data_cfg.labels), True)
+                    set_aside += ledger.check_pending(data_cfg, c.landing)
+                    scan_lines.append(f"new labels {added}: the stream's label set is now {data_cfg.labels}")
             quarantined = [(r.path, r.reason) for r in set_aside]  # the summary lists them
             picked = pick_files(ledger.pending(), c.max_rows_per_cycle)
             waiting = why_wait(picked, c, force)
@@ -166,6 +173,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
                 files=[r.sha256 for r in picked],
                 paths=[r.path for r in picked],
                 fingerprint=validation_fingerprint(data_cfg),
+                labels=data_cfg.labels,
                 champion_before=champion.version,
                 new_rows=sum(r.rows for r in picked),
                 phases={"scan": time.perf_counter() - t0},
@@ -239,6 +247,7 @@ def _count_quarantined(ledger: Ledger, fresh: list) -> int:
 # --- the steps of a window ------------------------------------------------------------------------
 def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, window: Window) -> Window:
     """Carry the window from its recorded step to done; each step is recorded when it is through."""
+    config = window_config(config, window)
     if window.status == "open":
         window = _train_and_register(config, storage, registry, stream, ledger, window)
     if window.status == "registered":
@@ -247,7 +256,7 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
         window = _apply_decision(config, registry, stream, window)
     if window.status == "promoted":
         t0 = time.perf_counter()
-        train, _ = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files])
+        train, _ = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files], config.data.content)
         # The buffer is filled under both strategies, so that a stream can switch to replay later.
         ReplayBuffer(storage, stream.name, config.continual.replay_capacity, seed=config.train.seed).add(train, window.files)
         window = stream.update(window, status="replayed", phases={**window.phases, "replay": time.perf_counter() - t0})
@@ -277,6 +286,13 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
     return window
 
 
+def window_config(config: JobConfig, window: Window) -> JobConfig:
+    """The config a window trains and is judged under: its label set (a stream's grown one)."""
+    if not window.labels or window.labels == config.data.labels:
+        return config
+    return config.model_copy(update={"data": config.data.with_labels(window.labels, config.data.grow_labels)})
+
+
 def prune_runs(storage: Storage, stream: Stream, keep: int) -> list[str]:
     """Delete the Ray Train runs (checkpoints) of finished windows but the `keep` most recent;
     their versions are in the registry. Returns the run names deleted."""
@@ -299,19 +315,12 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
     c, k = config.continual, window.window
     run = run_name(stream.name, window)
     t0 = time.perf_counter()
-    train, holdout = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files])
-    # The holdout, kept for every later cycle's evaluation (label names, as users write them).
-    # Rewritten on every attempt: its content follows from the window's files alone.
-    cols, labels = config.data, config.data.labels
-    storage.write_table(
-        stream.holdout_rel(k),
-        pa.table(
-            {
-                cols.text_column: holdout.column("text"),
-                cols.label_column: pa.array([labels[i] for i in holdout.column("label").to_pylist()]),
-            }
-        ),
-    )
+    content, labels = config.data.content, config.data.labels
+    train, holdout = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files], content)
+    # The holdout, kept for every later cycle's evaluation (label names: every model is scored
+    # against its own label set). Rewritten on every attempt: it follows from the window's files.
+    names = pa.array([labels[i] for i in holdout.column("label").to_pylist()], pa.string())
+    storage.write_table(stream.holdout_rel(k), pa.table({content: holdout.column(content), "label": names}))
     champion_ref = f"{config.name}:{window.champion_before}"
     registered = _registered_for(registry, config.name, stream.name, k) if window.train_started else None
     if registered is not None:  # the cycle stopped between registering and recording it
@@ -321,6 +330,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
             window, status="registered", version=registered, replay_rows=card.replay_rows, search=card.search, search_pending=None
         )
     window = stream.update(window, train_started=time.time())
+    known_before = registry.card(config.name, window.champion_before).labels or labels
     report = window_report(ledger, window, train.num_rows, holdout.num_rows)
     spent = {"prepare": time.perf_counter() - t0, "train": 0.0}
 
@@ -360,6 +370,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
                     "new_rows": window.new_rows,
                     "replay_rows": fitted.replay_rows,
                     "champion_before": window.champion_before,
+                    "labels_added": [n for n in labels if n not in known_before],
                     "held_by": stream.hold.fence if stream.hold else None,
                     **({"search": trials} if trials else {}),
                 }
@@ -404,7 +415,8 @@ def _fit(
         sample = buffer.sample(round(c.replay_ratio * train.num_rows), seed=config.train.seed + k)
         if sample is not None:
             replay_rows = sample.num_rows
-            parts.append(sample.select(["text", "label"]).cast(ROWS))
+            schema = rows_schema(config.data.content)
+            parts.append(sample.select(schema.names).cast(schema))
             if c.replay_weighting == "history":
                 seen = buffer.state()["seen"]
                 weights = history_weights(train.num_rows, replay_rows, seen)
@@ -527,11 +539,13 @@ def _decide(config: JobConfig, storage: Storage, stream: Stream, window: Window)
     if start != window.champion_before:
         refs.append(f"{config.name}:{start}")
     t0 = time.perf_counter()
-    scored = holdout_accuracies(config, storage, stream, refs, [w["window"] for w in finished] + [window.window])
-    cand, champ = scored[0], scored[1]
-    gate = judge(cand, champ, c.gates.new_window_tolerance, c.gates.max_forgetting, c.gates.min_gain)
+    scores = holdout_scores(config, storage, stream, refs, [w["window"] for w in finished] + [window.window])
+    cand, champ = ([accuracy(w) for w in scored["windows"]] for scored in scores[:2])
+    gate_cand, gate_champ, note = gated_accuracies(scores[0], scores[1])
+    gate = judge(gate_cand, gate_champ, c.gates.new_window_tolerance, c.gates.max_forgetting, c.gates.min_gain)
     status = ("promoted" if c.promote else "passed") if gate.passed else "rejected"
-    decision = Decision(status=status, reason=gate.reason, candidate=cand, champion=champ, baseline=scored[-1][-1], start_version=start)
+    baseline = accuracy(scores[-1]["windows"][-1])
+    decision = Decision(status=status, reason=gate.reason + note, candidate=cand, champion=champ, baseline=baseline, start_version=start)
     return stream.update(window, status="decided", decision=decision, phases={**window.phases, "evaluate": time.perf_counter() - t0})
 
 
@@ -561,16 +575,43 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
 
 def holdout_accuracies(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[list[float]]:
     """Accuracy of each model (a registry version NAME:VERSION, or a training checkpoint) on each
-    window's holdout: one Ray task per model (side by side), which loads it once and scores every
-    holdout (they are small: a fraction of each window)."""
+    window's holdout, every row counted (a class the model does not know is an error)."""
+    return [[accuracy(counts) for counts in scored["windows"]] for scored in holdout_scores(config, storage, stream, refs, windows)]
+
+
+def holdout_scores(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[dict]:
+    """Each model's answers on each window's holdout, per class: {"labels": the model's label set,
+    "windows": [{label: [correct, rows]}, ...]}. One Ray task per model (side by side), which
+    loads it once and scores every holdout (they are small: a fraction of each window)."""
     import ray
 
     score = ray.remote(num_cpus=1)(_score_holdouts)
-    cols = config.data
+    d = config.data
     rels = [stream.holdout_rel(j) for j in windows]
-    return ray.get(
-        [score.remote(storage, ref, rels, cols.text_column, cols.label_column, cols.labels, config.model.max_length) for ref in refs]
-    )
+    legacy = (d.text_column, d.label_column)
+    return ray.get([score.remote(storage, ref, rels, config.model.task, config.model.max_length, legacy) for ref in refs])
+
+
+def accuracy(counts: dict[str, list[int]], classes: set[str] | None = None) -> float | None:
+    """Accuracy over the rows of `classes` (all: None); None when the holdout has none of them."""
+    kept = [v for name, v in counts.items() if classes is None or name in classes]
+    rows = sum(v[1] for v in kept)
+    return sum(v[0] for v in kept) / rows if rows else None if classes is not None else 0.0
+
+
+def gated_accuracies(candidate: dict, champion: dict) -> tuple[list[float], list[float], str]:
+    """What the gates compare: every row of the new window, and on the past windows the rows of
+    the classes both models know (a grown label set: the champion cannot answer the new classes,
+    and a past window of classes it never learned says nothing of its forgetting)."""
+    shared = set(candidate["labels"]) & set(champion["labels"])
+    cand = [accuracy(w) for w in candidate["windows"]]
+    champ = [accuracy(w) for w in champion["windows"]]
+    if shared == set(candidate["labels"]) == set(champion["labels"]):
+        return cand, champ, ""
+    past = [(accuracy(a, shared), accuracy(b, shared)) for a, b in zip(candidate["windows"][:-1], champion["windows"][:-1])]
+    past = [(a, b) for a, b in past if a is not None]
+    note = f" (past windows over the {len(shared)} classes both models know; the candidate adds {len(set(candidate['labels']) - shared)})"
+    return [a for a, _ in past] + cand[-1:], [b for _, b in past] + champ[-1:], note
 
 
 @contextlib.contextmanager
@@ -587,28 +628,37 @@ def _score_holdouts(
     storage: Storage,
     ref,
     rels: list[str],
-    text_column: str,
-    label_column: str,
-    labels: list[str],
+    task_name: str,
     max_length: int,
+    legacy_columns: tuple[str, str | None],
     batch_size: int = 64,
-) -> list[float]:
+) -> dict:
     import torch
 
     from lifelong.models import load_for_inference
-    from lifelong.tasks import text_classification  # the one family with continual cycles (CONTINUAL)
 
-    accuracies = []
+    family = task(task_name)
+    windows = []
     with _model_dir(storage, ref) as model_dir:
-        model = load_for_inference(model_dir, text_classification.NAME)
+        model = load_for_inference(model_dir, task_name)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        known = {name: i for i, name in enumerate(labels)}
         for rel in rels:
             table = storage.read_table(rel)
-            rows = pa.table({"text": table.column(text_column), "label": [labels.index(v) for v in table.column(label_column).to_pylist()]})
-            correct = 0
+            if "label" not in table.column_names:  # a holdout written before label sets could grow: (text, label) columns
+                table = pa.table({family.CONTENT: table.column(legacy_columns[0]), "label": table.column(legacy_columns[1])})
+            names = table.column("label").to_pylist()
+            index = [known.get(name, -100) for name in names]  # -100: a class it does not know (never predicted)
+            rows = pa.table({family.CONTENT: table.column(family.CONTENT), "label": pa.array(index, pa.int64())})
+            preds = []
             with torch.no_grad():
                 for start in range(0, rows.num_rows, batch_size):
-                    enc = text_classification.tokenize(rows.slice(start, batch_size), str(model_dir), max_length)
-                    logits = model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits
-                    correct += int((logits.argmax(-1) == torch.tensor(enc["labels"])).sum())
-            accuracies.append(correct / max(rows.num_rows, 1))
-    return accuracies
+                    batch = family.tokenize(rows.slice(start, batch_size), str(model_dir), max_length)
+                    preds += family.score(model, batch)["pred"].tolist()
+            counts: dict[str, list[int]] = {}
+            for name, truth, pred in zip(names, index, preds):
+                c = counts.setdefault(name, [0, 0])
+                c[0] += int(pred == truth)
+                c[1] += 1
+            windows.append(counts)
+    return {"labels": labels, "windows": windows}

@@ -71,6 +71,9 @@ class FileCheck(BaseModel):
     dropped: dict[str, int] = Field(default_factory=dict)
     splits: dict[str, int] = Field(default_factory=dict)
     reason: str | None = None  # set: the file as a whole is unusable
+    # Labels its rows name that the stream does not know yet (continual.new_labels: grow): the
+    # cycle adds them to the stream's label set, which judges the file again.
+    new_labels: list[str] = Field(default_factory=list)
 
 
 class Appended(BaseModel):
@@ -432,7 +435,7 @@ class Ledger:
                 continue
             if check.reason:
                 out.append(self.quarantine(record.sha256, check.reason))
-            elif not check.rows:
+            elif not check.rows and not check.new_labels:  # (new labels: judged again once the set holds them)
                 dropped = ", ".join(f"{k}={v}" for k, v in sorted(check.dropped.items()))
                 out.append(self.quarantine(record.sha256, f"no valid rows ({dropped or 'none read'})"))
         return out
@@ -515,7 +518,14 @@ def _check(
     rel = ledger.rows_rel(fetched.sha256, fingerprint)
     if not ledger.storage.exists(rel):
         ledger.storage.write_table(rel, parsed.rows)
-    return FileCheck(fp=fingerprint, rows=parsed.rows.num_rows, read=parsed.read, dropped=parsed.dropped, splits=split_counts(parsed.rows))
+    return FileCheck(
+        fp=fingerprint,
+        rows=parsed.rows.num_rows,
+        read=parsed.read,
+        dropped=parsed.dropped,
+        splits=split_counts(parsed.rows),
+        new_labels=parsed.new_labels,
+    )
 
 
 def _store(storage: Storage, rel: str, fetched: Fetched) -> None:

@@ -3,6 +3,7 @@
     <root>/streams/<s>/windows/<k>.json              one record per window: the cycle's journal
     <root>/streams/<s>/holdouts/window-<k>.parquet   window k's holdout (its validation split)
     <root>/streams/<s>/state.json                    the finished windows and their accuracies
+    <root>/streams/<s>/labels.json                   the label set grown so far (continual.new_labels: grow)
 
 A window is opened (its number taken, exclusively) before anything is trained, with the files it
 will consume; every step of its cycle then moves its `status` forward:
@@ -30,7 +31,10 @@ from lifelong.continual.gates import accuracy_matrix
 from lifelong.continual.metrics import cl_metrics
 from lifelong.storage import Hold, Storage
 
-ROWS = pa.schema([("text", pa.string()), ("label", pa.int64())])
+
+def rows_schema(content: str) -> pa.Schema:
+    """A window's rows: its content ("text" or encoded "image" bytes) and the label index."""
+    return pa.schema([(content, pa.binary() if content == "image" else pa.string()), ("label", pa.int64())])
 
 
 class Decision(BaseModel):
@@ -54,6 +58,8 @@ class Window(BaseModel):
     fingerprint: str  # the validation rules its rows were checked under
     champion_before: int
     new_rows: int
+    # The label set its rows' label indices point into (None: data.labels, as before growing sets).
+    labels: list[str] | None = None
     replay_rows: int = 0
     attempts: int = 0
     last_error: str | None = None
@@ -136,6 +142,23 @@ class Stream:
         self.storage.write_bytes(self._rel(new.window), _dump(new))
         return new
 
+    # --- the label set (continual.new_labels: grow) -------------------------------------------
+    def labels(self, configured: list[str]) -> list[str]:
+        """The stream's labels: those it has grown (in the order they came), then any of the
+        config's it does not hold yet. Indices never move: a set only grows at its end."""
+        rel = f"{self.dir}/labels.json"
+        grown = self.storage.read_json(rel)["labels"] if self.storage.exists(rel) else []
+        return grown + [name for name in configured if name not in grown]
+
+    def grow_labels(self, configured: list[str], new: list[str]) -> list[str]:
+        """Add `new` labels at the end of the set; returns the ones that were new."""
+        current = self.labels(configured)
+        added = [name for name in dict.fromkeys(new) if name not in current]
+        if added:
+            self.check()
+            self.storage.write_json(f"{self.dir}/labels.json", {"labels": current + added, "updated_at": time.time()})
+        return added
+
     # --- holdouts --------------------------------------------------------------------------
     def holdout_rel(self, window: int) -> str:
         return f"{self.dir}/holdouts/window-{window:03d}.parquet"
@@ -144,14 +167,15 @@ class Stream:
         return self.storage.read_table(self.holdout_rel(window))
 
 
-def window_rows(storage: Storage, rows_rels: list[str]) -> tuple[pa.Table, pa.Table]:
+def window_rows(storage: Storage, rows_rels: list[str], content: str) -> tuple[pa.Table, pa.Table]:
     """A window's valid rows, read from what the ledger stored for its files: (train, holdout),
-    each (text, label index)."""
+    each (content, label index)."""
+    schema = rows_schema(content)
     tables = [storage.read_table(rel) for rel in rows_rels]
-    rows = pa.concat_tables(tables) if tables else pa.table({"text": [], "label": [], "split": []})
+    rows = pa.concat_tables(tables) if tables else schema.append(pa.field("split", pa.string())).empty_table()
     is_train = pc.equal(rows.column("split"), "train")
-    train = rows.filter(is_train).select(["text", "label"]).cast(ROWS)
-    holdout = rows.filter(pc.invert(is_train)).select(["text", "label"]).cast(ROWS)
+    train = rows.filter(is_train).select(schema.names).cast(schema)
+    holdout = rows.filter(pc.invert(is_train)).select(schema.names).cast(schema)
     return train, holdout
 
 

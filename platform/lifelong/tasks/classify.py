@@ -104,3 +104,51 @@ def probabilities_problem(model, items: list) -> str | None:
     if not shaped or not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(1), 1, atol=1e-3):
         return f"probabilities {probs.tolist()}"
     return None
+
+
+# --- a label set that grows (continual.new_labels: grow) ------------------------------------------
+def saved_labels(model_dir) -> list[str] | None:
+    """The label names of the classifier saved in `model_dir` (None: not a classifier)."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if not any("Classification" in a for a in config.get("architectures") or []):
+        return None
+    id2label = config.get("id2label") or {}
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def grows(old: list[str] | None, labels: list[str]) -> bool:
+    """`labels` keeps `old` (same names, same order) and adds to it."""
+    return bool(old) and len(labels) > len(old) and labels[: len(old)] == old
+
+
+def grown_head(model, labels: list[str]):
+    """`model` (a classifier over a prefix of `labels`) with its head grown to all of them: the
+    old classes' weights kept as they are, the new classes' rows initialised as the model's own
+    fresh layers are (class-incremental learning)."""
+    import torch
+    from torch import nn
+
+    old = model.config.num_labels
+    heads = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == old]
+    if not heads:
+        raise ValueError(f"found no {old}-class output layer to grow in {type(model).__name__}")
+    name, head = heads[-1]
+    new = nn.Linear(head.in_features, len(labels), bias=head.bias is not None, dtype=head.weight.dtype)
+    if hasattr(model, "_init_weights"):
+        model._init_weights(new)
+    with torch.no_grad():
+        new.weight[:old] = head.weight
+        if head.bias is not None:
+            new.bias[old:] = 0.0
+            new.bias[:old] = head.bias
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], new)
+    model.config.num_labels = len(labels)  # (sets id2label/label2id to placeholders; named next)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {n: i for i, n in enumerate(labels)}
+    if hasattr(model, "num_labels"):
+        model.num_labels = len(labels)
+    return model

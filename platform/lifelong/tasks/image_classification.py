@@ -18,11 +18,14 @@ from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the
     backend,
     comparable,
     confusion,
+    grown_head,
+    grows,
     loss_weight,
     metrics,
     predictions,
     probabilities,
     probabilities_problem,
+    saved_labels,
     scored,
     serving_model,
 )
@@ -33,7 +36,7 @@ UNIT = "images"
 LABELLED = True
 PRETRAINS = True  # `lifelong pretrain` trains one from scratch; `lifelong finetune` from init_from
 JOB = "finetune"
-CONTINUAL = False
+CONTINUAL = True
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
 EXPORT_ON_REGISTER = True
 ENDPOINT = "/v1/predict"
@@ -162,7 +165,8 @@ def auto_class():
 
 def build(cfg, tokenizer, init_dir=None, labels=None):
     """A classifier over `labels`: its body from `init_dir` (a new head where the label set
-    differs), else fresh from model.architecture + model.hf_config."""
+    differs; its own head grown where `labels` extends it), else fresh from model.architecture +
+    model.hf_config."""
     from transformers import AutoConfig
 
     from lifelong.errors import ConfigError
@@ -176,6 +180,8 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
             raise ConfigError(f"model.architecture='{cfg.architecture}' / model.hf_config: {e}") from None
         return auto_class().from_config(config)
     try:
+        if grows(saved_labels(init_dir), labels):  # the same classes and new ones: the old head kept
+            return grown_head(auto_class().from_pretrained(str(init_dir), use_safetensors=True), labels)
         return auto_class().from_pretrained(str(init_dir), use_safetensors=True, config=classifier_config(init_dir, label_kwargs))
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot start a {len(labels)}-label image classifier from {init_dir}: {e}") from None

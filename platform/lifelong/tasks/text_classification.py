@@ -10,11 +10,14 @@ from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the
     backend,
     comparable,
     confusion,
+    grown_head,
+    grows,
     loss_weight,
     metrics,
     predictions,
     probabilities,
     probabilities_problem,
+    saved_labels,
     scored,
     serving_model,
 )
@@ -88,7 +91,8 @@ def auto_class():
 
 
 def build(cfg, tokenizer, init_dir=None, labels=None):
-    """A classifier over `labels`: its body from `init_dir` (a new head), else fresh from the config."""
+    """A classifier over `labels`: its body from `init_dir` (a new head, or its own grown where
+    `labels` extends its label set), else fresh from the config."""
     from lifelong.errors import ConfigError
     from lifelong.models import fresh_config
 
@@ -102,6 +106,8 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
     if init_dir is None:
         return auto_class().from_config(fresh_config(cfg, tokenizer, **label_kwargs))
     try:
+        if grows(saved_labels(init_dir), labels):  # the same classes and new ones: the old head kept
+            return grown_head(auto_class().from_pretrained(str(init_dir), use_safetensors=True), labels)
         return auto_class().from_pretrained(str(init_dir), use_safetensors=True, **label_kwargs)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot start a {len(labels)}-label classifier from {init_dir}: {e}") from None
