@@ -30,6 +30,7 @@ README = Path(ROOT) / "README.md"
 CONFIGS = sorted((Path(ROOT) / "configs").glob("*/*.yaml"))
 CLUSTER = "--address http://127.0.0.1:8265"
 SERVE = "exec lifelong serve configs/gpt2/tiny_serve.yaml"
+SERVE_IMAGES = "exec lifelong serve configs/resnet/tiny_serve.yaml"
 ON_CLUSTER = "storage.root=$PWD/lifelong-store continual.landing=$PWD/data/landing"
 SPLIT_PRETRAIN = (
     'lifelong pretrain configs/resnet/tiny_scratch.yaml name=tiny-resnet-split \'data.labels=["0","1"]\' '
@@ -166,6 +167,14 @@ STEPS = [
         "lifelong continual configs/resnet/tiny_continual.yaml --once",
         ("new labels ['2', '3']", "cycle of stream 'tiny-resnet-split': promoted (window 0)", "→ version 2"),
     ),
+    # A small search (2 trials of 1 epoch), the rest as printed; then the ResNet served and asked.
+    Step(
+        ["lifelong tune configs/resnet/tiny_tune.yaml", "lifelong tune configs/resnet/tiny_tune.yaml [--resume] [--promote]"],
+        "lifelong tune configs/resnet/tiny_tune.yaml tune.num_samples=2 train.epochs=1",
+        ("registered as tiny-resnet-digits:2 with alias challenger",),
+    ),
+    Step([], "lifelong models promote tiny-resnet-digits:1 --alias champion", ("tiny-resnet-digits@champion: None → 1",)),
+    Step(["lifelong serve configs/resnet/tiny_serve.yaml"], SERVE_IMAGES),
     # Served: the README's requests, then Ctrl-C (`serve_and_ask`).
     Step(["lifelong serve configs/gpt2/tiny_serve.yaml"], SERVE),
     Step(["lifelong data stream data/stream --windows 4"], "lifelong data stream data/stream --windows 4", ("wrote 4 windows",)),
@@ -286,8 +295,8 @@ def test_the_shown_commands_work_as_printed(fresh_project):
     project, env = fresh_project
     job = None
     for step in STEPS:
-        if step.run == SERVE:
-            serve_and_ask(project, env)
+        if step.run in (SERVE, SERVE_IMAGES):
+            serve_and_ask(project, env, step.run)
             continue
         command = step.run.format(job=job)
         started = time.monotonic()
@@ -303,13 +312,19 @@ def test_the_shown_commands_work_as_printed(fresh_project):
         found = re.search(r"submitted (raysubmit_\w+)", out)
         job = found.group(1) if found else job
     registry = project / "lifelong-store" / "registry"
-    versions = {name: sorted(p.name for p in (registry / name / "versions").iterdir()) for name in ("tiny-gpt2", "tiny-topics")}
-    assert versions == {"tiny-gpt2": ["1"], "tiny-topics": ["1", "2", "3"]}  # tiny-gpt2:1 by the cluster's job
+    names = ("tiny-gpt2", "tiny-topics", "tiny-resnet-digits", "tiny-resnet-split")
+    versions = {name: sorted(p.name for p in (registry / name / "versions").iterdir()) for name in names}
+    assert versions == {  # tiny-gpt2:1 by the cluster's job
+        "tiny-gpt2": ["1"],
+        "tiny-topics": ["1", "2", "3"],
+        "tiny-resnet-digits": ["1", "2"],
+        "tiny-resnet-split": ["1", "2"],
+    }
 
 
-def serve_and_ask(project: Path, env: dict) -> None:
-    """`lifelong serve configs/gpt2/tiny_serve.yaml`, the README's requests, then Ctrl-C."""
-    server = start_server(["bash", "-c", SERVE], cwd=project, env=env)
+def serve_and_ask(project: Path, env: dict, command: str) -> None:
+    """`lifelong serve CONFIG`, the README's requests for it, then Ctrl-C."""
+    server = start_server(["bash", "-c", command], cwd=project, env=env)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and server.poll() is None:
@@ -320,11 +335,16 @@ def serve_and_ask(project: Path, env: dict) -> None:
                 pass
             time.sleep(1)
         assert server.poll() is None, server.stdout.read()[-4000:]
-        for line in serving_examples():
+        for line in serving_examples() if command == SERVE else image_serving_examples():
             done = sh(line, project, env, timeout=60)
             assert done.returncode == 0 and done.stdout.startswith("{"), (line, done.stdout, done.stderr)
             answer = json.loads(done.stdout)
-            if "/v1/predict" in line:  # the champion, rolled back to 1
+            if command == SERVE_IMAGES:  # the digits ResNet, version 1: two uploads, then one base64 image
+                digits = [str(d) for d in range(10)]
+                assert (answer["model"], answer["version"]) == ("tiny-resnet-digits", 1), (line, answer)
+                assert len(answer["predictions"]) == (2 if "-F" in line else 1), (line, answer)
+                assert all(sorted(p["probabilities"]) == digits for p in answer["predictions"]), (line, answer)
+            elif "/v1/predict" in line:  # the champion, rolled back to 1
                 assert (answer["model"], answer["version"], len(answer["predictions"])) == ("tiny-topics", 1, 2), (line, answer)
             elif "/v1/model" in line:
                 assert answer["version"] == 1, (line, answer)
@@ -338,6 +358,13 @@ def serve_and_ask(project: Path, env: dict) -> None:
             os.killpg(server.pid, signal.SIGKILL)
             out, _ = server.communicate()
     assert server.returncode in (0, 130, -signal.SIGINT), out[-4000:]
+
+
+def image_serving_examples() -> list[str]:
+    """The curl lines of the README's block that serves the digits ResNet."""
+    text = README.read_text().split("### Serving", 1)[1]
+    block = next(b for b in text.split("```")[1::2] if b.strip().startswith(SERVE_IMAGES.removeprefix("exec ")))
+    return [line.strip() for line in block.splitlines() if line.startswith("curl")]
 
 
 def serving_examples() -> list[str]:

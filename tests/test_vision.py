@@ -122,6 +122,58 @@ def test_an_image_in_a_text_task_and_text_where_an_image_belongs_are_named():
     assert parsed.rows.num_rows == 0 and parsed.dropped == {"wrong_image_type": 2}
 
 
+def test_a_table_of_image_paths_reads_the_images_it_names_in_a_run_and_in_a_landing_zone(ray_session, tmp_path):
+    """A CSV whose image column holds paths (relative to the table's folder or data.image_root,
+    absolute, never climbing above the root): the rows hold the images' bytes; a missing file,
+    a path outside the root and a file that is no image are dropped by reason."""
+    import csv
+
+    from lifelong.continual.ledger import Ledger
+    from lifelong.continual.stream import window_rows
+    from lifelong.data import validation_fingerprint
+
+    photos = tmp_path / "photos"
+    (photos / "imgs").mkdir(parents=True)
+    (photos / "imgs" / "a.png").write_bytes(png(10))
+    (photos / "imgs" / "b.png").write_bytes(png(200))
+    (photos / "imgs" / "bad.png").write_text("not a picture\n")
+    (tmp_path / "secret.png").write_bytes(png(7))
+    rows = [
+        ("imgs/a.png", "0"),
+        ("imgs/b.png", "1"),
+        ("imgs/none.png", "1"),
+        ("../secret.png", "0"),
+        ("imgs/bad.png", "1"),
+        (str(photos / "imgs" / "b.png"), "2"),
+        (base64.b64encode(png(99)).decode(), "3"),
+    ]
+
+    def write_csv(path, refs):
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([("image", "label"), *refs])
+
+    write_csv(photos / "table.csv", rows)
+    store = Storage(str(tmp_path / "store"))
+    data = read_validated(image_config(photos / "table.csv", store.root_uri, label_column="label").data, store, quarantine_area="t")
+    assert data.report.dropped == {"missing_image_file": 1, "image_path_outside": 1, "not_an_image": 1}
+    table = pa.concat_tables(ray_session.get(data.rows.to_arrow_refs()))
+    got = dict(zip(table.column("label").to_pylist(), table.column("image").to_pylist()))
+    assert got == {0: png(10), 1: png(200), 2: png(200), 3: png(99)}
+
+    # In a landing zone, with the images kept elsewhere (data.image_root): the ledger's rows hold
+    # the images as they were read when the table landed.
+    landing, root = tmp_path / "landing", tmp_path / "photos" / "imgs"
+    landing.mkdir()
+    write_csv(landing / "new.csv", [("a.png", "0"), ("b.png", "1"), ("../../secret.png", "0")])
+    cfg = image_config(landing, store.root_uri, label_column="label", image_root=str(root)).data
+    ledger = Ledger(store, "paths")
+    [record] = ledger.scan(str(landing), cfg).new
+    assert record.check.rows == 2 and record.check.dropped == {"image_path_outside": 1}
+    (root / "a.png").write_bytes(png(33))  # changed after it landed: the recorded bytes stand
+    train, holdout = window_rows(store, [ledger.rows_rel(record.sha256, validation_fingerprint(cfg))], "image")
+    assert sorted(train.column("image").to_pylist() + holdout.column("image").to_pylist()) == sorted([png(10), png(200)])
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     from lifelong.synth import write_digit_stream

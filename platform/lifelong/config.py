@@ -50,6 +50,11 @@ class DataConfig(Section):
     # in table files; image files themselves (.png, .jpg, ...) are one row each, labelled by
     # their folder's name (one sub-folder per class).
     image_column: str = "image"
+    # Where the image paths in a table's image column are relative to (a directory or URI;
+    # default: the table's own folder). Paths may not climb above it; absolute paths and URIs are
+    # read as they are. Keep such images out of data.path / continual.landing, or they are read as
+    # image files (labelled by their folder) too.
+    image_root: str | None = None
     label_column: str | None = None
     # The label set for classification; rows with other labels are dropped and counted.
     labels: list[str] | None = None
@@ -567,6 +572,8 @@ def absolute_paths(config: JobConfig) -> JobConfig:
     config.storage.root = absolute(config.storage.root)
     if config.data is not None:
         config.data.path = absolute(config.data.path)
+        if config.data.image_root:
+            config.data.image_root = absolute(config.data.image_root)
     if config.serve.auth.token_file:
         config.serve.auth.token_file = absolute(config.serve.auth.token_file)
     if config.model.tokenizer:

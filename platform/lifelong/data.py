@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -294,7 +294,7 @@ ROWS_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int64()), ("split",
 IMAGE_ROWS_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("split", pa.string())])
 
 
-def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = "") -> ParsedFile:
+def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = "", images: ImageReader | None = None) -> ParsedFile:
     """Parse and validate one file (bytes already read): the one place where rows are judged.
 
     Row reasons: empty_text, wrong_text_type (a list, object or number where text belongs),
@@ -302,6 +302,7 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
     row that does not parse), missing_label, wrong_label_type (lists, objects, booleans,
     fractional numbers), unknown_label (not one of data.labels), new_label (not yet one of them,
     under a config that grows its label set: `ParsedFile.new_labels` names them).
+    `images` reads the image files that a table's image column names by path (`image_reader`).
     """
     if fmt is None:
         return ParsedFile(None, reason=f"unknown file type '{posixpath.splitext(name)[1]}' (supported: {SUPPORTED}; or set data.format)")
@@ -328,7 +329,10 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
     if table.num_rows == 0 and not dropped:
         return ParsedFile(None, reason="holds no rows")
     unparsed = sum(dropped.values())  # lines that never became rows
-    rows, row_drops, new = (validate_image_table if cfg.content == "image" else validate_table)(table, cfg)
+    if cfg.content == "image":
+        rows, row_drops, new = validate_image_table(table, cfg, images)
+    else:
+        rows, row_drops, new = validate_table(table, cfg)
     dropped.update(row_drops)
     return ParsedFile(rows, read=table.num_rows + unparsed, dropped=dict(dropped), new_labels=new)
 
@@ -593,21 +597,59 @@ def _parse_image_file(source: Fetched, cfg: DataConfig, name: str) -> ParsedFile
     return ParsedFile(rows, read=1)
 
 
-def validate_image_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str, int], list[str]]:
-    """Image rows of a table file: encoded bytes (binary, or base64 text) and a label. Rows whose
-    bytes are not a readable image are dropped by reason (empty_image, not_an_image,
-    truncated_image, unsupported_mode_<MODE>, ...), as bad text rows are."""
+ImageReader = Callable[[str], tuple[bytes | None, str]]  # an image path -> (its bytes, or None and why)
+
+
+def image_reader(fs: pafs.FileSystem, table_path: str, image_root: str | None = None) -> ImageReader:
+    """How a table file at `table_path` (on `fs`) reads the images its rows name: a relative path
+    from `image_root` (data.image_root; default the table's folder), never above it
+    (image_path_outside); an absolute path on the same filesystem; or a URI. Returns
+    (bytes, "") or (None, missing_image_file | unreadable_image_file)."""
+    if image_root:
+        fs, base = filesystem_for(image_root if is_uri(image_root) else str(Path(image_root).expanduser().resolve()))
+    else:
+        base = posixpath.dirname(table_path)
+
+    def read(ref: str) -> tuple[bytes | None, str]:
+        ref_fs, path = fs, ref
+        if is_uri(ref):
+            ref_fs, path = filesystem_for(ref)
+        elif not ref.startswith("/"):
+            path = posixpath.normpath(posixpath.join(base, ref))
+            if base and not path.startswith(base.rstrip("/") + "/"):
+                return None, "image_path_outside"
+        try:
+            with ref_fs.open_input_stream(path) as f:
+                return f.read(), ""
+        except FileNotFoundError:
+            return None, "missing_image_file"
+        except OSError:
+            return None, "unreadable_image_file"
+
+    return read
+
+
+def validate_image_table(table: pa.Table, cfg: DataConfig, images: ImageReader | None = None) -> tuple[pa.Table, dict[str, int], list[str]]:
+    """Image rows of a table file: encoded bytes (binary, or base64 text) or the path of an image
+    file (text with a '.', which base64 never holds: read by `images`, relative to the table's
+    folder), and a label. Rows whose bytes are not a readable image are dropped by reason
+    (empty_image, not_an_image, truncated_image, unsupported_mode_<MODE>, missing_image_file,
+    image_path_outside, ...), as bad text rows are. The rows hold the image's bytes as read."""
     import base64
     import binascii
 
     n = table.num_rows
     reasons = np.full(n, "", dtype=object)
     column = table.column(cfg.image_column).combine_chunks()
-    images: list[bytes | None] = []
+    read_images, images = images, []
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
         images = column.to_pylist()
     elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         for i, value in enumerate(column.to_pylist()):
+            if value and "." in value:  # a path
+                data, reasons[i] = read_images(value) if read_images else (None, "unreadable_image_file")
+                images.append(data)
+                continue
             try:
                 images.append(base64.b64decode(value, validate=True) if value else None)
             except (binascii.Error, ValueError):
@@ -658,8 +700,9 @@ def split_of(text: str, label: str, salt: str, validation_fraction: float) -> st
 def validation_fingerprint(cfg: DataConfig) -> str:
     """What a file's validation depends on: when any of it changes, pending files are judged again."""
     keys = ("format", "content", "text_column", "image_column", "label_column", "labels", "validation_fraction", "split_salt")
-    grow = {"grow_labels": True} if cfg.grow_labels else {}  # (absent when off: earlier fingerprints stand)
-    blob = json.dumps({"rules": RULES_VERSION, **{k: getattr(cfg, k) for k in keys}, **grow}, sort_keys=True)
+    # (absent when off or unset: earlier fingerprints stand)
+    extra = {**({"grow_labels": True} if cfg.grow_labels else {}), **({"image_root": cfg.image_root} if cfg.image_root else {})}
+    blob = json.dumps({"rules": RULES_VERSION, **{k: getattr(cfg, k) for k in keys}, **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -706,7 +749,7 @@ def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> tuple[FileRepo
     except OSError as e:
         return FileReport(shown, fmt, "unreadable", reason=f"could not be read after {TRANSIENT_RETRIES} tries: {first_line(e)}"), None
     try:
-        parsed = parse_file(fetched, fmt, cfg, path)
+        parsed = parse_file(fetched, fmt, cfg, path, image_reader(fs, path, cfg.image_root))
     finally:
         fetched.close()
     report = FileReport(

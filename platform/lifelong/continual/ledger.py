@@ -50,6 +50,7 @@ from lifelong.data import (
     detect_format,
     display_uri,
     fetch,
+    image_reader,
     list_files,
     parse_file,
     split_counts,
@@ -472,7 +473,7 @@ def ingest_file(
             format=fmt,
             object=obj,
             appends=appends,
-            check=_check(ledger, fetched, fmt, cfg, fingerprint, path, appends),
+            check=_check(ledger, fetched, fmt, cfg, fingerprint, path, appends, image_reader(fs, path, cfg.image_root)),
         )
     finally:
         fetched.close()
@@ -501,18 +502,27 @@ def check_record(
         return Ingested("unreadable", first_line(e))
     try:
         fmt = record.format or detect_format(record.path, cfg.format)
-        return Ingested("ok", object=obj, check=_check(ledger, fetched, fmt, cfg, fingerprint, record.path, record.appends))
+        images = image_reader(landing_fs, record.path.split("://", 1)[-1], cfg.image_root)  # a table's image paths: where it landed
+        return Ingested("ok", object=obj, check=_check(ledger, fetched, fmt, cfg, fingerprint, record.path, record.appends, images))
     finally:
         fetched.close()
 
 
 def _check(
-    ledger: Ledger, fetched: Fetched, fmt: str | None, cfg: DataConfig, fingerprint: str, name: str, appends: Appended | None
+    ledger: Ledger,
+    fetched: Fetched,
+    fmt: str | None,
+    cfg: DataConfig,
+    fingerprint: str,
+    name: str,
+    appends: Appended | None,
+    images=None,
 ) -> FileCheck:
     """Parse and validate stored bytes (only what was appended, for an append); their valid rows
-    go to rows/<sha>-<fp>.parquet, where cycles read them."""
+    go to rows/<sha>-<fp>.parquet, where cycles read them (a table's image paths: the images'
+    bytes as read now, by `images`)."""
     source = fetched.tail(appends.offset, keep_first_line=(fmt == "csv")) if appends else fetched
-    parsed = parse_file(source, fmt, cfg, name)
+    parsed = parse_file(source, fmt, cfg, name, images)
     if parsed.reason:
         return FileCheck(fp=fingerprint, read=parsed.read, dropped=parsed.dropped, reason=parsed.reason)
     rel = ledger.rows_rel(fetched.sha256, fingerprint)
