@@ -59,11 +59,12 @@ def starting_model(registry, name: str, tokenizer_dir: str, work: Path, seed: in
     return registry.register_version(name, work / "start", card)
 
 
-def config(root: Path, landing: Path, strategy: str, seed: int, *extra: str):
+def config(root: Path, landing: Path, strategy: str, seed: int, *extra: str, path: str = "configs/gpt2/tiny_continual.yaml"):
+    """A continual config's cycles, gates open, 1 worker, 3 epochs at lr 3e-3 (both benchmarks' settings)."""
     from lifelong.config import load_config
 
     return load_config(
-        ROOT / "configs/gpt2/tiny_continual.yaml",
+        ROOT / path,
         [
             f"storage.root={root}",
             f"data.path={landing}",
@@ -228,16 +229,7 @@ def main() -> None:
             "baseline": round(acc["full"], 3),
             "baseline_unit": f"average accuracy over {windows} windows",
         },
-        {
-            "name": "continual_forgetting",
-            "value": round(100 * less, 1),
-            "unit": f"% less forgetting with replay ({n})",
-            "target": ">= 50",
-            "met": bool(less >= 0.5),
-            "platform": round(forgetting["replay"], 3),
-            "baseline": round(forgetting["naive"], 3),
-            "baseline_unit": "forgetting (replay vs naive)",
-        },
+        forgetting_figure("continual_forgetting", f"% less forgetting with replay ({n})", forgetting, less),
     ]
     replayed = config(Path("."), Path("."), "replay", 0).continual  # the settings the replay strategy ran with
     result = {
@@ -275,6 +267,20 @@ def main() -> None:
     }
     print(json.dumps({k: result["summary"][k] for k in ("average_accuracy", "forgetting", "variants")}, indent=2))
     write_result(result, "continual", args.quick)
+
+
+def forgetting_figure(name: str, unit: str, forgetting: dict, less: float) -> dict:
+    """Replay's forgetting against naive retraining's (the issue's target: at least 50% less)."""
+    return {
+        "name": name,
+        "value": round(100 * less, 1),
+        "unit": unit,
+        "target": ">= 50",
+        "met": bool(less >= 0.5),
+        "platform": round(forgetting["replay"], 3),
+        "baseline": round(forgetting["naive"], 3),
+        "baseline_unit": "forgetting (replay vs naive)",
+    }
 
 
 def write_result(result: dict, name: str, quick: bool) -> None:

@@ -31,29 +31,15 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from continual import parse_args, run_seeds, write_result
+from continual import config as continual_config
+from continual import forgetting_figure, parse_args, run_seeds, write_result
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
 def config(root: Path, landing: Path, strategy: str, seed: int):
-    from lifelong.config import load_config
-
-    return load_config(
-        ROOT / "configs/resnet/tiny_continual.yaml",
-        [
-            f"storage.root={root}",
-            f"data.path={landing}",
-            f"continual.landing={landing}",
-            f"continual.strategy={strategy}",
-            "continual.min_new_rows=1",
-            "continual.gates.max_forgetting=1.0",
-            "continual.gates.new_window_tolerance=1.0",
-            "export.on_register=never",
-            f"train.seed={seed}",
-        ],
-    )
+    return continual_config(root, landing, strategy, seed, "export.on_register=never", path="configs/resnet/tiny_continual.yaml")
 
 
 def starting_model(registry, cfg, work: Path, seed: int) -> int:
@@ -124,16 +110,12 @@ def main() -> None:
     less = med(lambda r: 1 - r["forgetting"]["replay"] / r["forgetting"]["naive"] if r["forgetting"]["naive"] else 0.0)
     n = f"median of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
     figures = [
-        {
-            "name": "split_digits_forgetting",
-            "value": round(100 * less, 1),
-            "unit": f"% less forgetting with replay, class-incremental ({windows} windows of 2 digits, {n})",
-            "target": ">= 50",
-            "met": bool(less >= 0.5),
-            "platform": round(forgetting["replay"], 3),
-            "baseline": round(forgetting["naive"], 3),
-            "baseline_unit": "forgetting (replay vs naive)",
-        },
+        forgetting_figure(
+            "split_digits_forgetting",
+            f"% less forgetting with replay, class-incremental ({windows} windows of 2 digits, {n})",
+            forgetting,
+            less,
+        ),
         {
             "name": "split_digits_average_accuracy",
             "value": round(acc["replay"] - acc["naive"], 3),
