@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from conftest import LABELS, make_config, register_tiny
-from lifelong.continual.cycle import accuracy, gated_accuracies
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 
@@ -246,20 +245,6 @@ def test_a_text_stream_grows_its_labels_as_an_image_stream_does(ray_session, tin
     rows = json.loads(json.dumps(registry.card("cl-grow", outcome.version).data))["files"][0]
     assert rows["dropped"] == {} and outcome.new_rows == 240  # no row dropped as unknown
     assert outcome.status == "promoted" and outcome.accuracy["candidate"][0] > outcome.accuracy["champion"][0]
-
-
-def test_the_gates_compare_past_windows_on_the_classes_both_models_know():
-    champion = {"labels": ["0", "1"], "windows": [{"0": [9, 10], "1": [8, 10]}, {"2": [0, 10], "3": [0, 10]}]}
-    candidate = {"labels": ["0", "1", "2", "3"], "windows": [{"0": [7, 10], "1": [8, 10]}, {"2": [9, 10], "3": [7, 10]}]}
-    cand, champ, note = gated_accuracies(candidate, champion)
-    assert cand == [0.75, 0.8] and champ == [0.85, 0.0] and "2 classes both models know" in note
-    # A past window of classes only the candidate knows says nothing of forgetting: left out.
-    three = {"labels": ["0", "1", "2", "3"], "windows": [{"2": [5, 10]}, {"0": [10, 10]}, {"4": [1, 2]}]}
-    two = {"labels": ["0", "1"], "windows": [{"2": [0, 10]}, {"0": [9, 10]}, {"4": [0, 2]}]}
-    assert gated_accuracies(three, two)[:2] == ([1.0, 0.5], [0.9, 0.0])
-    same = {"labels": ["0", "1"], "windows": [{"0": [1, 2]}]}
-    assert gated_accuracies(same, same) == ([0.5], [0.5], "")
-    assert accuracy({"0": [1, 4], "1": [3, 4]}) == 0.5 and accuracy({"0": [1, 4]}, {"9"}) is None and accuracy({}) == 0.0
 
 
 def test_a_grown_label_set_is_judged_again_and_a_swap_accepts_it_only_when_allowed(tmp_path):

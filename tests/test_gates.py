@@ -3,7 +3,7 @@
 import pytest
 
 from lifelong.continual.daemon import backoff
-from lifelong.continual.gates import accuracy_matrix, judge, past_window_drop
+from lifelong.continual.gates import accuracy, accuracy_matrix, gated_accuracies, judge, past_window_drop
 
 
 def test_a_candidate_as_good_on_the_new_window_that_forgets_little_passes():
@@ -52,3 +52,17 @@ def test_the_accuracy_matrix_takes_rows_from_the_serving_model_and_the_diagonal_
 
 def test_the_daemon_waits_longer_after_each_failure_up_to_ten_intervals():
     assert [backoff(30, n) for n in range(6)] == [30, 60, 120, 240, 300, 300]
+
+
+def test_the_gates_compare_past_windows_on_the_classes_both_models_know():
+    champion = {"labels": ["0", "1"], "windows": [{"0": [9, 10], "1": [8, 10]}, {"2": [0, 10], "3": [0, 10]}]}
+    candidate = {"labels": ["0", "1", "2", "3"], "windows": [{"0": [7, 10], "1": [8, 10]}, {"2": [9, 10], "3": [7, 10]}]}
+    cand, champ, note = gated_accuracies(candidate, champion)
+    assert cand == [0.75, 0.8] and champ == [0.85, 0.0] and "2 classes both models know" in note
+    # A past window of classes only the candidate knows says nothing of forgetting: left out.
+    three = {"labels": ["0", "1", "2", "3"], "windows": [{"2": [5, 10]}, {"0": [10, 10]}, {"4": [1, 2]}]}
+    two = {"labels": ["0", "1"], "windows": [{"2": [0, 10]}, {"0": [9, 10]}, {"4": [0, 2]}]}
+    assert gated_accuracies(three, two)[:2] == ([1.0, 0.5], [0.9, 0.0])
+    same = {"labels": ["0", "1"], "windows": [{"0": [1, 2]}]}
+    assert gated_accuracies(same, same) == ([0.5], [0.5], "")
+    assert accuracy({"0": [1, 4], "1": [3, 4]}) == 0.5 and accuracy({"0": [1, 4]}, {"9"}) is None and accuracy({}) == 0.0

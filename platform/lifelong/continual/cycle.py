@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lifelong.config import JobConfig
-from lifelong.continual.gates import judge
+from lifelong.continual.gates import accuracy, gated_accuracies, judge
 from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
 from lifelong.continual.search import Fitted, shown_params
@@ -590,28 +590,6 @@ def holdout_scores(config: JobConfig, storage: Storage, stream: Stream, refs: li
     rels = [stream.holdout_rel(j) for j in windows]
     legacy = (d.text_column, d.label_column)
     return ray.get([score.remote(storage, ref, rels, config.model.task, config.model.max_length, legacy) for ref in refs])
-
-
-def accuracy(counts: dict[str, list[int]], classes: set[str] | None = None) -> float | None:
-    """Accuracy over the rows of `classes` (all: None); None when the holdout has none of them."""
-    kept = [v for name, v in counts.items() if classes is None or name in classes]
-    rows = sum(v[1] for v in kept)
-    return sum(v[0] for v in kept) / rows if rows else None if classes is not None else 0.0
-
-
-def gated_accuracies(candidate: dict, champion: dict) -> tuple[list[float], list[float], str]:
-    """What the gates compare: every row of the new window, and on the past windows the rows of
-    the classes both models know (a grown label set: the champion cannot answer the new classes,
-    and a past window of classes it never learned says nothing of its forgetting)."""
-    shared = set(candidate["labels"]) & set(champion["labels"])
-    cand = [accuracy(w) for w in candidate["windows"]]
-    champ = [accuracy(w) for w in champion["windows"]]
-    if shared == set(candidate["labels"]) == set(champion["labels"]):
-        return cand, champ, ""
-    past = [(accuracy(a, shared), accuracy(b, shared)) for a, b in zip(candidate["windows"][:-1], champion["windows"][:-1])]
-    past = [(a, b) for a, b in past if a is not None]
-    note = f" (past windows over the {len(shared)} classes both models know; the candidate adds {len(set(candidate['labels']) - shared)})"
-    return [a for a, _ in past] + cand[-1:], [b for _, b in past] + champ[-1:], note
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 A candidate (the champion retrained on a new window) is compared with the champion on every
 window's holdout. It passes when it is about as good on the new window (`new_window_tolerance`),
 or, with `min_gain`, better there by at least that much, and forgets at most `max_forgetting` of
-accuracy on the past windows, on average.
+accuracy on the past windows, on average. A candidate that knows classes the champion does not (a
+grown label set) is compared on past windows over the classes both know (`gated_accuracies`).
 """
 
 from __future__ import annotations
@@ -74,3 +75,25 @@ def accuracy_matrix(windows: list[dict]) -> list[list[float | None]]:
         if i + 1 < T:
             R[i][i + 1] = windows[i + 1]["champion"][i + 1]  # measured when window i+1 arrived
     return R
+
+
+def accuracy(counts: dict[str, list[int]], classes: set[str] | None = None) -> float | None:
+    """Accuracy over the rows of `classes` (all: None); None when the holdout has none of them."""
+    kept = [v for name, v in counts.items() if classes is None or name in classes]
+    rows = sum(v[1] for v in kept)
+    return sum(v[0] for v in kept) / rows if rows else None if classes is not None else 0.0
+
+
+def gated_accuracies(candidate: dict, champion: dict) -> tuple[list[float], list[float], str]:
+    """What the gates compare: every row of the new window, and on the past windows the rows of
+    the classes both models know (a grown label set: the champion cannot answer the new classes,
+    and a past window of classes it never learned says nothing of its forgetting)."""
+    shared = set(candidate["labels"]) & set(champion["labels"])
+    cand = [accuracy(w) for w in candidate["windows"]]
+    champ = [accuracy(w) for w in champion["windows"]]
+    if shared == set(candidate["labels"]) == set(champion["labels"]):
+        return cand, champ, ""
+    past = [(accuracy(a, shared), accuracy(b, shared)) for a, b in zip(candidate["windows"][:-1], champion["windows"][:-1])]
+    past = [(a, b) for a, b in past if a is not None]
+    note = f" (past windows over the {len(shared)} classes both models know; the candidate adds {len(set(candidate['labels']) - shared)})"
+    return [a for a, _ in past] + cand[-1:], [b for _, b in past] + champ[-1:], note
