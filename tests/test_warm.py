@@ -36,3 +36,25 @@ def test_a_checkpoint_counts_once_complete_and_the_best_and_latest_are_kept(tmp_
     assert (runs / "checkpoint_000004" / MARKER).is_file()
     assert (runs / "checkpoint_000004" / "hf" / "model.safetensors").read_bytes() == b"wwww"
     assert sorted(p.name for p in runs.iterdir()) == ["checkpoint_000004"]  # best and latest at once
+
+
+def test_a_small_shard_is_kept_after_one_whole_pass_and_reshuffled_every_epoch():
+    import torch
+
+    from lifelong.train.loop import ShardCache
+
+    batches = [{"x": torch.arange(i, min(i + 4, 10)), "y": torch.arange(i, min(i + 4, 10)) * 10} for i in (0, 4, 8)]  # 4 + 4 + 2 rows
+    cut = ShardCache()
+    for _ in cut.collect(iter(batches)):
+        break  # an epoch cut short (max_steps_per_epoch) keeps nothing: the next one reads the shard again
+    assert cut.rows == 0
+    cache = ShardCache()
+    assert [b["x"].tolist() for b in cache.collect(iter(batches))] == [b["x"].tolist() for b in batches]
+    assert cache.rows == 10
+    epochs = [list(cache.epoch(4, seed=s)) for s in (1, 2)]
+    for epoch in epochs:
+        assert [len(b["x"]) for b in epoch] == [4, 4, 2]
+        rows = torch.cat([b["x"] for b in epoch])
+        assert sorted(rows.tolist()) == list(range(10))  # every row once
+        assert torch.equal(torch.cat([b["y"] for b in epoch]), rows * 10)  # rows stay whole
+    assert torch.cat([b["x"] for b in epochs[0]]).tolist() != torch.cat([b["x"] for b in epochs[1]]).tolist()

@@ -187,7 +187,21 @@ def loop_config(prep: PreparedRun, report_every_steps: int | None = None) -> dic
         "total_steps": prep.total_steps,
         "report_every_steps": report_every_steps,
         "row_weights": prep.row_weights,
+        "cache_train_shard": cache_train_shard(prep),
     }
+
+
+# A worker keeps its training shard in memory after the first epoch when the shard is at most this
+# big (train/loop.py, ShardCache): continual windows, sweeps' trials and small fine-tuning sets.
+CACHE_SHARD_BYTES = 256 * 2**20
+
+
+def cache_train_shard(prep: PreparedRun) -> bool:
+    try:
+        size = prep.data.train_ds.size_bytes()
+    except Exception:  # not materialized: its size is unknown, so it streams
+        return False
+    return size is not None and size / max(prep.config.scaling.num_workers, 1) <= CACHE_SHARD_BYTES
 
 
 def worker_resources(prep: PreparedRun) -> dict:

@@ -84,6 +84,34 @@ class TrialSession(OneProcessSession):
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory) if directory else None)
 
 
+class ShardCache:
+    """A worker's training shard, kept after its first whole pass when it is small
+    (`cache_train_shard`, decided on the driver): later epochs draw their batches from it in a
+    fresh seeded order each, instead of pulling every batch through Ray Data again (on a small
+    machine that costs a small model more than its forward and backward). The worker keeps the
+    rows of its first pass (a fixed partition, shuffled within itself every epoch)."""
+
+    def __init__(self):
+        self.full: dict | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.full.values()))) if self.full else 0
+
+    def collect(self, batches):
+        """Yield `batches`; once they have all been yielded, keep them (a pass cut short keeps nothing)."""
+        parts = []
+        for batch in batches:
+            parts.append(batch)
+            yield batch
+        self.full = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None
+
+    def epoch(self, batch_size: int, seed: int):
+        order = torch.randperm(self.rows, generator=torch.Generator().manual_seed(seed))
+        for idx in order.split(batch_size):
+            yield {k: v[idx.to(v.device)] for k, v in self.full.items()}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     run_loop(loop_config, TrainSession())
 
@@ -148,6 +176,7 @@ def run_loop(loop_config: dict, session) -> None:
     # frozen, scores the replayed rows of each batch; loaded when the first such batch comes.
     distill = config.continual.distill_weight if init_dir is not None and task.CONTINUAL else 0.0
     teacher = None
+    cache = ShardCache() if loop_config.get("cache_train_shard") else None
     row_weights = loop_config.get("row_weights")  # a continual cycle's, for its new and its replayed rows
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
@@ -155,13 +184,18 @@ def run_loop(loop_config: dict, session) -> None:
         engine.train()
         hold_frozen_norms(engine.module)
         started, units, loss_sum, micro_steps = time.perf_counter(), 0, 0.0, 0
-        batches = train_shard.iter_torch_batches(
-            batch_size=train_cfg.batch_size,
-            device=device,
-            dtypes=task.batch_dtypes(),
-            local_shuffle_buffer_size=train_cfg.batch_size * 8,
-            local_shuffle_seed=train_cfg.seed + epoch,
-        )
+        if cache is not None and cache.rows:
+            batches = cache.epoch(train_cfg.batch_size, seed=train_cfg.seed + epoch + 7919 * rank)
+        else:
+            batches = train_shard.iter_torch_batches(
+                batch_size=train_cfg.batch_size,
+                device=device,
+                dtypes=task.batch_dtypes(),
+                local_shuffle_buffer_size=train_cfg.batch_size * 8,
+                local_shuffle_seed=train_cfg.seed + epoch,
+            )
+            if cache is not None:
+                batches = cache.collect(batches)
         for batch in batches:
             inputs = task.model_inputs(batch, dtype, augment=config.data)
             out = engine(**inputs)
