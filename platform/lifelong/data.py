@@ -629,9 +629,11 @@ def image_reader(fs: pafs.FileSystem, table_path: str, image_root: str | None = 
     return read
 
 
-def validate_image_table(table: pa.Table, cfg: DataConfig, images: ImageReader | None = None) -> tuple[pa.Table, dict[str, int], list[str]]:
+def validate_image_table(
+    table: pa.Table, cfg: DataConfig, read_image: ImageReader | None = None
+) -> tuple[pa.Table, dict[str, int], list[str]]:
     """Image rows of a table file: encoded bytes (binary, or base64 text) or the path of an image
-    file (text with a '.', which base64 never holds: read by `images`, relative to the table's
+    file (text with a '.', which base64 never holds: read by `read_image`, relative to the table's
     folder), and a label. Rows whose bytes are not a readable image are dropped by reason
     (empty_image, not_an_image, truncated_image, unsupported_mode_<MODE>, missing_image_file,
     image_path_outside, ...), as bad text rows are. The rows hold the image's bytes as read."""
@@ -641,13 +643,13 @@ def validate_image_table(table: pa.Table, cfg: DataConfig, images: ImageReader |
     n = table.num_rows
     reasons = np.full(n, "", dtype=object)
     column = table.column(cfg.image_column).combine_chunks()
-    read_images, images = images, []
+    images: list[bytes | None] = []
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
         images = column.to_pylist()
     elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
         for i, value in enumerate(column.to_pylist()):
             if value and "." in value:  # a path
-                data, reasons[i] = read_images(value) if read_images else (None, "unreadable_image_file")
+                data, reasons[i] = read_image(value) if read_image else (None, "unreadable_image_file")
                 images.append(data)
                 continue
             try:

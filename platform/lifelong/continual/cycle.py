@@ -153,7 +153,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             if data_cfg.grow_labels:
                 added = stream.grow_labels(data_cfg.labels, [n for r in ledger.pending() if r.check for n in r.check.new_labels])
                 if added:  # the pending files are judged again against the grown set (their new labels' rows kept now)
-                    data_cfg = data_cfg.with_labels(stream.labels(data_cfg.labels), True)
+                    data_cfg = data_cfg.with_labels(data_cfg.labels + added, True)
                     set_aside += ledger.check_pending(data_cfg, c.landing)
                     scan_lines.append(f"new labels {added}: the stream's label set is now {data_cfg.labels}")
             quarantined = [(r.path, r.reason) for r in set_aside]  # the summary lists them

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lifelong.config import DataConfig
 from lifelong.data import (
     Fetched,
+    ImageReader,
     SourceGone,
     SourceUnstable,
     detect_format,
@@ -516,7 +517,7 @@ def _check(
     fingerprint: str,
     name: str,
     appends: Appended | None,
-    images=None,
+    images: ImageReader | None = None,
 ) -> FileCheck:
     """Parse and validate stored bytes (only what was appended, for an append); their valid rows
     go to rows/<sha>-<fp>.parquet, where cycles read them (a table's image paths: the images'

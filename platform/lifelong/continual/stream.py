@@ -151,7 +151,8 @@ class Stream:
         return grown + [name for name in configured if name not in grown]
 
     def grow_labels(self, configured: list[str], new: list[str]) -> list[str]:
-        """Add `new` labels at the end of the set; returns the ones that were new."""
+        """Add `new` labels at the end of the set; returns the ones that were new (the set is now
+        `labels(configured)` followed by them)."""
         current = self.labels(configured)
         added = [name for name in dict.fromkeys(new) if name not in current]
         if added:

@@ -152,3 +152,11 @@ def grown_head(model, labels: list[str]):
     if hasattr(model, "num_labels"):
         model.num_labels = len(labels)
     return model
+
+
+def grown_from(auto_class, init_dir, labels: list[str]):
+    """The classifier saved in `init_dir` with its head grown to `labels`, when `labels` keeps its
+    label set and adds to it (None otherwise: the caller starts a new head)."""
+    if not grows(saved_labels(init_dir), labels):
+        return None
+    return grown_head(auto_class.from_pretrained(str(init_dir), use_safetensors=True), labels)

@@ -18,14 +18,12 @@ from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the
     backend,
     comparable,
     confusion,
-    grown_head,
-    grows,
+    grown_from,
     loss_weight,
     metrics,
     predictions,
     probabilities,
     probabilities_problem,
-    saved_labels,
     scored,
     serving_model,
 )
@@ -180,8 +178,8 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
             raise ConfigError(f"model.architecture='{cfg.architecture}' / model.hf_config: {e}") from None
         return auto_class().from_config(config)
     try:
-        if grows(saved_labels(init_dir), labels):  # the same classes and new ones: the old head kept
-            return grown_head(auto_class().from_pretrained(str(init_dir), use_safetensors=True), labels)
+        if grown := grown_from(auto_class(), init_dir, labels):  # the same classes and new ones: the old head kept
+            return grown
         return auto_class().from_pretrained(str(init_dir), use_safetensors=True, config=classifier_config(init_dir, label_kwargs))
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot start a {len(labels)}-label image classifier from {init_dir}: {e}") from None

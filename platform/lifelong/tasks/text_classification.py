@@ -10,14 +10,12 @@ from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the
     backend,
     comparable,
     confusion,
-    grown_head,
-    grows,
+    grown_from,
     loss_weight,
     metrics,
     predictions,
     probabilities,
     probabilities_problem,
-    saved_labels,
     scored,
     serving_model,
 )
@@ -106,8 +104,8 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
     if init_dir is None:
         return auto_class().from_config(fresh_config(cfg, tokenizer, **label_kwargs))
     try:
-        if grows(saved_labels(init_dir), labels):  # the same classes and new ones: the old head kept
-            return grown_head(auto_class().from_pretrained(str(init_dir), use_safetensors=True), labels)
+        if grown := grown_from(auto_class(), init_dir, labels):  # the same classes and new ones: the old head kept
+            return grown
         return auto_class().from_pretrained(str(init_dir), use_safetensors=True, **label_kwargs)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"cannot start a {len(labels)}-label classifier from {init_dir}: {e}") from None
