@@ -249,3 +249,13 @@ def test_one_large_file_is_spread_over_blocks_for_every_cpu(ray_session, tmp_pat
     assert data.count() == 2 * MIN_BLOCK_ROWS and len({r["text"] for r in data.take_all()}) == 2 * MIN_BLOCK_ROWS
     # Many files, or few rows, keep one block per file.
     assert block_count(40, 10**6, cpus) == 40 and block_count(1, MIN_BLOCK_ROWS - 1, cpus) == 1
+
+
+def test_a_report_on_the_console_counts_its_files_and_the_json_lists_them():
+    from lifelong.data import DataReport, FileReport
+
+    files = [FileReport(f"/d/{i}.png", "image", "ok", rows=1, size=10, sha256=str(i)) for i in range(3)]
+    report = DataReport("/d", [*files, FileReport("/d/x.png", "image", "bad", reason="empty file (0 bytes)")], {}, {"train": 3})
+    listed, counted = report.to_dict(), report.to_dict(per_file=False)
+    assert [f["path"] for f in listed["files"]] == ["/d/0.png", "/d/1.png", "/d/2.png"] and counted["files"] == 3
+    assert counted["quarantined"] == listed["quarantined"] == [{"path": "/d/x.png", "reason": "empty file (0 bytes)"}]
