@@ -179,11 +179,16 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(pretrained, demo
     sweep_dir = Path(pretrained["root"]) / "tune" / "tune-resume-sweep"
     address = ray_session.get_runtime_context().gcs_address
     log = tmp_path / "driver.log"
+    # Tune writes its experiment state at most every 10 s by default; trials of a few seconds can all
+    # finish between two writes (seen in CI: the driver ended before the state showed one finished and
+    # one running). Ray's own setting makes it write every second, so the moment to kill is seen.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     with open(log, "w") as out:
         driver = subprocess.Popen(
             [sys.executable, "-m", "lifelong.cli", "tune", f"{CONFIGS}/{TUNE_YAML}", *overrides, "--address", address],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     # Kill the driver once its saved state has a trial finished and another still running.
     deadline = time.monotonic() + 420
@@ -191,7 +196,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(pretrained, demo
         statuses = trial_statuses(sweep_dir)
         if "TERMINATED" in statuses.values() and "RUNNING" in statuses.values():
             break
-        time.sleep(1)
+        time.sleep(0.2)
     assert driver.poll() is None, f"the driver ended before it could be interrupted:\n{log.read_text()[-3000:]}"
     driver.kill()
     driver.wait(timeout=30)
