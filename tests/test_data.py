@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -25,7 +26,8 @@ def good_rows(n, start=0):
     return [{"text": f"row number {i} is fine", "label": LABELS[i % 2]} for i in range(start, start + n)]
 
 
-def test_bad_files_are_quarantined_and_bad_rows_counted(ray_session, tmp_path):
+@pytest.mark.parametrize("in_process_mb", [16, 0], ids=["read-here", "ray-tasks"])
+def test_bad_files_are_quarantined_and_bad_rows_counted(ray_session, tmp_path, in_process_mb):
     d = tmp_path / "in"
     d.mkdir()
     write_jsonl(
@@ -49,7 +51,8 @@ def test_bad_files_are_quarantined_and_bad_rows_counted(ray_session, tmp_path):
     (d / "junk.jsonl").write_bytes(bytes(range(256)) * 40)  # binary junk under a data name
 
     storage = Storage(str(tmp_path / "store"))
-    data = read_validated(cfg(d), storage, quarantine_area="t")
+    data = read_validated(cfg(d, in_process_mb=in_process_mb), storage, quarantine_area="t")
+    assert (data.table is not None, data.rows is not None) == ((True, False) if in_process_mb else (False, True))
     report = data.report
     assert sorted(f.path.rsplit("/", 1)[1] for f in report.used_files) == ["a.jsonl", "b.parquet", "broken.jsonl", "c.csv"]
     reasons = {f.path.rsplit("/", 1)[1]: f.reason for f in report.quarantined}
@@ -179,6 +182,17 @@ def test_tokenizing_for_both_tasks(ray_session, tmp_path):
     # Packed into full blocks: nothing padded, at most one partial block per batch lost.
     assert all(r["attention_mask"].sum() == 16 for r in lm)
     assert total_tokens - 16 < len(lm) * 16 <= total_tokens
+    # Rows read here (a table in the driver) are tokenized here, batch by batch as Ray Data does:
+    # the same examples, for both tasks.
+    table = data.split_rows(None)
+    assert table.num_rows == 200
+    for task, by_ray in (("sequence-classification", cls), ("causal-lm", lm)):
+        here = tokenized(table, task, TokenizerRef(str(tok_dir)), 16).take_all()
+        assert sorted(map(example, here)) == sorted(map(example, by_ray))
+
+
+def example(row: dict) -> str:
+    return str({k: np.asarray(v).tolist() for k, v in row.items()})
 
 
 def bert_style_tokenizer(out_dir):
@@ -244,7 +258,8 @@ def test_one_large_file_is_spread_over_blocks_for_every_cpu(ray_session, tmp_pat
 
     cpus = int(ray.cluster_resources()["CPU"])
     write_jsonl(tmp_path / "big.jsonl", good_rows(2 * MIN_BLOCK_ROWS))
-    data = read_validated(cfg(tmp_path / "big.jsonl"), Storage(str(tmp_path / "s")), "t").rows.materialize()
+    # Read by Ray tasks (as data above data.in_process_mb is) however small the test's file is.
+    data = read_validated(cfg(tmp_path / "big.jsonl", in_process_mb=0), Storage(str(tmp_path / "s")), "t").rows.materialize()
     assert data.num_blocks() == min(2 * cpus, 2) == block_count(1, 2 * MIN_BLOCK_ROWS, cpus)
     assert data.count() == 2 * MIN_BLOCK_ROWS and len({r["text"] for r in data.take_all()}) == 2 * MIN_BLOCK_ROWS
     # Many files, or few rows, keep one block per file.

@@ -152,6 +152,12 @@ def list_files(fs: pafs.FileSystem, base: str, exclude: tuple[str, ...] = ()) ->
 
 def list_data_files(path: str, exclude: tuple[str, ...] = ()) -> tuple[pafs.FileSystem, list[str]]:
     """Expand a file, a directory (recursively) or a glob into data files, sorted."""
+    fs, infos = list_data_infos(path, exclude)
+    return fs, [i.path for i in infos]
+
+
+def list_data_infos(path: str, exclude: tuple[str, ...] = ()) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """`list_data_files` with each file's listing (its size) as the filesystem gave it."""
     import fnmatch
 
     fs, inner = filesystem_for(path)
@@ -159,15 +165,15 @@ def list_data_files(path: str, exclude: tuple[str, ...] = ()) -> tuple[pafs.File
         parts = inner.split("/")
         first_wild = next(i for i, p in enumerate(parts) if any(ch in p for ch in "*?["))
         base = "/".join(parts[:first_wild]) or "/"
-        files = [i.path for i in list_files(fs, base, exclude) if fnmatch.fnmatch(i.path, inner)]
+        infos = [i for i in list_files(fs, base, exclude) if fnmatch.fnmatch(i.path, inner)]
     else:
         info = fs.get_file_info(inner)
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"data path '{path}' does not exist (set data.path to a file, a directory or a glob)")
-        files = [inner] if info.type == pafs.FileType.File else [i.path for i in list_files(fs, inner, exclude)]
-    if not files:
+        infos = [info] if info.type == pafs.FileType.File else list_files(fs, inner, exclude)
+    if not infos:
         raise DataError(f"no data files match '{path}' (supported: {SUPPORTED})")
-    return fs, files
+    return fs, infos
 
 
 def display_uri(fs: pafs.FileSystem, path: str) -> str:
@@ -795,13 +801,23 @@ def quarantine(storage: Storage, area: str, fs: pafs.FileSystem, path: str, reas
 
 @dataclass
 class ValidatedData:
-    """Valid rows (text, label, split) held in the object store, plus the report of what was found."""
+    """Valid rows (text or image, label, split), plus the report of what was found: held in the
+    object store (`rows`, read by Ray tasks) or, for data of at most `data.in_process_mb`, here in
+    the driver (`table`)."""
 
-    rows: ray.data.Dataset
     report: DataReport
+    rows: ray.data.Dataset | None = None
+    table: pa.Table | None = None
 
     def split(self, name: str | None) -> ray.data.Dataset:
         """Valid rows of one split ("train", "validation") or of all (None): text (or image), label."""
+        rows = self.split_rows(name)
+        return ray.data.from_arrow(rows) if isinstance(rows, pa.Table) else rows
+
+    def split_rows(self, name: str | None) -> ray.data.Dataset | pa.Table:
+        """`split`, as a table where the rows were read here: what `tokenized` takes either way."""
+        if self.table is not None:
+            return _only(self.table, name)
         return self.rows.map_batches(_only, fn_kwargs={"split": name}, batch_format="pyarrow")
 
 
@@ -818,6 +834,7 @@ def read_validated(
     fails only when nothing valid remains or a file cannot be read at all right now. Each file is
     read once; its valid rows stay in the object store (spilled to disk when large) for every
     later pass (counting, tokenizing, every epoch)."""
+    size = None  # of the given files: unknown
     if files:
         source = path or "(the given files)"
         fs, _ = filesystem_for(files[0])
@@ -827,11 +844,17 @@ def read_validated(
         if not is_uri(source):
             source = str(Path(source).expanduser().resolve())
         exclude = (storage.base,) if storage.is_local else ()
-        fs, files = list_data_files(source, exclude)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    pairs = [read_files.remote(fs, group, cfg) for group in file_groups(files, cpus)]
-    groups = ray.get([reports for reports, _ in pairs])
-    reports = [r for group in groups for r in group]
+        fs, infos = list_data_infos(source, exclude)
+        files, size = [i.path for i in infos], sum(i.size or 0 for i in infos)
+    here = size is not None and size <= cfg.in_process_mb * 2**20
+    if here:  # the same reading, in this process: no Ray worker to start and import for it
+        read = [read_file(fs, f, cfg) for f in files]
+        reports, tables = [r for r, _ in read], [t for _, t in read if t is not None and t.num_rows]
+    else:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        pairs = [read_files.remote(fs, group, cfg) for group in file_groups(files, cpus)]
+        groups = ray.get([reports for reports, _ in pairs])
+        reports = [r for group in groups for r in group]
     trouble = [r for r in reports if r.state in ("missing", "unreadable", "changing")]
     if trouble:
         lines = "\n".join(f"  - {r.path}: {r.reason}" for r in trouble)
@@ -849,12 +872,14 @@ def read_validated(
             report.rows[split] = report.rows.get(split, 0) + n
     if not report.rows:
         raise DataError(f"no valid rows in '{source}': {report.summary()}")
+    if here:
+        return ValidatedData(report=report, table=pa.concat_tables(tables, promote_options="default"))
     refs = [table for group, (_, table) in zip(groups, pairs) if any(r.rows for r in group)]
     rows = ray.data.from_arrow_refs(refs)
     blocks = block_count(len(refs), sum(report.rows.values()), cpus)
     if blocks > len(refs):
         rows = rows.repartition(blocks)  # a few large files: every CPU tokenizes a share
-    return ValidatedData(rows=rows, report=report)
+    return ValidatedData(report=report, rows=rows)
 
 
 # A block is worth a task of its own from this many rows on (tokenizing it takes ~0.1 s).
@@ -925,12 +950,24 @@ def with_pad_token(tok):
 REPLAYED = "replayed"
 
 
-def tokenized(ds: ray.data.Dataset, task: str, tokenizer: TokenizerRef, max_length: int) -> ray.data.Dataset:
+# Large batches pack causal-LM text with little waste at block boundaries.
+TOKENIZE_BATCH = 512
+
+
+def tokenized(rows: ray.data.Dataset | pa.Table, task: str, tokenizer: TokenizerRef, max_length: int) -> ray.data.Dataset:
+    """The task's model inputs of `rows`: by Ray Data tasks for a dataset, here for a table in the
+    driver (a few megabytes: data.in_process_mb), batch by batch alike, as blocks in the object store."""
+    from ray.data.block import BlockAccessor
+
     from lifelong.tasks import task as family
 
     fn = family(task).tokenize
-    # Large batches pack causal-LM text with little waste at block boundaries.
-    return ds.map_batches(fn, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, batch_format="pyarrow", batch_size=512)
+    kwargs = {"tokenizer": tokenizer, "max_length": max_length}
+    if isinstance(rows, pa.Table):
+        batches = (rows.slice(start, TOKENIZE_BATCH) for start in range(0, rows.num_rows, TOKENIZE_BATCH))
+        blocks = [BlockAccessor.batch_to_block(fn(batch, **kwargs)) for batch in batches]
+        return ray.data.from_arrow([b for b in blocks if b.num_rows] or blocks[:1])
+    return rows.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=TOKENIZE_BATCH)
 
 
 def text_iterator(ds: ray.data.Dataset, limit: int):

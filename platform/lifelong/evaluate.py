@@ -58,7 +58,7 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     task_name = resolved.task
     validated = read_validated(config.require_data("evaluate"), storage, quarantine_area="evaluate", path=data_path)
     tokenizer = TokenizerRef(version=resolved.ref, root=config.storage.root)
-    rows = tokenized(validated.split(None), task_name, tokenizer, config.model.max_length)
+    rows = tokenized(validated.split_rows(None), task_name, tokenizer, config.model.max_length)
     scored = rows.map_batches(
         Scorer,
         fn_constructor_kwargs={"storage_root": storage.root_uri, "ref": ref, "task_name": task_name},
