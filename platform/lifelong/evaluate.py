@@ -1,16 +1,20 @@
 """Judging a model on data without training it (`lifelong evaluate`).
 
 Scoring runs in Ray Data actors (`map_batches`), so a large evaluation set is streamed
-through the cluster; only per-row losses and predictions come back to the driver.
+through the cluster; only per-row losses and predictions come back to the driver. Data of at
+most data.in_process_mb is read, tokenized and scored in the command's own process.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import ray.data
 import torch
+from ray.data.block import BlockAccessor
 
 from lifelong.config import JobConfig
 from lifelong.data import DataReport, TokenizerRef, read_validated, tokenized
@@ -32,7 +36,9 @@ class Scorer:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.task.score(self.model, batch)
+        with warnings.catch_warnings():  # batches read straight from the object store are read-only; nothing writes them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return self.task.score(self.model, batch)
 
 
 @dataclass
@@ -59,14 +65,14 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     validated = read_validated(config.require_data("evaluate"), storage, quarantine_area="evaluate", path=data_path)
     tokenizer = TokenizerRef(version=resolved.ref, root=config.storage.root)
     rows = tokenized(validated.split_rows(None), task_name, tokenizer, config.model.max_length)
-    scored = rows.map_batches(
-        Scorer,
-        fn_constructor_kwargs={"storage_root": storage.root_uri, "ref": ref, "task_name": task_name},
-        batch_size=batch_size,
-        batch_format="numpy",
-        concurrency=workers,
-    )
-    parts = [b for b in scored.iter_batches(batch_size=4096, batch_format="pandas")]
+    scorer = {"storage_root": storage.root_uri, "ref": ref, "task_name": task_name}
+    if validated.table is not None:  # read here (data.in_process_mb): scored here too, no actor to start
+        score = Scorer(**scorer)
+        blocks = [BlockAccessor.batch_to_block(score(b)) for b in rows.iter_batches(batch_size=batch_size, batch_format="numpy")]
+        scored = ray.data.from_arrow(blocks) if blocks else None
+    else:
+        scored = rows.map_batches(Scorer, fn_constructor_kwargs=scorer, batch_size=batch_size, batch_format="numpy", concurrency=workers)
+    parts = [b for b in scored.iter_batches(batch_size=4096, batch_format="pandas")] if scored is not None else []
     if not parts:
         # Rows existed, but causal-LM packing made no full block of max_length tokens.
         raise DataError(f"no complete blocks of {config.model.max_length} tokens to evaluate: use more text or a smaller model.max_length")
