@@ -48,8 +48,7 @@ def image_config(path, root, **data):
     )
 
 
-@pytest.mark.parametrize("in_process_mb", [16, 0], ids=["read-here", "ray-tasks"])
-def test_image_files_and_image_columns_are_judged_with_reasons_like_text_rows(ray_session, tmp_path, in_process_mb):
+def test_image_files_and_image_columns_are_judged_with_reasons_like_text_rows(ray_session, tmp_path):
     """A truncated JPEG, a zero-byte PNG, a text file named .png, a CMYK image and an image in a
     folder that is no label: quarantined with their reasons; bad image rows in table files are
     dropped by reason; the good ones are rows whose split follows their bytes."""
@@ -77,8 +76,8 @@ def test_image_files_and_image_columns_are_judged_with_reasons_like_text_rows(ra
     pq.write_table(pa.table({"image": [png(250), jpeg(9)[:150], png(250)], "label": ["3", "3", "3"]}), folder / "bytes.parquet")
 
     store = Storage(str(tmp_path / "store"))
-    data_cfg = image_config(folder, store.root_uri, label_column="label").data.model_copy(update={"in_process_mb": in_process_mb})
-    data = read_validated(data_cfg, store, quarantine_area="test")
+    data = read_validated(image_config(folder, store.root_uri, label_column="label").data, store, quarantine_area="test")
+    assert data.rows is not None  # image tables go to Ray tasks, however small (their rows may name images)
     report = data.report
     reasons = {Path(f.path).name: f.reason for f in report.quarantined}
     assert reasons == {
@@ -98,13 +97,45 @@ def test_image_files_and_image_columns_are_judged_with_reasons_like_text_rows(ra
         "missing_label": 1,
         "truncated_image": 1,
     }
-    table = data.table if in_process_mb else pa.concat_tables(ray_session.get(data.rows.to_arrow_refs()))
+    table = pa.concat_tables(ray_session.get(data.rows.to_arrow_refs()))
     assert table.schema.field("image").type == pa.binary() and table.num_rows == 6 + 2 + 2
     images = table.column("image").to_pylist()
     assert all(Image.open(io.BytesIO(b)).size == (16, 16) for b in images)
     # The same bytes under the same label land in the same split, whichever file holds them.
     twice = [s for b, s in zip(images, table.column("split").to_pylist()) if b == png(250)]
     assert len(twice) == 2 and len(set(twice)) == 1
+
+
+def test_a_small_image_folder_is_read_here_and_judged_as_ray_tasks_judge_it(ray_session, tmp_path):
+    """data.in_process_mb: an image folder's listed sizes are its images', so a small one is read
+    in this process, with the same reasons, rows and splits as Ray tasks give; a table of image
+    paths is not (the listing does not count the images its rows name)."""
+    folder = tmp_path / "photos"
+    for label in ("0", "1"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            (folder / label / f"{i}.png").write_bytes(png(40 * i + int(label) * 7 + 1))
+    (folder / "1" / "cut.jpg").write_bytes(jpeg(90)[:200])
+    (folder / "0" / "notes.png").write_text("not a picture at all\n")
+    store = Storage(str(tmp_path / "store"))
+    cfg = image_config(folder, store.root_uri).data
+    here = read_validated(cfg, store, quarantine_area="here")
+    by_ray = read_validated(cfg.model_copy(update={"in_process_mb": 0}), store, quarantine_area="ray")
+    assert here.table is not None and here.rows is None and by_ray.table is None
+
+    def reasons(data):
+        return {Path(f.path).name: f.reason for f in data.report.quarantined}
+
+    assert reasons(here) == reasons(by_ray) and set(reasons(here)) == {"cut.jpg", "notes.png"}
+    ray_rows = pa.concat_tables(ray_session.get(by_ray.rows.to_arrow_refs()))
+
+    def rows(table):
+        return sorted(zip(*(table.column(c).to_pylist() for c in ("image", "label", "split"))))
+
+    assert len(rows(here.table)) == 6 and rows(here.table) == rows(ray_rows)
+    (tmp_path / "table.csv").write_text("image,label\nphotos/0/0.png,0\n")
+    table_cfg = image_config(tmp_path / "table.csv", store.root_uri, label_column="label").data
+    assert read_validated(table_cfg, store, quarantine_area="t").rows is not None
 
 
 def test_an_image_in_a_text_task_and_text_where_an_image_belongs_are_named():
@@ -158,7 +189,7 @@ def test_a_table_of_image_paths_reads_the_images_it_names_in_a_run_and_in_a_land
     store = Storage(str(tmp_path / "store"))
     data = read_validated(image_config(photos / "table.csv", store.root_uri, label_column="label").data, store, quarantine_area="t")
     assert data.report.dropped == {"missing_image_file": 1, "image_path_outside": 1, "not_an_image": 1}
-    table = data.split_rows(None)  # a few KB: read in this process
+    table = pa.concat_tables(ray_session.get(data.rows.to_arrow_refs()))
     got = dict(zip(table.column("label").to_pylist(), table.column("image").to_pylist()))
     assert got == {0: png(10), 1: png(200), 2: png(200), 3: png(99)}
 

@@ -845,7 +845,11 @@ def read_validated(
             source = str(Path(source).expanduser().resolve())
         exclude = (storage.base,) if storage.is_local else ()
         fs, infos = list_data_infos(source, exclude)
-        files, size = [i.path for i in infos], sum(i.size or 0 for i in infos)
+        files = [i.path for i in infos]
+        # Images named by a table's rows are not in the listing's sizes: such tables go to Ray.
+        counted = cfg.content == "text" or {detect_format(f, cfg.format) for f in files} == {"image"}
+        if counted and None not in (sizes := [i.size for i in infos]):
+            size = sum(sizes)
     here = size is not None and size <= cfg.in_process_mb * 2**20
     if here:  # the same reading, in this process: no Ray worker to start and import for it
         read = [read_file(fs, f, cfg) for f in files]
@@ -952,22 +956,42 @@ REPLAYED = "replayed"
 
 # Large batches pack causal-LM text with little waste at block boundaries.
 TOKENIZE_BATCH = 512
+# Tokenized here, model inputs go to the object store in blocks of about this size: the driver
+# never holds more (images at a model's size take hundreds of times their PNG bytes), and Ray
+# starts one metadata task per block, not per batch.
+IN_PROCESS_BLOCK_BYTES = 32 * 2**20
 
 
 def tokenized(rows: ray.data.Dataset | pa.Table, task: str, tokenizer: TokenizerRef, max_length: int) -> ray.data.Dataset:
     """The task's model inputs of `rows`: by Ray Data tasks for a dataset, here for a table in the
-    driver (a few megabytes: data.in_process_mb), batch by batch alike, as blocks in the object store."""
-    from ray.data.block import BlockAccessor
-
+    driver (data.in_process_mb), batch by batch alike, as blocks in the object store."""
     from lifelong.tasks import task as family
 
     fn = family(task).tokenize
     kwargs = {"tokenizer": tokenizer, "max_length": max_length}
     if isinstance(rows, pa.Table):
-        batches = (rows.slice(start, TOKENIZE_BATCH) for start in range(0, rows.num_rows, TOKENIZE_BATCH))
-        blocks = [BlockAccessor.batch_to_block(fn(batch, **kwargs)) for batch in batches]
-        return ray.data.from_arrow([b for b in blocks if b.num_rows] or blocks[:1])
+        return _tokenized_here(rows, fn, kwargs)
     return rows.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=TOKENIZE_BATCH)
+
+
+def _tokenized_here(rows: pa.Table, fn: Callable, kwargs: dict) -> ray.data.Dataset:
+    from ray.data.block import BlockAccessor
+
+    refs, pending = [], []
+
+    def flush():
+        refs.append(ray.put(pa.concat_tables(pending)))
+        pending.clear()
+
+    for start in range(0, rows.num_rows, TOKENIZE_BATCH):
+        block = BlockAccessor.batch_to_block(fn(rows.slice(start, TOKENIZE_BATCH), **kwargs))
+        if block.num_rows or not (refs or pending):  # an empty one only to carry the columns
+            pending.append(block)
+        if sum(b.nbytes for b in pending) >= IN_PROCESS_BLOCK_BYTES:
+            flush()
+    if pending:
+        flush()
+    return ray.data.from_arrow_refs(refs)
 
 
 def text_iterator(ds: ray.data.Dataset, limit: int):
