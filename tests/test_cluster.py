@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -154,6 +155,7 @@ class LocalCluster:
             if any(self.temp in part for part in (p.info["cmdline"] or [])):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.kill()
+        shutil.rmtree(self.temp, ignore_errors=True)  # its sessions and logs (hundreds of files a cluster)
 
 
 @pytest.fixture(scope="module")
