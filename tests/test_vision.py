@@ -48,16 +48,21 @@ def image_config(path, root, **data):
     )
 
 
-def test_image_files_and_image_columns_are_judged_with_reasons_like_text_rows(ray_session, tmp_path):
-    """A truncated JPEG, a zero-byte PNG, a text file named .png, a CMYK image and an image in a
-    folder that is no label: quarantined with their reasons; bad image rows in table files are
-    dropped by reason; the good ones are rows whose split follows their bytes."""
-    folder = tmp_path / "photos"
+def photo_folders(folder):
+    """Three good PNGs in each of the folders 0/ and 1/, and a truncated JPEG in 1/."""
     for label in ("0", "1"):
         (folder / label).mkdir(parents=True)
         for i in range(3):
             (folder / label / f"{i}.png").write_bytes(png(40 * i + int(label) * 7 + 1))
     (folder / "1" / "cut.jpg").write_bytes(jpeg(90)[:200])
+    return folder
+
+
+def test_image_files_and_image_columns_are_judged_with_reasons_like_text_rows(ray_session, tmp_path):
+    """A truncated JPEG, a zero-byte PNG, a text file named .png, a CMYK image and an image in a
+    folder that is no label: quarantined with their reasons; bad image rows in table files are
+    dropped by reason; the good ones are rows whose split follows their bytes."""
+    folder = photo_folders(tmp_path / "photos")
     (folder / "1" / "empty.png").write_bytes(b"")
     (folder / "0" / "notes.png").write_text("not a picture at all\n")
     (folder / "0" / "print.jpg").write_bytes(jpeg(30, "CMYK"))
@@ -110,12 +115,7 @@ def test_a_small_image_folder_is_read_here_and_judged_as_ray_tasks_judge_it(ray_
     """data.in_process_mb: an image folder's listed sizes are its images', so a small one is read
     in this process, with the same reasons, rows and splits as Ray tasks give; a table of image
     paths is not (the listing does not count the images its rows name)."""
-    folder = tmp_path / "photos"
-    for label in ("0", "1"):
-        (folder / label).mkdir(parents=True)
-        for i in range(3):
-            (folder / label / f"{i}.png").write_bytes(png(40 * i + int(label) * 7 + 1))
-    (folder / "1" / "cut.jpg").write_bytes(jpeg(90)[:200])
+    folder = photo_folders(tmp_path / "photos")
     (folder / "0" / "notes.png").write_text("not a picture at all\n")
     store = Storage(str(tmp_path / "store"))
     cfg = image_config(folder, store.root_uri).data
