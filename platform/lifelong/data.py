@@ -994,10 +994,16 @@ def _tokenized_here(rows: pa.Table, fn: Callable, kwargs: dict) -> ray.data.Data
     return ray.data.from_arrow_refs(refs)
 
 
-def text_iterator(ds: ray.data.Dataset, limit: int):
+def first_rows(rows: ray.data.Dataset | pa.Table, limit: int) -> list[dict]:
+    """Up to `limit` rows as dicts, from the object store or from a table already here."""
+    return rows.slice(0, limit).to_pylist() if isinstance(rows, pa.Table) else rows.take(limit)
+
+
+def text_iterator(rows: ray.data.Dataset | pa.Table, limit: int):
     """Stream up to `limit` texts to the driver (for training a tokenizer), batch by batch."""
     seen = 0
-    for batch in ds.iter_batches(batch_size=256, batch_format="pyarrow"):
+    batches = [rows] if isinstance(rows, pa.Table) else rows.iter_batches(batch_size=256, batch_format="pyarrow")
+    for batch in batches:
         for text in batch.column("text").to_pylist():
             yield text
             seen += 1

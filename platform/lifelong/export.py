@@ -319,10 +319,10 @@ def should_export_on_register(cfg: ExportSection, task: str) -> bool:
 def validation_rows(data_cfg, storage, limit: int, path: str | None = None) -> list[dict]:
     """Labelled rows for the int8 gate: the validation split of the data, or every valid
     row of `path` when one is given (data set aside for evaluation)."""
-    from lifelong.data import read_validated
+    from lifelong.data import first_rows, read_validated
 
     validated = read_validated(data_cfg, storage, quarantine_area="export", path=path)
-    return validated.split(None if path else "validation").take(limit)
+    return first_rows(validated.split_rows(None if path else "validation"), limit)
 
 
 def export_version(

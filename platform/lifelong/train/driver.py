@@ -23,7 +23,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from lifelong.config import JobConfig
-from lifelong.data import DataReport, TokenizerRef, ValidatedData, read_validated, tokenized
+from lifelong.data import DataReport, TokenizerRef, ValidatedData, first_rows, read_validated, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError
 from lifelong.export import ExportResult, OnnxTemplate, export_files, export_formats, should_export_on_register
 from lifelong.registry import Registry, ResolvedModel
@@ -92,8 +92,9 @@ class PreparedData:
     val_ds: ray.data.Dataset
     train_examples: int
     val_examples: int
-    # Untokenized validation rows (text, label) for export's int8 gate; None in sweep trials.
-    validation_rows: ray.data.Dataset | None = None
+    # Untokenized validation rows (text, label) for export's int8 gate, as read (a table when read
+    # here); None in sweep trials.
+    validation_rows: ray.data.Dataset | pa.Table | None = None
 
     def for_trials(self) -> PreparedData:
         """What every trial of a sweep needs: the tokenized splits, not the raw rows."""
@@ -140,7 +141,7 @@ def _tokenized_data(
 ) -> PreparedData:
     """Tokenized splits, materialized: by Ray Data for datasets, here in the driver for tables."""
     here = isinstance(train_rows, pa.Table)
-    tokenizer = prepare_tokenizer(config, storage, registry, ray.data.from_arrow(train_rows) if here else train_rows)
+    tokenizer = prepare_tokenizer(config, storage, registry, train_rows)
     max_length = config.model.max_length
     # Shuffled once, across files (rows arrive file by file, a continual window's new rows before
     # its replayed ones): the materialized order is every epoch's, and the loop's local shuffle
@@ -151,9 +152,8 @@ def _tokenized_data(
         train_rows = train_rows.random_shuffle(seed=config.train.seed)
     train_ds = tokenized(train_rows, config.model.task, tokenizer, max_length).materialize()
     val_ds = tokenized(val_rows, config.model.task, tokenizer, max_length).materialize()
-    validation_rows = ray.data.from_arrow(val_rows) if here else val_rows
     # Sizing the schedule needs the number of examples (packed blocks for causal LM).
-    return PreparedData(report, tokenizer, train_ds, val_ds, train_ds.count(), val_ds.count(), validation_rows=validation_rows)
+    return PreparedData(report, tokenizer, train_ds, val_ds, train_ds.count(), val_ds.count(), validation_rows=val_rows)
 
 
 @dataclass
@@ -433,14 +433,18 @@ def onnx_template(parent: ResolvedModel | None, config: JobConfig) -> OnnxTempla
 
 
 def export_on_register(
-    config: JobConfig, model_dir: Path, validation_rows: ray.data.Dataset | None, workdir: str, template: OnnxTemplate | None = None
+    config: JobConfig,
+    model_dir: Path,
+    validation_rows: ray.data.Dataset | pa.Table | None,
+    workdir: str,
+    template: OnnxTemplate | None = None,
 ) -> ExportResult:
     """ONNX (and a gated int8 variant) of a new version, built before it is registered."""
     task = config.model.task
     if not should_export_on_register(config.export, task):
         return ExportResult()
     formats = export_formats(task, config.export.int8, config.export.torchscript)
-    rows = validation_rows.take(config.export.eval_rows) if "onnx-int8" in formats and validation_rows is not None else None
+    rows = first_rows(validation_rows, config.export.eval_rows) if "onnx-int8" in formats and validation_rows is not None else None
     exported = export_files(model_dir, task, config.model.max_length, config.export, workdir, rows, formats, template)
     for fmt, record in exported.records.items():
         print(f"[lifelong] export {fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)
