@@ -32,7 +32,7 @@ from lifelong.serve import deploy
 from lifelong.storage import Storage
 from lifelong.synth import write_stream, write_text_corpus, write_topic_dataset
 from lifelong.train.driver import run_training
-from lifelong.tune import run_sweep
+from lifelong.tune import needs_state_api, run_sweep
 
 WINDOWS = 3
 started = time.monotonic()
@@ -64,7 +64,7 @@ cycles = load_config(
     ],
 )
 served = load_config("configs/gpt2/tiny_serve.yaml", ["serve.poll_interval_s=0.5"])
-where = connect(num_cpus=4, dashboard=True)  # the dashboard's state API lets ASHA free stopped trials
+where = connect(num_cpus=4, dashboard=needs_state_api(sweep))  # for multi-worker trials: ASHA frees stopped ones through it
 console.print(f"[bold]quickstart[/] on {where}; storage root {pretrain.storage.root}")
 registry = Registry(Storage(pretrain.storage.root))
 origin = {}  # "tiny-topics:v" → what made it

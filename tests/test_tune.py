@@ -265,3 +265,48 @@ def test_an_asha_sweep_of_multi_worker_trials_on_a_cluster_without_the_state_api
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert "REFUSED early stopping (tune.scheduler=asha) needs the Ray dashboard's state API" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("search", ["optuna", "random"])
+def test_the_searchers_state_is_saved_whole_while_tune_copies_the_sweep_directory(tmp_path, search):
+    """Tune copies its staging directory to the sweep's storage in a background thread while the
+    next save writes the searcher's state into it. Raced here for real, with Tune's own copy: a
+    copy must never list a file that is gone when it opens it (a traceback on the console and a
+    snapshot lost, as a README sweep once printed)."""
+    import threading
+
+    import pyarrow.fs
+    from ray.train._internal.storage import _upload_to_fs_path
+
+    from lifelong.tune import param_space, search_algorithm
+
+    config = make_config(TUNE_YAML, f"storage.root={tmp_path}", f"tune.search={search}")
+    search_alg = search_algorithm(config, 2)
+    search_alg.set_search_properties(config.tune.metric, config.tune.mode, param_space(config))
+    for i in range(2):  # some history to save
+        search_alg.next_trial() if search == "random" else search_alg.searcher.suggest(f"t{i}")
+    staging, stored = tmp_path / "staging", tmp_path / "stored"
+    staging.mkdir()
+    failures, stop = [], threading.Event()
+
+    def copy_again_and_again():
+        while not stop.is_set():
+            try:
+                _upload_to_fs_path(str(staging), pyarrow.fs.LocalFileSystem(), str(stored))
+            except FileNotFoundError as e:
+                failures.append(e)
+
+    copier = threading.Thread(target=copy_again_and_again)
+    copier.start()
+    try:
+        deadline = time.monotonic() + 20
+        saves = 0
+        while time.monotonic() < deadline and not failures and saves < 3000:
+            search_alg.save_to_dir(str(staging), session_str="s")
+            saves += 1
+    finally:
+        stop.set()
+        copier.join()
+    assert failures == [], f"a copy failed after {saves} saves: {failures[0]}"
+    assert sorted(p.name for p in staging.iterdir()) == sorted(p.name for p in stored.iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".searcher-")]  # no scratch left behind

@@ -101,14 +101,17 @@ def tune(
     from lifelong.config import load_config
     from lifelong.runtime import connect
     from lifelong.storage import Storage
-    from lifelong.tune import check_resumable, run_sweep, sweep_name
+    from lifelong.tune import check_resumable, needs_state_api, run_sweep, sweep_name
 
     cfg = load_config(config, overrides or [])
     if not cfg.tune.space:
         raise LifelongError(f"{config}: tune.space is empty: add the keys to search, e.g. tune.space.train.lr={{loguniform: [1e-4, 1e-2]}}")
     check_resumable(Storage(cfg.storage.root), sweep_name(cfg), resume)  # before Ray starts: it is a typo more often than not
     where = connect(
-        address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, dashboard=True
+        address or cfg.ray.address,
+        cfg.ray.num_cpus,
+        min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
+        dashboard=needs_state_api(cfg),
     )
     console.print(f"[bold]lifelong tune[/] {config}{' --resume' if resume else ''} on {where}")
     print_sweep_summary(run_sweep(cfg, resume=resume, promote=promote))

@@ -22,6 +22,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ import pandas as pd
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
 from lifelong.config import JobConfig, set_dotted, validate_config
 from lifelong.errors import LifelongError
@@ -211,12 +215,17 @@ def check_resumable(storage: Storage, name: str, resume: bool) -> None:
         raise LifelongError(f"sweep '{name}' already exists at {path}: resume it with --resume, or set tune.sweep_name")
 
 
-def check_state_api(config: JobConfig) -> None:
+def needs_state_api(config: JobConfig) -> bool:
     """Ray Train frees the workers of a trial stopped early only if it can see (through the
     dashboard's state API) that the trial's controller is gone; without it their CPUs stay
     reserved and later trials wait for them until they time out. One-worker trials, which
-    train in their own process, do not need it."""
-    if config.tune.scheduler == "none" or in_trial(config):
+    train in their own process, do not need it, nor does a sweep that stops no trial early:
+    an embedded Ray then starts without its dashboard (seconds less per sweep)."""
+    return config.tune.scheduler != "none" and not in_trial(config)
+
+
+def check_state_api(config: JobConfig) -> None:
+    if not needs_state_api(config):
         return
     from ray.util.state import list_nodes
 
@@ -229,6 +238,55 @@ def check_state_api(config: JobConfig) -> None:
             "early stopping (tune.scheduler=asha) needs the Ray dashboard's state API, which this cluster does not serve "
             f"({_last_line(e)}): start the cluster with its dashboard (`ray start --head` has it by default) or set tune.scheduler=none"
         ) from e
+
+
+class SavedWhole:
+    """A search algorithm whose saved state appears in the sweep's directory only as whole files.
+
+    Tune saves the searcher's state into its staging directory (a temporary file renamed into
+    place) while its background thread may still be copying that directory to the sweep's
+    storage from the last save; a copy that lists the temporary file and opens it after the
+    rename fails ("Saving experiment state to storage ... failed", a traceback on the console,
+    and that snapshot not stored). Forced saves come one after another when trials checkpoint
+    often (one per trial checkpoint with checkpoint.num_to_keep 1). Here the state is written
+    in a scratch directory beside it and each finished file is renamed in: a copy sees the old
+    file or the new one, never a name that vanishes.
+    """
+
+    def save_to_dir(self, dirpath: str, session_str: str = "default"):
+        scratch = tempfile.mkdtemp(prefix=".searcher-", dir=os.path.dirname(os.path.abspath(dirpath)))
+        try:
+            super().save_to_dir(scratch, session_str)
+            for name in os.listdir(scratch):
+                os.replace(os.path.join(scratch, name), os.path.join(dirpath, name))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+class WholeSearchGenerator(SavedWhole, SearchGenerator):
+    """Tune's wrapper of a Searcher (Optuna's), saved whole."""
+
+
+class WholeVariantGenerator(SavedWhole, BasicVariantGenerator):
+    """Tune's random search, saved whole."""
+
+
+def search_algorithm(config: JobConfig, concurrency: int):
+    """Optuna's TPE or random search, `concurrency` trials at a time at most."""
+    t = config.tune
+    if t.search == "optuna":
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Constant liar: a running trial counts as a bad result while it runs, so trials started
+        # together do not all sample the same region; multivariate: one joint model of the space.
+        sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.optuna_startup_trials, constant_liar=True, multivariate=True)
+        # The wrapping Tune would do for max_concurrent_trials, done here to save it whole.
+        search_alg = WholeSearchGenerator(ConcurrencyLimiter(OptunaSearch(metric=t.metric, mode=t.mode, sampler=sampler), concurrency))
+    else:
+        search_alg = WholeVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
+    return search_alg
 
 
 def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
@@ -251,20 +309,6 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
             restart_errored=False,
         )
     t, ckpt = config.tune, config.train.checkpoint
-    concurrency = max_concurrency(config)
-    if t.search == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        # Constant liar: a running trial counts as a bad result while it runs, so trials started
-        # together do not all sample the same region; multivariate: one joint model of the space.
-        sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.optuna_startup_trials, constant_liar=True, multivariate=True)
-        search_alg = OptunaSearch(metric=t.metric, mode=t.mode, sampler=sampler)
-    else:
-        from ray.tune.search import BasicVariantGenerator
-
-        # Tune ignores max_concurrent_trials for a generator passed in: it takes its own limit.
-        search_alg = BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
     scheduler = None
     if t.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
@@ -283,11 +327,10 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
         trainable,
         param_space=param_space(config),
         tune_config=tune.TuneConfig(
-            search_alg=search_alg,
+            search_alg=search_algorithm(config, max_concurrency(config)),
             scheduler=scheduler,
             num_samples=t.num_samples,
             trial_dirname_creator=trial_dirname,
-            max_concurrent_trials=concurrency if t.search == "optuna" else None,
             reuse_actors=in_trial(config),  # the next trial starts in a process that has torch and DeepSpeed loaded
         ),
         run_config=tune.RunConfig(
