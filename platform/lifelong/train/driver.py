@@ -274,12 +274,16 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
     validated = read_run_data(config, storage)
     config = settle_run(config, storage, validated.report, resume)
     run_name = config.run_name
-    prep = prepare_run(config, prepare_data(config, storage, registry, validated))
     finished = finished_run(storage, run_name, config.train.epochs)
     if finished is not None:
         # Run again (the same command, a job retried after its driver registered nothing):
         # workers would resume after the last epoch and train nothing.
         print(f"[lifelong] run '{run_name}' finished its {config.train.epochs} epoch(s) already: nothing to train", flush=True)
+        registered = already_registered(config, registry, finished, run_name, validated.report)
+        if registered is not None:  # nothing to train or register: the data need not be tokenized
+            return registered
+    prep = prepare_run(config, prepare_data(config, storage, registry, validated))
+    if finished is not None:
         return register_best(prep, finished, run_name)
     trainer = build_trainer(prep, run_name)
     print(
@@ -380,21 +384,34 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | None = None) -> TrainingOutcome:
-    """Register the run's best checkpoint (once: a re-run that finds it registered reuses it)."""
-    config, registry, report = prep.config, prep.registry, prep.data.report
+def _best(config: JobConfig, result, run_name: str):
     ckpt = config.train.checkpoint
     best = best_checkpoint(result, ckpt.score_attribute, ckpt.score_order)
     if best is None:
         raise LifelongError(f"training run '{run_name}' reported no checkpoint")
-    checkpoint, metrics = best
+    return best
+
+
+def already_registered(config: JobConfig, registry: Registry, result, run_name: str, report: DataReport) -> TrainingOutcome | None:
+    """The outcome of a run whose best checkpoint is registered already (re-running a finished
+    run resumes it with nothing left to do: no duplicate version), else None."""
+    checkpoint, _ = _best(config, result, run_name)
     already = registry.find_versions(config.name, lambda card: card.run is not None and card.run.checkpoint == checkpoint.path)
-    if already:
-        # Re-running a finished run resumes it with nothing left to do: no duplicate version.
-        card = registry.card(config.name, already[0])
-        print(f"[lifelong] the best checkpoint is already registered as {config.name}:{already[0]}", flush=True)
-        epochs = [h["epoch"] for h in card.run.history]
-        return TrainingOutcome(run_name, result.path, already[0], config.name, card.metrics, report, epochs)
+    if not already:
+        return None
+    card = registry.card(config.name, already[0])
+    print(f"[lifelong] the best checkpoint is already registered as {config.name}:{already[0]}", flush=True)
+    epochs = [h["epoch"] for h in card.run.history]
+    return TrainingOutcome(run_name, result.path, already[0], config.name, card.metrics, report, epochs)
+
+
+def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | None = None) -> TrainingOutcome:
+    """Register the run's best checkpoint (once: a re-run that finds it registered reuses it)."""
+    config, registry, report = prep.config, prep.registry, prep.data.report
+    already = already_registered(config, registry, result, run_name, report)
+    if already is not None:
+        return already
+    checkpoint, metrics = _best(config, result, run_name)
     with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="lifelong-export-") as work:
         state = _read_json(Path(ckpt_dir) / "state.json")
         card = {
