@@ -4,7 +4,9 @@ zone, requeue, and a poll whose cost does not grow with the stream's history."""
 
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +239,37 @@ def test_a_cycle_takes_whole_files_oldest_first_up_to_its_row_cap(ray_session, z
     assert len(pick_files(pending, 1000)) == 4
     ledger.consume([r.sha256 for r in pending[:3]], "m:1")
     assert [r.rows for r in pick_files(ledger.pending(), 25)] == [40]  # a file above the cap goes alone
+
+
+def test_a_scan_whose_tasks_find_no_free_cpu_says_so_while_it_waits_and_finishes_once_one_frees(ray_session, zone, monkeypatch, capsys):
+    """Every free CPU of the cluster held for real (a placement group, as a run that outlived its
+    driver leaves one): the scan's tasks cannot start. It says so, naming the free CPUs, instead
+    of waiting in silence, and finishes once the CPUs are back."""
+    import threading
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    import lifelong.runtime
+
+    landing, ledger = zone
+    (landing / "a.jsonl").write_text(lines(20))
+    monkeypatch.setattr(lifelong.runtime, "WAIT_NOTICE_S", 1.0)
+    holders = []  # quarter-CPU bundles (an ingest task's share) until one more finds no room
+    while True:
+        holder = placement_group([{"CPU": 0.25}])
+        try:
+            ray_session.get(holder.ready(), timeout=3)
+        except ray_session.exceptions.GetTimeoutError:
+            remove_placement_group(holder)
+            break
+        holders.append(holder)
+    release = threading.Timer(4.0, lambda: [remove_placement_group(h) for h in holders])
+    release.start()
+    try:
+        report = ledger.scan(str(landing), cfg())
+    finally:
+        release.join()
+    assert [Path(r.path).name for r in report.new] == ["a.jsonl"] == [Path(r.path).name for r in ledger.pending()]
+    out = capsys.readouterr().out
+    said = re.search(r"1 of 1 task\(s\) not done after \d+ s; the cluster has ([\d.]+) of [\d.]+ CPUs free now", out)
+    assert said and float(said.group(1)) < 0.25, out  # less than the task's share free

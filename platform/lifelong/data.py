@@ -42,6 +42,7 @@ import ray.data
 
 from lifelong.config import DataConfig
 from lifelong.errors import DataError, first_line
+from lifelong.runtime import gather
 from lifelong.storage import Storage, filesystem_for, is_uri, local_cache_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -857,7 +858,7 @@ def read_validated(
     else:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         pairs = [read_files.remote(fs, group, cfg) for group in file_groups(files, cpus)]
-        groups = ray.get([reports for reports, _ in pairs])
+        groups = gather([reports for reports, _ in pairs], f"reading {source}")
         reports = [r for group in groups for r in group]
     trouble = [r for r in reports if r.state in ("missing", "unreadable", "changing")]
     if trouble:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import ray
 
@@ -62,3 +63,24 @@ def _reachable(address: str) -> None:
             f"no Ray cluster answers at {address} ({e.strerror or type(e).__name__}): check --address / RAY_ADDRESS, "
             "that the cluster is up and reachable from here, and RAY_AUTH_TOKEN if it requires a token"
         ) from None
+
+
+# How long tasks may be outstanding before `gather` says so (and again after each as long).
+WAIT_NOTICE_S = 60.0
+
+
+def gather(refs: list, what: str) -> list:
+    """ray.get(refs), saying so on the console while they are outstanding: tasks that no free CPU
+    can take (every one held by other work, or reserved by a placement group that outlived its
+    run) would otherwise wait silently, and a continual loop left alone would look hung."""
+    pending, started = list(refs), time.monotonic()
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_NOTICE_S)
+        if pending:
+            free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
+            print(
+                f"[lifelong] {what}: {len(pending)} of {len(refs)} task(s) not done after {time.monotonic() - started:.0f} s; "
+                f"the cluster has {free:g} of {total:g} CPUs free now; still waiting",
+                flush=True,
+            )
+    return ray.get(refs)

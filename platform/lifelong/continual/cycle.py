@@ -41,6 +41,7 @@ from lifelong.continual.stream import Decision, Stream, Window, rows_schema, win
 from lifelong.data import REPLAYED, DataReport, FileReport, validation_fingerprint
 from lifelong.errors import AliasConflict, LifelongError, first_line
 from lifelong.registry import Registry
+from lifelong.runtime import gather
 from lifelong.storage import Storage, is_uri
 from lifelong.tasks import task, with_capability
 
@@ -589,7 +590,8 @@ def holdout_scores(config: JobConfig, storage: Storage, stream: Stream, refs: li
     d = config.data
     rels = [stream.holdout_rel(j) for j in windows]
     legacy = (d.text_column, d.label_column)
-    return ray.get([score.remote(storage, ref, rels, config.model.task, config.model.max_length, legacy) for ref in refs])
+    scored = [score.remote(storage, ref, rels, config.model.task, config.model.max_length, legacy) for ref in refs]
+    return gather(scored, "scoring the holdouts")
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ from lifelong.data import (
     validation_fingerprint,
 )
 from lifelong.errors import LifelongError, first_line
+from lifelong.runtime import gather
 from lifelong.storage import Storage, filesystem_for, is_uri
 
 STATES = ("pending", "consumed", "quarantined", "superseded", "missing")
@@ -335,13 +336,14 @@ class Ledger:
             )
             todo.append((uri, info, previous, appendable))
         fingerprint = validation_fingerprint(cfg)
-        results = ray.get(
+        results = gather(
             [
                 ingest_file.remote(
                     fs, info.path, self.storage, self.stream, cfg, fingerprint, (previous.sha256, previous.size) if appendable else None
                 )
                 for uri, info, previous, appendable in todo
-            ]
+            ],
+            f"reading the new files of {landing}",
         )
         changed = False
         for (uri, info, previous, _), got in zip(todo, results):
@@ -417,7 +419,7 @@ class Ledger:
         fingerprint = validation_fingerprint(cfg)
         stale = [r for r in self.pending() if r.check is None or r.check.fp != fingerprint]
         fs, _ = filesystem_for(landing)  # where a record without a stored copy is looked for
-        results = ray.get([check_record.remote(self.storage, self.stream, fs, r, cfg, fingerprint) for r in stale])
+        results = gather([check_record.remote(self.storage, self.stream, fs, r, cfg, fingerprint) for r in stale], "checking pending files")
         out = []
         for record, got in zip(stale, results):
             if got.status == "missing":
