@@ -19,8 +19,8 @@ def connect(
 
     An embedded Ray gets more logical CPUs than the machine's cores when needed, so that the
     training workers and the Ray Data tasks feeding them can all be scheduled. `dashboard`
-    starts its dashboard too (~8 s more here): sweeps need the state API it serves, without
-    which Ray Train cannot free the workers of a trial that the scheduler stopped early.
+    starts its dashboard too: sweeps of multi-worker trials need the state API it serves,
+    without which Ray Train cannot free the workers of a trial that the scheduler stopped early.
     `dashboard_port` moves it off Ray's default 8265 (taken by a local cluster's head, say).
     Returns a short description of what it connected to.
     """

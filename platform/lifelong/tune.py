@@ -220,7 +220,7 @@ def needs_state_api(config: JobConfig) -> bool:
     dashboard's state API) that the trial's controller is gone; without it their CPUs stay
     reserved and later trials wait for them until they time out. One-worker trials, which
     train in their own process, do not need it, nor does a sweep that stops no trial early:
-    an embedded Ray then starts without its dashboard (seconds less per sweep)."""
+    an embedded Ray then starts without its dashboard."""
     return config.tune.scheduler != "none" and not in_trial(config)
 
 
