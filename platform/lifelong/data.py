@@ -978,20 +978,15 @@ def tokenized(rows: ray.data.Dataset | pa.Table, task: str, tokenizer: Tokenizer
 def _tokenized_here(rows: pa.Table, fn: Callable, kwargs: dict) -> ray.data.Dataset:
     from ray.data.block import BlockAccessor
 
-    refs, pending = [], []
-
-    def flush():
-        refs.append(ray.put(pa.concat_tables(pending)))
-        pending.clear()
-
+    refs, pending, pending_bytes = [], [], 0
     for start in range(0, rows.num_rows, TOKENIZE_BATCH):
         block = BlockAccessor.batch_to_block(fn(rows.slice(start, TOKENIZE_BATCH), **kwargs))
         if block.num_rows or not (refs or pending):  # an empty one only to carry the columns
             pending.append(block)
-        if sum(b.nbytes for b in pending) >= IN_PROCESS_BLOCK_BYTES:
-            flush()
-    if pending:
-        flush()
+            pending_bytes += block.nbytes
+        if pending_bytes >= IN_PROCESS_BLOCK_BYTES or (pending and start + TOKENIZE_BATCH >= rows.num_rows):
+            refs.append(ray.put(pa.concat_tables(pending)))
+            pending, pending_bytes = [], 0
     return ray.data.from_arrow_refs(refs)
 
 
