@@ -82,9 +82,10 @@ def config(root: Path, landing: Path, strategy: str, seed: int, *extra: str, pat
     )
 
 
-def run_seed(seed: int, windows: int, rows: int, variants: dict[str, list[str]] | None = None) -> dict:
+def run_seed(seed: int, windows: int, rows: int, variants: dict[str, list[str]] | None = None, full_lrs: tuple[str, ...] = ()) -> dict:
     """One stream, start to end: every cycle of both strategies (and of each replay variant:
-    name -> config overrides, from window 1 on), then full retraining."""
+    name -> config overrides, from window 1 on), then full retraining (at the config's learning
+    rate and at each of `full_lrs`; the best-scoring of them is the baseline)."""
     from lifelong.continual.cycle import holdout_accuracies, run_cycle
     from lifelong.continual.stream import Stream
     from lifelong.models import train_tokenizer
@@ -135,12 +136,23 @@ def run_seed(seed: int, windows: int, rows: int, variants: dict[str, list[str]] 
             cycles[other].insert(0, cycles["replay"][0])
 
     # Full retraining from the starting model on every window's training rows, when the last one arrived.
-    full_cfg = config(stores["replay"], landing, "replay", seed, f"model.init_from={name}:{start}", f"run_name=full-retrain-{windows}w")
-    t0 = time.perf_counter()
-    full = run_training(full_cfg)
-    stream = Stream(Storage(str(stores["replay"])), full_cfg.continual.stream or full_cfg.name)
-    full_acc = holdout_accuracies(full_cfg, Storage(str(stores["replay"])), stream, [f"{name}:{full.version}"], list(range(windows)))[0]
-    full_seconds = time.perf_counter() - t0
+    fulls = []
+    for lr in (None, *full_lrs):
+        overrides = [f"run_name=full-retrain-{windows}w" + (f"-lr{lr}" if lr else ""), *([f"train.lr={lr}"] if lr else [])]
+        full_cfg = config(stores["replay"], landing, "replay", seed, f"model.init_from={name}:{start}", *overrides)
+        t0 = time.perf_counter()
+        full = run_training(full_cfg)
+        stream = Stream(Storage(str(stores["replay"])), full_cfg.continual.stream or full_cfg.name)
+        full_acc = holdout_accuracies(full_cfg, Storage(str(stores["replay"])), stream, [f"{name}:{full.version}"], list(range(windows)))[0]
+        fulls.append(
+            {
+                "lr": full_cfg.train.lr,
+                "seconds": time.perf_counter() - t0,
+                "accuracy_per_window": full_acc,
+                "train_rows": full.data.rows.get("train"),
+            }
+        )
+    best_full = max(fulls, key=lambda f: statistics.fmean(f["accuracy_per_window"]))
     shutil.rmtree(work, ignore_errors=True)
 
     def final(strategy):
@@ -156,10 +168,11 @@ def run_seed(seed: int, windows: int, rows: int, variants: dict[str, list[str]] 
         "average_accuracy": {
             "replay": final("replay")["average_accuracy"],
             "naive": final("naive")["average_accuracy"],
-            "full": statistics.fmean(full_acc),
+            "full": statistics.fmean(best_full["accuracy_per_window"]),
         },
         "forgetting": {s: final(s)["forgetting"] for s in ("replay", "naive")},
-        "full_retrain": {"seconds": full_seconds, "accuracy_per_window": full_acc, "train_rows": full.data.rows.get("train")},
+        "full_retrain": best_full,
+        "full_retrains": fulls,
         "incremental_last_cycle": {
             "seconds": replay_last["seconds"],
             "phases": replay_last["phases"],
@@ -182,6 +195,12 @@ def parse_args(doc: str, quick: tuple[int, int], full: tuple[int, int]):
         metavar="NAME:KEY=VALUE[,KEY=VALUE]",
         help="also run the replay strategy with these config overrides (continual.py only), e.g. replay2:continual.replay_ratio=2",
     )
+    parser.add_argument(
+        "--full-lr",
+        action="append",
+        default=[],
+        help="also retrain in full at this learning rate (continual.py only); the baseline is the best full retraining",
+    )
     args = parser.parse_args()
     windows, rows = quick if args.quick else full
     return args, windows, rows, [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
@@ -199,7 +218,7 @@ def run_seeds(run_seed, seeds: list[int], windows: int, rows: int, **kwargs):
 def main() -> None:
     args, windows, rows, seeds = parse_args(__doc__, quick=(3, 300), full=(6, 1000))
     variants = {name: overrides.split(",") for name, _, overrides in (v.partition(":") for v in args.variant)}
-    runs, med = run_seeds(run_seed, seeds, windows, rows, variants=variants)
+    runs, med = run_seeds(run_seed, seeds, windows, rows, variants=variants, full_lrs=tuple(args.full_lr))
 
     acc = {s: med(lambda r, s=s: r["average_accuracy"][s]) for s in ("replay", "naive", "full")}
     gap = med(lambda r: r["average_accuracy"]["replay"] - r["average_accuracy"]["full"])
