@@ -18,10 +18,9 @@ recorded beside it); and the best validation loss of the sweep. Where random sea
 sweep never reaches the target, its median is bounded below by what its sweeps spent in all and
 the ratios are given as "at least" (40 trials per sweep: at 20, random search reached the target
 in 1 sweep of 5, which bounded little). Each trial's settings, start and curve are recorded.
-Tune's overhead: the sweep's
-wall time against the sum of the trials' own training (train + validation seconds the workers
-measured), and each trial's start-up, split into the
-part inside the training loop (model load + DeepSpeed init, measured by the worker) and the
+Tune's overhead: the sweep's wall time against the sum of the trials' own training (train +
+validation seconds the workers measured), and each trial's start-up, split into the part
+inside the training loop (model load + DeepSpeed init, measured by the worker) and the
 part before it (Tune starting or reusing the trial's process, the trial's config and data plan).
 """
 

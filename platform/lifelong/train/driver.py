@@ -283,8 +283,8 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
         if registered is not None:  # nothing to train or register: the data need not be tokenized
             return registered
     prep = prepare_run(config, prepare_data(config, storage, registry, validated))
-    if finished is not None:
-        return register_best(prep, finished, run_name)
+    if finished is not None:  # looked up above: not registered yet
+        return register_checkpoint(prep, finished, run_name)
     trainer = build_trainer(prep, run_name)
     print(
         f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
@@ -407,10 +407,13 @@ def already_registered(config: JobConfig, registry: Registry, result, run_name: 
 
 def register_best(prep: PreparedRun, result, run_name: str, extra_card: dict | None = None) -> TrainingOutcome:
     """Register the run's best checkpoint (once: a re-run that finds it registered reuses it)."""
+    already = already_registered(prep.config, prep.registry, result, run_name, prep.data.report)
+    return already if already is not None else register_checkpoint(prep, result, run_name, extra_card)
+
+
+def register_checkpoint(prep: PreparedRun, result, run_name: str, extra_card: dict | None = None) -> TrainingOutcome:
+    """Register the run's best checkpoint as a new version (`register_best` checks it is not one yet)."""
     config, registry, report = prep.config, prep.registry, prep.data.report
-    already = already_registered(config, registry, result, run_name, report)
-    if already is not None:
-        return already
     checkpoint, metrics = _best(config, result, run_name)
     with checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="lifelong-export-") as work:
         state = _read_json(Path(ckpt_dir) / "state.json")
