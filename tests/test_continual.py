@@ -3,6 +3,7 @@ hot-swap while a client keeps asking, crash recovery, quarantine."""
 
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -142,6 +143,15 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
         second = run_cycle(config)
         print(second.summary())
         assert second.window == 1 and second.replay_rows > 0 and second.status == expected_decision(second, config)
+        # A replay sample per epoch (continual.replay_refresh: epoch, the default): the 2 workers
+        # tokenized the window's rows and 3 samples, and each epoch trained the window's and one
+        # sample's in the steps planned for that many, in step with each other.
+        card = registry.card("cl-topics", second.version)
+        per_epoch = card.data["rows"]["train"] + second.replay_rows
+        states = (json.loads(p.read_text()) for p in (root / "runs").glob("cl-topics-w001*/checkpoint_*/state.json"))
+        history = max(states, key=lambda state: state["epoch"])["history"]
+        steps = math.ceil(per_epoch // 2 / config.train.batch_size)
+        assert [h["global_step"] for h in history] == [steps, 2 * steps, 3 * steps]
         assert sorted(second.files) == sorted(
             r.sha256 for r in Ledger(Storage(str(root)), "cl-topics").records() if r.name.startswith("window-001")
         )

@@ -1,6 +1,7 @@
 """continual.distill_weight: the replayed rows of a cycle are marked through tokenization, and the
 loop's distillation term counts those rows alone, against the champion's logits.
-continual.replay_weighting=history: the loop weighs the marked rows as the cycle's weights say."""
+continual.replay_weighting=history: the loop weighs the marked rows as the cycle's weights say.
+continual.replay_refresh=epoch: each epoch trains on the new rows and its own sample's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from lifelong.continual.cycle import history_weights
 from lifelong.data import REPLAYED
 from lifelong.models import build_model, load_tokenizer
 from lifelong.tasks.text_classification import tokenize as tokenize_for_classification
-from lifelong.train.loop import distillation_loss, weighted_loss
+from lifelong.train.loop import distillation_loss, epoch_sample, weighted_loss
 
 
 def test_replayed_rows_are_marked_through_tokenization_and_only_they_are_distilled(tiny_tokenizer):
@@ -65,3 +66,22 @@ def test_the_weighted_loss_is_the_models_own_at_equal_weights_and_weighs_replaye
     per_row = torch.nn.functional.cross_entropy(out.logits, batch["labels"], reduction="none")
     expected = (0.5 * per_row[0] + 1.5 * per_row[1] + 0.5 * per_row[2] + 1.5 * per_row[3]) / 4
     assert weighted_loss(out.logits, batch, {"new": 0.5, "replayed": 1.5}).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_an_epoch_trains_on_the_new_rows_and_its_own_sample_in_exactly_the_batches_planned():
+    # 6 new rows (0) and two samples of 4 (1, 2), in batches of 5 as a shard hands them over.
+    marks = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 0])
+    rows = torch.arange(14)
+    shard = [{"row": rows[i : i + 5], REPLAYED: marks[i : i + 5]} for i in range(0, 14, 5)]
+
+    def epoch(sample, batch_size, count):
+        return [b["row"].tolist() for b in epoch_sample(iter(shard), sample, batch_size, count)]
+
+    assert epoch(1, 4, 3) == [[0, 1, 3, 4], [6, 7, 9, 10], [12, 13]]  # 10 rows: 4 + 4 + 2
+    assert epoch(2, 4, 3) == [[0, 2, 3, 5], [6, 8, 9, 11], [12, 13]]
+    # Another worker's shard holds more of a sample's rows, or fewer: the same number of batches.
+    assert epoch(1, 4, 2) == [[0, 1, 3, 4], [6, 7, 9, 10]]
+    assert epoch(1, 4, 4) == [[0, 1, 3, 4], [6, 7, 9, 10], [12, 13], [0, 1, 3, 4]]
+    seen = []
+    drained = epoch_sample((seen.append(b) or b for b in shard), 1, 4, 1)
+    assert [b["row"].tolist() for b in drained] == [[0, 1, 3, 4]] and len(seen) == 3  # the whole shard was read

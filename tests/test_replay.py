@@ -71,3 +71,18 @@ def test_of_two_writers_adding_at_once_one_wins_and_the_other_is_told(tmp_path, 
     assert sorted(set(a.rows().column("label").to_pylist())) == ["c0", "c1"]
     # The loser's buffer object, never pointed at, is gone.
     assert sorted(n[:13] for n in storage.listdir("streams/s/replay") if n.startswith("buffer-")) == ["buffer-000001", "buffer-000002"]
+
+
+def test_a_sample_per_epoch_draws_distinct_rows_that_together_cover_what_the_buffer_holds(tmp_path):
+    buffer = ReplayBuffer(Storage(str(tmp_path)), "s", capacity=100, seed=0)
+    assert buffer.samples(10, 3, seed=0) == []
+    buffer.add(window(0, 100), files=["w0"])
+    samples = buffer.samples(40, 3, seed=5)
+    texts = [s.column("text").to_pylist() for s in samples]
+    assert [len(t) for t in texts] == [40, 40, 40] and all(len(set(t)) == 40 for t in texts)
+    # 120 draws from 100 rows: every row once, and 20 of them a second time.
+    assert len(set().union(*texts)) == 100 and len(set(texts[0]) & set(texts[1])) == 0
+    assert [s.equals(t) for s, t in zip(samples, buffer.samples(40, 3, seed=5))] == [True] * 3
+    assert buffer.sample(40, seed=5).equals(samples[0])
+    # More rows asked than the buffer holds: every sample is the whole buffer.
+    assert [s.num_rows for s in buffer.samples(500, 2, seed=1)] == [100, 100]

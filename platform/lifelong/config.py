@@ -370,7 +370,7 @@ class GatesSection(Section):
 
 
 # The continual.* keys a cycle's search may set: how a candidate trains from the champion.
-SEARCHED_CONTINUAL_KEYS = ("continual.replay_ratio", "continual.replay_weighting", "continual.distill_weight")
+SEARCHED_CONTINUAL_KEYS = ("continual.replay_ratio", "continual.replay_weighting", "continual.replay_refresh", "continual.distill_weight")
 
 
 class CycleSearchSection(Section):
@@ -434,6 +434,10 @@ class ContinualSection(Section):
     # windows came before. history: the replayed rows stand for all rows trained on before (the
     # buffer's count), so the new window weighs what it would in full retraining on everything.
     replay_weighting: Literal["rows", "history"] = "history"
+    # Which replayed rows each epoch of a cycle trains on (replay strategy). epoch: a sample of its
+    # own per epoch (replay_ratio rows per new row each), drawn so that the epochs together cover
+    # as much of the buffer as they can; the same cost as cycle, which trains every epoch on one.
+    replay_refresh: Literal["epoch", "cycle"] = "epoch"
     gates: GatesSection = Field(default_factory=GatesSection)
     # A label that is not in data.labels: refuse drops its rows (unknown_label) and quarantines
     # image files in a folder of that name; grow adds it to the stream's label set (kept under

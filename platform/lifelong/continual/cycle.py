@@ -410,28 +410,35 @@ def _fit(
 
     c, k = config.continual, window.window
     t0 = time.perf_counter()
-    parts, replay_rows, weights, weighted = [train], 0, None, ""
+    parts, replay_rows, weights, weighted, refreshed = [train], 0, None, "", ""
+    samples = []
     if c.strategy == "replay":
         buffer = ReplayBuffer(storage, stream.name, c.replay_capacity, seed=config.train.seed)
-        sample = buffer.sample(round(c.replay_ratio * train.num_rows), seed=config.train.seed + k)
-        if sample is not None:
-            replay_rows = sample.num_rows
+        count = config.train.epochs if c.replay_refresh == "epoch" else 1
+        samples = buffer.samples(round(c.replay_ratio * train.num_rows), count, seed=config.train.seed + k)
+        if samples:
+            replay_rows = samples[0].num_rows
             schema = rows_schema(config.data.content)
-            parts.append(sample.select(schema.names).cast(schema))
+            parts += [sample.select(schema.names).cast(schema) for sample in samples]
+            state = buffer.state()
+            if count > 1:
+                refreshed = f" per epoch ({count} samples of the buffer's {state['rows']} rows)"
             if c.replay_weighting == "history":
-                seen = buffer.state()["seen"]
+                seen = state["seen"]
                 weights = history_weights(train.num_rows, replay_rows, seen)
                 weighted = f" (weighted {weights['replayed'] / weights['new']:.1f}x, standing for the {seen} rows trained on before)"
-    if (c.distill_weight or weights) and replay_rows:
-        # The loop distills the champion's logits on, and weighs, the rows this column marks (train/loop.py).
-        parts = [p.append_column(REPLAYED, pa.repeat(pa.scalar(int(i > 0), pa.int64()), p.num_rows)) for i, p in enumerate(parts)]
+    if (c.distill_weight or weights or len(samples) > 1) and replay_rows:
+        # The loop trains epoch e on the new rows (0) and sample e's rows (e, counted from 1) of this
+        # column, and weighs and distills the replayed ones (train/loop.py).
+        parts = [p.append_column(REPLAYED, pa.repeat(pa.scalar(i, pa.int64()), p.num_rows)) for i, p in enumerate(parts)]
     cycle_config = config.model_copy(update={"run_name": run, "model": config.model.model_copy(update={"init_from": champion_ref})})
     say(
-        f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed{weighted}, "
+        f"cycle window {k}: {window.new_rows} new rows ({len(window.files)} files) + {replay_rows} replayed{refreshed}{weighted}, "
         f"from {champion_ref}, run '{run}'" + (f" (attempt {window.attempts + 1})" if window.attempts else "")
     )
     data = prepare_data_from_tables(cycle_config, storage, registry, pa.concat_tables(parts), holdout, report)
-    prep = replace(prepare_run(cycle_config, data), row_weights=weights)
+    epoch_rows = train.num_rows + replay_rows if len(samples) > 1 else None
+    prep = replace(prepare_run(cycle_config, data, epoch_examples=epoch_rows), row_weights=weights, replay_samples=max(len(samples), 1))
     t1 = time.perf_counter()
     result = _train(prep, run)
     spent["prepare"] += t1 - t0

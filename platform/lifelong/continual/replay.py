@@ -83,8 +83,18 @@ class ReplayBuffer:
 
     def sample(self, n: int, seed: int) -> pa.Table | None:
         """Up to `n` rows drawn without replacement from the buffer (seeded)."""
+        samples = self.samples(n, 1, seed)
+        return samples[0] if samples else None
+
+    def samples(self, n: int, count: int, seed: int) -> list[pa.Table]:
+        """`count` samples of up to `n` rows each (one per epoch of a cycle), drawn without replacement
+        from the buffer as far as it reaches: consecutive stretches of one seeded order of its rows,
+        which starts again from the top once it is used up, so together they cover
+        min(count * n, rows) distinct rows. Empty when the buffer is."""
         current = self.rows()
         if current is None or n <= 0:
-            return None
-        picks = sorted(random.Random(seed).sample(range(current.num_rows), min(n, current.num_rows)))
-        return current.take(picks)
+            return []
+        rows = current.num_rows
+        order = random.Random(seed).sample(range(rows), rows)
+        take = min(n, rows)
+        return [current.take(sorted(order[(i * take + j) % rows] for j in range(take))) for i in range(count)]

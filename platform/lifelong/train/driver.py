@@ -169,10 +169,14 @@ class PreparedRun:
     gpu: bool
     # A continual cycle's loss weights of its new and its replayed rows (continual.replay_weighting).
     row_weights: dict[str, float] | None = None
+    # A continual cycle's replay samples, one per epoch (continual.replay_refresh: epoch), marked
+    # 1, 2, … in the rows' replayed column: epoch e trains on the new rows and sample e's.
+    replay_samples: int = 1
 
 
-def prepare_run(config: JobConfig, data: PreparedData | None = None) -> PreparedRun:
-    """Check the run against its data (prepared here unless given) and size the schedule."""
+def prepare_run(config: JobConfig, data: PreparedData | None = None, epoch_examples: int | None = None) -> PreparedRun:
+    """Check the run against its data (prepared here unless given) and size the schedule, for
+    `epoch_examples` per epoch (a continual cycle's with a replay sample per epoch), else all."""
     storage = Storage(config.storage.root)
     registry = Registry(storage)
     parent = registry.resolve(config.model.init_from) if config.model.init_from else None
@@ -183,7 +187,7 @@ def prepare_run(config: JobConfig, data: PreparedData | None = None) -> Prepared
             f"too little data for {workers} workers: {data.train_examples} training and {data.val_examples} validation "
             f"examples of {config.model.max_length} tokens; add data, lower model.max_length or scaling.num_workers"
         )
-    total_steps = total_optimizer_steps(config.train, math.floor(data.train_examples / workers))
+    total_steps = total_optimizer_steps(config.train, math.floor((epoch_examples or data.train_examples) / workers))
     gpu = use_gpu(config)
     if not gpu and config.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 needs CUDA GPUs and this cluster has none: use bf16 or fp32")
@@ -199,6 +203,7 @@ def loop_config(prep: PreparedRun, report_every_steps: int | None = None) -> dic
         "total_steps": prep.total_steps,
         "report_every_steps": report_every_steps,
         "row_weights": prep.row_weights,
+        "replay_samples": prep.replay_samples,
         "cache_train_shard": cache_train_shard(prep),
     }
 

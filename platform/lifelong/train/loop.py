@@ -178,6 +178,7 @@ def run_loop(loop_config: dict, session) -> None:
     teacher = None
     cache = ShardCache() if loop_config.get("cache_train_shard") else None
     row_weights = loop_config.get("row_weights")  # a continual cycle's, for its new and its replayed rows
+    replay_samples = loop_config.get("replay_samples") or 1  # a continual cycle's: one per epoch when > 1
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
         # --- train one epoch ---------------------------------------------------------------
@@ -196,6 +197,9 @@ def run_loop(loop_config: dict, session) -> None:
             )
             if cache is not None:
                 batches = cache.collect(batches)
+        if replay_samples > 1:
+            sample = (epoch - 1) % replay_samples + 1
+            batches = epoch_sample(batches, sample, train_cfg.batch_size, steps_per_epoch * train_cfg.gradient_accumulation_steps)
         for batch in batches:
             inputs = task.model_inputs(batch, dtype, augment=config.data)
             out = engine(**inputs)
@@ -326,6 +330,35 @@ def mark_fp32(config_json: Path) -> None:
     config = json.loads(config_json.read_text())
     config["dtype"] = "float32"
     config_json.write_text(json.dumps(config, indent=2))
+
+
+def epoch_sample(batches, sample: int, batch_size: int, count: int):
+    """The rows of `batches` one epoch of a cycle trains on: the new rows (replayed 0) and those of
+    its own replay sample (replayed == `sample`), in `count` batches of `batch_size` (the last may
+    be short). Every worker yields exactly `count`, so their collectives stay in step although
+    their shards hold a sample's rows in slightly different numbers: a worker with more drops the
+    rest, one with fewer trains its first rows again. `batches` is drained whole (a shard cache
+    keeps only a pass it saw to the end)."""
+    pending, held, made, first = [], 0, 0, None
+    for batch in batches:
+        keep = (batch[REPLAYED] == 0) | (batch[REPLAYED] == sample)
+        pending.append({k: v[keep] for k, v in batch.items()})
+        held += int(keep.sum())
+        while held >= batch_size and made < count:
+            rows = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+            out = {k: v[:batch_size] for k, v in rows.items()}
+            pending, held = [{k: v[batch_size:] for k, v in rows.items()}], held - batch_size
+            first = first or out
+            made += 1
+            yield out
+    if held and made < count:
+        out = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+        first = first or out
+        made += 1
+        yield out
+    while first is not None and made < count:
+        made += 1
+        yield first
 
 
 def weighted_loss(logits: torch.Tensor, batch: dict, weights: dict[str, float]) -> torch.Tensor:
