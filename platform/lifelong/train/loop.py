@@ -341,6 +341,8 @@ def epoch_sample(batches, sample: int, batch_size: int, count: int):
     keeps only a pass it saw to the end)."""
     pending, held, made, first = [], 0, 0, None
     for batch in batches:
+        if made == count:
+            continue  # read on to the end, holding nothing
         keep = (batch[REPLAYED] == 0) | (batch[REPLAYED] == sample)
         pending.append({k: v[keep] for k, v in batch.items()})
         held += int(keep.sum())
