@@ -86,7 +86,7 @@ def run_seed(seed: int, windows: int, rows: int, variants: dict[str, list[str]] 
     """One stream, start to end: every cycle of both strategies (and of each replay variant:
     name -> config overrides, from window 1 on), then full retraining (at the config's learning
     rate and at each of `full_lrs`; the best-scoring of them is the baseline)."""
-    from lifelong.continual.cycle import holdout_accuracies, run_cycle
+    from lifelong.continual.cycle import holdout_values, run_cycle
     from lifelong.continual.stream import Stream
     from lifelong.models import train_tokenizer
     from lifelong.registry import Registry
@@ -143,7 +143,7 @@ def run_seed(seed: int, windows: int, rows: int, variants: dict[str, list[str]] 
         t0 = time.perf_counter()
         full = run_training(full_cfg)
         stream = Stream(Storage(str(stores["replay"])), full_cfg.continual.stream or full_cfg.name)
-        full_acc = holdout_accuracies(full_cfg, Storage(str(stores["replay"])), stream, [f"{name}:{full.version}"], list(range(windows)))[0]
+        full_acc = holdout_values(full_cfg, Storage(str(stores["replay"])), stream, [f"{name}:{full.version}"], list(range(windows)))[0]
         fulls.append(
             {
                 "lr": full_cfg.train.lr,

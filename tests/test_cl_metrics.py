@@ -42,3 +42,22 @@ def test_a_peak_before_the_last_model_counts_as_forgetting_even_when_bwt_is_posi
 def test_a_ragged_matrix_is_refused():
     with pytest.raises(ValueError, match="square"):
         cl_metrics([[0.5, 0.2], [0.4]])
+
+
+def test_a_perplexity_matrix_gives_relative_measures_signed_as_for_accuracy():
+    P = [
+        [100.0, 300.0, None],
+        [125.0, 50.0, 400.0],
+        [110.0, 60.0, 40.0],
+    ]
+    B = [500.0, 600.0, 800.0]  # the starting model on each window
+    m = cl_metrics(P, B, metric="perplexity")
+    assert m["average_perplexity"] == pytest.approx((110 + 60 + 40) / 3) and "average_accuracy" not in m
+    # BWT: window 0 100 → 110 (-10%), window 1 50 → 60 (-20%).
+    assert m["backward_transfer"] == pytest.approx((-0.10 - 0.20) / 2)
+    # Forgetting against each window's best so far: window 0's best 100 (not 125), window 1's 50.
+    assert m["forgetting"] == pytest.approx((0.10 + 0.20) / 2)
+    # FWT: the model before window j against the starting model on it: 300 vs 600, 400 vs 800.
+    assert m["forward_transfer"] == pytest.approx((0.5 + 0.5) / 2)
+    first = metrics_over_cycles(P, B, metric="perplexity")[0]
+    assert first == {"windows": 1, "average_perplexity": 100.0, "backward_transfer": None, "forward_transfer": None, "forgetting": None}

@@ -85,3 +85,30 @@ def test_an_epoch_trains_on_the_new_rows_and_its_own_sample_in_exactly_the_batch
     seen = []
     drained = epoch_sample((seen.append(b) or b for b in shard), 1, 4, 1)
     assert [b["row"].tolist() for b in drained] == [[0, 1, 3, 4]] and len(seen) == 3  # the whole shard was read
+
+
+def test_a_language_models_replayed_text_is_packed_apart_and_its_rows_weighed_by_their_mean_token_loss(tiny_tokenizer):
+    from lifelong.tasks.causal_lm import tokenize as tokenize_for_lm
+
+    texts = ["the weather is rain and storm tonight " * 3, "stocks fell in the market today " * 3, "a new frog in the lab " * 3]
+    table = pa.table({"text": texts * 4, REPLAYED: [0, 1, 2] * 4})
+    packed = tokenize_for_lm(table, str(tiny_tokenizer), 16)
+    tok = load_tokenizer(tiny_tokenizer)
+    for mark, text in enumerate(texts):  # each mark's blocks hold only its own rows' tokens
+        own = set(tok(text)["input_ids"]) | {tok.eos_token_id}
+        blocks = packed["input_ids"][packed[REPLAYED] == mark]
+        assert len(blocks) >= 1 and set(blocks.ravel().tolist()) <= own
+    unmarked = tokenize_for_lm(table.drop_columns([REPLAYED]), str(tiny_tokenizer), 16)
+    assert REPLAYED not in unmarked and unmarked["input_ids"].shape[1] == 16
+
+    batch = {k: torch.from_numpy(v) for k, v in packed.items()}
+    torch.manual_seed(0)
+    cfg = ModelConfig(task="causal-lm", hf_config={"n_layer": 1, "n_embd": 16, "n_head": 2}, max_length=16)
+    model = build_model(cfg, tok).eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    # Full blocks: at equal weights, the model's own mean next-token loss.
+    assert weighted_loss(out.logits, batch, {"new": 1.0, "replayed": 1.0}).item() == pytest.approx(out.loss.item(), rel=1e-5)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none").mean(1)
+    w = torch.where(batch[REPLAYED].bool(), 2.0, 0.5)
+    assert weighted_loss(out.logits, batch, {"new": 0.5, "replayed": 2.0}).item() == pytest.approx((ce * w).mean().item(), rel=1e-5)

@@ -368,6 +368,25 @@ def data_stream(
     )
 
 
+@data_app.command("doc-stream")
+def data_doc_stream(
+    out: Annotated[Path, typer.Argument(help="Directory to write window-000/, window-001/, … into")] = Path("data/doc-stream"),
+    windows: Annotated[int, typer.Option(min=1, max=4, help="Number of windows (one part of the docs each)")] = 4,
+    files: Annotated[int, typer.Option(min=1, help="Files per window (JSONL, CSV and Parquet in turn)")] = 2,
+    max_rows: Annotated[int | None, typer.Option(min=1, help="At most this many paragraphs per window")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write a REAL text stream for continual pretraining: CPython's documentation, one part per window."""
+    from lifelong.synth import DOC_PARTS, write_doc_stream
+
+    dirs = write_doc_stream(out, windows, files, max_rows, seed)
+    parts = ", ".join(f"{d.name}: {part}" for d, part in zip(dirs, DOC_PARTS))
+    console.print(
+        f"wrote {len(dirs)} windows of CPython documentation paragraphs under {out} ({parts}); "
+        "copy them into the landing zone one at a time"
+    )
+
+
 @data_app.command("image-stream")
 def data_image_stream(
     out: Annotated[Path, typer.Argument(help="Directory to write window-000/<digit>/*.png, window-001/, … into")] = Path("data/digits"),

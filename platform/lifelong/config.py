@@ -367,6 +367,12 @@ class GatesSection(Section):
     # When set, the candidate must beat the champion on the new window by at least this much
     # (e.g. 0.005): a cycle that learned nothing is not promoted. Replaces new_window_tolerance.
     min_gain: float | None = Field(default=None, ge=0.0, le=1.0)
+    # Gates on perplexity (model.task: causal-lm), relative to the champion's on each window:
+    # the candidate's perplexity on the new window must be at least this fraction lower (0: not
+    # higher) ...
+    min_relative_improvement: float = Field(default=0.0, ge=-1.0, lt=1.0)
+    # ... and its mean rise on the past windows (candidate / champion - 1) at most this.
+    max_relative_increase: float = Field(default=0.05, ge=0.0)
 
 
 # The continual.* keys a cycle's search may set: how a candidate trains from the champion.
@@ -381,7 +387,8 @@ class CycleSearchSection(Section):
     # continual.replay_ratio, e.g. {train.lr: {loguniform: [1e-4, 1e-2]}, train.epochs: {choice: [1, 2, 3]}}.
     space: dict[str, dict[str, Any]]
     # A trial's score: its accuracy gain over the champion on the new window minus this weight
-    # times its forgetting (mean accuracy drop against the champion on the past windows).
+    # times its forgetting (mean accuracy drop against the champion on the past windows); for a
+    # language model, both relative to the champion's perplexity.
     forgetting_weight: float = Field(default=1.0, ge=0)
     # Random trials before TPE models the results (the stream's earlier trials count).
     startup_trials: int = Field(default=2, ge=1)

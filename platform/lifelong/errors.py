@@ -25,6 +25,11 @@ class AliasConflict(RegistryError):
 
 
 def first_line(error: BaseException | str, limit: int = 300) -> str:
-    """The first line of an error's message, for one-line reports (the type's name if it has none)."""
+    """The first line of an error's message, for one-line reports (the type's name if it has none).
+    An error raised in a Ray task or actor is reported by its cause (Ray's first line names only
+    the task and its process)."""
+    cause = getattr(error, "cause", None)
+    if isinstance(error, BaseException) and type(error).__name__.startswith("RayTaskError") and isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {first_line(cause, limit)}"[:limit]
     lines = str(error).strip().splitlines()
     return (lines[0] if lines else type(error).__name__)[:limit]

@@ -10,6 +10,9 @@
   a model trained on the new window alone forgets the others) and replaces part of each
   class's vocabulary with words of its own (vocabulary drift). Files alternate JSONL, CSV and
   Parquet, as a landing zone would receive them.
+- `write_doc_stream`: REAL text as a stream, for continual pretraining of a language model: the
+  same CPython documentation, one part of it per window (statements, expressions, the data
+  model, the built-in types), so a model trained on the newest part forgets the others.
 - `write_digit_stream`: REAL images (scikit-learn's handwritten digits), upscaled to PNG files
   in class folders, as class-incremental windows of digits, for image classification.
 
@@ -36,15 +39,81 @@ def write_text_corpus(path: str | Path, max_rows: int | None = None) -> int:
     """Paragraphs of CPython's documentation as JSONL rows {"text": ...}; returns the row count."""
     from pydoc_data.topics import topics
 
+    rows = doc_paragraphs(sorted(topics))
+    rows = rows[:max_rows] if max_rows else rows
+    _write_jsonl(path, [{"text": t} for t in rows])
+    return len(rows)
+
+
+# The parts of CPython's documentation (pydoc_data.topics keys) the doc stream's windows hold, in order.
+DOC_PARTS = {
+    "statements": "assert assignment async augassign await break class compound continue del for function global if import "
+    "nonlocal pass raise return try while with yield lambda else".split(),
+    "expressions": "atom-identifiers atom-literals attribute-references binary bitwise booleans calls comparisons conversions "
+    "exprlists in operator-summary power shifting slicings subscriptions unary identifiers integers floating imaginary "
+    "strings formatstrings lists dict numbers".split(),
+    "data model": "attribute-access callable-types customization context-managers numeric-types sequence-types specialattrs "
+    "specialnames types objects id-classes bltin-code-objects bltin-ellipsis-object bltin-null-object "
+    "bltin-type-objects".split(),
+    "built-in types": "string-methods typesfunctions typesmapping typesmethods typesmodules typesseq typesseq-mutable truth "
+    "debugger exceptions execmodel naming dynamic-features".split(),
+}
+
+
+def doc_paragraphs(keys: list[str]) -> list[str]:
+    """The paragraphs (40 characters or more, whitespace folded) of these documentation topics."""
+    from pydoc_data.topics import topics
+
     rows = []
-    for key in sorted(topics):
+    for key in keys:
+        if key not in topics:  # another Python's topics: a key it lacks is skipped
+            continue
         for para in re.split(r"\n\s*\n", topics[key]):
             text = " ".join(para.split())
             if len(text) >= 40:
                 rows.append(text)
-    rows = rows[:max_rows] if max_rows else rows
-    _write_jsonl(path, [{"text": t} for t in rows])
-    return len(rows)
+    return rows
+
+
+def write_doc_stream(
+    out: str | Path, windows: int = 4, files_per_window: int = 2, max_rows: int | None = None, seed: int = 0
+) -> list[Path]:
+    """Windows of REAL text under out/window-000/, …: window k holds the paragraphs of part k of
+    the documentation (DOC_PARTS, in order; each paragraph once in the stream, in the first
+    window whose part has it; at most `max_rows` of them, shuffled by `seed`), as
+    `files_per_window` files (JSONL, CSV and Parquet in turn) of rows {"text": ...}. Returns the
+    window dirs."""
+    parts = list(DOC_PARTS)
+    if not 1 <= windows <= len(parts):
+        raise ValueError(f"the documentation stream has {len(parts)} parts: windows must be 1..{len(parts)} (got {windows})")
+    out, dirs, seen = Path(out), [], set()
+    for w, part in enumerate(parts[:windows]):
+        texts = [t for t in dict.fromkeys(doc_paragraphs(DOC_PARTS[part])) if t not in seen]  # once in the stream
+        seen.update(texts)
+        rows = [{"text": t} for t in texts]
+        random.Random(f"{seed}:docs:{w}").shuffle(rows)
+        d = out / f"window-{w:03d}"
+        _write_parts(d, rows[:max_rows] if max_rows else rows, files_per_window, w)
+        dirs.append(d)
+    return dirs
+
+
+def _write_parts(d: Path, rows: list[dict], files: int, turn: int) -> None:
+    """Rows as `files` files in `d`, JSONL, CSV and Parquet in turn (from `turn`), as a landing zone receives them."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    d.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        part = rows[f::files]
+        kind = ("jsonl", "csv", "parquet")[(turn + f) % 3]
+        path = d / f"part-{f}.{kind}"
+        if kind == "jsonl":
+            _write_jsonl(path, part)
+        else:
+            table = pa.Table.from_pylist(part)
+            pq.write_table(table, path) if kind == "parquet" else pacsv.write_csv(table, path)
 
 
 def topic_sentence(rng: random.Random, label: str, words_per_row: int = 12, topic_words: int = 3) -> str:
@@ -107,10 +176,6 @@ def write_stream(
     Every window has rows of only `classes_per_window` of the 4 classes (all of them when it is
     4) and its own share of new vocabulary. Same arguments, same bytes.
     """
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     labels = sorted(TOPIC_WORDS)
     if not 1 <= classes_per_window <= len(labels):
         raise ValueError(f"classes_per_window must be 1..{len(labels)} (got {classes_per_window})")
@@ -130,16 +195,7 @@ def write_stream(
             rows.append({"text": " ".join(words), "label": label})
         rng.shuffle(rows)
         d = out / f"window-{w:03d}"
-        d.mkdir(parents=True, exist_ok=True)
-        for f in range(files_per_window):
-            part = rows[f::files_per_window]
-            kind = ("jsonl", "csv", "parquet")[(w + f) % 3]
-            path = d / f"part-{f}.{kind}"
-            if kind == "jsonl":
-                _write_jsonl(path, part)
-            else:
-                table = pa.Table.from_pylist(part)
-                pq.write_table(table, path) if kind == "parquet" else pacsv.write_csv(table, path)
+        _write_parts(d, rows, files_per_window, w)
         dirs.append(d)
     return dirs
 

@@ -33,13 +33,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from lifelong.config import JobConfig
-from lifelong.continual.gates import accuracy, gated_accuracies, judge
+from lifelong.continual.gates import gate, gated_values, window_value
 from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
 from lifelong.continual.search import Fitted, shown_params
 from lifelong.continual.stream import Decision, Stream, Window, rows_schema, window_rows
 from lifelong.data import REPLAYED, DataReport, FileReport, validation_fingerprint
-from lifelong.errors import AliasConflict, LifelongError, first_line
+from lifelong.errors import AliasConflict, ConfigError, LifelongError, first_line
 from lifelong.registry import Registry
 from lifelong.runtime import gather
 from lifelong.storage import Storage, is_uri
@@ -59,7 +59,8 @@ class CycleOutcome:
     files: list[str] = field(default_factory=list)
     new_rows: int = 0
     replay_rows: int = 0
-    accuracy: dict = field(default_factory=dict)  # {"candidate": [...], "champion": [...]} per window
+    accuracy: dict = field(default_factory=dict)  # {"candidate": [...], "champion": [...]} per window (the task's metric)
+    metric: str = "accuracy"  # what those lists hold: accuracy, perplexity
     metrics: dict = field(default_factory=dict)
     scan: list[str] = field(default_factory=list)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) set aside by this cycle
@@ -88,7 +89,7 @@ class CycleOutcome:
         )
         cand, champ = self.accuracy.get("candidate", []), self.accuracy.get("champion", [])
         lines.append(
-            "  accuracy per window: " + "  ".join(f"w{j}: {c:.3f} (champion {b:.3f})" for j, (c, b) in enumerate(zip(cand, champ)))
+            f"  {self.metric} per window: " + "  ".join(f"w{j}: {c:.3f} (champion {b:.3f})" for j, (c, b) in enumerate(zip(cand, champ)))
         )
         chosen = next((t for t in self.search if t.get("chosen")), None)
         if chosen:
@@ -120,15 +121,18 @@ def check_continual(config: JobConfig) -> None:
         filesystem_for(landing)  # a malformed URI gets its one-line message here
     elif not Path(landing).expanduser().is_dir():
         raise LifelongError(f"continual.landing '{landing}' is not a directory: create it (new data files are dropped there)")
-    if not task(config.model.task).CONTINUAL:
+    family = task(config.model.task)
+    if not family.CONTINUAL:
         raise LifelongError(
-            f"continual learning gates on holdout accuracy: it needs model.task={' or '.join(with_capability('CONTINUAL'))} "
+            f"continual learning gates on each window's holdout: it is built for model.task={' or '.join(with_capability('CONTINUAL'))} "
             f"(got {config.model.task})"
         )
-    if not config.data or not config.data.labels:
+    if family.LABELLED and (not config.data or not config.data.labels):
         raise LifelongError(
             "continual learning needs data.labels (and data.label_column for table files): every landing file is checked against them"
         )
+    if not family.LABELLED and config.continual.new_labels == "grow":
+        raise LifelongError(f"continual.new_labels: grow is for classifiers; a {family.NAME} stream has no labels (remove the key)")
 
 
 def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
@@ -147,7 +151,8 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             say(f"carrying on window {window.window} of stream '{name}' from step '{window.status}' (its cycle had stopped)")
         else:
             t0 = time.perf_counter()
-            data_cfg = data_cfg.with_labels(stream.labels(data_cfg.labels), c.new_labels == "grow")
+            if data_cfg.labels:
+                data_cfg = data_cfg.with_labels(stream.labels(data_cfg.labels), c.new_labels == "grow")
             scan = ledger.scan(c.landing, data_cfg)
             set_aside = scan.quarantined + ledger.check_pending(data_cfg, c.landing)
             scan_lines = scan.lines()
@@ -192,6 +197,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             new_rows=window.new_rows,
             replay_rows=window.replay_rows,
             accuracy={"candidate": d.candidate, "champion": d.champion},
+            metric=task(config.model.task).HOLDOUT_METRIC,
             metrics=stream.finished()[-1].get("metrics", {}),
             scan=scan_lines,
             quarantined=quarantined,
@@ -281,7 +287,7 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
             "replay_rows": window.replay_rows,
             "finished_at": time.time(),
         }
-        stream.finish(summary, d.baseline, d.start_version)
+        stream.finish(summary, d.baseline, d.start_version, task(config.model.task).HOLDOUT_METRIC)
         window = stream.update(window, status="done", finished_at=time.time())
         prune_runs(storage, stream, config.continual.keep_runs)
     return window
@@ -320,8 +326,10 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
     train, holdout = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files], content)
     # The holdout, kept for every later cycle's evaluation (label names: every model is scored
     # against its own label set). Rewritten on every attempt: it follows from the window's files.
-    names = pa.array([labels[i] for i in holdout.column("label").to_pylist()], pa.string())
-    storage.write_table(stream.holdout_rel(k), pa.table({content: holdout.column(content), "label": names}))
+    kept = {content: holdout.column(content)}
+    if labels:
+        kept["label"] = pa.array([labels[i] for i in holdout.column("label").to_pylist()], pa.string())
+    storage.write_table(stream.holdout_rel(k), pa.table(kept))
     champion_ref = f"{config.name}:{window.champion_before}"
     registered = _registered_for(registry, config.name, stream.name, k) if window.train_started else None
     if registered is not None:  # the cycle stopped between registering and recording it
@@ -331,7 +339,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
             window, status="registered", version=registered, replay_rows=card.replay_rows, search=card.search, search_pending=None
         )
     window = stream.update(window, train_started=time.time())
-    known_before = registry.card(config.name, window.champion_before).labels or labels
+    known_before = registry.card(config.name, window.champion_before).labels or labels or []
     report = window_report(ledger, window, train.num_rows, holdout.num_rows)
     spent = {"prepare": time.perf_counter() - t0, "train": 0.0}
 
@@ -348,7 +356,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
 
             def accuracies(model) -> list[float]:
                 t = time.perf_counter()
-                scored = holdout_accuracies(config, storage, stream, [model if isinstance(model, str) else _best(model)], windows)[0]
+                scored = holdout_values(config, storage, stream, [model if isinstance(model, str) else _best(model)], windows)[0]
                 spent["score"] = spent.get("score", 0.0) + time.perf_counter() - t
                 return scored
 
@@ -371,12 +379,14 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
                     "new_rows": window.new_rows,
                     "replay_rows": fitted.replay_rows,
                     "champion_before": window.champion_before,
-                    "labels_added": [n for n in labels if n not in known_before],
+                    "labels_added": [n for n in labels or [] if n not in known_before],
                     "held_by": stream.hold.fence if stream.hold else None,
                     **({"search": trials} if trials else {}),
                 }
             },
         )
+    except ConfigError:
+        raise  # the config's to fix, not the window's: no attempt counted, nothing quarantined
     except Exception as e:
         raise _failed(config, stream, ledger, window, e) from None
     phases = {**window.phases, **spent, "register": time.perf_counter() - t2}
@@ -411,6 +421,7 @@ def _fit(
     c, k = config.continual, window.window
     t0 = time.perf_counter()
     parts, replay_rows, weights, weighted, refreshed = [train], 0, None, "", ""
+    sampled_rows = 0
     samples = []
     if c.strategy == "replay":
         buffer = ReplayBuffer(storage, stream.name, c.replay_capacity, seed=config.train.seed)
@@ -418,6 +429,7 @@ def _fit(
         samples = buffer.samples(round(c.replay_ratio * train.num_rows), count, seed=config.train.seed + k)
         if samples:
             replay_rows = samples[0].num_rows
+            sampled_rows = sum(sample.num_rows for sample in samples)
             schema = rows_schema(config.data.content)
             parts += [sample.select(schema.names).cast(schema) for sample in samples]
             state = buffer.state()
@@ -437,8 +449,12 @@ def _fit(
         f"from {champion_ref}, run '{run}'" + (f" (attempt {window.attempts + 1})" if window.attempts else "")
     )
     data = prepare_data_from_tables(cycle_config, storage, registry, pa.concat_tables(parts), holdout, report)
-    epoch_rows = train.num_rows + replay_rows if len(samples) > 1 else None
-    prep = replace(prepare_run(cycle_config, data, epoch_examples=epoch_rows), row_weights=weights, replay_samples=max(len(samples), 1))
+    # One epoch trains on the new rows and one sample: its share of the examples (rows, or packed
+    # blocks of a language model's text, which the rows' share estimates).
+    epoch_examples = None
+    if len(samples) > 1:
+        epoch_examples = round(data.train_examples * (train.num_rows + replay_rows) / (train.num_rows + sampled_rows))
+    prep = replace(prepare_run(cycle_config, data, epoch_examples=epoch_examples), row_weights=weights, replay_samples=max(len(samples), 1))
     t1 = time.perf_counter()
     result = _train(prep, run)
     spent["prepare"] += t1 - t0
@@ -547,13 +563,14 @@ def _decide(config: JobConfig, storage: Storage, stream: Stream, window: Window)
     if start != window.champion_before:
         refs.append(f"{config.name}:{start}")
     t0 = time.perf_counter()
+    metric = task(config.model.task).HOLDOUT_METRIC
     scores = holdout_scores(config, storage, stream, refs, [w["window"] for w in finished] + [window.window])
-    cand, champ = ([accuracy(w) for w in scored["windows"]] for scored in scores[:2])
-    gate_cand, gate_champ, note = gated_accuracies(scores[0], scores[1])
-    gate = judge(gate_cand, gate_champ, c.gates.new_window_tolerance, c.gates.max_forgetting, c.gates.min_gain)
-    status = ("promoted" if c.promote else "passed") if gate.passed else "rejected"
-    baseline = accuracy(scores[-1]["windows"][-1])
-    decision = Decision(status=status, reason=gate.reason + note, candidate=cand, champion=champ, baseline=baseline, start_version=start)
+    cand, champ = ([window_value(metric, w) for w in scored["windows"]] for scored in scores[:2])
+    gate_cand, gate_champ, note = gated_values(metric, scores[0], scores[1])
+    decided = gate(metric, gate_cand, gate_champ, c.gates)
+    status = ("promoted" if c.promote else "passed") if decided.passed else "rejected"
+    baseline = window_value(metric, scores[-1]["windows"][-1])
+    decision = Decision(status=status, reason=decided.reason + note, candidate=cand, champion=champ, baseline=baseline, start_version=start)
     return stream.update(window, status="decided", decision=decision, phases={**window.phases, "evaluate": time.perf_counter() - t0})
 
 
@@ -581,16 +598,20 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
     return stream.update(window, status="promoted", decision=d)
 
 
-def holdout_accuracies(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[list[float]]:
-    """Accuracy of each model (a registry version NAME:VERSION, or a training checkpoint) on each
-    window's holdout, every row counted (a class the model does not know is an error)."""
-    return [[accuracy(counts) for counts in scored["windows"]] for scored in holdout_scores(config, storage, stream, refs, windows)]
+def holdout_values(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[list[float]]:
+    """The task's metric (accuracy, perplexity) of each model (a registry version NAME:VERSION, or
+    a training checkpoint) on each window's holdout, every row counted (a class the model does not
+    know is an error)."""
+    metric = task(config.model.task).HOLDOUT_METRIC
+    scores = holdout_scores(config, storage, stream, refs, windows)
+    return [[window_value(metric, counts) for counts in scored["windows"]] for scored in scores]
 
 
 def holdout_scores(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[dict]:
-    """Each model's answers on each window's holdout, per class: {"labels": the model's label set,
-    "windows": [{label: [correct, rows]}, ...]}. One Ray task per model (side by side), which
-    loads it once and scores every holdout (they are small: a fraction of each window)."""
+    """Each model's counts on each window's holdout, as its task counts them (`holdout_counts`:
+    per class {label: [correct, rows]}, or a language model's summed loss and tokens):
+    {"labels": the model's label set, "windows": [counts, ...]}. One Ray task per model (side by
+    side), which loads it once and scores every holdout (they are small: a fraction of each window)."""
     import ray
 
     score = ray.remote(num_cpus=1)(_score_holdouts)
@@ -618,34 +639,16 @@ def _score_holdouts(
     task_name: str,
     max_length: int,
     legacy_columns: tuple[str, str | None],
-    batch_size: int = 64,
 ) -> dict:
-    import torch
-
     from lifelong.models import load_for_inference
 
     family = task(task_name)
     windows = []
     with _model_dir(storage, ref) as model_dir:
         model = load_for_inference(model_dir, task_name)
-        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        known = {name: i for i, name in enumerate(labels)}
         for rel in rels:
             table = storage.read_table(rel)
-            if "label" not in table.column_names:  # a holdout written before label sets could grow: (text, label) columns
+            if family.LABELLED and "label" not in table.column_names:  # a holdout written before label sets could grow
                 table = pa.table({family.CONTENT: table.column(legacy_columns[0]), "label": table.column(legacy_columns[1])})
-            names = table.column("label").to_pylist()
-            index = [known.get(name, -100) for name in names]  # -100: a class it does not know (never predicted)
-            rows = pa.table({family.CONTENT: table.column(family.CONTENT), "label": pa.array(index, pa.int64())})
-            preds = []
-            with torch.no_grad():
-                for start in range(0, rows.num_rows, batch_size):
-                    batch = family.tokenize(rows.slice(start, batch_size), str(model_dir), max_length)
-                    preds += family.score(model, batch)["pred"].tolist()
-            counts: dict[str, list[int]] = {}
-            for name, truth, pred in zip(names, index, preds):
-                c = counts.setdefault(name, [0, 0])
-                c[0] += int(pred == truth)
-                c[1] += 1
-            windows.append(counts)
-    return {"labels": labels, "windows": windows}
+            windows.append(family.holdout_counts(model, model_dir, table, max_length))
+        return {"labels": family.model_labels(model), "windows": windows}

@@ -1,14 +1,25 @@
-"""The continual gates and the accuracy matrix: pure functions of numbers, tested directly.
+"""The continual gates and the matrix: pure functions of numbers, tested directly.
 
 A candidate (the champion retrained on a new window) is compared with the champion on every
-window's holdout. It passes when it is about as good on the new window (`new_window_tolerance`),
-or, with `min_gain`, better there by at least that much, and forgets at most `max_forgetting` of
-accuracy on the past windows, on average. A candidate that knows classes the champion does not (a
-grown label set) is compared on past windows over the classes both know (`gated_accuracies`).
+window's holdout, by the metric its task is gated on (`HOLDOUT_METRIC`):
+
+- accuracy (classifiers): it passes when it is about as good on the new window
+  (`new_window_tolerance`), or, with `min_gain`, better there by at least that much, and forgets
+  at most `max_forgetting` of accuracy on the past windows, on average. A candidate that knows
+  classes the champion does not (a grown label set) is compared on past windows over the classes
+  both know (`gated_accuracies`).
+- perplexity (language models; lower is better, and its scale depends on the text, so the gates
+  are relative): the candidate must lower the new window's perplexity by at least
+  `min_relative_improvement` (0.1: 10 % below the champion's) and may raise the past windows'
+  perplexity by at most `max_relative_increase` (their mean of candidate / champion − 1).
+
+`gain_and_forgetting` puts both on one footing (gain: better is positive; forgetting: worse is
+positive), which the gates and a cycle's search read.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # The limits are inclusive: accuracies are fractions, and 0.79 - 0.80 must not fail a 0.01 tolerance
@@ -20,8 +31,8 @@ _EPS = 1e-9
 class GateDecision:
     passed: bool
     reason: str
-    new_gap: float  # candidate minus champion on the new window
-    forgetting: float  # mean drop of the candidate against the champion on the past windows
+    new_gap: float  # the candidate's gain on the new window (accuracy: points; perplexity: relative)
+    forgetting: float  # its mean loss against the champion on the past windows (same units)
 
 
 def past_window_drop(candidate: list[float], champion: list[float]) -> float:
@@ -29,6 +40,53 @@ def past_window_drop(candidate: list[float], champion: list[float]) -> float:
     the past windows (every window but the last, the new one)."""
     past = list(zip(candidate[:-1], champion[:-1]))
     return sum(b - a for a, b in past) / len(past) if past else 0.0
+
+
+def relative_increase(candidate: list[float], champion: list[float]) -> float:
+    """The perplexity gates' forgetting: the mean, over past windows, of candidate / champion − 1."""
+    past = list(zip(candidate[:-1], champion[:-1]))
+    return sum(a / b - 1 for a, b in past) / len(past) if past else 0.0
+
+
+def gain_and_forgetting(metric: str, candidate: list[float], champion: list[float]) -> tuple[float, float]:
+    """(gain on the new window, forgetting on the past ones), better positive and worse positive:
+    accuracy in points, perplexity relative to the champion's."""
+    if metric == "perplexity":
+        return (champion[-1] - candidate[-1]) / champion[-1], relative_increase(candidate, champion)
+    return candidate[-1] - champion[-1], past_window_drop(candidate, champion)
+
+
+def gate(metric: str, candidate: list[float], champion: list[float], gates) -> GateDecision:
+    """The decision under a config's `continual.gates`, by the task's metric."""
+    if metric == "perplexity":
+        return judge_perplexity(candidate, champion, gates.min_relative_improvement, gates.max_relative_increase)
+    return judge(candidate, champion, gates.new_window_tolerance, gates.max_forgetting, gates.min_gain)
+
+
+def judge_perplexity(candidate: list[float], champion: list[float], min_improvement: float, max_increase: float) -> GateDecision:
+    """Both lists: perplexity per window, oldest first, the new window last."""
+    if len(candidate) != len(champion) or not candidate:
+        raise ValueError(f"one perplexity per window for both models (got {len(candidate)} and {len(champion)})")
+    if not all(math.isfinite(v) and v > 0 for v in candidate + champion):
+        return GateDecision(False, f"a perplexity is not a positive number (candidate {candidate}, champion {champion})", 0.0, 0.0)
+    gain, increase = gain_and_forgetting("perplexity", candidate, champion)
+    reasons = []
+    if gain < min_improvement - _EPS:
+        reasons.append(
+            f"new window perplexity {candidate[-1]:.2f} vs the champion's {champion[-1]:.2f} ({-gain:+.1%}): "
+            f"not {min_improvement:.1%} lower (gates.min_relative_improvement)"
+        )
+    if increase > max_increase + _EPS:
+        reasons.append(f"raises past windows' perplexity by {increase:.1%} on average (gates.max_relative_increase {max_increase:.1%})")
+    if reasons:
+        return GateDecision(False, "; ".join(reasons), gain, increase)
+    return GateDecision(
+        True,
+        f"new window perplexity {candidate[-1]:.2f} vs {champion[-1]:.2f} ({-gain:+.1%}), past windows {increase:+.1%} "
+        f"(limit {max_increase:.1%})",
+        gain,
+        increase,
+    )
 
 
 def judge(
@@ -64,7 +122,8 @@ def judge(
 
 
 def accuracy_matrix(windows: list[dict]) -> list[list[float | None]]:
-    """R[i][j] for the finished windows so far (in order); R[i-1][i] is the champion before
+    """(Or the perplexity matrix: the same shape, whatever the windows hold.) R[i][j] for the
+    finished windows so far (in order); R[i-1][i] is the champion before
     window i on window i. Each window holds `row` (the serving model after it, per window so
     far) and `champion` (the champion before it, per window so far)."""
     T = len(windows)
@@ -75,6 +134,21 @@ def accuracy_matrix(windows: list[dict]) -> list[list[float | None]]:
         if i + 1 < T:
             R[i][i + 1] = windows[i + 1]["champion"][i + 1]  # measured when window i+1 arrived
     return R
+
+
+def window_value(metric: str, counts: dict) -> float:
+    """A model's metric on one window's holdout, from what scoring it counted (`holdout_counts`)."""
+    if metric == "perplexity":
+        return math.exp(min(counts["loss_sum"] / max(counts["tokens"], 1), 50.0))
+    return accuracy(counts)
+
+
+def gated_values(metric: str, candidate: dict, champion: dict) -> tuple[list[float], list[float], str]:
+    """What the gates compare, per window: accuracies over the classes both models know, or every
+    window's perplexity."""
+    if metric == "accuracy":
+        return gated_accuracies(candidate, champion)
+    return [window_value(metric, w) for w in candidate["windows"]], [window_value(metric, w) for w in champion["windows"]], ""
 
 
 def accuracy(counts: dict[str, list[int]], classes: set[str] | None = None) -> float | None:

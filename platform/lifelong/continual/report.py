@@ -1,4 +1,5 @@
-"""`lifelong continual report`: the accuracy matrix and the CL metrics over cycles, as text, JSON, PNG."""
+"""`lifelong continual report`: the accuracy matrix (a language model's stream: the perplexity
+matrix) and the CL metrics over cycles, as text, JSON, PNG."""
 
 from __future__ import annotations
 
@@ -33,37 +34,42 @@ def build(config: JobConfig) -> dict:
     if not windows:
         raise LifelongError(f"stream '{name}' has no finished cycle yet under {storage.uri_of('streams', name)}")
     R = accuracy_matrix(windows)
+    metric = state.get("metric", "accuracy")
     return {
         "stream": name,
         "model": config.name,
+        "metric": metric,
         "windows": [
             {k: w[k] for k in ("window", "version", "status", "reason", "champion_before", "new_rows", "replay_rows")} for w in windows
         ],
-        "accuracy_matrix": R,
+        f"{metric}_matrix": R,
         "baseline": state.get("baseline", []),
-        "metrics_over_cycles": metrics_over_cycles(R, state.get("baseline")),
+        "metrics_over_cycles": metrics_over_cycles(R, state.get("baseline"), metric),
         "ledger": Ledger(storage, name).counts(),
     }
 
 
 def render(data: dict) -> str:
-    R, T = data["accuracy_matrix"], len(data["accuracy_matrix"])
+    metric = data.get("metric", "accuracy")
+    R, T = data[f"{metric}_matrix"], len(data[f"{metric}_matrix"])
+    average = "ACC" if metric == "accuracy" else "PPL"
+    relative = "" if metric == "accuracy" else " (BWT, FWT and forgetting relative to the perplexities they compare)"
     lines = [
         f"stream '{data['stream']}' ({data['model']}): {T} window(s); ledger {data['ledger']}",
         "",
-        "accuracy matrix R[i][j] (row: the champion after window i; column: window j's holdout)",
-        "        " + "".join(f"   w{j:<4}" for j in range(T)),
+        f"{metric} matrix R[i][j] (row: the champion after window i; column: window j's holdout)",
+        "        " + "".join(f"  {'w' + str(j):>8}" for j in range(T)),
     ]
     for i, row in enumerate(R):
-        lines.append(f"after w{i:<2}" + "".join(f"  {v:6.3f}" if v is not None else "       -" for v in row))
-    lines += ["", f"{'cycle':<6} {'version':>7} {'decision':<9} {'ACC':>6} {'BWT':>7} {'FWT':>7} {'forget':>7}"]
+        lines.append(f"after w{i:<2}" + "".join(f"  {v:8.3f}" if v is not None else f"  {'-':>8}" for v in row))
+    lines += ["", f"{'cycle':<6} {'version':>7} {'decision':<9} {average:>8} {'BWT':>7} {'FWT':>7} {'forget':>7}{relative}"]
 
     def f(v):
         return f"{v:7.3f}" if v is not None else "      -"
 
     for w, m in zip(data["windows"], data["metrics_over_cycles"]):
         lines.append(
-            f"{w['window']:<6} {w['version']:>7} {w['status']:<9} {m['average_accuracy']:6.3f} {f(m['backward_transfer'])} "
+            f"{w['window']:<6} {w['version']:>7} {w['status']:<9} {m[f'average_{metric}']:8.3f} {f(m['backward_transfer'])} "
             f"{f(m['forward_transfer'])} {f(m['forgetting'])}"
         )
     return "\n".join(lines)
@@ -87,18 +93,23 @@ def write_report(config: JobConfig, out: Path | None = None) -> Report:
     json_path, matrix_png, metrics_png = out / "report.json", out / "matrix.png", out / "metrics.png"
     json_path.write_text(json.dumps(data, indent=2) + "\n")
 
-    R = [[v if v is not None else float("nan") for v in row] for row in data["accuracy_matrix"]]
+    metric = data["metric"]
+    R = [[v if v is not None else float("nan") for v in row] for row in data[f"{metric}_matrix"]]
+    values = [v for row in R for v in row if v == v]
+    # Accuracy on its 0..1 scale; perplexity on the stream's own range, darker where it is higher (worse).
+    lo, hi, cmap = (0.0, 1.0, "viridis") if metric == "accuracy" else (min(values), max(values), "viridis_r")
     fig, ax = plt.subplots(figsize=(1.2 * len(R) + 2, 1.0 * len(R) + 1.5))
-    im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+    im = ax.imshow(R, vmin=lo, vmax=hi, cmap=cmap)
     for i, row in enumerate(R):
         for j, v in enumerate(row):
             if v == v:
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+                dark = (v - lo) / ((hi - lo) or 1) < 0.6 if metric == "accuracy" else (v - lo) / ((hi - lo) or 1) > 0.4
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if dark else "black", fontsize=8)
     ax.set_xticks(range(len(R)), [f"w{j}" for j in range(len(R))])
     ax.set_yticks(range(len(R)), [f"after w{i}" for i in range(len(R))])
     ax.set_xlabel("holdout of window j")
     ax.set_ylabel("champion after window i")
-    ax.set_title(f"stream {data['stream']}: accuracy matrix")
+    ax.set_title(f"stream {data['stream']}: {metric} matrix")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(matrix_png, dpi=110)
@@ -106,9 +117,14 @@ def write_report(config: JobConfig, out: Path | None = None) -> Report:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     cycles = list(range(len(data["metrics_over_cycles"])))
-    for key in ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting"):
+    # A perplexity on its own axis: the relative measures are fractions.
+    average_ax = ax if metric == "accuracy" else ax.twinx()
+    for key in (f"average_{metric}", "backward_transfer", "forward_transfer", "forgetting"):
         values = [m[key] if m[key] is not None else float("nan") for m in data["metrics_over_cycles"]]
-        ax.plot(cycles, values, marker="o", label=key)
+        on_own_axis = key.startswith("average") and average_ax is not ax
+        (average_ax if on_own_axis else ax).plot(cycles, values, marker="o", label=key, color="black" if on_own_axis else None)
+    if average_ax is not ax:
+        average_ax.set_ylabel(f"average {metric} (black)")
     ax.set_xticks(cycles)
     ax.set_xlabel("cycle (window)")
     ax.set_title(f"stream {data['stream']}: continual-learning metrics")

@@ -3,7 +3,10 @@ champion with sampled settings (learning rate, epochs, replay ratio, ...), each 
 window's holdout and on every past window's; the best one the gates would pass (else the best)
 is kept for them.
 
-    score = (candidate - champion) on the new window - forgetting_weight x forgetting on the past ones
+    score = gain on the new window - forgetting_weight x forgetting on the past ones
+
+(gains and forgetting against the champion, as the gates measure them: accuracy points, or
+perplexity relative to the champion's; gates.gain_and_forgetting).
 
 The first trial is the config as it is (where the space holds its values); Optuna's TPE
 (seeded per window) picks the others, warm-started with the trials of the stream's earlier
@@ -21,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lifelong.config import JobConfig, dotted_parent, set_dotted, validate_config
-from lifelong.continual.gates import judge, past_window_drop
+from lifelong.continual.gates import gain_and_forgetting, gate
+from lifelong.tasks import task
 
 
 @dataclass
@@ -81,14 +85,12 @@ def _rank(trial: dict) -> tuple:
 
 
 def passes_gates(config: JobConfig, candidate: list[float], champion: list[float]) -> bool:
-    g = config.continual.gates
-    return judge(candidate, champion, g.new_window_tolerance, g.max_forgetting, g.min_gain).passed
+    return gate(task(config.model.task).HOLDOUT_METRIC, candidate, champion, config.continual.gates).passed
 
 
-def score(candidate: list[float], champion: list[float], forgetting_weight: float) -> dict:
-    """A trial's figures: accuracy lists per window, oldest first, the new window last."""
-    gain = candidate[-1] - champion[-1]
-    forgetting = past_window_drop(candidate, champion)
+def score(candidate: list[float], champion: list[float], forgetting_weight: float, metric: str = "accuracy") -> dict:
+    """A trial's figures: the metric's lists per window, oldest first, the new window last."""
+    gain, forgetting = gain_and_forgetting(metric, candidate, champion)
     return {"new": candidate[-1], "gain": gain, "forgetting": forgetting, "score": gain - forgetting_weight * forgetting}
 
 
@@ -144,7 +146,8 @@ def search(
         started = time.perf_counter()
         fitted = fit(with_params(config, params), f"{run}-s{i}")
         scored = accuracies(fitted)
-        figures = {**score(scored, champion, s.forgetting_weight), "passes_gates": passes_gates(config, scored, champion)}
+        metric = task(config.model.task).HOLDOUT_METRIC
+        figures = {**score(scored, champion, s.forgetting_weight, metric), "passes_gates": passes_gates(config, scored, champion)}
         study.tell(asked, figures["score"])
         trials = [*trials, {"trial": i, "params": params, "run": fitted.run, **figures, "seconds": round(time.perf_counter() - started, 1)}]
         record(trials, None)

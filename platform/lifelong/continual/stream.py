@@ -2,7 +2,7 @@
 
     <root>/streams/<s>/windows/<k>.json              one record per window: the cycle's journal
     <root>/streams/<s>/holdouts/window-<k>.parquet   window k's holdout (its validation split)
-    <root>/streams/<s>/state.json                    the finished windows and their accuracies
+    <root>/streams/<s>/state.json                    the finished windows and their accuracies (or perplexities)
     <root>/streams/<s>/labels.json                   the label set grown so far (continual.new_labels: grow)
 
 A window is opened (its number taken, exclusively) before anything is trained, with the files it
@@ -96,15 +96,21 @@ class Stream:
     def finished(self) -> list[dict]:
         return self.state()["windows"]
 
-    def finish(self, summary: dict, baseline_value: float, start_version: int) -> dict:
+    def finish(self, summary: dict, baseline_value: float, start_version: int, metric: str = "accuracy") -> dict:
         """Add a finished window to state.json, with the CL metrics of the matrix so far (or
-        replace it, when a cycle that stopped right here is repeated)."""
+        replace it, when a cycle that stopped right here is repeated). `metric`: what the
+        windows' lists hold (the task's HOLDOUT_METRIC)."""
         self.check()
         state = self.state()
         windows = [w for w in state["windows"] if w["window"] < summary["window"]]
         baseline = list(state.get("baseline", []))[: len(windows)] + [baseline_value]
-        summary = {**summary, "metrics": cl_metrics(accuracy_matrix([*windows, summary]), baseline)}
-        new = {"windows": [*windows, summary], "baseline": baseline, "start_version": state.get("start_version") or start_version}
+        summary = {**summary, "metrics": cl_metrics(accuracy_matrix([*windows, summary]), baseline, metric)}
+        new = {
+            "windows": [*windows, summary],
+            "baseline": baseline,
+            "start_version": state.get("start_version") or start_version,
+            "metric": metric,
+        }
         self.storage.write_json(f"{self.dir}/state.json", new)
         return new
 

@@ -32,7 +32,8 @@ CONTRACT = (
     "LABELLED",  # rows carry a label (data.label_column, data.labels)
     "PRETRAINS",  # `lifelong pretrain` trains it from scratch; else `lifelong finetune`
     "JOB",  # the stem of its runs' default names
-    "CONTINUAL",  # continual cycles (gated on holdout accuracy) are built for it
+    "CONTINUAL",  # continual cycles are built for it
+    "HOLDOUT_METRIC",  # what its cycles' gates and matrix measure on each holdout: accuracy, perplexity (None: not continual)
     "EXPORT_FORMATS",  # what `lifelong export` builds for it, in order
     "EXPORT_ON_REGISTER",  # export.on_register=auto exports its new versions
     "ENDPOINT",  # the HTTP route that serves it (None: not served)
@@ -59,6 +60,8 @@ CONTRACT = (
     "comparable",  # (batch, logits a, logits b) -> the parts of a and b that must agree (export parity)
     "backend",  # (serve.backend) -> the backend it is served with
     "serving_model",  # (model_dir, backend, max_length, threads, device) -> what a replica calls
+    "holdout_counts",  # (model, model_dir, holdout table, max_length) -> what gates.window_value reads (continual families)
+    "model_labels",  # (model) -> its label set (gates compare past windows over the classes both models know)
     "smoke_test",  # (serving model) -> None, or what is wrong with it
 )
 assert set(TASKS) == set(get_args(TaskName)), "TaskName and TASKS must name the same families"

@@ -1,5 +1,6 @@
 """`model.task: causal-lm`: GPT-style language models, pretrained from scratch on text and
-served as continuations (`/v1/generate`). Scored by loss and perplexity over real tokens."""
+served as continuations (`/v1/generate`). Scored by loss and perplexity over real tokens;
+continually pretrained on windows of new text with relative perplexity gates (gates.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ NAME = "causal-lm"
 LABELLED = False
 PRETRAINS = True
 JOB = "pretrain"
-CONTINUAL = False
+CONTINUAL = True
+HOLDOUT_METRIC = "perplexity"
 EXPORT_FORMATS = ("onnx",)
 EXPORT_ON_REGISTER = False
 ENDPOINT = "/v1/generate"
@@ -44,15 +46,66 @@ def claims(architectures: list[str]) -> bool:
 
 
 def tokenize(batch, tokenizer, max_length: int) -> dict[str, np.ndarray]:
-    """Pack the batch's texts (each ended by EOS) into full blocks of max_length tokens."""
-    from lifelong.data import cached_tokenizer
+    """Pack the batch's texts (each ended by EOS) into full blocks of max_length tokens (the
+    remainder shorter than a block is dropped). A continual cycle's `replayed` marks travel
+    along: the rows of each mark are packed apart, and each block carries its rows' mark."""
+    from lifelong.data import REPLAYED, cached_tokenizer
 
     tok = cached_tokenizer(tokenizer)
     ids = tok(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
-    stream = np.fromiter((t for seq in ids for t in (*seq, tok.eos_token_id)), dtype=np.int64)
+    if REPLAYED not in batch.column_names:
+        return _blocks(_packed(ids, tok.eos_token_id), max_length)
+    marks = batch.column(REPLAYED).to_numpy()
+    parts = []
+    for mark in np.unique(marks):
+        blocks = _blocks(_packed([seq for seq, m in zip(ids, marks) if m == mark], tok.eos_token_id), max_length)
+        parts.append({**blocks, REPLAYED: np.full(len(blocks["input_ids"]), mark, dtype=np.int64)})
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _packed(ids: list[list[int]], eos: int) -> np.ndarray:
+    return np.fromiter((t for seq in ids for t in (*seq, eos)), dtype=np.int64)
+
+
+def _blocks(stream: np.ndarray, max_length: int, pad_tail: int | None = None) -> dict[str, np.ndarray]:
+    """Full blocks of the token stream; with `pad_tail` (a pad id), the remainder too, padded
+    (its padding masked out)."""
     n_blocks = len(stream) // max_length
     blocks = stream[: n_blocks * max_length].reshape(n_blocks, max_length)
-    return {"input_ids": blocks, "attention_mask": np.ones_like(blocks), "labels": blocks.copy()}
+    mask = np.ones_like(blocks)
+    tail = stream[n_blocks * max_length :]
+    if pad_tail is not None and len(tail):
+        last = np.full((1, max_length), pad_tail, dtype=np.int64)
+        last[0, : len(tail)] = tail
+        last_mask = np.zeros((1, max_length), dtype=np.int64)
+        last_mask[0, : len(tail)] = 1
+        blocks, mask = np.concatenate([blocks, last]), np.concatenate([mask, last_mask])
+    return {"input_ids": blocks, "attention_mask": mask, "labels": blocks.copy()}
+
+
+def holdout_counts(model, model_dir, table, max_length: int, batch_size: int = 32) -> dict[str, float]:
+    """Its next-token loss summed over every token of a continual window's holdout texts (packed
+    as in training, the last block padded rather than dropped), and the tokens it predicted: the
+    window's perplexity is exp(loss_sum / tokens)."""
+    import torch
+
+    from lifelong.data import cached_tokenizer
+
+    tok = cached_tokenizer(str(model_dir))
+    ids = tok(table.column(CONTENT).to_pylist(), add_special_tokens=False)["input_ids"]
+    blocks = _blocks(_packed(ids, tok.eos_token_id), max_length, pad_tail=tok.eos_token_id)
+    loss_sum, tokens = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(blocks["input_ids"]), batch_size):
+            part = {k: v[start : start + batch_size] for k, v in blocks.items()}
+            scored = score(model, part)
+            loss_sum += float(scored["loss_sum"].sum())
+            tokens += float(scored["count"].sum())
+    return {"loss_sum": loss_sum, "tokens": tokens}
+
+
+def model_labels(model) -> list[str]:
+    return []  # no label set: every window is scored on all its text
 
 
 def auto_class():

@@ -160,3 +160,34 @@ def grown_from(auto_class, init_dir, labels: list[str]):
     if not grows(saved_labels(init_dir), labels):
         return None
     return grown_head(auto_class.from_pretrained(str(init_dir), use_safetensors=True), labels)
+
+
+HOLDOUT_METRIC = "accuracy"
+
+
+def count_by_class(tokenize, score, content: str, model, model_dir, table, max_length: int, batch_size: int = 64) -> dict[str, list[int]]:
+    """A classifier's answers on a holdout (content, label name), by its family's `tokenize` and
+    `score`: {label: [correct, rows]}, every row counted (a class the model does not know is an
+    error: it is never predicted)."""
+    import pyarrow as pa
+    import torch
+
+    known = {model.config.id2label[i]: i for i in range(model.config.num_labels)}
+    names = table.column("label").to_pylist()
+    index = [known.get(name, -100) for name in names]
+    rows = pa.table({content: table.column(content), "label": pa.array(index, pa.int64())})
+    preds = []
+    with torch.no_grad():
+        for start in range(0, rows.num_rows, batch_size):
+            batch = tokenize(rows.slice(start, batch_size), str(model_dir), max_length)
+            preds += score(model, batch)["pred"].tolist()
+    counts: dict[str, list[int]] = {}
+    for name, truth, pred in zip(names, index, preds):
+        c = counts.setdefault(name, [0, 0])
+        c[0] += int(pred == truth)
+        c[1] += 1
+    return counts
+
+
+def model_labels(model) -> list[str]:
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]

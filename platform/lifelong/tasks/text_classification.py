@@ -7,12 +7,14 @@ from __future__ import annotations
 import numpy as np
 
 from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the contract)
+    HOLDOUT_METRIC,
     backend,
     comparable,
     confusion,
     grown_from,
     loss_weight,
     metrics,
+    model_labels,
     predictions,
     probabilities,
     probabilities_problem,
@@ -120,3 +122,10 @@ def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def smoke_test(model) -> str | None:
     return probabilities_problem(model, SMOKE_TEXTS)
+
+
+def holdout_counts(model, model_dir, table, max_length: int) -> dict[str, list[int]]:
+    """Its answers on a continual window's holdout (content, label name), per class."""
+    from lifelong.tasks.classify import count_by_class
+
+    return count_by_class(tokenize, score, CONTENT, model, model_dir, table, max_length)

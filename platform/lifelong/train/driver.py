@@ -180,6 +180,8 @@ def prepare_run(config: JobConfig, data: PreparedData | None = None, epoch_examp
     storage = Storage(config.storage.root)
     registry = Registry(storage)
     parent = registry.resolve(config.model.init_from) if config.model.init_from else None
+    if parent is not None:
+        check_positions(parent, config.model.max_length)
     data = data or prepare_data(config, storage, registry)
     workers = config.scaling.num_workers
     if data.train_examples < workers or data.val_examples < workers:
@@ -192,6 +194,21 @@ def prepare_run(config: JobConfig, data: PreparedData | None = None, epoch_examp
     if not gpu and config.train.precision == "fp16":
         raise ConfigError("train.precision=fp16 needs CUDA GPUs and this cluster has none: use bf16 or fp32")
     return PreparedRun(config, storage, registry, parent, data, total_steps, gpu)
+
+
+def check_positions(parent: ResolvedModel, max_length: int) -> None:
+    """A text model has as many positions as it was built with: longer sequences would fail deep
+    in its embedding, on a worker."""
+    config_json = Path(parent.local_dir) / "config.json"
+    if not config_json.is_file():
+        return
+    config = json.loads(config_json.read_text())
+    positions = config.get("n_positions") or config.get("max_position_embeddings")
+    if positions and max_length > positions:
+        raise ConfigError(
+            f"model.max_length is {max_length} but model.init_from '{parent.ref}' has {positions} positions: "
+            f"set model.max_length to {positions} or less"
+        )
 
 
 def loop_config(prep: PreparedRun, report_every_steps: int | None = None) -> dict:

@@ -365,8 +365,14 @@ def epoch_sample(batches, sample: int, batch_size: int, count: int):
 
 def weighted_loss(logits: torch.Tensor, batch: dict, weights: dict[str, float]) -> torch.Tensor:
     """Cross-entropy with each row weighed as new or replayed (continual.replay_weighting); the
-    weights have mean 1 over the cycle's rows, so a batch's mean stays on the unweighted scale."""
-    per_row = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    weights have mean 1 over the cycle's rows, so a batch's mean stays on the unweighted scale.
+    A language model's row (a block of tokens) counts its mean next-token loss."""
+    if logits.dim() == 3:
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], reduction="none")
+        real = batch["attention_mask"][:, 1:].to(ce.dtype)
+        per_row = (ce * real).sum(1) / real.sum(1).clamp(min=1)
+    else:
+        per_row = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
     w = torch.where(batch[REPLAYED].bool(), weights["replayed"], weights["new"]).to(per_row.dtype)
     return (per_row * w).mean()
 
