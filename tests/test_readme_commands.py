@@ -115,6 +115,24 @@ STEPS = [
     Step(["lifelong models list"], "lifelong models list", ("tiny-gpt2", "tiny-topics")),
     Step(["lifelong models show NAME@ALIAS"], "lifelong models show tiny-topics@champion", ('"version": 2',)),
     Step(["lifelong models rollback NAME"], "lifelong models rollback tiny-topics", ("tiny-topics@champion: rolled back 2 → 1",)),
+    # Continual pretraining of tiny-gpt2@champion on real text (one part of CPython's docs).
+    Step(
+        ["lifelong data doc-stream data/doc-stream"],
+        "lifelong data doc-stream data/doc-stream",
+        ("wrote 4 windows of CPython documentation",),
+    ),
+    Step(
+        ["mkdir -p data/lm-landing && cp data/doc-stream/window-000/* data/lm-landing/"],
+        "mkdir -p data/lm-landing && cp data/doc-stream/window-000/* data/lm-landing/",
+    ),
+    Step(
+        [
+            "lifelong continual configs/gpt2/tiny_lm_continual.yaml --once",
+            "lifelong continual configs/gpt2/tiny_lm_continual.yaml [--once]",
+        ],
+        "lifelong continual configs/gpt2/tiny_lm_continual.yaml --once",
+        ("cycle of stream 'tiny-gpt2'", "perplexity per window: w0:", "from version 1", "→ version 2"),
+    ),
     # Images: real handwritten digits in class folders, a ResNet and a ViT trained on them.
     Step(
         ["lifelong data image-stream data/digits --windows 1 --classes 10"],
