@@ -198,3 +198,11 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def drop(window_dir, landing):
+    """Land a stream window's files (as `lifelong data stream` / `doc-stream` wrote them), named by their window."""
+    import shutil
+
+    for f in sorted(window_dir.iterdir()):
+        shutil.copy(f, landing / f"{window_dir.name}-{f.name}")

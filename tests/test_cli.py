@@ -156,7 +156,19 @@ def test_continual_refuses_bad_input_before_ray_starts(tmp_path):
         (["continual", config, root, "continual.gates.max_forgetting=2"], "continual.gates.max_forgetting"),
         (["continual", config, root, f"continual.landing={landing}"], f"continual.landing '{landing}' is not a directory"),
         (["continual", config, root, "continual.landing=null"], "continual.landing is not set"),
-        (["continual", config, root, f"continual.landing={tmp_path}", "model.task=causal-lm"], "needs model.task=sequence-classification"),
+        (
+            ["continual", config, root, f"continual.landing={tmp_path}", "model.task=masked-image-modeling", "model.architecture=vit_mae"],
+            "it is built for model.task=causal-lm or sequence-classification or image-classification (got masked-image-modeling)",
+        ),
+        (
+            ["continual", config, root, f"continual.landing={tmp_path}", "model.task=causal-lm", "continual.new_labels=grow"],
+            "continual.new_labels: grow is for classifiers",
+        ),
+        (
+            ["continual", config, root, f"continual.landing={tmp_path}", "model.task=causal-lm", "data.prompt_column=p"]
+            + ["data.response_column=r"],
+            "prompt/response data (data.response_column) is not built for them yet",
+        ),
         (["continual", "report"], "Missing argument 'config'"),
         (["continual", "report", config, root], "has no finished cycle yet"),
         (["continual", "requeue", config, root], "name what to requeue: --hash HASH (repeatable) or --all"),

@@ -18,7 +18,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, make_config, register_tiny
+from conftest import CONFIGS, drop, make_config, register_tiny
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge
 from lifelong.continual.ledger import Ledger
@@ -62,11 +62,6 @@ def one_worker_args(root, landing, *extra) -> list[str]:
         "continual.gates.max_forgetting=1.0",
         *extra,
     ]
-
-
-def drop(window_dir, landing):
-    for f in sorted(window_dir.iterdir()):
-        shutil.copy(f, landing / f"{window_dir.name}-{f.name}")
 
 
 def expected_decision(outcome, config) -> str:

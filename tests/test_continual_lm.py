@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import threading
 import time
 
@@ -15,7 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import make_config, register_tiny
+from conftest import drop, make_config, register_tiny
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge_perplexity
 from lifelong.continual.ledger import Ledger
@@ -39,11 +38,6 @@ def lm_config(root, landing, *extra):
         "train.lr=3e-3",
         *extra,
     )
-
-
-def drop(window_dir, landing):
-    for f in sorted(window_dir.iterdir()):
-        shutil.copy(f, landing / f"{window_dir.name}-{f.name}")
 
 
 @pytest.fixture

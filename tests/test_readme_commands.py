@@ -31,6 +31,7 @@ CONFIGS = sorted((Path(ROOT) / "configs").glob("*/*.yaml"))
 CLUSTER = "--address http://127.0.0.1:8265"
 SERVE = "exec lifelong serve configs/gpt2/tiny_serve.yaml"
 SERVE_IMAGES = "exec lifelong serve configs/resnet/tiny_serve.yaml"
+SERVE_LM = "exec lifelong serve configs/gpt2/tiny_lm_serve.yaml"
 ON_CLUSTER = "storage.root=$PWD/lifelong-store continual.landing=$PWD/data/landing"
 SPLIT_PRETRAIN = (
     'lifelong pretrain configs/resnet/tiny_scratch.yaml name=tiny-resnet-split \'data.labels=["0","1"]\' '
@@ -132,6 +133,15 @@ STEPS = [
         ],
         "lifelong continual configs/gpt2/tiny_lm_continual.yaml --once",
         ("cycle of stream 'tiny-gpt2'", "perplexity per window: w0:", "from version 1", "→ version 2"),
+    ),
+    # Served: the README's requests for a language model (curl, streamed and not, and the OpenAI client), then Ctrl-C.
+    Step(["lifelong serve configs/gpt2/tiny_lm_serve.yaml"], SERVE_LM),
+    # Instruction fine-tuning from tiny-gpt2@champion on the demo's prompt/response pairs, judged by BLEU.
+    Step(["lifelong finetune configs/gpt2/tiny_sft.yaml"], "lifelong finetune configs/gpt2/tiny_sft.yaml", ("registered tiny-gpt2-sft:1",)),
+    Step(
+        ["lifelong evaluate configs/gpt2/tiny_sft.yaml --model tiny-gpt2-sft:1"],
+        "lifelong evaluate configs/gpt2/tiny_sft.yaml --model tiny-gpt2-sft:1",
+        ("bleu", "chrf", "exact_match"),
     ),
     # Images: real handwritten digits in class folders, a ResNet and a ViT trained on them.
     Step(
@@ -313,7 +323,7 @@ def test_the_shown_commands_work_as_printed(fresh_project):
     project, env = fresh_project
     job = None
     for step in STEPS:
-        if step.run in (SERVE, SERVE_IMAGES):
+        if step.run in (SERVE, SERVE_IMAGES, SERVE_LM):
             serve_and_ask(project, env, step.run)
             continue
         command = step.run.format(job=job)
@@ -353,6 +363,8 @@ def serve_and_ask(project: Path, env: dict, command: str) -> None:
                 pass
             time.sleep(1)
         assert server.poll() is None, server.stdout.read()[-4000:]
+        if command == SERVE_LM:
+            return ask_the_language_model(project, env)
         for line in serving_examples() if command == SERVE else image_serving_examples():
             done = sh(line, project, env, timeout=60)
             assert done.returncode == 0 and done.stdout.startswith("{"), (line, done.stdout, done.stderr)
@@ -376,6 +388,31 @@ def serve_and_ask(project: Path, env: dict, command: str) -> None:
             os.killpg(server.pid, signal.SIGKILL)
             out, _ = server.communicate()
     assert server.returncode in (0, 130, -signal.SIGINT), out[-4000:]
+
+
+def ask_the_language_model(project: Path, env: dict) -> None:
+    """The README's requests to tiny-gpt2@champion: curl, streamed and not, then its OpenAI-client snippet."""
+    text = README.read_text().split("### Serving", 1)[1]
+    blocks = text.split("```")[1::2]
+    curl = next(b for b in blocks if b.strip().startswith(SERVE_LM.removeprefix("exec ")))
+    for line in (line.strip() for line in curl.splitlines() if line.startswith("curl")):
+        done = sh(line, project, env, timeout=60)
+        assert done.returncode == 0, (line, done.stdout, done.stderr)
+        if '"stream": true' in line:  # server-sent events, the last one the summary
+            events = [json.loads(e[6:]) for e in done.stdout.splitlines() if e.startswith("data: ")]
+            assert len(events) >= 2 and events[-1]["done"] and events[-1]["model"] == "tiny-gpt2", (line, done.stdout)
+            continue
+        answer = json.loads(done.stdout)
+        kind = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
+        path = next((p for p in kind if p in line), None)
+        if path:
+            assert answer["object"] == kind[path] and answer["model"] == "tiny-gpt2" and answer["usage"]["completion_tokens"] <= 20, answer
+        else:
+            assert answer["model"] == "tiny-gpt2" and answer["version"] in (1, 2) and answer["tokens"] <= 20, (line, answer)
+    snippet = next(b for b in blocks if b.startswith("python\n") and "from openai import OpenAI" in b).removeprefix("python\n")
+    (project / "openai_snippet.py").write_text(snippet)
+    done = sh(".venv/bin/python openai_snippet.py", project, env, timeout=120)
+    assert done.returncode == 0, (done.stdout, done.stderr)
 
 
 def image_serving_examples() -> list[str]:

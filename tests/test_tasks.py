@@ -83,7 +83,10 @@ def test_what_the_loop_averages_and_scores_per_family():
     batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask, "labels": torch.tensor([2, 0])}
     logits = torch.tensor([[0.1, 0.2, 3.0], [1.0, 0.0, 0.0]])
     lm, clf = task("causal-lm"), task("sequence-classification")
-    assert lm.loss_weight(batch) == 3  # real tokens after each row's first: 2 + 1
+    lm_batch = {**batch, "labels": torch.zeros(2, 4, dtype=torch.long)}
+    assert lm.loss_weight(lm_batch) == 3  # real tokens after each row's first: 2 + 1
+    lm_batch["labels"][0, :2] = -100  # an instruction row's prompt: no loss there
+    assert lm.loss_weight(lm_batch) == 2
     assert clf.loss_weight(batch) == 2  # rows
     assert lm.predictions(logits) is None and clf.predictions(logits) == [2, 0]
     assert lm.metrics(np.log(4.0)) == pytest.approx({"loss": np.log(4.0), "perplexity": 4.0})

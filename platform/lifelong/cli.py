@@ -143,16 +143,24 @@ def evaluate(
     confusion_png: Annotated[
         Optional[Path], typer.Option("--confusion-matrix", help="Also draw a classifier's confusion matrix as a PNG here.")
     ] = None,
+    generate_rows: Annotated[
+        int,
+        typer.Option("--generate-rows", min=0, help="Instruction data: prompts answered and scored (BLEU, chrF)."),
+    ] = 200,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option("--max-new-tokens", min=1, help="Instruction data: longest answer (default serve.max_new_tokens).")
+    ] = None,
     address: AddressOpt = None,
 ) -> None:
-    """Judge a model on data without updating it: a table and JSON of its metrics."""
+    """Judge a model on data without updating it: a table and JSON of its metrics (BLEU, chrF and
+    exact match too for a language model on prompt/response data)."""
     from lifelong.config import load_config
     from lifelong.evaluate import evaluate_model
     from lifelong.runtime import connect
 
     cfg = load_config(config, overrides or [])
     connect(address or cfg.ray.address, cfg.ray.num_cpus)
-    result = evaluate_model(cfg, model, data)
+    result = evaluate_model(cfg, model, data, generate_rows=generate_rows, max_new_tokens=max_new_tokens)
     table = Table(title=f"{result.model} on {result.data.source}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -340,12 +348,16 @@ def data_demo(
     rows: Annotated[int, typer.Option(help="Rows of the labelled topic set")] = 1200,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Write the demo data: a pretraining corpus (CPython docs) and a synthetic topic set."""
-    from lifelong.synth import write_text_corpus, write_topic_dataset
+    """Write the demo data: a pretraining corpus (CPython docs), a synthetic topic set and synthetic instructions."""
+    from lifelong.synth import write_instruction_dataset, write_text_corpus, write_topic_dataset
 
     n_corpus = write_text_corpus(out / "corpus.jsonl")
     n_topics = write_topic_dataset(out / "topics.jsonl", rows, seed)
-    console.print(f"wrote {out / 'corpus.jsonl'} ({n_corpus} rows) and {out / 'topics.jsonl'} ({n_topics} rows, synthetic)")
+    n_sft = write_instruction_dataset(out / "instructions.jsonl", rows, seed)
+    console.print(
+        f"wrote {out / 'corpus.jsonl'} ({n_corpus} rows), {out / 'topics.jsonl'} ({n_topics} rows, synthetic) "
+        f"and {out / 'instructions.jsonl'} ({n_sft} prompt/response rows, synthetic)"
+    )
 
 
 @data_app.command("stream")
@@ -460,7 +472,7 @@ def continual_report(
     overrides: OverridesArg = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where to write report.json and the plots.")] = None,
 ) -> None:
-    """The continual-learning metrics (accuracy matrix, ACC/BWT/FWT/forgetting) as text, JSON and PNG."""
+    """The continual-learning metrics (the accuracy or perplexity matrix, ACC/BWT/FWT/forgetting) as text, JSON and PNG."""
     from lifelong.config import load_config
     from lifelong.continual.report import write_report
 

@@ -56,6 +56,12 @@ class DataConfig(Section):
     # image files (labelled by their folder) too.
     image_root: str | None = None
     label_column: str | None = None
+    # Instruction fine-tuning (model.task: causal-lm): each row a prompt and the response the
+    # model should give (both columns, or neither). The loss counts the response's tokens only;
+    # the prompt goes through the tokenizer's chat template when it has one. Each row is padded
+    # to model.max_length (a prompt too long keeps its end; a response too long is cut).
+    prompt_column: str | None = None
+    response_column: str | None = None
     # The label set for classification; rows with other labels are dropped and counted.
     labels: list[str] | None = None
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
@@ -90,8 +96,17 @@ class DataConfig(Section):
         copy._content, copy._grow_labels = self._content, grow
         return copy
 
+    @property
+    def content_column(self) -> str:
+        """The column of a table row's content: its image, its prompt, or its text."""
+        if self._content == "image":
+            return self.image_column
+        return self.prompt_column or self.text_column
+
     @model_validator(mode="after")
     def _labels_unique(self) -> DataConfig:
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise ValueError("data.prompt_column and data.response_column go together: set both (instruction data) or neither")
         if self.labels is not None:
             if len(self.labels) < 2:
                 raise ValueError("data.labels needs at least two labels")

@@ -298,6 +298,8 @@ class ParsedFile:
 
 
 ROWS_SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int64()), ("split", pa.string())])
+# Instruction rows (data.response_column) carry their response after those columns.
+RESPONSE = "response"
 IMAGE_ROWS_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("split", pa.string())])
 
 
@@ -308,7 +310,8 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
     invalid_utf8 (bytes that are not UTF-8, lone surrogates), malformed_line (a JSON line or CSV
     row that does not parse), missing_label, wrong_label_type (lists, objects, booleans,
     fractional numbers), unknown_label (not one of data.labels), new_label (not yet one of them,
-    under a config that grows its label set: `ParsedFile.new_labels` names them).
+    under a config that grows its label set: `ParsedFile.new_labels` names them); for instruction
+    rows (data.response_column), empty_response and wrong_response_type too.
     `images` reads the image files that a table's image column names by path (`image_reader`).
     """
     if fmt is None:
@@ -319,8 +322,7 @@ def parse_file(source: Fetched, fmt: str | None, cfg: DataConfig, name: str = ""
         return _parse_image_file(source, cfg, name)
     if cfg.content == "image" and cfg.labels and not cfg.label_column:
         return ParsedFile(None, reason="a table of images needs data.label_column (only image files are labelled by their folder)")
-    content_column = cfg.image_column if cfg.content == "image" else cfg.text_column
-    columns = [content_column] + ([cfg.label_column] if cfg.label_column else [])
+    columns = [cfg.content_column] + [c for c in (cfg.response_column, cfg.label_column) if c]
     dropped: Counter = Counter()
     try:
         if fmt == "parquet":
@@ -526,18 +528,31 @@ def validate_table(table: pa.Table, cfg: DataConfig) -> tuple[pa.Table, dict[str
     (-1 without a label column)."""
     n = table.num_rows
     reasons = np.full(n, "", dtype=object)
-    text = _strings(table.column(cfg.text_column), reasons, "wrong_text_type")
-    if pa.types.is_string(text.type) and pc.any(pc.starts_with(text.fill_null(""), _INT_PREFIX)).as_py():
-        _mark(reasons, pc.starts_with(text.fill_null(""), _INT_PREFIX), "wrong_text_type")  # a number is not text
-    _mark(reasons, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text.fill_null(""))), 0), "empty_text")
+    text = _text(table.column(cfg.content_column), reasons, "text")
+    # Instruction rows: the prompt is the row's text, its response a second text (response column).
+    response = _text(table.column(cfg.response_column), reasons, "response") if cfg.response_column else None
     label, index = _labels(table, cfg, reasons)
     keep = pa.array(reasons == "")
     texts = text.filter(keep)
     names = label.filter(keep).fill_null("").to_pylist()
-    split = [split_of(t, lab, cfg.split_salt, cfg.validation_fraction) for t, lab in zip(texts.to_pylist(), names)]
+    hashed = texts.to_pylist()
+    if response is not None:  # a prompt with another response is another row
+        hashed = [f"{t}\x00{r}" for t, r in zip(hashed, response.filter(keep).to_pylist())]
+    split = [split_of(t, lab, cfg.split_salt, cfg.validation_fraction) for t, lab in zip(hashed, names)]
     rows = pa.Table.from_arrays([texts, index.filter(keep).cast(pa.int64()), pa.array(split, pa.string())], schema=ROWS_SCHEMA)
+    if response is not None:
+        rows = rows.append_column(RESPONSE, response.filter(keep).cast(pa.string()))
     dropped = Counter(r for r in reasons if r)
     return rows, dict(dropped), _new_labels(label, reasons)
+
+
+def _text(column: pa.ChunkedArray, reasons: np.ndarray, what: str) -> pa.Array:
+    """A column of text judged: wrong_<what>_type (a number, list, object) and empty_<what> marked."""
+    text = _strings(column, reasons, f"wrong_{what}_type")
+    if pa.types.is_string(text.type) and pc.any(pc.starts_with(text.fill_null(""), _INT_PREFIX)).as_py():
+        _mark(reasons, pc.starts_with(text.fill_null(""), _INT_PREFIX), f"wrong_{what}_type")  # a number is not text
+    _mark(reasons, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(text.fill_null(""))), 0), f"empty_{what}")
+    return text
 
 
 # --- images ---------------------------------------------------------------------------------
@@ -711,6 +726,8 @@ def validation_fingerprint(cfg: DataConfig) -> str:
     keys = ("format", "content", "text_column", "image_column", "label_column", "labels", "validation_fraction", "split_salt")
     # (absent when off or unset: earlier fingerprints stand)
     extra = {**({"grow_labels": True} if cfg.grow_labels else {}), **({"image_root": cfg.image_root} if cfg.image_root else {})}
+    if cfg.response_column:
+        extra.update(prompt_column=cfg.prompt_column, response_column=cfg.response_column)
     blob = json.dumps({"rules": RULES_VERSION, **{k: getattr(cfg, k) for k in keys}, **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -825,7 +842,8 @@ class ValidatedData:
 def _only(batch: pa.Table, split: str | None) -> pa.Table:
     if split is not None:
         batch = batch.filter(pc.equal(batch.column("split"), split))
-    return batch.select([batch.column_names[0], "label"])  # text or image, label
+    kept = [batch.column_names[0], "label", *([RESPONSE] if RESPONSE in batch.column_names else [])]
+    return batch.select(kept)  # content (text, prompt or image), label[, response]
 
 
 def read_validated(

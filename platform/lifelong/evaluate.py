@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import ray.data
 import torch
 from ray.data.block import BlockAccessor
 
 from lifelong.config import JobConfig
-from lifelong.data import DataReport, TokenizerRef, read_validated, tokenized
+from lifelong.data import RESPONSE, DataReport, TokenizerRef, read_validated, tokenized
 from lifelong.errors import DataError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -57,8 +58,19 @@ class Evaluation:
         return out
 
 
-def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, workers: int = 1, batch_size: int = 32) -> Evaluation:
-    """Metrics of model `ref` on every valid row of `data_path` (default: config.data.path)."""
+def evaluate_model(
+    config: JobConfig,
+    ref: str,
+    data_path: str | None = None,
+    workers: int = 1,
+    batch_size: int = 32,
+    generate_rows: int = 200,
+    max_new_tokens: int | None = None,
+) -> Evaluation:
+    """Metrics of model `ref` on every valid row of `data_path` (default: config.data.path). On
+    instruction rows (data.response_column) a generative model also answers the first
+    `generate_rows` prompts (at most `max_new_tokens` each; default serve.max_new_tokens), scored
+    against their responses (BLEU, chrF, exact match)."""
     storage = Storage(config.storage.root)
     resolved = Registry(storage).resolve(ref)
     task_name = resolved.task
@@ -83,5 +95,17 @@ def evaluate_model(config: JobConfig, ref: str, data_path: str | None = None, wo
     probs = np.stack(scores["prob"].to_numpy()) if "prob" in scores else None
     metrics = family.metrics(loss, scores["label"].tolist(), scores["pred"].tolist(), len(labels), probs)
     metrics["rows"] = float(len(scores))
+    if family.reference_metrics is not None:
+        sample = _instructions(validated.split_rows(None), generate_rows)
+        if sample is not None:
+            prompts, references = sample.column("text").to_pylist(), sample.column(RESPONSE).to_pylist()
+            metrics.update(family.reference_metrics(resolved.local_dir, prompts, references, max_new_tokens or config.serve.max_new_tokens))
     counts = family.confusion(scores["label"].tolist(), scores["pred"].tolist(), len(labels)) if "pred" in scores else None
     return Evaluation(model=resolved.ref, task=task_name, metrics=metrics, data=validated.report, labels=labels, confusion=counts)
+
+
+def _instructions(rows: ray.data.Dataset | pa.Table, n: int) -> pa.Table | None:
+    """The first `n` instruction rows (prompt in `text`, and `response`), or None for plain text."""
+    if isinstance(rows, pa.Table):
+        return rows.slice(0, n) if RESPONSE in rows.column_names else None
+    return pa.Table.from_pylist(rows.take(n)) if RESPONSE in rows.schema().names else None

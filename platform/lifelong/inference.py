@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,7 +233,9 @@ class Classifier:
 
 
 class Generator:
-    """Prompt → continuation with a causal LM in PyTorch."""
+    """Prompt → continuation with a causal LM in PyTorch (KV-cached: HF's generate keeps each
+    step's keys and values, so a new token costs one position, not the whole prefix), whole or
+    streamed token by token (`stream`)."""
 
     def __init__(self, model_dir: str | Path, max_length: int | None = None, threads: int | None = 1, device: str = "cpu"):
         import torch
@@ -244,35 +248,130 @@ class Generator:
         self.encode = Encoder(model_dir, self.max_length)
         self._sampling_lock = threading.Lock()
 
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0) -> dict:
+    def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, use_cache: bool = True) -> dict:
+        """{text, tokens, truncated, prompt_tokens, finish_reason}: the whole continuation."""
+        ids, truncated, new_tokens = self._prompt(prompt, max_new_tokens)
+        with self._sampling(temperature, seed), self.torch.inference_mode():
+            out = self.model.generate(**self._generate_kwargs(ids, new_tokens, temperature), use_cache=use_cache)
+        continuation = out[0, len(ids) :].tolist()
+        return self._summary(continuation, ids, truncated, self.encode.tokenizer.decode(continuation, skip_special_tokens=True))
+
+    def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, interval_s: float = 0.02):
+        """The continuation as it is generated: {"text": piece} as soon as the first token makes
+        text, then the text of each `interval_s` (0: of each token), then the summary generate()
+        returns (without the text). Closing the iterator early stops the generation at its next token."""
+        from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        torch = self.torch
+        ids, truncated, new_tokens = self._prompt(prompt, max_new_tokens)
+        tokens: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+
+        class Tokens(BaseStreamer):
+            prompt_seen = False
+
+            def put(self, value):
+                if not self.prompt_seen:  # generate() hands the prompt over first
+                    self.prompt_seen = True
+                    return
+                tokens.put(value.reshape(-1).tolist())
+
+            def end(self):
+                tokens.put(None)
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                with self._sampling(temperature, seed), torch.inference_mode():
+                    self.model.generate(
+                        **self._generate_kwargs(ids, new_tokens, temperature),
+                        streamer=Tokens(),
+                        stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                    )
+            except BaseException as e:  # raised in the consumer, not lost in this thread
+                failure.append(e)
+                tokens.put(None)
+
+        worker = threading.Thread(target=run, name="lifelong-generate", daemon=True)
+        worker.start()
+        continuation, shown, ended, last = [], "", False, 0.0
+        try:
+            while not ended and (piece := tokens.get()) is not None:
+                continuation += piece
+                # After the first piece, the tokens of every `interval_s` go out together: an
+                # event costs the HTTP path far more than a token costs this model.
+                while shown and (wait := last + interval_s - time.monotonic()) > 0:
+                    try:
+                        more = tokens.get(timeout=wait)
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        ended = True
+                        break
+                    continuation += more
+                text = self.encode.tokenizer.decode(continuation, skip_special_tokens=True)
+                # A byte-level token can end inside a character: hold it back until it is whole.
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    yield {"text": text[len(shown) :]}
+                    shown, last = text, time.monotonic()
+            if failure:
+                raise failure[0]
+            text = self.encode.tokenizer.decode(continuation, skip_special_tokens=True)
+            if len(text) > len(shown):
+                yield {"text": text[len(shown) :]}
+            yield self._summary(continuation, ids, truncated, None)
+        finally:
+            cancel.set()
+            worker.join()
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """Chat messages ({role, content}) as one prompt: the tokenizer's chat template when it
+        has one, else one "role: content" line each and "assistant:" to answer."""
+        tok = self.encode.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+
+    def _prompt(self, prompt: str, max_new_tokens: int) -> tuple[list[int], bool, int]:
         # Keep the prompt's tail so prompt + continuation fit the model's positions.
         ids = self.encode.tokenizer(prompt)["input_ids"]
         keep = max(1, self.max_length - max_new_tokens)
         truncated = len(ids) > keep
         ids = ids[-keep:]
-        new_tokens = min(max_new_tokens, self.max_length - len(ids))
-        torch = self.torch
-        generator_kwargs = {"do_sample": False}
-        sampling = contextlib.nullcontext()
-        if temperature > 0:
-            # HF's sampler draws from torch's process-wide generator: concurrent sampled requests
-            # take turns, each seeding a forked copy, so a seed gives the same text under load.
-            sampling = _seeded(self._sampling_lock, seed)
-            generator_kwargs = {"do_sample": True, "temperature": temperature, "top_k": 50}
-        with sampling, torch.inference_mode():
-            out = self.model.generate(
-                torch.tensor([ids], device=self.logits.device),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.logits.device),
-                max_new_tokens=new_tokens,
-                pad_token_id=self.encode.pad_id,
-                **generator_kwargs,
-            )
-        continuation = out[0, len(ids) :].tolist()
+        return ids, truncated, min(max_new_tokens, self.max_length - len(ids))
+
+    def _generate_kwargs(self, ids: list[int], new_tokens: int, temperature: float) -> dict:
+        torch, device = self.torch, self.logits.device
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 50} if temperature > 0 else {"do_sample": False}
         return {
-            "text": self.encode.tokenizer.decode(continuation, skip_special_tokens=True),
+            "input_ids": torch.tensor([ids], device=device),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
+            "max_new_tokens": new_tokens,
+            "pad_token_id": self.encode.pad_id,
+            **sampling,
+        }
+
+    def _sampling(self, temperature: float, seed: int):
+        # HF's sampler draws from torch's process-wide generator: concurrent sampled requests
+        # take turns, each seeding a forked copy, so a seed gives the same text under load.
+        return _seeded(self._sampling_lock, seed) if temperature > 0 else contextlib.nullcontext()
+
+    def _summary(self, continuation: list[int], ids: list[int], truncated: bool, text: str | None) -> dict:
+        eos = self.encode.tokenizer.eos_token_id
+        out = {
             "tokens": len(continuation),
             "truncated": truncated,
+            "prompt_tokens": len(ids),
+            # stop: the model ended its text (EOS); length: it ran into max_new_tokens or the positions.
+            "finish_reason": "stop" if continuation and continuation[-1] == eos else "length",
         }
+        return out if text is None else {"text": text, **out}
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Annotated, Literal
 import ray
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -228,6 +229,10 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=1, description="Default and upper limit: serve.max_new_tokens.")
     temperature: float = Field(default=0.0, ge=0.0, le=5.0, description="0: greedy decoding.")
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="Sampling seed (temperature > 0); the same seed gives the same text.")
+    stream: bool = Field(
+        default=False,
+        description='true: server-sent events, {"text": ...} as tokens come, then {"done": true, ...} with what the response holds.',
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -236,6 +241,41 @@ class GenerateResponse(BaseModel):
     text: str
     tokens: int
     truncated: bool = Field(description="True when the prompt was cut to fit the model's positions.")
+    prompt_tokens: int = Field(description="Prompt tokens the model read (after any cut).")
+    finish_reason: Literal["stop", "length"] = Field(description="stop: the model ended its text; length: max_new_tokens was reached.")
+
+
+# OpenAI's completions and chat completions, as its clients send them (what this server does not
+# do is refused by name: n > 1, stop sequences, logprobs, tools ...).
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="The served model's name (serve's config name), or NAME@ALIAS.")
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    max_tokens: int | None = Field(default=None, ge=1, description="Default and upper limit: serve.max_new_tokens.")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="As OpenAI's: 1 by default; 0: greedy decoding.")
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    stream: bool = False
+    n: Literal[1] = Field(default=1, description="One choice per request.")
+    user: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="The served model's name (serve's config name), or NAME@ALIAS.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="Default and upper limit: serve.max_new_tokens.")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="max_tokens by its newer name.")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    stream: bool = False
+    n: Literal[1] = 1
+    user: str | None = None
 
 
 class ErrorBody(BaseModel):
@@ -244,10 +284,19 @@ class ErrorBody(BaseModel):
     errors: list[dict] | None = Field(default=None, description="422 only: one {field, message} per problem.")
 
 
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _usage(out: dict) -> dict:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["tokens"], "total_tokens": out["prompt_tokens"] + out["tokens"]}
+
+
 def _errors(*statuses: int) -> dict:
     what = {
         400: "The body is not JSON, or the endpoint does not match the served task.",
         401: "The bearer token is missing or wrong (when serve.auth is set).",
+        404: "The request names a model this endpoint does not serve.",
         408: "The body did not arrive within serve.body_timeout_s.",
         413: "Too large: the body (serve.max_body_bytes), the number of texts or a text's length.",
         422: "The body does not match the schema, or a text is not valid Unicode.",
@@ -269,8 +318,22 @@ def _api_path(scope: dict) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
-async def _send_error(send, status: int, field_name: str, message: str, headers: list | None = None) -> None:
-    body = json.dumps({"error": f"{field_name}: {message}", "field": field_name}).encode()
+# OpenAI's routes answer errors in OpenAI's shape, which its clients read (error.message).
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+OPENAI_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 408: "timeout", 413: "invalid_request_error"}
+
+
+def _error_body(path: str, status: int, content: dict) -> dict:
+    """This API's error body ({error, field[, errors]}), or on OpenAI's routes the same in OpenAI's
+    shape ({error: {message, type, param, code}})."""
+    if path not in OPENAI_PATHS:
+        return content
+    kind = OPENAI_ERROR_TYPES.get(status, "invalid_request_error")
+    return {"error": {"message": content["error"], "type": kind, "param": content.get("field"), "code": None}}
+
+
+async def _send_error(send, status: int, field_name: str, message: str, headers: list | None = None, path: str = "") -> None:
+    body = json.dumps(_error_body(path, status, {"error": f"{field_name}: {message}", "field": field_name})).encode()
     await send(
         {
             "type": "http.response.start",
@@ -305,12 +368,12 @@ class Gate:
         if s.token_sha256 is not None:
             problem = _token_problem(headers.get(b"authorization", b""), s.token_sha256)
             if problem:
-                return await _send_error(send, 401, "authorization", problem, [(b"www-authenticate", b"Bearer")])
+                return await _send_error(send, 401, "authorization", problem, [(b"www-authenticate", b"Bearer")], path)
         limit = s.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _send_error(
-                send, 413, "body", f"{declared.decode(errors='replace')} bytes; at most {limit} (serve.max_body_bytes)"
+                send, 413, "body", f"{declared.decode(errors='replace')} bytes; at most {limit} (serve.max_body_bytes)", path=path
             )
         body, more = bytearray(), True
         try:
@@ -321,10 +384,10 @@ class Gate:
                         return
                     body += message.get("body", b"")
                     if len(body) > limit:
-                        return await _send_error(send, 413, "body", f"more than {limit} bytes (serve.max_body_bytes)")
+                        return await _send_error(send, 413, "body", f"more than {limit} bytes (serve.max_body_bytes)", path=path)
                     more = message.get("more_body", False)
         except TimeoutError:
-            return await _send_error(send, 408, "body", f"not complete after {s.body_timeout_s:g} s (serve.body_timeout_s)")
+            return await _send_error(send, 408, "body", f"not complete after {s.body_timeout_s:g} s (serve.body_timeout_s)", path=path)
         if path == "/v1/predict" and headers.get(b"content-type", b"").lower().startswith(b"multipart/form-data"):
             try:
                 body = bytearray(await _multipart_as_json(scope, bytes(body), s))
@@ -415,13 +478,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid")
-        return JSONResponse(
-            status_code=400,
-            content={"error": f"the request body is not valid JSON: {detail.get('ctx', {}).get('error', detail['msg'])}", "field": "body"},
-        )
+        content = {"error": f"the request body is not valid JSON: {detail.get('ctx', {}).get('error', detail['msg'])}", "field": "body"}
+        return JSONResponse(status_code=400, content=_error_body(_api_path(request.scope), 400, content))
     problems = [{"field": _field(e["loc"]), "message": _message(e)} for e in errors]
     text = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-    return JSONResponse(status_code=422, content={"error": text, "field": problems[0]["field"], "errors": problems})
+    content = {"error": text, "field": problems[0]["field"], "errors": problems}
+    return JSONResponse(status_code=422, content=_error_body(_api_path(request.scope), 422, content))
 
 
 def _reject(status: int, field_name: str, message: str):
@@ -436,7 +498,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         content = {"error": f"body: {exc.detail}", "field": "body"}
     else:
         content = {"error": str(exc.detail)}
-    return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
+    return JSONResponse(
+        status_code=exc.status_code, content=_error_body(_api_path(request.scope), exc.status_code, content), headers=exc.headers
+    )
 
 
 def _unencodable(text: str) -> str | None:
@@ -513,6 +577,9 @@ def _schema_with_limits(settings: ServeSettings) -> dict:
     generate["prompt"]["maxLength"] = settings.max_text_chars
     bound = next(a for a in generate["max_new_tokens"]["anyOf"] if a.get("type") == "integer")
     bound["maximum"] = settings.max_new_tokens
+    for name, keys in (("CompletionRequest", ("max_tokens",)), ("ChatCompletionRequest", ("max_tokens", "max_completion_tokens"))):
+        for key in keys:
+            next(a for a in schemas[name]["properties"][key]["anyOf"] if a.get("type") == "integer")["maximum"] = settings.max_new_tokens
     if settings.token_sha256 is None:  # no auth: say so instead of documenting a scheme that is not checked
         for path in schema["paths"].values():
             for op in path.values():
@@ -766,20 +833,152 @@ class ModelServer:
 
     @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(bearer)], responses=_errors(400, 401, 408, 413, 422))
     async def generate(self, body: GenerateRequest, response: Response) -> GenerateResponse:
-        """A continuation of the prompt (causal-LM versions, PyTorch backend)."""
-        if (route := task(self.task).ENDPOINT) != "/v1/generate":
-            raise _reject(400, "prompt", f"this deployment serves a {self.task} model: use POST {route}")
-        if len(body.prompt) > self.settings.max_text_chars:
-            raise _reject(413, "prompt", f"{len(body.prompt)} characters; at most {self.settings.max_text_chars} (serve.max_text_chars)")
-        if problem := _unencodable(body.prompt):
-            raise _reject(422, "prompt", problem)
-        limit = self.settings.max_new_tokens
-        if body.max_new_tokens is not None and body.max_new_tokens > limit:
-            raise _reject(422, "max_new_tokens", f"{body.max_new_tokens} is above the limit of {limit} (serve.max_new_tokens)")
-        new_tokens = body.max_new_tokens or limit
-        loaded, out = await self._run(lambda m: m.model.generate(body.prompt, new_tokens, body.temperature, body.seed))
+        """A continuation of the prompt (causal-LM versions, PyTorch, KV-cached); with `stream`,
+        server-sent events as the tokens come."""
+        new_tokens = self._generation(body.prompt, "prompt", body.max_new_tokens, "max_new_tokens")
+        args = (body.prompt, new_tokens, body.temperature, body.seed)
+        if body.stream:
+
+            def event(loaded: Loaded, item: dict) -> str:
+                if "finish_reason" in item:
+                    return _sse({"done": True, "model": self.settings.model, "version": loaded.version, **item})
+                return _sse(item)
+
+            return await self._events(lambda m: m.model.stream(*args), event)
+        loaded, out = await self._run(lambda m: m.model.generate(*args))
         response.headers["X-Lifelong-Replica"] = self.replica
         return GenerateResponse(model=self.settings.model, version=loaded.version, **out)
+
+    async def _stream(self, fn):
+        """(loaded, item) for each item of the blocking iterator `fn(loaded)`, read off the event
+        loop, counted as running from the first item to the last so that a swap's hold drains it
+        (the version it started on answers it to the end)."""
+        while not self.open.is_set():
+            await self.open.wait()
+        self.running += 1
+        self.drained.clear()
+        done = object()
+        items = None
+        try:
+            loaded = self.versions[self.serving]
+            items = fn(loaded)
+            while (item := await asyncio.to_thread(next, items, done)) is not done:
+                yield loaded, item
+        finally:
+            if items is not None:
+                await asyncio.to_thread(items.close)  # a client gone: the generation stops at its next token
+            self.running -= 1
+            if self.running == 0:
+                self.drained.set()
+
+    def _generation(self, prompt: str, field_name: str, max_tokens: int | None, limit_field: str) -> int:
+        """Checks every generating endpoint makes on its prompt and length; returns the tokens to generate."""
+        if (route := task(self.task).ENDPOINT) != "/v1/generate":
+            raise _reject(400, field_name, f"this deployment serves a {self.task} model: use POST {route}")
+        if len(prompt) > self.settings.max_text_chars:
+            raise _reject(413, field_name, f"{len(prompt)} characters; at most {self.settings.max_text_chars} (serve.max_text_chars)")
+        if problem := _unencodable(prompt):
+            raise _reject(422, field_name, problem)
+        limit = self.settings.max_new_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise _reject(422, limit_field, f"{max_tokens} is above the limit of {limit} (serve.max_new_tokens)")
+        return max_tokens or limit
+
+    def _openai_model(self, name: str) -> None:
+        served = self.settings.model
+        if name not in (served, f"{served}@{self.settings.alias}"):
+            raise _reject(
+                404, "model", f"'{name}' is not served here: this endpoint serves '{served}' (or '{served}@{self.settings.alias}')"
+            )
+
+    async def _events(self, fn, shape):
+        """Server-sent events of a generation: `shape(loaded, item)` per item (None: skip), the
+        first item fetched before the response starts (so a replica that cannot answer fails
+        the request with its status, not the stream)."""
+        events = self._stream(fn)
+        first = await anext(events)
+
+        async def body():
+            try:
+                for loaded, item in [first]:
+                    if (out := shape(loaded, item)) is not None:
+                        yield out
+                async for loaded, item in events:
+                    if (out := shape(loaded, item)) is not None:
+                        yield out
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"X-Lifelong-Replica": self.replica, "Cache-Control": "no-cache"}
+        )
+
+    async def _openai_answer(self, obj: str, args: tuple, stream: bool, response: Response, whole, piece):
+        """OpenAI's response object `obj` for a generation of `args`: whole (`whole(out)`: its
+        choice, with usage), or streamed (`piece(item, first)`: each chunk's choice; the last
+        chunk carries the finish reason), ended by `data: [DONE]`."""
+        prefix = {"text_completion": "cmpl", "chat.completion": "chatcmpl"}[obj]
+        head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": self.settings.model}
+        if stream:
+            first = True
+
+            def chunk(loaded: Loaded, item: dict) -> str:
+                nonlocal first
+                out = {**head, "object": "chat.completion.chunk" if obj == "chat.completion" else obj, "choices": [piece(item, first)]}
+                first = False
+                return _sse(out) + ("data: [DONE]\n\n" if "finish_reason" in item else "")
+
+            return await self._events(lambda m: m.model.stream(*args), chunk)
+        loaded, out = await self._run(lambda m: m.model.generate(*args))
+        response.headers["X-Lifelong-Replica"] = self.replica
+        return {**head, "system_fingerprint": f"{self.settings.model}:{loaded.version}", "choices": [whole(out)], "usage": _usage(out)}
+
+    @api.post("/v1/completions", dependencies=[Depends(bearer)], responses=_errors(400, 401, 404, 408, 413, 422))
+    async def completions(self, body: CompletionRequest, response: Response):
+        """OpenAI's completions (an OpenAI client pointed at this server works unchanged): one
+        choice, streamed as server-sent events with `stream: true`."""
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        new_tokens = self._generation(prompt, "prompt", body.max_tokens, "max_tokens")
+        self._openai_model(body.model)
+
+        def choice(text: str, finish: str | None) -> dict:
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+        return await self._openai_answer(
+            "text_completion",
+            (prompt, new_tokens, body.temperature, body.seed or 0),
+            body.stream,
+            response,
+            whole=lambda out: choice(out["text"], out["finish_reason"]),
+            piece=lambda item, first: choice(item.get("text", ""), item.get("finish_reason")),
+        )
+
+    @api.post("/v1/chat/completions", dependencies=[Depends(bearer)], responses=_errors(400, 401, 404, 408, 413, 422))
+    async def chat_completions(self, body: ChatCompletionRequest, response: Response):
+        """OpenAI's chat completions: the messages as one prompt (the tokenizer's chat template,
+        else "role: content" lines), one choice, streamed with `stream: true`."""
+        if (route := task(self.task).ENDPOINT) != "/v1/generate":
+            raise _reject(400, "messages", f"this deployment serves a {self.task} model: use POST {route}")
+        prompt = self.versions[self.serving].model.chat_prompt([m.model_dump() for m in body.messages])
+        new_tokens = self._generation(prompt, "messages", body.max_completion_tokens or body.max_tokens, "max_tokens")
+        self._openai_model(body.model)
+
+        def piece(item: dict, first: bool) -> dict:
+            delta = {"content": item["text"]} if "text" in item else {}
+            delta = {"role": "assistant", **delta} if first else delta
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": item.get("finish_reason")}
+
+        def whole(out: dict) -> dict:
+            message = {"role": "assistant", "content": out["text"]}
+            return {"index": 0, "message": message, "logprobs": None, "finish_reason": out["finish_reason"]}
+
+        args = (prompt, new_tokens, body.temperature, body.seed or 0)
+        return await self._openai_answer("chat.completion", args, body.stream, response, whole=whole, piece=piece)
+
+    @api.get("/v1/models", dependencies=[Depends(bearer)], responses=_errors(401))
+    async def models(self) -> dict:
+        """OpenAI's model list: the one model served here."""
+        return {"object": "list", "data": [{"id": self.settings.model, "object": "model", "created": 0, "owned_by": "lifelong"}]}
 
     @api.get("/v1/model", dependencies=[Depends(bearer)], responses=_errors(401))
     async def model_info(self) -> dict:
@@ -1061,7 +1260,7 @@ def exposure_warning(config: JobConfig, host: str | None = None) -> str | None:
     host = host or config.serve.host
     where = "on this machine" if host in ("127.0.0.1", "localhost", "::1") else f"that can reach {host}"
     return (
-        f"serving without a token: any process {where} can call /v1/predict, /v1/generate and /v1/model "
+        f"serving without a token: any process {where} can call every /v1 route (/v1/predict, /v1/generate, /v1/completions, …) "
         "(set serve.auth.token_env or serve.auth.token_file; /healthz, /docs and /openapi.json stay open)"
     )
 

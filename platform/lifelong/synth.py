@@ -5,6 +5,9 @@
 - `write_topic_dataset`: a labelled text-classification set. Each sentence mixes words from
   its class's vocabulary with shared filler words, so a small model can learn it but must
   actually read the text. Seeded: the same arguments always write the same rows.
+- `write_instruction_dataset`: prompt/response pairs for instruction fine-tuning, from the same
+  topic sentences: the prompt asks what a sentence is about, the response names its topic and
+  quotes one of its words.
 - `write_stream`: the same kind of rows as a stream of windows with controllable drift, for
   continual learning: each window covers a subset of the classes (class-incremental drift:
   a model trained on the new window alone forgets the others) and replaces part of each
@@ -131,6 +134,23 @@ def write_topic_dataset(path: str | Path, rows: int, seed: int = 0, labels: list
     for i in range(rows):
         label = labels[i % len(labels)]
         data.append({"text": topic_sentence(rng, label), "label": label})
+    rng.shuffle(data)
+    _write_jsonl(path, data)
+    return len(data)
+
+
+def write_instruction_dataset(path: str | Path, rows: int, seed: int = 0) -> int:
+    """SYNTHETIC instruction data as JSONL rows {"prompt": ..., "response": ...}: a topic sentence
+    to name the topic of, answered by a sentence that names it and quotes the first of its
+    topic's words in the prompt (learnable by a small model: the answer follows from the prompt)."""
+    labels = sorted(TOPIC_WORDS)
+    rng = random.Random(seed)
+    data = []
+    for i in range(rows):
+        label = labels[i % len(labels)]
+        sentence = topic_sentence(rng, label)
+        word = next(w for w in sentence.split() if w in TOPIC_WORDS[label])
+        data.append({"prompt": f"What is this about? {sentence}", "response": f"It is about {label}: it says {word}."})
     rng.shuffle(data)
     _write_jsonl(path, data)
     return len(data)

@@ -131,6 +131,11 @@ def check_continual(config: JobConfig) -> None:
         raise LifelongError(
             "continual learning needs data.labels (and data.label_column for table files): every landing file is checked against them"
         )
+    if config.data and config.data.response_column:
+        raise LifelongError(
+            "continual cycles train on text or labelled rows; prompt/response data (data.response_column) is not built "
+            "for them yet: fine-tune on it with `lifelong finetune`"
+        )
     if not family.LABELLED and config.continual.new_labels == "grow":
         raise LifelongError(f"continual.new_labels: grow is for classifiers; a {family.NAME} stream has no labels (remove the key)")
 

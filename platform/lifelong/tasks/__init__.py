@@ -62,6 +62,7 @@ CONTRACT = (
     "serving_model",  # (model_dir, backend, max_length, threads, device) -> what a replica calls
     "holdout_counts",  # (model, model_dir, holdout table, max_length) -> what gates.window_value reads (continual families)
     "model_labels",  # (model) -> its label set (gates compare past windows over the classes both models know)
+    "reference_metrics",  # (model_dir, prompts, references, max_new_tokens) -> BLEU, chrF, exact match (generative; else None)
     "smoke_test",  # (serving model) -> None, or what is wrong with it
 )
 assert set(TASKS) == set(get_args(TaskName)), "TaskName and TASKS must name the same families"

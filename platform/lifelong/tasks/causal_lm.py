@@ -38,7 +38,13 @@ SMOKE_PROMPT = "a smoke test before this version serves"
 
 
 def check(config) -> None:
-    """Nothing beyond what every config needs: text, and a tokenizer given or trained on it."""
+    """Text, and a tokenizer given or trained on it; instruction data fine-tunes (`init_from`)."""
+    d = config.data
+    if d is not None and d.response_column and not config.model.init_from:
+        raise ValueError(
+            "data.prompt_column/response_column fine-tune a language model on instructions: set model.init_from "
+            "(a pretrained version to start from, e.g. tiny-gpt2@champion)"
+        )
 
 
 def claims(architectures: list[str]) -> bool:
@@ -49,9 +55,11 @@ def tokenize(batch, tokenizer, max_length: int) -> dict[str, np.ndarray]:
     """Pack the batch's texts (each ended by EOS) into full blocks of max_length tokens (the
     remainder shorter than a block is dropped). A continual cycle's `replayed` marks travel
     along: the rows of each mark are packed apart, and each block carries its rows' mark."""
-    from lifelong.data import REPLAYED, cached_tokenizer
+    from lifelong.data import REPLAYED, RESPONSE, cached_tokenizer
 
     tok = cached_tokenizer(tokenizer)
+    if RESPONSE in batch.column_names:
+        return instruction_rows(batch.column("text").to_pylist(), batch.column(RESPONSE).to_pylist(), tok, max_length)
     ids = tok(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
     if REPLAYED not in batch.column_names:
         return _blocks(_packed(ids, tok.eos_token_id), max_length)
@@ -61,6 +69,34 @@ def tokenize(batch, tokenizer, max_length: int) -> dict[str, np.ndarray]:
         blocks = _blocks(_packed([seq for seq, m in zip(ids, marks) if m == mark], tok.eos_token_id), max_length)
         parts.append({**blocks, REPLAYED: np.full(len(blocks["input_ids"]), mark, dtype=np.int64)})
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def instruction_prompt(tok, prompt: str) -> str:
+    """What the model reads before its response: the prompt through the tokenizer's chat template
+    (one user turn, the assistant's turn opened) when it has one, else the prompt itself."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def instruction_rows(prompts: list[str], responses: list[str], tok, max_length: int) -> dict[str, np.ndarray]:
+    """One row per (prompt, response), padded to max_length: prompt tokens then the response's and
+    EOS; labels -100 (no loss) on the prompt and the padding, so the loss counts only what the
+    model should answer. A response longer than the row is cut (one prompt token kept); a prompt
+    too long for what is left keeps its end."""
+    n = len(prompts)
+    ids = np.full((n, max_length), tok.pad_token_id, dtype=np.int64)
+    mask = np.zeros((n, max_length), dtype=np.int64)
+    labels = np.full((n, max_length), -100, dtype=np.int64)
+    prompt_ids = tok([instruction_prompt(tok, p) for p in prompts], add_special_tokens=False)["input_ids"]
+    response_ids = tok(responses, add_special_tokens=False)["input_ids"]
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        r = (r + [tok.eos_token_id])[: max_length - 1]
+        p = p[-(max_length - len(r)) :] if p else [tok.eos_token_id]
+        ids[i, : len(p) + len(r)] = p + r
+        mask[i, : len(p) + len(r)] = 1
+        labels[i, len(p) : len(p) + len(r)] = r
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def _packed(ids: list[list[int]], eos: int) -> np.ndarray:
@@ -104,6 +140,26 @@ def holdout_counts(model, model_dir, table, max_length: int, batch_size: int = 3
     return {"loss_sum": loss_sum, "tokens": tokens}
 
 
+def reference_metrics(model_dir, prompts: list[str], references: list[str], max_new_tokens: int) -> dict[str, float]:
+    """Generate (greedy) for each instruction prompt and score the answers against the references:
+    corpus BLEU and chrF (sacrebleu, 0–100) and exact match (the share of answers equal to their
+    reference, whitespace trimmed)."""
+    import sacrebleu
+
+    from lifelong.inference import Generator
+
+    generator = Generator(model_dir)
+    tok = generator.encode.tokenizer
+    answers = [generator.generate(instruction_prompt(tok, p), max_new_tokens)["text"].strip() for p in prompts]
+    refs = [r.strip() for r in references]
+    return {
+        "bleu": sacrebleu.corpus_bleu(answers, [refs]).score,
+        "chrf": sacrebleu.corpus_chrf(answers, [refs]).score,
+        "exact_match": sum(a == r for a, r in zip(answers, refs)) / max(len(refs), 1),
+        "generated": float(len(answers)),
+    }
+
+
 def model_labels(model) -> list[str]:
     return []  # no label set: every window is scored on all its text
 
@@ -124,8 +180,9 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
 
 
 def loss_weight(batch) -> int:
-    """The model predicts every real token but the first of each row."""
-    return int(batch["attention_mask"][:, 1:].sum())
+    """The tokens the loss counts: every labelled token but each row's first (a packed block:
+    every real token; an instruction row: its response)."""
+    return int(((batch["labels"][:, 1:] != -100) & (batch["attention_mask"][:, 1:] != 0)).sum())
 
 
 def predictions(logits):
@@ -151,8 +208,9 @@ def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     ids = torch.as_tensor(batch["input_ids"])
     mask = torch.as_tensor(batch["attention_mask"])
+    labels = torch.as_tensor(batch["labels"])
     logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    target_mask = mask[:, 1:].float()
+    target_mask = (mask[:, 1:].bool() & (labels[:, 1:] != -100)).float()  # real, labelled tokens (an instruction's response)
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
     return {
         "loss_sum": (ce * target_mask).sum(1).numpy(),

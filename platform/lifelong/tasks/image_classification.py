@@ -40,6 +40,7 @@ CONTINUAL = True
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
 EXPORT_ON_REGISTER = True
 ENDPOINT = "/v1/predict"
+reference_metrics = None  # answers are labels, not generated text
 PREPROCESSOR_FILES = ("preprocessor_config.json",)
 FORWARD_KWARGS: dict = {}
 # From scratch: images resized to model.hf_config.image_size (default below), each channel

@@ -32,6 +32,7 @@ PRETRAINS = True
 JOB = "pretrain"
 CONTINUAL = False
 HOLDOUT_METRIC = None  # no continual cycles: nothing scores a holdout
+reference_metrics = None  # nothing generated
 holdout_counts = None
 model_labels = None
 EXPORT_FORMATS = ()

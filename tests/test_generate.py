@@ -1,0 +1,185 @@
+"""Serving a language model: KV-cached generation, streamed as server-sent events, and
+OpenAI-compatible completions and chat completions that the official `openai` client gets,
+streamed and not, with the same auth, limits and hot-swap as every endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from lifelong.config import absolute_paths, validate_config
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+
+pytestmark = pytest.mark.slow
+TOKEN = "gen-token-9a2e"
+
+
+def register_lm(registry, name: str, tokenizer_dir, work, seed: int) -> int:
+    """A small GPT-2 (4 layers, 128 dims, 256 positions; random weights, seeded): slow enough
+    per token on a CPU that a stream's first chunk comes well before its last."""
+    import torch
+
+    from lifelong.config import ModelConfig
+    from lifelong.models import build_model, load_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(task="causal-lm", hf_config={"n_layer": 4, "n_embd": 128, "n_head": 4}, max_length=256, tokenizer=str(tokenizer_dir))
+    out = work / f"{name}-{seed}"
+    build_model(cfg, load_tokenizer(tokenizer_dir)).save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    return registry.register_version(name, out, {"task": "causal-lm", "config": {"model": cfg.model_dump(mode="json")}})
+
+
+@pytest.fixture(scope="module")
+def lm_app(ray_session, serve_port, tiny_tokenizer, tmp_path_factory):
+    from ray import serve
+
+    from lifelong.serve import deploy
+
+    root, work = tmp_path_factory.mktemp("gen-store"), tmp_path_factory.mktemp("gen-work")
+    registry = Registry(Storage(str(root)))
+    v1 = register_lm(registry, "gen-lm", tiny_tokenizer, work, seed=1)
+    registry.move_alias("gen-lm", "champion", v1)
+    os.environ["LIFELONG_GEN_TOKEN"] = TOKEN
+    serve_cfg = {
+        "port": serve_port,
+        "num_replicas": 2,
+        "poll_interval_s": 0.3,
+        "route_prefix": "/gen",
+        "app_name": "gen-lm",
+        "max_new_tokens": 200,
+        "max_text_chars": 2000,
+        "auth": {"token_env": "LIFELONG_GEN_TOKEN"},
+    }
+    url = deploy(absolute_paths(validate_config({"name": "gen-lm", "storage": {"root": str(root)}, "serve": serve_cfg})))
+    yield {"url": url, "registry": registry, "v1": v1, "work": work, "tokenizer": tiny_tokenizer}
+    serve.delete("gen-lm")
+
+
+def local(app, version):
+    from lifelong.inference import Generator
+
+    return Generator(app["registry"].local_dir("gen-lm", version), 256)
+
+
+def test_the_openai_client_gets_completions_and_chat_completions_streamed_and_not(lm_app):
+    client = openai.OpenAI(base_url=lm_app["url"] + "/v1", api_key=TOKEN, max_retries=0)
+    here = local(lm_app, lm_app["v1"])
+    prompt = "The for statement is used to iterate"
+    want = here.generate(prompt, 24)  # greedy: what the server must answer
+
+    done = client.completions.create(model="gen-lm", prompt=prompt, max_tokens=24, temperature=0)
+    assert done.choices[0].text == want["text"] and done.choices[0].finish_reason == want["finish_reason"]
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (want["prompt_tokens"], want["tokens"])
+    assert done.model == "gen-lm" and done.object == "text_completion" and done.system_fingerprint == f"gen-lm:{lm_app['v1']}"
+
+    chunks = list(client.completions.create(model="gen-lm@champion", prompt=prompt, max_tokens=24, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want["text"] and len(chunks) > 2
+    assert [c.choices[0].finish_reason for c in chunks][-1] == want["finish_reason"] and chunks[0].choices[0].finish_reason is None
+
+    messages = [{"role": "system", "content": "You answer about Python."}, {"role": "user", "content": "What does the with statement do?"}]
+    chat_want = here.generate(here.chat_prompt(messages), 20)
+    chat = client.chat.completions.create(model="gen-lm", messages=messages, max_tokens=20, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == chat_want["text"]
+    assert chat.usage.completion_tokens == chat_want["tokens"]
+    parts = list(client.chat.completions.create(model="gen-lm", messages=messages, max_completion_tokens=20, temperature=0, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant" and parts[-1].choices[0].finish_reason == chat_want["finish_reason"]
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == chat_want["text"]
+
+    # Sampled with a seed: the same text twice, streamed or not (OpenAI's default temperature is 1).
+    sampled = [client.completions.create(model="gen-lm", prompt=prompt, max_tokens=16, seed=7).choices[0].text for _ in range(2)]
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(model="gen-lm", prompt=prompt, max_tokens=16, seed=7, stream=True)
+    )
+    assert sampled[0] == sampled[1] == streamed == here.generate(prompt, 16, temperature=1.0, seed=7)["text"]
+    assert [m.id for m in client.models.list().data] == ["gen-lm"]
+
+    # What it does not do, or may not, is a 4xx naming the field.
+    with pytest.raises(openai.UnprocessableEntityError, match="max_tokens: 201 is above the limit of 200"):
+        client.completions.create(model="gen-lm", prompt=prompt, max_tokens=201)
+    with pytest.raises(openai.UnprocessableEntityError, match="n"):
+        client.completions.create(model="gen-lm", prompt=prompt, n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="stop"):
+        client.completions.create(model="gen-lm", prompt=prompt, stop=["."])
+    with pytest.raises(openai.NotFoundError, match="'gpt-4o' is not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=messages)
+    with pytest.raises(openai.APIStatusError, match="at most 2000") as too_long:
+        client.completions.create(model="gen-lm", prompt="x" * 2001)
+    assert too_long.value.status_code == 413
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=lm_app["url"] + "/v1", api_key="wrong", max_retries=0).completions.create(model="gen-lm", prompt="x")
+
+
+def test_generate_streams_server_sent_events_that_arrive_before_the_generation_ends(lm_app):
+    url, headers = lm_app["url"], {"Authorization": f"Bearer {TOKEN}"}
+    here = local(lm_app, lm_app["v1"])
+    body = {"prompt": "Classes are", "max_new_tokens": 200}
+    whole = httpx.post(url + "/v1/generate", json=body, headers=headers, timeout=60).json()
+    assert whole["text"] == here.generate("Classes are", 200)["text"] and whole["tokens"] == 200 and whole["finish_reason"] == "length"
+    started, arrivals, events = time.monotonic(), [], []
+    with httpx.stream("POST", url + "/v1/generate", json={**body, "stream": True}, headers=headers, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                arrivals.append(time.monotonic() - started)
+    last = events[-1]
+    assert last["done"] and (last["version"], last["tokens"], last["finish_reason"]) == (lm_app["v1"], 200, "length")
+    assert "".join(e["text"] for e in events[:-1]) == whole["text"]
+    # Tokens come as they are made (the first at once, then those of every 20 ms together): the
+    # first long before the generation ends.
+    print(f"first event after {arrivals[0]:.3f} s, last after {arrivals[-1]:.3f} s, {len(events)} events")
+    assert len(events) > 10 and arrivals[0] < 0.3 * arrivals[-1], (arrivals[0], arrivals[-1])
+    # Bad requests fail before any stream starts, with their status.
+    r = httpx.post(url + "/v1/generate", json={**body, "stream": True, "max_new_tokens": 201}, headers=headers)
+    assert r.status_code == 422 and r.json()["field"] == "max_new_tokens"
+
+
+def test_streams_keep_going_across_a_swap_and_the_next_ones_come_from_the_new_version(lm_app):
+    """A hot-swap under streaming load: every stream ends whole (the version it started on answers
+    it to the end), none fails, and streams started after the swap come from the new version."""
+    url, headers, registry = lm_app["url"], {"Authorization": f"Bearer {TOKEN}"}, lm_app["registry"]
+    v2 = register_lm(registry, "gen-lm", lm_app["tokenizer"], lm_app["work"], seed=2)
+    results, stop = [], threading.Event()
+
+    def load():
+        with httpx.Client(timeout=60, headers=headers) as c:
+            while not stop.is_set() and len(results) < 2000:
+                events, status = [], None
+                try:
+                    with c.stream("POST", url + "/v1/generate", json={"prompt": "The", "max_new_tokens": 40, "stream": True}) as r:
+                        status = r.status_code
+                        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+                except httpx.HTTPError as e:
+                    status = repr(e)
+                results.append((status, events[-1] if events else None))
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        registry.move_alias("gen-lm", "champion", v2)
+        deadline = time.monotonic() + 60
+        while not any(last and last.get("version") == v2 for _, last in results[-4:]) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        registry.move_alias("gen-lm", "champion", lm_app["v1"])
+    assert results and all(status == 200 and last and last["done"] and last["tokens"] == 40 for status, last in results), [
+        r for r in results if r[0] != 200 or not (r[1] and r[1].get("done"))
+    ][:3]
+    versions = [last["version"] for _, last in results]
+    assert set(versions) == {lm_app["v1"], v2} and versions[-1] == v2
