@@ -206,3 +206,13 @@ def drop(window_dir, landing):
 
     for f in sorted(window_dir.iterdir()):
         shutil.copy(f, landing / f"{window_dir.name}-{f.name}")
+
+
+def wait_for_version(ask, version, timeout: float = 60):
+    """Ask the endpoint (`ask()` -> the version that answered) until `version` answers; returns the last answer."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (answered := ask()) != version and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return answered

@@ -18,7 +18,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, drop, make_config, register_tiny
+from conftest import CONFIGS, drop, make_config, register_tiny, wait_for_version
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge
 from lifelong.continual.ledger import Ledger
@@ -166,10 +166,7 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
         def served():
             return httpx.post(url + "/v1/predict", json={"texts": ["x"]}, timeout=30).json()["version"]
 
-        deadline = time.monotonic() + 60
-        while served() != champion and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert served() == champion
+        assert wait_for_version(served, champion) == champion
     finally:
         stop.set()
         client.join()

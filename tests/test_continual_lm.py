@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 
 import httpx
 import pyarrow as pa
 import pytest
 import torch
 
-from conftest import drop, make_config, register_tiny
+from conftest import drop, make_config, register_tiny, wait_for_version
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge_perplexity
 from lifelong.continual.ledger import Ledger
@@ -149,10 +148,7 @@ def test_two_continual_pretraining_cycles_gate_on_perplexity_and_swap_the_genera
         def served():
             return httpx.post(url + "/v1/generate", json={"prompt": "x", "max_new_tokens": 1}, timeout=30).json()["version"]
 
-        deadline = time.monotonic() + 60
-        while served() != champion and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert served() == champion
+        assert wait_for_version(served, champion) == champion
     finally:
         stop.set()
         client.join()

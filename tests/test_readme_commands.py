@@ -364,8 +364,8 @@ def serve_and_ask(project: Path, env: dict, command: str) -> None:
             time.sleep(1)
         assert server.poll() is None, server.stdout.read()[-4000:]
         if command == SERVE_LM:
-            return ask_the_language_model(project, env)
-        for line in serving_examples() if command == SERVE else image_serving_examples():
+            ask_the_language_model(project, env)
+        for line in [] if command == SERVE_LM else serving_examples() if command == SERVE else image_serving_examples():
             done = sh(line, project, env, timeout=60)
             assert done.returncode == 0 and done.stdout.startswith("{"), (line, done.stdout, done.stderr)
             answer = json.loads(done.stdout)

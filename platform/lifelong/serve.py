@@ -17,6 +17,7 @@ version never answers again, across all replicas. A hold lasts a few millisecond
 
 import asyncio
 import atexit
+import contextlib
 import hashlib
 import hmac
 import json
@@ -866,7 +867,11 @@ class ModelServer:
                 yield loaded, item
         finally:
             if items is not None:
-                await asyncio.to_thread(items.close)  # a client gone: the generation stops at its next token
+                # A client gone: the generation stops at its next token. (Cancelled while a token
+                # was being read, the iterator is still busy and cannot be closed: that generation
+                # then ends by itself, within its max_new_tokens.)
+                with contextlib.suppress(ValueError):
+                    await asyncio.to_thread(items.close)
             self.running -= 1
             if self.running == 0:
                 self.drained.set()
