@@ -340,10 +340,11 @@ def test_the_shown_commands_work_as_printed(fresh_project):
         found = re.search(r"submitted (raysubmit_\w+)", out)
         job = found.group(1) if found else job
     registry = project / "lifelong-store" / "registry"
-    names = ("tiny-gpt2", "tiny-topics", "tiny-resnet-digits", "tiny-resnet-split")
+    names = ("tiny-gpt2", "tiny-gpt2-sft", "tiny-topics", "tiny-resnet-digits", "tiny-resnet-split")
     versions = {name: sorted(p.name for p in (registry / name / "versions").iterdir()) for name in names}
-    assert versions == {  # tiny-gpt2:1 by the cluster's job
-        "tiny-gpt2": ["1"],
+    assert versions == {  # tiny-gpt2:1 by the cluster's job, 2 by the continual-pretraining cycle
+        "tiny-gpt2": ["1", "2"],
+        "tiny-gpt2-sft": ["1"],
         "tiny-topics": ["1", "2", "3"],
         "tiny-resnet-digits": ["1", "2"],
         "tiny-resnet-split": ["1", "2"],

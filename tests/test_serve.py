@@ -675,6 +675,7 @@ def test_a_classifier_is_served_from_its_torchscript_export(app, serve_port):
 def test_serving_without_a_token_is_said_loudly(tmp_path):
     from lifelong.serve import exposure_warning
 
-    assert "any process that can reach 0.0.0.0 can call /v1/predict" in exposure_warning(serve_config(tmp_path, "m", 8000, host="0.0.0.0"))
+    loud = exposure_warning(serve_config(tmp_path, "m", 8000, host="0.0.0.0"))
+    assert "any process that can reach 0.0.0.0 can call every /v1 route (/v1/predict, /v1/generate, /v1/completions" in loud
     assert "on this machine" in exposure_warning(serve_config(tmp_path, "m", 8000))
     assert exposure_warning(serve_config(tmp_path, "m", 8000, host="0.0.0.0", auth={"token_env": "T"})) is None
