@@ -216,3 +216,18 @@ def wait_for_version(ask, version, timeout: float = 60):
     while (answered := ask()) != version and time.monotonic() < deadline:
         time.sleep(0.3)
     return answered
+
+
+def ask_until_stopped(url: str, path: str, body: dict, results: list, stop) -> None:
+    """A bounded client loop (a thread's target): POST `body` every 50 ms until `stop` is set,
+    recording (status, version answered or the error) per request."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while not stop.is_set() and len(results) < 20000:
+            try:
+                r = client.post(path, json=body)
+                results.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text))
+            except httpx.HTTPError as e:
+                results.append((repr(e), None))
+            stop.wait(0.05)

@@ -18,7 +18,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, drop, make_config, register_tiny, wait_for_version
+from conftest import CONFIGS, ask_until_stopped, drop, make_config, register_tiny, wait_for_version
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge
 from lifelong.continual.ledger import Ledger
@@ -109,17 +109,8 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
     )
     results, stop = [], threading.Event()
 
-    def load():
-        with httpx.Client(base_url=url, timeout=30) as client:
-            while not stop.is_set() and len(results) < 20000:
-                try:
-                    r = client.post("/v1/predict", json={"texts": ["rain storm tonight", "stocks fell"]})
-                    results.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text))
-                except httpx.HTTPError as e:
-                    results.append((repr(e), None))
-                stop.wait(0.05)
-
-    client = threading.Thread(target=load)
+    asked = {"texts": ["rain storm tonight", "stocks fell"]}
+    client = threading.Thread(target=ask_until_stopped, args=(url, "/v1/predict", asked, results, stop))
     client.start()
     try:
         drop(stream["windows"][0], landing)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import drop, make_config, register_tiny, wait_for_version
+from conftest import ask_until_stopped, drop, make_config, register_tiny, wait_for_version
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge_perplexity
 from lifelong.continual.ledger import Ledger
@@ -84,17 +84,8 @@ def test_two_continual_pretraining_cycles_gate_on_perplexity_and_swap_the_genera
     url = deploy(absolute_paths(validate_config({"name": "doc-lm", "storage": {"root": str(root)}, "serve": serve_cfg})))
     results, stop = [], threading.Event()
 
-    def load():
-        with httpx.Client(base_url=url, timeout=30) as client:
-            while not stop.is_set() and len(results) < 20000:
-                try:
-                    r = client.post("/v1/generate", json={"prompt": "The for statement", "max_new_tokens": 3})
-                    results.append((r.status_code, r.json().get("version") if r.status_code == 200 else r.text))
-                except httpx.HTTPError as e:
-                    results.append((repr(e), None))
-                stop.wait(0.05)
-
-    client = threading.Thread(target=load)
+    asked = {"prompt": "The for statement", "max_new_tokens": 3}
+    client = threading.Thread(target=ask_until_stopped, args=(url, "/v1/generate", asked, results, stop))
     client.start()
     outcomes = []
     try:

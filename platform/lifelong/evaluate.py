@@ -76,7 +76,8 @@ def evaluate_model(
     task_name = resolved.task
     validated = read_validated(config.require_data("evaluate"), storage, quarantine_area="evaluate", path=data_path)
     tokenizer = TokenizerRef(version=resolved.ref, root=config.storage.root)
-    rows = tokenized(validated.split_rows(None), task_name, tokenizer, config.model.max_length)
+    every_row = validated.split_rows(None)
+    rows = tokenized(every_row, task_name, tokenizer, config.model.max_length)
     scorer = {"storage_root": storage.root_uri, "ref": ref, "task_name": task_name}
     if validated.table is not None:  # read here (data.in_process_mb): scored here too, no actor to start
         score = Scorer(**scorer)
@@ -96,7 +97,7 @@ def evaluate_model(
     metrics = family.metrics(loss, scores["label"].tolist(), scores["pred"].tolist(), len(labels), probs)
     metrics["rows"] = float(len(scores))
     if family.reference_metrics is not None:
-        sample = _instructions(validated.split_rows(None), generate_rows)
+        sample = _instructions(every_row, generate_rows)
         if sample is not None:
             prompts, references = sample.column("text").to_pylist(), sample.column(RESPONSE).to_pylist()
             metrics.update(family.reference_metrics(resolved.local_dir, prompts, references, max_new_tokens or config.serve.max_new_tokens))
