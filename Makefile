@@ -43,6 +43,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/tune_search.py --quick
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/continual.py --quick
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/ingest.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/export_speed.py --quick
 
 clean:
 	rm -rf $(VENV) lifelong-store data/demo .pytest_cache

@@ -14,6 +14,11 @@ this machine's CPU with one intra-op thread as a serving replica runs it:
 - Streaming: a Serve app (`lifelong.serve.deploy`, 1 replica, on loopback) asked for 256 new
   tokens after a 32-token prompt on `/v1/generate`, streamed (server-sent events: the time to the
   first event, and to the last) and not (the time to the response).
+- Batching across requests: 8 clients at once, each asking `/v1/generate` for a greedy
+  continuation of 64 tokens of its own prompt (8 to 60 tokens), round after round, against an app
+  that batches them (serve.max_batch_size 16: waiting requests share one left-padded generate
+  call) and one that does not (max_batch_size 1: each request generates alone in its own thread,
+  as greedy requests did before); requests/s and tokens/s, medians of the rounds, and the ratio.
 """
 
 from __future__ import annotations
@@ -148,6 +153,64 @@ def streaming(model_dir: Path, work: Path, repeats: int) -> dict:
     return out
 
 
+def batching(model_dir: Path, work: Path, rounds: int, clients: int = 8, new_tokens: int = 64) -> dict:
+    import threading
+
+    from ray import serve
+
+    from lifelong.config import ModelConfig, absolute_paths, validate_config
+    from lifelong.inference import Generator
+    from lifelong.registry import Registry
+    from lifelong.runtime import connect
+    from lifelong.serve import deploy
+    from lifelong.storage import Storage
+
+    connect(num_cpus=4)
+    root = work / "batch-store"
+    registry = Registry(Storage(str(root)))
+    card = {"task": "causal-lm", "config": {"model": ModelConfig(task="causal-lm", max_length=1024).model_dump(mode="json")}}
+    registry.move_alias("gen-batch", "champion", registry.register_version("gen-batch", model_dir, card))
+    g = Generator(model_dir, 1024)
+    prompts = [prompt_of(g, 8 + 52 * i // (clients - 1)) for i in range(clients)]
+    out = {}
+    for label, size in (("batched", 16), ("unbatched", 1)):
+        serve_cfg = {"port": 8431, "num_replicas": 1, "route_prefix": f"/{label}", "app_name": f"gen-{label}", "max_batch_size": size}
+        url = deploy(absolute_paths(validate_config({"name": "gen-batch", "storage": {"root": str(root)}, "serve": serve_cfg})))
+        per_round, tokens, together = [], [], []
+        try:
+            httpx.post(url + "/v1/generate", json={"prompt": prompts[0], "max_new_tokens": 8}, timeout=120)  # warm up
+            for _ in range(rounds + 1):
+                answers = [None] * clients
+
+                def ask(i: int) -> None:
+                    r = httpx.post(url + "/v1/generate", json={"prompt": prompts[i], "max_new_tokens": new_tokens}, timeout=300)
+                    assert r.status_code == 200, r.text
+                    answers[i] = (r.json()["tokens"], int(r.headers["X-Lifelong-Batch"]))
+
+                threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
+                t = time.perf_counter()
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+                per_round.append(time.perf_counter() - t)
+                tokens.append(sum(a[0] for a in answers))
+                together.append(max(a[1] for a in answers))
+        finally:
+            serve.delete(f"gen-{label}")
+        per_round, tokens, together = per_round[1:], tokens[1:], together[1:]  # the first round warms the path
+        out[label] = {
+            "requests_per_s": statistics.median(clients / s for s in per_round),
+            "tokens_per_s": statistics.median(n / s for n, s in zip(tokens, per_round)),
+            "largest_batch": max(together),
+            "round_s": per_round,
+        }
+        print(f"{label}: {out[label]['requests_per_s']:.1f} requests/s, {out[label]['tokens_per_s']:.0f} tokens/s", flush=True)
+    out["speedup"] = out["batched"]["requests_per_s"] / out["unbatched"]["requests_per_s"]
+    out["setup"] = {"clients": clients, "new_tokens": new_tokens, "prompt_tokens": [8 + 52 * i // (clients - 1) for i in range(clients)]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -157,6 +220,7 @@ def main() -> None:
     model_dir = build(work)
     cache = kv_cache(model_dir, repeats)
     stream = streaming(model_dir, work, repeats)
+    batched = batching(model_dir, work, repeats)
     short, long = cache["prompt_32"], cache["prompt_512"]
     figures = [
         {
@@ -179,6 +243,16 @@ def main() -> None:
             "baseline": round(stream["response_s"], 3),
             "baseline_unit": "s (first event streamed vs the whole response unstreamed)",
         },
+        {
+            "name": "generate_batching_speedup",
+            "value": round(batched["speedup"], 2),
+            "unit": f"x requests/s, 8 concurrent greedy requests of {batched['setup']['new_tokens']} tokens, batched vs each alone",
+            "target": None,
+            "met": True,
+            "platform": round(batched["batched"]["requests_per_s"], 2),
+            "baseline": round(batched["unbatched"]["requests_per_s"], 2),
+            "baseline_unit": "requests/s (max_batch_size 16 vs 1, one replica)",
+        },
     ]
     result = {
         "benchmark": "generate",
@@ -188,6 +262,7 @@ def main() -> None:
         "setup": {"model": "GPT-2 4 layers, 128 dims, 1024 positions", "new_tokens": NEW_TOKENS, "repeats": repeats, "threads": 1},
         "kv_cache": cache,
         "streaming": stream,
+        "batching": batched,
         "figures": figures,
     }
     from continual import write_result

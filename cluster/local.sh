@@ -5,10 +5,15 @@
 #                                has joined, then prints the address and how to submit
 #   cluster/local.sh stop        stops only the processes this script started (each node is its own
 #                                process group, whose leader's pid is in $STATE)
+#   cluster/local.sh ports [N]   the fixed ports a start binds; a start refuses at once, naming it,
+#                                when one is taken
 # Each node has its own temp directory: nodes that shared one would share the directory Ray unpacks
 # a job's working directory into, and one node's clean-up would delete it under the other.
 # The head's ports other than 6380 and 8265 are set too, away from Ray's defaults, so that another
-# Ray on this machine (an embedded one of `lifelong pretrain`, say) does not collide with it.
+# Ray on this machine (an embedded one of `lifelong pretrain`, say) does not collide with it, and
+# below the kernel's ephemeral range (32768-60999 on Linux): a port in it may be any process's
+# outgoing connection or another Ray's randomly chosen listener, and a head whose metrics port was
+# taken waited 30 s for its raylet and died ("timed out during startup").
 set -euo pipefail
 shopt -s nullglob
 PROJECT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,6 +22,24 @@ STATE="${LIFELONG_LOCAL_CLUSTER:-/tmp/lifelong-local-cluster}"
 export PATH="$BIN:$PATH" RAY_AUTH_MODE=token
 
 nodes_up() { timeout 15 "$BIN/ray" status --address=127.0.0.1:6380 2>/dev/null | grep -cE '^ *1 node_' || true; }
+AGENT_PORT=28400 METRICS_PORT=28500 CLIENT_PORT=10001
+ports() {
+  echo 6380 8265 "$CLIENT_PORT" "$AGENT_PORT" "$METRICS_PORT"
+  for i in $(seq "$1"); do echo $((AGENT_PORT + i)) $((METRICS_PORT + i)); done
+}
+taken() {  # the first of the given ports that something on this machine holds
+  "$BIN/python" - "$@" <<'PY'
+import socket, sys
+for port in sys.argv[1:]:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", int(port)))
+        except OSError:
+            print(port)
+            break
+PY
+}
 alive() { for f in "$STATE"/head.pid "$STATE"/worker-*.pid; do kill -0 "$(cat "$f")" 2>/dev/null || return 1; done; }
 fail() {
   echo "the cluster did not come up ($1); the logs' last lines (all in $STATE):" >&2
@@ -40,16 +63,21 @@ case "${1:-start}" in
   start)
     test -x "$BIN/ray" || { echo "run 'make setup' first" >&2; exit 2; }
     workers="${2:-1}"
+    busy="$(taken $(ports "$workers"))"
+    if [ -n "$busy" ]; then
+      echo "port $busy is taken on this machine (cluster/local.sh binds: $(ports "$workers" | xargs)); stop what holds it, or the cluster started before (cluster/local.sh stop)" >&2
+      exit 1
+    fi
     test -s "$HOME/.ray/auth_token" || "$BIN/ray" get-auth-token --generate >/dev/null
     mkdir -p "$STATE"
     setsid nohup "$BIN/ray" start --head --block --port=6380 --dashboard-host=127.0.0.1 --dashboard-port=8265 \
-      --dashboard-agent-listen-port=52400 --metrics-export-port=52500 \
-      --num-cpus=2 --temp-dir="$STATE/ray" >"$STATE/head.log" 2>&1 &
+      --dashboard-agent-listen-port="$AGENT_PORT" --metrics-export-port="$METRICS_PORT" \
+      --ray-client-server-port="$CLIENT_PORT" --num-cpus=2 --temp-dir="$STATE/ray" >"$STATE/head.log" 2>&1 &
     echo $! >"$STATE/head.pid"
     for i in $(seq "$workers"); do
       for _ in $(seq 60); do alive || fail "a node exited"; [ "$(nodes_up)" -ge 1 ] && break; sleep 1; done
       setsid nohup "$BIN/ray" start --block --address=127.0.0.1:6380 --num-cpus=2 --temp-dir="$STATE/ray-$i" \
-        --dashboard-agent-listen-port=$((52400 + i)) --metrics-export-port=$((52500 + i)) >"$STATE/worker-$i.log" 2>&1 &
+        --dashboard-agent-listen-port=$((AGENT_PORT + i)) --metrics-export-port=$((METRICS_PORT + i)) >"$STATE/worker-$i.log" 2>&1 &
       echo $! >"$STATE/worker-$i.pid"
     done
     up=""
@@ -71,5 +99,6 @@ case "${1:-start}" in
       rm -f "$f"
     done
     ;;
-  *) echo "usage: $0 start [WORKER_NODES] | stop" >&2; exit 2 ;;
+  ports) ports "${2:-1}" | xargs ;;
+  *) echo "usage: $0 start [WORKER_NODES] | stop | ports [WORKER_NODES]" >&2; exit 2 ;;
 esac

@@ -45,11 +45,12 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    from lifelong.synth import write_text_corpus, write_topic_dataset
+    from lifelong.synth import write_instruction_dataset, write_text_corpus, write_topic_dataset
 
     d = tmp_path_factory.mktemp("demo")
     write_text_corpus(d / "corpus.jsonl", max_rows=1200)
     write_topic_dataset(d / "topics.jsonl", 800, seed=0)
+    write_instruction_dataset(d / "instructions.jsonl", 400, seed=0)
     return d
 
 
@@ -137,6 +138,20 @@ def register_tiny(
         )
         card["exports"] = exported.records
     return registry.register_version(name, workdir / "hf", card, extra_files=exported.files if exported else None)
+
+
+def text_probabilities(model_dir, texts: list[str]):
+    """The reference for a text classifier's answers: HF tokenizer + PyTorch model, no lifelong
+    inference code (sequences cut at 32 tokens, as `register_tiny`'s models take them)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.pad_token = tok.pad_token or tok.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True).eval()
+    batch = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        return torch.softmax(model(**batch).logits, -1).numpy()
 
 
 def as_in_a_terminal() -> None:
@@ -231,3 +246,68 @@ def ask_until_stopped(url: str, path: str, body: dict, results: list, stop) -> N
             except httpx.HTTPError as e:
                 results.append((repr(e), None))
             stop.wait(0.05)
+
+
+def lm_stream(name: str, tokenizer, tmp_path, write_windows) -> dict:
+    """A registered random tiny causal LM `name` (champion, 32 positions), an empty landing zone and
+    the windows `write_windows(dir)` writes to land: what a language model's stream test starts from."""
+    root, landing = tmp_path / "store", tmp_path / "landing"
+    landing.mkdir()
+    from lifelong.registry import Registry
+    from lifelong.storage import Storage
+
+    registry = Registry(Storage(str(root)))
+    v1 = register_tiny(registry, name, tokenizer, tmp_path / "work", task="causal-lm", seed=4, export=False)
+    registry.move_alias(name, "champion", v1)
+    return {"root": root, "landing": landing, "registry": registry, "v1": v1, "windows": write_windows(tmp_path / "windows")}
+
+
+def doc_lm_stream(name: str, tokenizer, tmp_path) -> dict:
+    """`lm_stream` with two windows of the docs stream: what a continual-pretraining test starts from."""
+    from lifelong.synth import write_doc_stream
+
+    return lm_stream(name, tokenizer, tmp_path, lambda out: write_doc_stream(out, windows=2, files_per_window=2, max_rows=160))
+
+
+def doc_lm_config(name: str, root, landing, *extra: str):
+    """configs/gpt2/tiny_lm_continual.yaml for the stream of `doc_lm_stream`."""
+    return make_config(
+        "gpt2/tiny_lm_continual.yaml",
+        f"name={name}",
+        f"model.init_from={name}@champion",
+        f"storage.root={root}",
+        f"data.path={landing}",
+        f"continual.landing={landing}",
+        "model.max_length=32",
+        "continual.min_new_rows=50",
+        "train.lr=3e-3",
+        *extra,
+    )
+
+
+def killed_after_first_checkpoint(command: list[str], run_dir, timeout: float = 400) -> list[dict]:
+    """Start `command` (a training CLI in its own session), SIGKILL its whole process group as soon
+    as Ray Train has recorded a reported checkpoint of the run in `run_dir`, and return the
+    checkpoint results recorded then (a lost driver, mid-run)."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+
+    def committed():
+        try:
+            return json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.exists() else []
+        except ValueError:  # caught mid-write
+            return []
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not committed():
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return committed()

@@ -165,9 +165,8 @@ def test_continual_refuses_bad_input_before_ray_starts(tmp_path):
             "continual.new_labels: grow is for classifiers",
         ),
         (
-            ["continual", config, root, f"continual.landing={tmp_path}", "model.task=causal-lm", "data.prompt_column=p"]
-            + ["data.response_column=r"],
-            "prompt/response data (data.response_column) is not built for them yet",
+            ["continual", config, root, f"continual.landing={tmp_path}", "model.task=causal-lm", "continual.gates.metric=bleu"],
+            "continual.gates.metric=bleu scores answers against each holdout's responses: it needs instruction data",
         ),
         (["continual", "report"], "Missing argument 'config'"),
         (["continual", "report", config, root], "has no finished cycle yet"),

@@ -5,6 +5,7 @@ the image copies), at the Ray version the project installs."""
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -147,3 +148,34 @@ def test_the_local_cluster_script_is_valid_bash():
     assert done.returncode == 0, done.stderr
     usage = subprocess.run(["bash", str(CLUSTER / "local.sh"), "nonsense"], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_the_local_cluster_binds_no_ephemeral_port_and_refuses_a_taken_one_by_name(tmp_path):
+    """CI once saw `cluster/local.sh start 1` die after 30 s: its head's metrics port (52500) lay in
+    the kernel's ephemeral range, where another process's connection or another Ray's listener had
+    it. Its fixed ports now lie below that range, and a taken one is refused at once, by name."""
+    import socket
+    import subprocess
+    import time
+
+    script = str(CLUSTER / "local.sh")
+    listed = subprocess.run(["bash", script, "ports", "1"], capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    ports = [int(p) for p in listed.stdout.split()]
+    assert {6380, 8265} <= set(ports) and len(ports) == 7
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(ports) < low, f"{ports} reach into the ephemeral range from {low}"
+
+    metrics = ports[4]
+    state = tmp_path / "llc"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", metrics))
+        holder.listen()
+        started = time.monotonic()
+        done = subprocess.run(
+            ["bash", script, "start", "1"], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "LIFELONG_LOCAL_CLUSTER": str(state)},
+        )  # fmt: skip
+    assert done.returncode == 1 and time.monotonic() - started < 20
+    assert f"port {metrics} is taken" in done.stderr
+    assert not list(state.glob("*.pid"))  # nothing was started

@@ -13,41 +13,23 @@ import pyarrow as pa
 import pytest
 import torch
 
-from conftest import ask_until_stopped, drop, make_config, register_tiny, wait_for_version
+from conftest import ask_until_stopped, doc_lm_config, doc_lm_stream, drop, wait_for_version
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge_perplexity
 from lifelong.continual.ledger import Ledger
 from lifelong.continual.stream import Stream
 from lifelong.errors import ConfigError, first_line
-from lifelong.registry import Registry
 from lifelong.storage import Storage
 from lifelong.synth import DOC_PARTS, doc_paragraphs, write_doc_stream
 
 
 def lm_config(root, landing, *extra):
-    return make_config(
-        "gpt2/tiny_lm_continual.yaml",
-        "name=doc-lm",
-        "model.init_from=doc-lm@champion",
-        f"storage.root={root}",
-        f"data.path={landing}",
-        f"continual.landing={landing}",
-        "model.max_length=32",
-        "continual.min_new_rows=50",
-        "train.lr=3e-3",
-        *extra,
-    )
+    return doc_lm_config("doc-lm", root, landing, *extra)
 
 
 @pytest.fixture
 def lm_stream(tiny_tokenizer, tmp_path):
-    root, landing = tmp_path / "store", tmp_path / "landing"
-    landing.mkdir()
-    registry = Registry(Storage(str(root)))
-    v1 = register_tiny(registry, "doc-lm", tiny_tokenizer, tmp_path / "work", task="causal-lm", seed=4, export=False)
-    registry.move_alias("doc-lm", "champion", v1)
-    windows = write_doc_stream(tmp_path / "windows", windows=2, files_per_window=2, max_rows=160)
-    return {"root": root, "landing": landing, "registry": registry, "v1": v1, "windows": windows}
+    return doc_lm_stream("doc-lm", tiny_tokenizer, tmp_path)
 
 
 def hand_perplexity(model_dir, texts: list[str], length: int) -> float:

@@ -107,9 +107,30 @@ def test_the_openai_client_gets_completions_and_chat_completions_streamed_and_no
     with pytest.raises(openai.UnprocessableEntityError, match="max_tokens: 201 is above the limit of 200"):
         client.completions.create(model="gen-lm", prompt=prompt, max_tokens=201)
     with pytest.raises(openai.UnprocessableEntityError, match="n"):
-        client.completions.create(model="gen-lm", prompt=prompt, n=2)
+        client.completions.create(model="gen-lm", prompt=prompt, n=9)  # at most 8
+
+    # n choices: choice i sampled with seed + i, streamed (one choice after the other) or not.
+    wants = [here.generate(prompt, 12, temperature=1.0, seed=3 + i) for i in range(3)]
+    three = client.completions.create(model="gen-lm", prompt=prompt, max_tokens=12, seed=3, n=3)
+    assert [c.text for c in sorted(three.choices, key=lambda c: c.index)] == [w["text"] for w in wants]
+    assert three.usage.completion_tokens == sum(w["tokens"] for w in wants) and three.usage.prompt_tokens == wants[0]["prompt_tokens"]
+    chat_parts = list(client.chat.completions.create(model="gen-lm", messages=messages, max_tokens=12, seed=3, n=2, stream=True))
+    chat_wants = [here.generate(here.chat_prompt(messages), 12, temperature=1.0, seed=3 + i)["text"] for i in range(2)]
+    assert ["".join(p.choices[0].delta.content or "" for p in chat_parts if p.choices[0].index == i) for i in range(2)] == chat_wants
+    assert [p.choices[0].index for p in chat_parts if p.choices[0].finish_reason] == [0, 1]
     with pytest.raises(openai.UnprocessableEntityError, match="stop"):
-        client.completions.create(model="gen-lm", prompt=prompt, stop=["."])
+        client.completions.create(model="gen-lm", prompt=prompt, stop=["a", "b", "c", "d", "e"])  # at most 4
+
+    # Stop sequences: the answer ends before the first of them, streamed or not, none of it sent.
+    full = here.generate(prompt, 60)["text"]
+    stop = full[len(full) // 3 : len(full) // 3 + 3]
+    cut = full[: full.find(stop)]
+    stopped = client.completions.create(model="gen-lm", prompt=prompt, max_tokens=60, temperature=0, stop=[stop, "never-said"])
+    assert stopped.choices[0].text == cut and stopped.choices[0].finish_reason == "stop"
+    pieces = list(client.completions.create(model="gen-lm", prompt=prompt, max_tokens=60, temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in pieces) == cut and pieces[-1].choices[0].finish_reason == "stop"
+    assert here.generate(prompt, 60, stop=[stop])["text"] == cut
+    assert here.generate(prompt, 60, stop=["never-said"]) == here.generate(prompt, 60)  # a stop never met changes nothing
     with pytest.raises(openai.NotFoundError, match="'gpt-4o' is not served here"):
         client.chat.completions.create(model="gpt-4o", messages=messages)
     with pytest.raises(openai.APIStatusError, match="at most 2000") as too_long:
@@ -117,6 +138,50 @@ def test_the_openai_client_gets_completions_and_chat_completions_streamed_and_no
     assert too_long.value.status_code == 413
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=lm_app["url"] + "/v1", api_key="wrong", max_retries=0).completions.create(model="gen-lm", prompt="x")
+
+
+def test_greedy_requests_that_arrive_together_share_a_model_call_and_get_what_each_gets_alone(lm_app):
+    """Concurrent greedy requests (/v1/generate and OpenAI's completions; prompts, lengths and a
+    stop sequence of their own) are answered by shared model calls (X-Lifelong-Batch above 1,
+    the prompts left-padded), each with exactly the text, tokens and finish reason a local
+    Generator gives it alone."""
+    url, headers = lm_app["url"], {"Authorization": f"Bearer {TOKEN}"}
+    here = local(lm_app, lm_app["v1"])
+    prompts = ["The for statement", "x", "What does the with statement do? It", "import", "A class is", "def f(x):", "The", "While"]
+    full = here.generate(prompts[2], 40)["text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    asks = [(p, 10 + 4 * i, [stop] if i == 2 else None) for i, p in enumerate(prompts)]
+    wants = [here.generate(p, n, stop=s or ()) for p, n, s in asks]
+    assert wants[2]["finish_reason"] == "stop" and len({w["tokens"] for w in wants}) > 3
+
+    def ask(i: int, out: dict) -> None:
+        prompt, n, stops = asks[i]
+        if i % 2:
+            body = {"model": "gen-lm", "prompt": prompt, "max_tokens": n, "temperature": 0, "stop": stops}
+            r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
+            got = r.json()["choices"][0] if r.status_code == 200 else {}
+            answer = (got.get("text"), r.json().get("usage", {}).get("completion_tokens"), got.get("finish_reason"))
+        else:
+            r = httpx.post(url + "/v1/generate", json={"prompt": prompt, "max_new_tokens": n, "stop": stops}, headers=headers, timeout=60)
+            got = r.json()
+            answer = (got.get("text"), got.get("tokens"), got.get("finish_reason"))
+        out[i] = (r.status_code, int(r.headers.get("X-Lifelong-Batch", 0)), answer)
+
+    together = 0
+    for _ in range(5):  # until some requests met in one call (8 clients on 2 replicas: the first round, as a rule)
+        out: dict = {}
+        threads = [threading.Thread(target=ask, args=(i, out)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [out[i] for i in range(len(asks))] == [
+            (200, out[i][1], (w["text"], w["tokens"], w["finish_reason"])) for i, w in enumerate(wants)
+        ]
+        together = max(together, *(b for _, b, _ in out.values()))
+        if together > 1:
+            break
+    assert together > 1
 
 
 def test_generate_streams_server_sent_events_that_arrive_before_the_generation_ends(lm_app):

@@ -32,10 +32,14 @@ CLUSTER = "--address http://127.0.0.1:8265"
 SERVE = "exec lifelong serve configs/gpt2/tiny_serve.yaml"
 SERVE_IMAGES = "exec lifelong serve configs/resnet/tiny_serve.yaml"
 SERVE_LM = "exec lifelong serve configs/gpt2/tiny_lm_serve.yaml"
+SERVE_VIT = "exec lifelong serve configs/vit/tiny_serve.yaml"
 ON_CLUSTER = "storage.root=$PWD/lifelong-store continual.landing=$PWD/data/landing"
 SPLIT_PRETRAIN = (
     'lifelong pretrain configs/resnet/tiny_scratch.yaml name=tiny-resnet-split \'data.labels=["0","1"]\' '
     "data.path=data/split-digits/window-000"
+)
+VIT_SPLIT = (
+    'lifelong finetune configs/vit/tiny_finetune.yaml name=tiny-vit-split \'data.labels=["0","1"]\' data.path=data/split-digits/window-000'
 )
 ON_S3 = "lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=s3://BUCKET/lifelong data.path=s3://BUCKET/corpus.jsonl"
 
@@ -143,6 +147,41 @@ STEPS = [
         "lifelong evaluate configs/gpt2/tiny_sft.yaml --model tiny-gpt2-sft:1",
         ("bleu", "chrf", "exact_match"),
     ),
+    # The SFT model keeps learning from instruction windows, gated on the BLEU of its answers.
+    Step([], "lifelong models promote tiny-gpt2-sft:1 --alias champion", ("tiny-gpt2-sft@champion: None → 1",)),
+    Step(
+        ["lifelong data instruction-stream data/instruction-stream"],
+        "lifelong data instruction-stream data/instruction-stream",
+        ("wrote 2 windows of 400 prompt/response rows",),
+    ),
+    Step(
+        ["mkdir -p data/sft-landing && cp data/instruction-stream/window-001/* data/sft-landing/"],
+        "mkdir -p data/sft-landing && cp data/instruction-stream/window-001/* data/sft-landing/",
+    ),
+    Step(
+        [
+            "lifelong continual configs/gpt2/tiny_sft_continual.yaml --once",
+            "lifelong continual configs/gpt2/tiny_sft_continual.yaml [--once]",
+        ],
+        "lifelong continual configs/gpt2/tiny_sft_continual.yaml --once",
+        ("cycle of stream 'tiny-gpt2-sft'", "bleu per window: w0:", "from version 1", "→ version 2"),
+    ),
+    # The same answers taught through LoRA adapters on the same base: a version of adapters alone.
+    Step(
+        ["lifelong finetune configs/gpt2/tiny_lora.yaml"],
+        "lifelong finetune configs/gpt2/tiny_lora.yaml",
+        ("registered tiny-gpt2-lora:1",),
+    ),
+    Step(
+        ["lifelong evaluate configs/gpt2/tiny_lora.yaml --model tiny-gpt2-lora:1"],
+        "lifelong evaluate configs/gpt2/tiny_lora.yaml --model tiny-gpt2-lora:1",
+        ("bleu", "chrf", "exact_match"),
+    ),
+    Step(
+        ["lifelong pretrain configs/gpt2/tiny_moe_pretrain.yaml"],
+        "lifelong pretrain configs/gpt2/tiny_moe_pretrain.yaml",
+        ("registered tiny-gpt2-moe:1",),
+    ),
     # Images: real handwritten digits in class folders, a ResNet and a ViT trained on them.
     Step(
         ["lifelong data image-stream data/digits --windows 1 --classes 10"],
@@ -165,10 +204,24 @@ STEPS = [
         "lifelong finetune configs/vit/tiny_finetune.yaml",
         ("registered tiny-vit-digits:1", "export onnx: parity_max_abs_diff="),
     ),
+    # A small search of the ViT's fine-tuning (2 trials of 2 epochs: ASHA's grace period), then
+    # the ViT served and asked as the ResNet is below.
+    Step(
+        ["lifelong tune configs/vit/tiny_tune.yaml", "lifelong tune configs/vit/tiny_tune.yaml [--resume] [--promote]"],
+        "lifelong tune configs/vit/tiny_tune.yaml tune.num_samples=2 train.epochs=2",
+        ("registered as tiny-vit-digits:2 with alias challenger",),
+    ),
+    Step([], "lifelong models promote tiny-vit-digits:1 --alias champion", ("tiny-vit-digits@champion: None → 1",)),
+    Step(["lifelong serve configs/vit/tiny_serve.yaml"], SERVE_VIT),
     Step(
         ["lifelong evaluate configs/resnet/tiny_scratch.yaml --model tiny-resnet-digits:1 --confusion-matrix confusion.png"],
         "lifelong evaluate configs/resnet/tiny_scratch.yaml --model tiny-resnet-digits:1 --confusion-matrix confusion.png",
         ("map", "confusion matrix: confusion.png"),
+    ),
+    Step(
+        ["lifelong predict tiny-resnet-digits:1 data/digits predictions/digits"],
+        "lifelong predict tiny-resnet-digits:1 data/digits predictions/digits",
+        ("1797 row(s) written to predictions/digits",),
     ),
     # Class-incremental: a ResNet over digits 0 and 1, then a window of 2 and 3 grows it.
     Step(
@@ -195,6 +248,18 @@ STEPS = [
         "lifelong continual configs/resnet/tiny_continual.yaml --once",
         ("new labels ['2', '3']", "cycle of stream 'tiny-resnet-split': promoted (window 0)", "→ version 2"),
     ),
+    # The same stream for a ViT fine-tuned from the MAE encoder on digits 0 and 1.
+    Step([VIT_SPLIT], VIT_SPLIT, ("registered tiny-vit-split:1",)),
+    Step(
+        ["lifelong models promote tiny-vit-split:1 --alias champion"],
+        "lifelong models promote tiny-vit-split:1 --alias champion",
+        ("tiny-vit-split@champion: None → 1",),
+    ),
+    Step(
+        ["lifelong continual configs/vit/tiny_continual.yaml --once", "lifelong continual configs/vit/tiny_continual.yaml [--once]"],
+        "lifelong continual configs/vit/tiny_continual.yaml --once",
+        ("new labels ['2', '3']", "cycle of stream 'tiny-vit-split': promoted (window 0)", "→ version 2"),
+    ),
     # A small search (2 trials of 1 epoch), the rest as printed; then the ResNet served and asked.
     Step(
         ["lifelong tune configs/resnet/tiny_tune.yaml", "lifelong tune configs/resnet/tiny_tune.yaml [--resume] [--promote]"],
@@ -202,6 +267,11 @@ STEPS = [
         ("registered as tiny-resnet-digits:2 with alias challenger",),
     ),
     Step([], "lifelong models promote tiny-resnet-digits:1 --alias champion", ("tiny-resnet-digits@champion: None → 1",)),
+    Step(
+        ["lifelong finetune configs/resnet/tiny_finetune.yaml"],
+        "lifelong finetune configs/resnet/tiny_finetune.yaml",
+        ("330 of 21,914 parameters trainable", "registered tiny-resnet-probe:1"),
+    ),
     Step(["lifelong serve configs/resnet/tiny_serve.yaml"], SERVE_IMAGES),
     # Served: the README's requests, then Ctrl-C (`serve_and_ask`).
     Step(["lifelong serve configs/gpt2/tiny_serve.yaml"], SERVE),
@@ -318,12 +388,12 @@ def sh(command: str, project: Path, env: dict, timeout: float = 900) -> subproce
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3600)
 def test_the_shown_commands_work_as_printed(fresh_project):
     project, env = fresh_project
     job = None
     for step in STEPS:
-        if step.run in (SERVE, SERVE_IMAGES, SERVE_LM):
+        if step.run in (SERVE, SERVE_IMAGES, SERVE_LM, SERVE_VIT):
             serve_and_ask(project, env, step.run)
             continue
         command = step.run.format(job=job)
@@ -340,14 +410,30 @@ def test_the_shown_commands_work_as_printed(fresh_project):
         found = re.search(r"submitted (raysubmit_\w+)", out)
         job = found.group(1) if found else job
     registry = project / "lifelong-store" / "registry"
-    names = ("tiny-gpt2", "tiny-gpt2-sft", "tiny-topics", "tiny-resnet-digits", "tiny-resnet-split")
+    names = (
+        "tiny-gpt2",
+        "tiny-gpt2-sft",
+        "tiny-gpt2-lora",
+        "tiny-gpt2-moe",
+        "tiny-topics",
+        "tiny-resnet-digits",
+        "tiny-resnet-split",
+        "tiny-resnet-probe",
+        "tiny-vit-digits",
+        "tiny-vit-split",
+    )
     versions = {name: sorted(p.name for p in (registry / name / "versions").iterdir()) for name in names}
     assert versions == {  # tiny-gpt2:1 by the cluster's job, 2 by the continual-pretraining cycle
         "tiny-gpt2": ["1", "2"],
-        "tiny-gpt2-sft": ["1"],
+        "tiny-gpt2-sft": ["1", "2"],
+        "tiny-gpt2-lora": ["1"],
+        "tiny-gpt2-moe": ["1"],
         "tiny-topics": ["1", "2", "3"],
         "tiny-resnet-digits": ["1", "2"],
         "tiny-resnet-split": ["1", "2"],
+        "tiny-resnet-probe": ["1"],
+        "tiny-vit-digits": ["1", "2"],
+        "tiny-vit-split": ["1", "2"],
     }
 
 
@@ -370,9 +456,10 @@ def serve_and_ask(project: Path, env: dict, command: str) -> None:
             done = sh(line, project, env, timeout=60)
             assert done.returncode == 0 and done.stdout.startswith("{"), (line, done.stdout, done.stderr)
             answer = json.loads(done.stdout)
-            if command == SERVE_IMAGES:  # the digits ResNet, version 1: two uploads, then one base64 image
+            if command in (SERVE_IMAGES, SERVE_VIT):  # the digits ResNet or ViT, version 1: two uploads, then one base64 image
                 digits = [str(d) for d in range(10)]
-                assert (answer["model"], answer["version"]) == ("tiny-resnet-digits", 1), (line, answer)
+                model = "tiny-resnet-digits" if command == SERVE_IMAGES else "tiny-vit-digits"
+                assert (answer["model"], answer["version"]) == (model, 1), (line, answer)
                 assert len(answer["predictions"]) == (2 if "-F" in line else 1), (line, answer)
                 assert all(sorted(p["probabilities"]) == digits for p in answer["predictions"]), (line, answer)
             elif "/v1/predict" in line:  # the champion, rolled back to 1

@@ -9,9 +9,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 
 from conftest import LABELS, register_tiny
+from conftest import text_probabilities as offline_probabilities
 from lifelong.config import absolute_paths, validate_config
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -73,18 +73,6 @@ def app(ray_session, serve_port, tiny_tokenizer, topic_rows, tmp_path_factory):
     }
     client.close()
     serve.delete("topics")
-
-
-def offline_probabilities(model_dir, texts):
-    """The reference: HF tokenizer + PyTorch model, no lifelong inference code."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    tok.pad_token = tok.pad_token or tok.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), use_safetensors=True).eval()
-    batch = tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
-    with torch.no_grad():
-        return torch.softmax(model(**batch).logits, -1).numpy()
 
 
 def test_predictions_over_http_equal_the_offline_model(app):

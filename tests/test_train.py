@@ -2,10 +2,7 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_config
+from conftest import killed_after_first_checkpoint, make_config
 from lifelong.errors import ConfigError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -143,31 +140,11 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
     ]
     config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt2", "tiny_pretrain.yaml")
     address = ray_session.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lifelong.cli", "pretrain", config_path, *overrides, "--address", address],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     run_dir = Path(tmp_path) / "runs" / "resume-me"
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-
-    def committed():  # the checkpoints Ray Train has recorded as reported
-        if not snapshot.exists():
-            return []
-        try:
-            return json.loads(snapshot.read_text())["checkpoint_results"]
-        except ValueError:  # caught mid-write
-            return []
-
-    deadline = time.monotonic() + 400
-    try:
-        while time.monotonic() < deadline and not committed():
-            time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-run, as with a lost laptop
-        proc.wait()
-    results = committed()
+    # the driver dies mid-run, as with a lost laptop
+    results = killed_after_first_checkpoint(
+        [sys.executable, "-m", "lifelong.cli", "pretrain", config_path, *overrides, "--address", address], run_dir
+    )
     assert results, "the first run never reported a checkpoint"
     last = max(results, key=lambda r: r["metrics"]["epoch"])
     assert last["metrics"]["epoch"] < 4, "the run finished before it could be killed"

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import CONFIGS, make_config
+from lifelong.errors import ConfigError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 from lifelong.tune import FailureBudget, run_sweep
@@ -247,6 +248,14 @@ def test_the_state_api_check_asks_the_cluster_it_is_connected_to_when_other_rays
         other.wait(timeout=120)
 
 
+def test_an_asha_grace_period_longer_than_a_trial_is_refused_before_anything_runs(tmp_path):
+    # Ray's ASHAScheduler asserted it deep in the sweep, after the data was read: a traceback.
+    config = make_config("vit/tiny_tune.yaml", f"storage.root={tmp_path}", "train.epochs=1", f"data.path={tmp_path / 'none'}")
+    with pytest.raises(ConfigError, match=r"tune.grace_period is 2 epochs but a trial trains train.epochs=1"):
+        run_sweep(config)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_an_asha_sweep_of_multi_worker_trials_on_a_cluster_without_the_state_api_is_refused_up_front():
     # Its own Ray (no dashboard) in a child process: the session's Ray has one.
     code = (
@@ -310,3 +319,34 @@ def test_the_searchers_state_is_saved_whole_while_tune_copies_the_sweep_director
     assert failures == [], f"a copy failed after {saves} saves: {failures[0]}"
     assert sorted(p.name for p in staging.iterdir()) == sorted(p.name for p in stored.iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".searcher-")]  # no scratch left behind
+
+
+@pytest.mark.slow
+def test_a_sweep_of_instruction_fine_tuning_picks_its_trial_by_bleu(pretrained, demo_data):
+    """tune.metric: val_bleu (train.eval_generate_rows answers validation prompts each epoch):
+    the registered trial is the one whose answers scored the highest BLEU."""
+    config = make_config(
+        "gpt2/tiny_sft.yaml",
+        f"storage.root={pretrained['root']}",
+        f"data.path={demo_data / 'instructions.jsonl'}",
+        f"model.init_from=tiny-gpt2:{pretrained['outcome'].version}",
+        "name=sft-by-bleu",
+        "scaling.num_workers=1",
+        "train.epochs=2",
+        "train.eval_generate_rows=12",
+        "tune.space={train.lr: {grid: [3e-3, 1e-5]}}",
+        "tune.search=random",
+        "tune.scheduler=none",
+        "tune.num_samples=1",  # once over the grid: 2 trials
+        "tune.metric=val_bleu",
+        "tune.mode=max",
+        "train.checkpoint={num_to_keep: 1, score_attribute: val_bleu, score_order: max}",  # each trial's best epoch by it too
+    )
+    outcome = run_sweep(config)
+    table = pd.read_csv(outcome.csv)
+    assert len(table) == 2 and (table["status"] == "finished").all()
+    best = table.loc[table["best_val_bleu"].idxmax()]
+    assert best["best_val_bleu"] > table["best_val_bleu"].min()  # the two learning rates answer differently
+    card = Registry(Storage(str(pretrained["root"]))).card("sft-by-bleu", outcome.version)
+    assert card.sweep.params["train.lr"] == pytest.approx(best["train.lr"])
+    assert card.metrics["val_bleu"] == pytest.approx(best["best_val_bleu"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,82 @@ def test_a_linear_probe_trains_only_the_head_and_leaves_the_body_bit_identical(r
     assert registry.card(probe.model, probe.version).parent == parent
 
 
+def test_lora_adapts_a_resnets_convolutions_and_its_head_alone_and_the_merged_model_equals_them(resnet, digits):
+    """train.lora on an image classifier: low-rank adapters on the ResNet's convolutions and its
+    head trained whole (`modules_to_save`); the version holds only those and names its base; the
+    merged model (what export and serving load) equals PEFT's unmerged forward, with the base's
+    batch-norm statistics and every weight the adapters do not touch bit-identical, and reads digits."""
+    from peft import PeftModel
+
+    from lifelong.evaluate import evaluate_model
+    from lifelong.models import load_for_inference
+    from lifelong.registry import Registry
+    from lifelong.train.driver import run_training
+
+    base = resnet["outcome"].ref
+    config = make_config(
+        "resnet/tiny_scratch.yaml",
+        f"data.path={digits}",
+        f"data.labels={json.dumps(DIGITS)}",
+        f"storage.root={resnet['root']}",
+        f"model.init_from={base}",
+        "name=tiny-resnet-lora",
+        "train.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [convolution]}",
+        "train.epochs=1",
+        "train.lr=0.01",
+    )
+    outcome = run_training(config)
+    registry = Registry(Storage(str(resnet["root"])))
+    card = registry.card("tiny-resnet-lora", outcome.version)
+    assert card.base == base and {"adapter_config.json", "adapter_model.safetensors"} <= set(card.files)
+    version_dir = registry.local_dir("tiny-resnet-lora", outcome.version)
+    saved = load_file(version_dir / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved) and any("classifier" in k for k in saved)
+    assert not any("normalization" in k for k in saved)  # batch norms: the base's
+
+    base_dir = registry.resolve(base).local_dir
+    merged = load_for_inference(registry.resolve(outcome.ref).local_dir, "image-classification")
+    peft = PeftModel.from_pretrained(load_for_inference(base_dir, "image-classification"), str(version_dir)).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(merged(pixel_values=pixels).logits, peft(pixel_values=pixels).logits, atol=1e-4)
+    before, after = load_file(base_dir / "model.safetensors"), merged.state_dict()
+    norms = [k for k in before if "normalization" in k]
+    assert norms and all(torch.equal(before[k], after[k]) for k in norms)
+    convolutions = [k for k in before if k.endswith("convolution.weight")]
+    assert convolutions and not any(torch.equal(before[k], after[k]) for k in convolutions)
+    assert evaluate_model(config, outcome.ref, str(digits / "window-001")).metrics["accuracy"] > 0.8
+
+
+@pytest.mark.slow
+def test_the_last_stage_of_a_resnet_fine_tunes_under_zero3_and_the_stages_before_stay_bit_identical(resnet, digits):
+    """`train_last_n_layers: 1` on a ResNet trains its last stage and the head (its stages are its
+    blocks), here under DeepSpeed ZeRO-3 (parameters partitioned across the 2 workers)."""
+    from lifelong.registry import Registry
+    from lifelong.train.driver import run_training
+
+    config = make_config(
+        "resnet/tiny_finetune.yaml",
+        f"data.path={digits}",
+        f"data.labels={json.dumps(DIGITS)}",
+        f"storage.root={resnet['root']}",
+        f"model.init_from={resnet['outcome'].ref}",
+        "model.train_last_n_layers=1",
+        "train.deepspeed.zero_stage=3",
+        "train.epochs=1",
+    )
+    outcome = run_training(config)
+    registry = Registry(Storage(str(resnet["root"])))
+    before = load_file(registry.resolve(resnet["outcome"].ref).local_dir / "model.safetensors")
+    after = load_file(registry.resolve(outcome.ref).local_dir / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    last = "resnet.encoder.stages.1."
+    assert changed and all(k.startswith((last, "classifier.")) for k in changed)
+    assert any(k.startswith(last) and k.endswith(".weight") for k in changed)  # the last stage trained, not only the head
+    assert outcome.metrics["val_accuracy"] > 0.8
+
+
 def tiny_vit_dir(out: Path) -> Path:
     """A tiny ViT classifier with random weights and its image processor, as a version holds them."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
@@ -494,3 +571,34 @@ def test_mae_pretraining_lowers_reconstruction_loss_and_a_vit_fine_tuned_from_it
     assert "classifier.weight" in start and not any(k.startswith("decoder.") for k in start)
     assert registry.card("tiny-vit-digits", tuned.version).parent == mae.ref
     assert encoder.keys() - start.keys() == {k for k in encoder if k.startswith("decoder.")}
+
+
+def test_batch_predictions_answer_every_image_file_as_the_model_does_and_name_the_broken_one(resnet, digits, tmp_path):
+    from lifelong.predict import check_request, predict
+    from lifelong.registry import Registry
+
+    data = tmp_path / "in"
+    chosen = sorted((digits / "window-001").rglob("*.png"))[::20]  # 2s and 3s, in their class folders
+    for f in chosen:
+        (data / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, data / f.parent.name / f.name)
+    (data / "2" / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    outcome = resnet["outcome"]
+    request = check_request(str(resnet["root"]), outcome.ref, str(data), str(tmp_path / "out"))
+    assert (request.backend, request.content) == ("onnx", "image")
+    report = predict(request, batch_size=4)
+
+    out = pq.read_table(tmp_path / "out")
+    files = sorted(p for p in data.rglob("*.png"))
+    assert [Path(p).relative_to(data) for p in out.column("path").to_pylist()] == [f.relative_to(data) for f in files]
+    assert "image" not in out.column_names  # the bytes stay in the input files
+    errors = out.column("error").to_pylist()
+    broken = [i for i, f in enumerate(files) if f.name == "zz-broken.png"]
+    assert [i for i, e in enumerate(errors) if e] == broken and out.column("prediction")[broken[0]].as_py() is None
+    ok = [i for i, e in enumerate(errors) if e is None]
+    model_dir = Registry(Storage(str(resnet["root"]))).model_dir(outcome.model, outcome.version)
+    expected = offline_probabilities(model_dir, [files[i].read_bytes() for i in ok])
+    assert [out.column("prediction")[i].as_py() for i in ok] == [DIGITS[k] for k in expected.argmax(1)]
+    np.testing.assert_allclose([out.column("confidence")[i].as_py() for i in ok], expected.max(1), atol=1e-4)
+    right = np.mean([out.column("prediction")[i].as_py() == files[i].parent.name for i in ok])
+    assert right > 0.8 and report.rows == len(files) and report.errors == {errors[broken[0]]: 1}

@@ -183,6 +183,41 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    ref: Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS of a classifier (text or images)")],
+    data: Annotated[str, typer.Argument(help="Data to score: a file, directory or glob (Parquet, JSONL, CSV, images); a path or URI")],
+    out: Annotated[str, typer.Argument(help="A new directory (or URI) for the Parquet files of predictions")],
+    backend: Annotated[
+        Optional[str], typer.Option("--backend", help="onnx, onnx-int8, torchscript or torch (default: onnx when exported, else torch).")
+    ] = None,
+    column: Annotated[
+        Optional[str], typer.Option("--column", help="The text (or image) column (default: the one the version trained on).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Rows per model call.")] = 64,
+    root: RootOpt = "./lifelong-store",
+    address: AddressOpt = None,
+) -> None:
+    """Score a data set with a registry version through Ray Data: every row, in order, with its
+    prediction, confidence, probabilities, the model and version (or why it could not be scored)."""
+    from lifelong.predict import check_request
+    from lifelong.predict import predict as predict_rows
+    from lifelong.runtime import connect
+
+    request = check_request(root, ref, data, out, backend, column)  # a wrong reference, DATA or OUT: one message, before Ray starts
+    connect(address)
+    report = predict_rows(request, batch_size)
+    table = Table(title=f"{report.model}:{report.version} ({report.backend}) on {data}")
+    table.add_column("prediction")
+    table.add_column("rows", justify="right")
+    for label, count in report.predicted.items():
+        table.add_row(label, str(count))
+    for reason, count in report.errors.items():
+        table.add_row(f"[red]not scored[/]: {escape(reason)}", str(count))
+    console.print(table)
+    console.print(f"{report.rows} row(s) written to {report.out}")
+
+
+@app.command()
 def export(
     ref: Annotated[str, typer.Argument(help="NAME:VERSION or NAME@ALIAS of the version to export")],
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Also build the int8 variant (classification; gated on accuracy).")] = True,
@@ -207,7 +242,7 @@ def export(
     from lifelong.export import export_formats, export_version, validation_rows
 
     registry = _registry(root)
-    resolved = registry.resolve(ref)
+    resolved = registry.resolve(ref, weights=False)
     if resolved.name is None:
         raise LifelongError(f"'{ref}' is a directory, not a registry reference: register it first")
     card = resolved.card
@@ -298,7 +333,7 @@ def models_list(root: RootOpt = "./lifelong-store") -> None:
 def models_show(ref: Annotated[str, typer.Argument(help="NAME@ALIAS or NAME:VERSION")], root: RootOpt = "./lifelong-store") -> None:
     """A version's card (JSON) and the alias history of its model."""
     registry = _registry(root)
-    resolved = registry.resolve(ref)
+    resolved = registry.resolve(ref, weights=False)
     if resolved.name is None:
         raise LifelongError(f"'{ref}' is a directory, not a registry reference")
     print(
@@ -323,7 +358,7 @@ def models_promote(
 ) -> None:
     """Move an alias (default: champion) to a version, atomically; the move is logged."""
     registry = _registry(root)
-    resolved = registry.resolve(ref)
+    resolved = registry.resolve(ref, weights=False)
     if resolved.name is None:
         raise LifelongError(f"'{ref}' is a directory, not a registry reference")
     event = registry.move_alias(resolved.name, alias, resolved.version, reason=reason or "promoted by hand")
@@ -395,6 +430,25 @@ def data_doc_stream(
     parts = ", ".join(f"{d.name}: {part}" for d, part in zip(dirs, DOC_PARTS))
     console.print(
         f"wrote {len(dirs)} windows of CPython documentation paragraphs under {out} ({parts}); "
+        "copy them into the landing zone one at a time"
+    )
+
+
+@data_app.command("instruction-stream")
+def data_instruction_stream(
+    out: Annotated[Path, typer.Argument(help="Directory to write window-000/, window-001/, … into")] = Path("data/instruction-stream"),
+    windows: Annotated[int, typer.Option(min=1, help="Number of windows")] = 2,
+    rows: Annotated[int, typer.Option(min=4, help="Prompt/response rows per window")] = 400,
+    files: Annotated[int, typer.Option(min=1, help="Files per window (JSONL, CSV and Parquet in turn)")] = 2,
+    topics: Annotated[int, typer.Option(min=1, max=4, help="Topics asked about per window (4: no drift)")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Write a SYNTHETIC instruction stream (prompt/response rows, new topics per window) for continual fine-tuning."""
+    from lifelong.synth import write_instruction_stream
+
+    dirs = write_instruction_stream(out, windows, rows, files, topics, seed)
+    console.print(
+        f"wrote {len(dirs)} windows of {rows} prompt/response rows under {out} (synthetic; {topics} of 4 topics per window); "
         "copy them into the landing zone one at a time"
     )
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from lifelong.errors import ConfigError
 from lifelong.tasks import DEFAULT as DEFAULT_TASK
-from lifelong.tasks import TaskName, task
+from lifelong.tasks import TaskName, task, with_capability
 
 
 class Section(BaseModel):
@@ -39,6 +39,22 @@ class ModelConfig(Section):
     freeze_embeddings: bool = False
     # Train only the last N transformer blocks plus the task head (None: train everything).
     train_last_n_layers: int | None = Field(default=None, ge=0)
+    # A new GPT-2 with Mixture-of-Experts MLPs (a version built so keeps them when fine-tuned).
+    moe: MoeSection | None = None
+
+
+class MoeSection(Section):
+    """Mixture of Experts (DeepSpeed MoE): the MLP of every `every_n_layers`-th GPT-2 block becomes
+    `num_experts` MLPs behind a learned top-k gate."""
+
+    num_experts: int = Field(default=4, ge=2)
+    top_k: Literal[1, 2] = 1
+    every_n_layers: int = Field(default=1, ge=1)  # 1: every block; 2: every second block, ...
+    capacity_factor: float = Field(default=1.25, gt=0.0)  # tokens an expert takes per step, x its fair share (training)
+    aux_loss_weight: float = Field(default=0.01, ge=0.0)  # the gates' load-balancing loss, added to the logged loss
+    # Workers the experts are split over (1: every worker holds all of them). More needs a backend
+    # with all-to-all (NCCL on GPUs) and must divide num_experts and scaling.num_workers.
+    expert_parallel_size: int = Field(default=1, ge=1)
 
 
 class DataConfig(Section):
@@ -62,6 +78,10 @@ class DataConfig(Section):
     # to model.max_length (a prompt too long keeps its end; a response too long is cut).
     prompt_column: str | None = None
     response_column: str | None = None
+    # Instruction rows several to a block of model.max_length, whole and in order (a row that does
+    # not fit starts the next block; only the blocks' ends are padded), instead of one padded row
+    # per block: fewer, fuller blocks. A row attends to the rows before it in its block.
+    pack: bool = False
     # The label set for classification; rows with other labels are dropped and counted.
     labels: list[str] | None = None
     validation_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
@@ -107,6 +127,8 @@ class DataConfig(Section):
     def _labels_unique(self) -> DataConfig:
         if (self.prompt_column is None) != (self.response_column is None):
             raise ValueError("data.prompt_column and data.response_column go together: set both (instruction data) or neither")
+        if self.pack and self.response_column is None:
+            raise ValueError("data.pack packs instruction rows (data.prompt_column/response_column); plain text is always packed")
         if self.labels is not None:
             if len(self.labels) < 2:
                 raise ValueError("data.labels needs at least two labels")
@@ -128,6 +150,19 @@ class CheckpointSection(Section):
     score_order: Literal["min", "max"] = "min"
 
 
+class LoraSection(Section):
+    """Low-rank adapters (PEFT's LoRA) on a pretrained model's chosen layers: only they train (and
+    a classifier's head, whole), and the registered version holds them alone, naming the version
+    they adapt (its `base`)."""
+
+    r: int = Field(default=8, ge=1)  # the adapters' rank
+    alpha: float = Field(default=16.0, gt=0.0)  # their scale is alpha / r
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    # Module names (or name suffixes) to adapt; empty: PEFT's choice for the architecture
+    # (GPT-2: its attention projection c_attn).
+    target_modules: list[str] | None = None
+
+
 class TrainConfig(Section):
     epochs: int = Field(default=2, ge=1)
     # Per-worker micro-batch; the global batch is batch_size * workers * accumulation.
@@ -147,6 +182,12 @@ class TrainConfig(Section):
     max_failures: int = Field(default=0, ge=-1)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    # Train low-rank adapters on model.init_from instead of its weights (None: train the model).
+    lora: LoraSection | None = None
+    # Instruction data: after each epoch the model answers this many validation prompts (greedy,
+    # at most serve.max_new_tokens) and val_bleu, val_chrf, val_exact_match are reported with the
+    # epoch's metrics, for tune.metric or checkpoint.score_attribute. 0: not measured.
+    eval_generate_rows: int = Field(default=0, ge=0)
 
 
 class ScalingSection(Section):
@@ -388,6 +429,14 @@ class GatesSection(Section):
     min_relative_improvement: float = Field(default=0.0, ge=-1.0, lt=1.0)
     # ... and its mean rise on the past windows (candidate / champion - 1) at most this.
     max_relative_increase: float = Field(default=0.05, ge=0.0)
+    # What the gates compare (default: the task's, accuracy or perplexity). A language model
+    # learning instructions (data.response_column) may gate on its greedy answers to each
+    # window's holdout prompts: bleu or chrf (sacrebleu, 0-100; the tolerances above read them as
+    # fractions: new_window_tolerance 0.01 = one point) or exact_match; the matrix holds it too.
+    metric: Literal["accuracy", "perplexity", "bleu", "chrf", "exact_match"] | None = None
+    # How many of each window's holdout prompts a generation metric answers (the first ones;
+    # each answer at most serve.max_new_tokens).
+    generate_rows: int = Field(default=64, ge=1)
 
 
 # The continual.* keys a cycle's search may set: how a candidate trains from the champion.
@@ -478,6 +527,10 @@ class SubmitSection(Section):
     exclude: list[str] = Field(default_factory=list)
 
 
+# What train.eval_generate_rows measures each epoch (tune.metric and checkpoint.score_attribute may name them).
+GENERATION_METRICS = ("val_bleu", "val_chrf", "val_exact_match")
+
+
 class JobConfig(Section):
     # The model's name in the registry; also the base of the deterministic run name.
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -510,10 +563,99 @@ class JobConfig(Section):
                 "model.train_last_n_layers freezes pretrained layers, but model.init_from is "
                 "empty: set model.init_from or remove model.train_last_n_layers"
             )
+        if t.lora is not None:
+            self._check_lora()
+        self._check_generation_metrics()
+        if m.moe is not None:
+            self._check_moe()
         self._check_space("tune.space", self.tune.space, {"tune": True})
         if self.continual.search:
             self._check_space("continual.search.space", self.continual.search.space, {"continual": {"search"}})
         return self
+
+    def _check_generation_metrics(self) -> None:
+        t = self.train
+        wanted = {
+            f"tune.metric={self.tune.metric}": self.tune.metric,
+            f"train.checkpoint.score_attribute={t.checkpoint.score_attribute}": t.checkpoint.score_attribute,
+        }
+        asked = [key for key, metric in wanted.items() if metric in GENERATION_METRICS]
+        if asked and not t.eval_generate_rows:
+            raise ValueError(
+                f"{' and '.join(asked)}: measured only when train.eval_generate_rows > 0 (validation prompts answered each epoch)"
+            )
+        if not t.eval_generate_rows:
+            return
+        if self.data is None or self.data.response_column is None or task(self.model.task).reference_metrics is None:
+            raise ValueError(
+                "train.eval_generate_rows answers validation prompts: it needs instruction data "
+                "(data.prompt_column/response_column) for a causal-lm"
+            )
+        if t.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "train.eval_generate_rows generates with the whole model on one worker: set train.deepspeed.zero_stage to 2 or less"
+            )
+        if self.tune.metric in GENERATION_METRICS and self.tune.report_every_steps:
+            raise ValueError(f"tune.metric={self.tune.metric} is measured at epoch ends only: remove tune.report_every_steps")
+        lower = [
+            key
+            for key, order in (("tune.mode", self.tune.mode), ("train.checkpoint.score_order", t.checkpoint.score_order))
+            if order == "min"
+        ]
+        asked_lower = [
+            key for key in lower if (self.tune.metric if key == "tune.mode" else t.checkpoint.score_attribute) in GENERATION_METRICS
+        ]
+        if asked_lower:
+            raise ValueError(f"{' and '.join(asked_lower)}: min would keep the worst answers by BLEU, chrF or exact match; set max")
+
+    def _check_moe(self) -> None:
+        m = self.model
+        if m.architecture not in task(m.task).MOE:
+            kinds = "; ".join(f"{name}: {', '.join(task(name).MOE)}" for name in with_capability("MOE"))
+            raise ValueError(f"model.moe builds models of these tasks and architectures ({kinds}), not {m.task} / {m.architecture}")
+        if self.train.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "model.moe trains under DeepSpeed ZeRO 0-2 (its MoE layers do not take ZeRO-3): set train.deepspeed.zero_stage to 2 or less"
+            )
+        if self.export.on_register == "always":
+            raise ValueError(
+                "model.moe models are not exported (their routing does not trace to a fixed ONNX graph): "
+                "set export.on_register to auto or never"
+            )
+        if m.init_from:
+            raise ValueError(
+                "model.moe builds a new model; a model.init_from version keeps its own experts: remove model.moe to fine-tune it"
+            )
+        ep, n = m.moe.expert_parallel_size, m.moe.num_experts
+        if n % ep or self.scaling.num_workers % ep:
+            raise ValueError(
+                f"model.moe.expert_parallel_size={ep} must divide model.moe.num_experts={n} "
+                f"and scaling.num_workers={self.scaling.num_workers}"
+            )
+        if m.moe.every_n_layers > m.hf_config.get("n_layer", 12):
+            raise ValueError(
+                f"model.moe.every_n_layers={m.moe.every_n_layers} is more than the model's {m.hf_config.get('n_layer', 12)} layers"
+            )
+
+    def _check_lora(self) -> None:
+        m, t = self.model, self.train
+        if not task(m.task).LORA:
+            adapted = ", ".join(with_capability("LORA"))
+            raise ValueError(f"train.lora adapts a {adapted} model; model.task is {m.task}: remove train.lora")
+        if not m.init_from:
+            raise ValueError("train.lora trains adapters on a pretrained model: set model.init_from (NAME@ALIAS or NAME:VERSION)")
+        if m.train_last_n_layers is not None or m.freeze_embeddings:
+            raise ValueError(
+                "train.lora freezes every weight of the model but its adapters: "
+                "remove model.train_last_n_layers and model.freeze_embeddings"
+            )
+        if t.deepspeed.zero_stage == 3:
+            raise ValueError("train.lora runs under DeepSpeed ZeRO 0-2: set train.deepspeed.zero_stage to 2 or less")
+        if self.continual is not None and self.continual.new_labels == "grow":
+            raise ValueError(
+                "train.lora keeps the base's classification head (its label set): continual.new_labels: grow cannot "
+                "add classes to it; grow without train.lora"
+            )
 
     def _check_space(self, where: str, space: dict, exclude: dict) -> None:
         """Every searched key must exist and every value of its range must make a valid config."""

@@ -936,7 +936,7 @@ def _tokenizer_dir(ref: TokenizerRef) -> str:
     from lifelong.registry import Registry
 
     if ref.version:
-        return str(Registry(Storage(ref.root)).resolve(ref.version).local_dir)
+        return str(Registry(Storage(ref.root)).preprocessor_dir(ref.version))
     if not is_uri(ref.location):
         return ref.location
     cache = local_cache_dir("tokenizers", hashlib.sha256(ref.location.encode()).hexdigest()[:20])
@@ -981,13 +981,16 @@ TOKENIZE_BATCH = 512
 IN_PROCESS_BLOCK_BYTES = 32 * 2**20
 
 
-def tokenized(rows: ray.data.Dataset | pa.Table, task: str, tokenizer: TokenizerRef, max_length: int) -> ray.data.Dataset:
+def tokenized(
+    rows: ray.data.Dataset | pa.Table, task: str, tokenizer: TokenizerRef, max_length: int, pack: bool = False
+) -> ray.data.Dataset:
     """The task's model inputs of `rows`: by Ray Data tasks for a dataset, here for a table in the
-    driver (data.in_process_mb), batch by batch alike, as blocks in the object store."""
+    driver (data.in_process_mb), batch by batch alike, as blocks in the object store. `pack`:
+    data.pack (several instruction rows to a block)."""
     from lifelong.tasks import task as family
 
     fn = family(task).tokenize
-    kwargs = {"tokenizer": tokenizer, "max_length": max_length}
+    kwargs = {"tokenizer": tokenizer, "max_length": max_length, "pack": pack}
     if isinstance(rows, pa.Table):
         return _tokenized_here(rows, fn, kwargs)
     return rows.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=TOKENIZE_BATCH)

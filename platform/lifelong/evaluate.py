@@ -77,7 +77,7 @@ def evaluate_model(
     validated = read_validated(config.require_data("evaluate"), storage, quarantine_area="evaluate", path=data_path)
     tokenizer = TokenizerRef(version=resolved.ref, root=config.storage.root)
     every_row = validated.split_rows(None)
-    rows = tokenized(every_row, task_name, tokenizer, config.model.max_length)
+    rows = tokenized(every_row, task_name, tokenizer, config.model.max_length, config.data.pack)
     scorer = {"storage_root": storage.root_uri, "ref": ref, "task_name": task_name}
     if validated.table is not None:  # read here (data.in_process_mb): scored here too, no actor to start
         score = Scorer(**scorer)
@@ -100,7 +100,10 @@ def evaluate_model(
         sample = _instructions(every_row, generate_rows)
         if sample is not None:
             prompts, references = sample.column("text").to_pylist(), sample.column(RESPONSE).to_pylist()
-            metrics.update(family.reference_metrics(resolved.local_dir, prompts, references, max_new_tokens or config.serve.max_new_tokens))
+            from lifelong.models import load_for_inference
+
+            model, tokenizer = load_for_inference(resolved.local_dir, task_name), family.load_preprocessor(resolved.local_dir)
+            metrics.update(family.reference_metrics(model, tokenizer, prompts, references, max_new_tokens or config.serve.max_new_tokens))
     counts = family.confusion(scores["label"].tolist(), scores["pred"].tolist(), len(labels)) if "pred" in scores else None
     return Evaluation(model=resolved.ref, task=task_name, metrics=metrics, data=validated.report, labels=labels, confusion=counts)
 

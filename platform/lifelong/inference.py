@@ -13,6 +13,7 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,18 +249,65 @@ class Generator:
         self.encode = Encoder(model_dir, self.max_length)
         self._sampling_lock = threading.Lock()
 
-    def generate(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, use_cache: bool = True) -> dict:
-        """{text, tokens, truncated, prompt_tokens, finish_reason}: the whole continuation."""
+    def generate(
+        self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, use_cache: bool = True, stop: Sequence[str] = ()
+    ) -> dict:
+        """{text, tokens, truncated, prompt_tokens, finish_reason}: the whole continuation; with
+        `stop` sequences, up to the first of them (not included; finish_reason stop)."""
         ids, truncated, new_tokens = self._prompt(prompt, max_new_tokens)
         with self._sampling(temperature, seed), self.torch.inference_mode():
-            out = self.model.generate(**self._generate_kwargs(ids, new_tokens, temperature), use_cache=use_cache)
+            out = self.model.generate(**self._generate_kwargs(ids, new_tokens, temperature, stop), use_cache=use_cache)
         continuation = out[0, len(ids) :].tolist()
-        return self._summary(continuation, ids, truncated, self.encode.tokenizer.decode(continuation, skip_special_tokens=True))
+        text, stopped = _until_stop(self.encode.tokenizer.decode(continuation, skip_special_tokens=True), stop)
+        return self._summary(continuation, ids, truncated, text, stopped)
 
-    def stream(self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, interval_s: float = 0.02):
+    def generate_greedy(self, asks: Sequence[tuple[str, int, Sequence[str]]]) -> list[dict]:
+        """Greedy continuations of several (prompt, max_new_tokens, stop) in one generate call
+        (requests batched across clients; sampled ones are not, their seeds would not hold):
+        the prompts left-padded (the model places each row's tokens by its attention mask), each
+        row cut at its own max_new_tokens, EOS and first stop sequence. A row that cannot share
+        the batch's length within the model's positions goes alone. Each answer as generate()'s."""
+        torch = self.torch
+        prepared = [self._prompt(prompt, n) for prompt, n, _ in asks]
+        new = max(n for _, _, n in prepared)
+        together = [i for i, (ids, _, _) in enumerate(prepared) if len(ids) + new <= self.max_length]
+        if len(together) < 2:
+            return [self.generate(prompt, n, stop=stop) for prompt, n, stop in asks]
+        width = max(len(prepared[i][0]) for i in together)
+        pad, eos = self.encode.pad_id, self.encode.tokenizer.eos_token_id
+        rows = [prepared[i][0] for i in together]
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in rows], device=self.logits.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=self.logits.device)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=pad)
+        answers: list[dict | None] = [None] * len(asks)
+        for row, i in enumerate(together):
+            ids, truncated, new_tokens = prepared[i]
+            continuation = out[row, width:].tolist()[:new_tokens]
+            if eos in continuation:  # the row ended; what follows is padding
+                continuation = continuation[: continuation.index(eos) + 1]
+            stop = asks[i][2]
+            text, stopped = _until_stop(self.encode.tokenizer.decode(continuation, skip_special_tokens=True), stop)
+            if stopped:  # alone, generation would have stopped at the token that completed the stop sequence
+                continuation = next(
+                    continuation[:k]
+                    for k in range(1, len(continuation) + 1)
+                    if _until_stop(self.encode.tokenizer.decode(continuation[:k], skip_special_tokens=True), stop)[1]
+                )
+            answers[i] = self._summary(continuation, ids, truncated, text, stopped)
+        for i, (prompt, n, stop) in enumerate(asks):
+            if answers[i] is None:
+                answers[i] = self.generate(prompt, n, stop=stop)
+        return answers
+
+    def stream(
+        self, prompt: str, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, interval_s: float = 0.02, stop: Sequence[str] = ()
+    ):
         """The continuation as it is generated: {"text": piece} as soon as the first token makes
         text, then the text of each `interval_s` (0: of each token), then the summary generate()
-        returns (without the text). Closing the iterator early stops the generation at its next token."""
+        returns (without the text). Closing the iterator early stops the generation at its next token.
+        With `stop` sequences it ends before the first of them; text that may begin one is held
+        back until it is known not to."""
         from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
@@ -290,7 +338,7 @@ class Generator:
             try:
                 with self._sampling(temperature, seed), torch.inference_mode():
                     self.model.generate(
-                        **self._generate_kwargs(ids, new_tokens, temperature),
+                        **self._generate_kwargs(ids, new_tokens, temperature, stop),
                         streamer=Tokens(),
                         stopping_criteria=StoppingCriteriaList([Cancelled()]),
                     )
@@ -300,9 +348,10 @@ class Generator:
 
         worker = threading.Thread(target=run, name="lifelong-generate", daemon=True)
         worker.start()
-        continuation, shown, ended, last = [], "", False, 0.0
+        continuation, shown, ended, last, stopped = [], "", False, 0.0, False
+        held = max((len(s) for s in stop), default=1) - 1  # characters that may be the start of a stop sequence
         try:
-            while not ended and (piece := tokens.get()) is not None:
+            while not ended and not stopped and (piece := tokens.get()) is not None:
                 continuation += piece
                 # After the first piece, the tokens of every `interval_s` go out together: an
                 # event costs the HTTP path far more than a token costs this model.
@@ -315,17 +364,19 @@ class Generator:
                         ended = True
                         break
                     continuation += more
-                text = self.encode.tokenizer.decode(continuation, skip_special_tokens=True)
+                text, stopped = _until_stop(self.encode.tokenizer.decode(continuation, skip_special_tokens=True), stop)
+                if not stopped and held:
+                    text = text[: max(len(text) - held, len(shown))]
                 # A byte-level token can end inside a character: hold it back until it is whole.
                 if len(text) > len(shown) and not text.endswith("\ufffd"):
                     yield {"text": text[len(shown) :]}
                     shown, last = text, time.monotonic()
             if failure:
                 raise failure[0]
-            text = self.encode.tokenizer.decode(continuation, skip_special_tokens=True)
+            text, stopped = _until_stop(self.encode.tokenizer.decode(continuation, skip_special_tokens=True), stop)
             if len(text) > len(shown):
                 yield {"text": text[len(shown) :]}
-            yield self._summary(continuation, ids, truncated, None)
+            yield self._summary(continuation, ids, truncated, None, stopped)
         finally:
             cancel.set()
             worker.join()
@@ -346,15 +397,18 @@ class Generator:
         ids = ids[-keep:]
         return ids, truncated, min(max_new_tokens, self.max_length - len(ids))
 
-    def _generate_kwargs(self, ids: list[int], new_tokens: int, temperature: float) -> dict:
+    def _generate_kwargs(self, ids: list[int], new_tokens: int, temperature: float, stop: Sequence[str] = ()) -> dict:
         torch, device = self.torch, self.logits.device
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 50} if temperature > 0 else {"do_sample": False}
+        # HF's generate stops once a stop sequence is in the text (the cut is ours: _until_stop)
+        stopping = {"stop_strings": list(stop), "tokenizer": self.encode.tokenizer} if stop else {}
         return {
             "input_ids": torch.tensor([ids], device=device),
             "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
             "max_new_tokens": new_tokens,
             "pad_token_id": self.encode.pad_id,
             **sampling,
+            **stopping,
         }
 
     def _sampling(self, temperature: float, seed: int):
@@ -362,16 +416,23 @@ class Generator:
         # take turns, each seeding a forked copy, so a seed gives the same text under load.
         return _seeded(self._sampling_lock, seed) if temperature > 0 else contextlib.nullcontext()
 
-    def _summary(self, continuation: list[int], ids: list[int], truncated: bool, text: str | None) -> dict:
+    def _summary(self, continuation: list[int], ids: list[int], truncated: bool, text: str | None, stopped: bool = False) -> dict:
         eos = self.encode.tokenizer.eos_token_id
         out = {
             "tokens": len(continuation),
             "truncated": truncated,
             "prompt_tokens": len(ids),
-            # stop: the model ended its text (EOS); length: it ran into max_new_tokens or the positions.
-            "finish_reason": "stop" if continuation and continuation[-1] == eos else "length",
+            # stop: the model ended its text (EOS) or met a stop sequence; length: it ran into
+            # max_new_tokens or the positions.
+            "finish_reason": "stop" if stopped or (continuation and continuation[-1] == eos) else "length",
         }
         return out if text is None else {"text": text, **out}
+
+
+def _until_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the first of the `stop` sequences in it (not included), and whether one was."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,10 @@ Weights are only ever loaded from safetensors (`use_safetensors=True`): nothing 
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,6 +119,101 @@ def batch_norm_stats_in(model: nn.Module, dtype: torch.dtype) -> None:
             for name, buf in module._buffers.items():
                 if buf is not None and buf.is_floating_point():
                     module._buffers[name] = buf.to(dtype)
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # a directory holding this holds adapters, not a model
+
+
+def with_lora(model: PreTrainedModel, lora, family_lora: dict, base_ref: str):
+    """The model wrapped with fresh LoRA adapters (PEFT): every weight of `model` frozen, the
+    adapters trainable (and a classifier's head, whole: `family_lora`, the task's LoraConfig
+    settings). `base_ref` (NAME:VERSION) is recorded in the adapters' config."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    config = LoraConfig(
+        **family_lora,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        # GPT-2's projections are Conv1D (weights stored transposed): the adapters' config must
+        # say so, or merging them later transposes their update
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
+    )
+    try:
+        with quiet_peft():
+            adapted = get_peft_model(model, config)
+    except ValueError as e:  # e.g. target modules the model does not have
+        raise ConfigError(f"train.lora: {e}") from None
+    adapted.peft_config["default"].base_model_name_or_path = base_ref  # PEFT records the directory it was loaded from
+    return adapted
+
+
+@contextmanager
+def quiet_peft():
+    """Without PEFT's warnings about what is handled here: one fan_in_fan_out flag for GPT-2's
+    Conv1D projections and its Linear head (PEFT sets it per layer), adapters on tied embeddings
+    (`untied` before merging)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*fan_in_fan_out", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*tie_word_embeddings", category=UserWarning)
+        yield
+
+
+def is_adapter(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_config(model_dir: str | Path) -> dict:
+    return json.loads((Path(model_dir) / ADAPTER_CONFIG).read_text())
+
+
+def adapter_base(model_dir: str | Path) -> str:
+    """The NAME:VERSION the adapters in `model_dir` were trained on."""
+    return adapter_config(model_dir)["base_model_name_or_path"]
+
+
+def merge_adapter(
+    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, task_name: str, labels: list[str] | None = None
+) -> None:
+    """Save at `out_dir` the model of `base_dir` with the adapters of `adapter_dir` merged into its
+    weights (one plain HF model: what export, serving and further training load), and the base's
+    tokenizer. A classifier's adapters (`labels`, its label set) carry its head whole: on a base
+    without one (a language model, an encoder) the head is built for them, and theirs replaces it."""
+    from peft import PeftModel
+
+    family = task(task_name)
+    if labels:
+        base = family.build(None, family.load_preprocessor(str(base_dir)), init_dir=base_dir, labels=labels).float().eval()
+    else:
+        base = load_for_inference(base_dir, task_name)
+    targets = set(adapter_config(adapter_dir).get("target_modules") or [])
+    if targets & embedding_names(base):
+        base = untied(base)
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(str(out_dir))
+    family.load_preprocessor(str(base_dir)).save_pretrained(str(out_dir))
+
+
+def embedding_names(model: PreTrainedModel) -> set[str]:
+    """The module names (last part) of the model's input and output embeddings (none: an image model's)."""
+    try:
+        tables = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    except NotImplementedError:  # transformers' answer for a model without token embeddings (ResNet)
+        return set()
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if any(module is t for t in tables)}
+
+
+def untied(model: PreTrainedModel) -> PreTrainedModel:
+    """The output embeddings given a weight of their own where they share the input embeddings'
+    (GPT-2): adapters on both add different updates, which one shared weight cannot hold merged."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is not None and outputs.weight is inputs.weight:
+        outputs.weight = nn.Parameter(inputs.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    return model
 
 
 def load_for_inference(model_dir: str | Path, task_name: str) -> PreTrainedModel:

@@ -26,11 +26,13 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 import lifelong
@@ -135,6 +137,7 @@ class Card(_Record):
     config: dict = {}  # the run's JobConfig as JSON
     data: dict | None = None  # the DataReport of what it trained on
     parent: str | None = None  # NAME:VERSION it was fine-tuned from
+    base: str | None = None  # NAME:VERSION whose weights its adapters (train.lora) apply to: it holds only those
     run: RunRecord | None = None
     stream: StreamRecord | None = None
     sweep: SweepRecord | None = None
@@ -365,9 +368,47 @@ class Registry:
         os.utime(cache)  # most recently used: the last a prune removes
         return cache
 
+    def model_dir(self, name: str, version: int) -> Path:
+        """A local directory holding the version as one loadable HF model: its own files, or for an
+        adapter-only version (card `base`) its base's model with the adapters merged in, made
+        once per machine (one process merges, the others wait for it) and kept with the cached
+        versions, keyed by the card (a store made anew does not get an old merge back); a base
+        that is itself adapters is merged first."""
+        card = self.card(name, version)
+        if card.base is None:
+            return self.local_dir(name, version)
+        digest = hashlib.sha256(f"{self.storage.root_uri}|{card.created_at}|{card.base}".encode()).hexdigest()[:12]
+        merged = local_cache_dir("merged", self._root_key, name) / f"{version}-{digest}"
+        with FileLock(str(merged) + ".lock"):
+            if not (merged / "config.json").is_file():
+                from lifelong.models import merge_adapter
+
+                base = self.resolve(card.base)
+                tmp = merged.parent / f".tmp-{version}-{os.getpid()}-{time.monotonic_ns()}"
+                try:
+                    merge_adapter(base.local_dir, self.local_dir(name, version), tmp, card.task, card.labels)
+                    tmp.rename(merged)  # whole or not at all
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                _prune_cache(merged)
+        os.utime(merged)
+        return merged
+
+    def preprocessor_dir(self, text: str) -> Path:
+        """A local directory with the tokenizer (or image processor) of a version: its own, or for an
+        adapter-only version its base's (the adapters change no token)."""
+        resolved = self.resolve(text, weights=False)
+        while resolved.card is not None and resolved.card.base:
+            resolved = self.resolve(resolved.card.base, weights=False)
+        return resolved.local_dir
+
+    @property
+    def _root_key(self) -> str:
+        # A hash of the whole root (endpoint included): two stores never share a cache.
+        return hashlib.sha256(self.storage.root_uri.encode()).hexdigest()[:20]
+
     def _cache_dir(self, name: str, version: int) -> Path:
-        # Keyed by a hash of the whole root (endpoint included): two stores never share a cache.
-        return local_cache_dir("registry", hashlib.sha256(self.storage.root_uri.encode()).hexdigest()[:20], name) / str(version)
+        return local_cache_dir("registry", self._root_key, name) / str(version)
 
     # --- aliases ---------------------------------------------------------------------------
     def aliases(self, name: str) -> dict[str, dict]:
@@ -489,8 +530,10 @@ class Registry:
         return self.move_alias(name, alias, stack[-2], reason=reason or "rollback", kind="rollback")
 
     # --- references ------------------------------------------------------------------------
-    def resolve(self, text: str) -> ResolvedModel:
-        """NAME@ALIAS, NAME:VERSION, or a local HF model directory."""
+    def resolve(self, text: str, weights: bool = True) -> ResolvedModel:
+        """NAME@ALIAS, NAME:VERSION, or a local HF model directory. `local_dir` is a loadable model
+        (`model_dir`: an adapter-only version merged into its base); with `weights=False` it is the
+        version's own files (for its card, its reference or its files, no merge)."""
         ref = parse_ref(text)
         if ref is None:
             path = Path(text).expanduser()
@@ -501,7 +544,8 @@ class Registry:
             )
         version = ref.version if ref.alias is None else self.alias_version(ref.name, ref.alias)
         card = self.card(ref.name, version)
-        return ResolvedModel(local_dir=self.local_dir(ref.name, version), name=ref.name, version=version, card=card)
+        local = self.model_dir(ref.name, version) if weights else self.local_dir(ref.name, version)
+        return ResolvedModel(local_dir=local, name=ref.name, version=version, card=card)
 
 
 def _cached(cache: Path, stored: dict, card: dict) -> bool:

@@ -161,7 +161,7 @@ def load_version(settings: ServeSettings, version: int) -> Loaded:
     registry = Registry(Storage(settings.root))
     name = settings.model
     card = registry.card(name, version)
-    model_dir = registry.local_dir(name, version)
+    model_dir = registry.model_dir(name, version)
     family = task(card.task)
     model = family.serving_model(model_dir, family.backend(settings.backend), card.max_length, settings.threads, settings.device)
     if problem := family.smoke_test(model):
@@ -224,6 +224,22 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
+# Choices one OpenAI request may ask for (n): each is a generation of its own.
+MAX_CHOICES = 8
+
+# Up to 4 sequences that end an answer (not included), as OpenAI takes them: one, or a list.
+Stop = Annotated[
+    str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None,
+    Field(description="Up to 4 sequences where the answer ends (not included); finish_reason stop."),
+]
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None or stop == "":
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: Text
@@ -234,6 +250,7 @@ class GenerateRequest(BaseModel):
         default=False,
         description='true: server-sent events, {"text": ...} as tokens come, then {"done": true, ...} with what the response holds.',
     )
+    stop: Stop = None
 
 
 class GenerateResponse(BaseModel):
@@ -247,7 +264,7 @@ class GenerateResponse(BaseModel):
 
 
 # OpenAI's completions and chat completions, as its clients send them (what this server does not
-# do is refused by name: n > 1, stop sequences, logprobs, tools ...).
+# do is refused by name: logprobs, tools ...).
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="The served model's name (serve's config name), or NAME@ALIAS.")
@@ -256,7 +273,8 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="As OpenAI's: 1 by default; 0: greedy decoding.")
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     stream: bool = False
-    n: Literal[1] = Field(default=1, description="One choice per request.")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description=f"Choices (at most {MAX_CHOICES}); with sampling, choice i uses seed + i.")
+    stop: Stop = None
     user: str | None = None
 
 
@@ -275,7 +293,8 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     stream: bool = False
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description=f"Choices (at most {MAX_CHOICES}); with sampling, choice i uses seed + i.")
+    stop: Stop = None
     user: str | None = None
 
 
@@ -289,8 +308,26 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def _usage(out: dict) -> dict:
-    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["tokens"], "total_tokens": out["prompt_tokens"] + out["tokens"]}
+def _usage(outs: list[dict]) -> dict:
+    """OpenAI's usage of n choices of one prompt: the prompt once, every choice's tokens."""
+    prompt, completion = outs[0]["prompt_tokens"], sum(o["tokens"] for o in outs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _choices(model, args: tuple, n: int, stop: tuple[str, ...], stream: bool):
+    """n generations of (prompt, new_tokens, temperature, seed), choice i with seed + i: their
+    summaries, or one iterator of their streams, one after the other, each item tagged with its
+    choice's index."""
+    prompt, new_tokens, temperature, seed = args
+    if not stream:
+        return [model.generate(prompt, new_tokens, temperature, seed + i, stop=stop) for i in range(n)]
+
+    def streams():
+        for i in range(n):
+            for item in model.stream(prompt, new_tokens, temperature, seed + i, stop=stop):
+                yield {**item, "index": i}
+
+    return streams()
 
 
 def _errors(*statuses: int) -> dict:
@@ -666,6 +703,7 @@ class ModelServer:
         self.serving = version
         self.task = self.versions[version].task
         self.batcher = Batcher(self.predict_batch, settings.max_batch_size, settings.batch_wait_timeout_s)
+        self.generations = Batcher(self.generate_batch, settings.max_batch_size, settings.batch_wait_timeout_s)
         logger.info("replica %s serves %s:%s", self.replica, settings.model, version)
 
     async def _committed_version(self) -> int:
@@ -792,24 +830,38 @@ class ModelServer:
                 self.drained.set()
 
     async def predict_batch(self, requests: list[list[str]]) -> list[tuple[Loaded, list[dict]] | Exception]:
-        """One model call for the whole batch; should it fail, each request runs alone, so that a
-        request the model cannot take fails by itself and the others are answered."""
-        flat = [text for texts in requests for text in texts]
-        try:
-            loaded, predictions = await self._run(lambda m, texts: m.model.predict(texts), flat)
-        except Exception:
-            if len(requests) == 1:
-                raise
-            return [await self._predict_alone(texts) for texts in requests]
-        out, start = [], 0
-        for texts in requests:
-            out.append((loaded, predictions[start : start + len(texts)]))
-            start += len(texts)
-        return out
+        """Every request's texts (or images) in one model call."""
 
-    async def _predict_alone(self, texts: list[str]):
+        def predict(loaded: Loaded, batch: list[list[str]]) -> list[list[dict]]:
+            predictions = loaded.model.predict([text for texts in batch for text in texts])
+            out, start = [], 0
+            for texts in batch:
+                out.append(predictions[start : start + len(texts)])
+                start += len(texts)
+            return out
+
+        return await self._batched(predict, requests)
+
+    async def generate_batch(self, asks: list[tuple[str, int, tuple[str, ...]]]) -> list[tuple[Loaded, dict] | Exception]:
+        """Greedy generations of several requests (prompt, new tokens, stop) in one model call."""
+        return await self._batched(lambda loaded, batch: loaded.model.generate_greedy(batch), asks)
+
+    async def _batched(self, fn, items: list) -> list:
+        """(loaded, result, requests in its model call) per item from one call `fn(loaded, items)`;
+        should it fail, each item runs alone, so that one the model cannot take fails by itself
+        and the others are answered."""
         try:
-            return await self._run(lambda m, t: m.model.predict(t), texts)
+            loaded, results = await self._run(fn, items)
+        except Exception:
+            if len(items) == 1:
+                raise
+            return [await self._alone(fn, item) for item in items]
+        return [(loaded, result, len(items)) for result in results]
+
+    async def _alone(self, fn, item):
+        try:
+            loaded, results = await self._run(fn, [item])
+            return loaded, results[0], 1
         except Exception as e:
             return e
 
@@ -823,8 +875,9 @@ class ModelServer:
         if given != f"{family.CONTENT}s":
             raise _reject(422, given, f"this deployment serves a {self.task} model: send {family.CONTENT}s")
         items = _checked_texts(body.texts, self.settings) if body.texts is not None else _checked_images(body.images, self.settings)
-        loaded, predictions = await self.batcher.submit(items)
+        loaded, predictions, together = await self.batcher.submit(items)
         response.headers["X-Lifelong-Replica"] = self.replica
+        response.headers["X-Lifelong-Batch"] = str(together)  # requests answered by the same model call
         return PredictResponse(
             model=self.settings.model,
             version=loaded.version,
@@ -837,7 +890,7 @@ class ModelServer:
         """A continuation of the prompt (causal-LM versions, PyTorch, KV-cached); with `stream`,
         server-sent events as the tokens come."""
         new_tokens = self._generation(body.prompt, "prompt", body.max_new_tokens, "max_new_tokens")
-        args = (body.prompt, new_tokens, body.temperature, body.seed)
+        args, stop = (body.prompt, new_tokens, body.temperature, body.seed), _stops(body.stop)
         if body.stream:
 
             def event(loaded: Loaded, item: dict) -> str:
@@ -845,9 +898,14 @@ class ModelServer:
                     return _sse({"done": True, "model": self.settings.model, "version": loaded.version, **item})
                 return _sse(item)
 
-            return await self._events(lambda m: m.model.stream(*args), event)
-        loaded, out = await self._run(lambda m: m.model.generate(*args))
+            return await self._events(lambda m: m.model.stream(*args, stop=stop), event)
+        together = 1
+        if body.temperature == 0 and self.settings.max_batch_size > 1:  # greedy: batched (sampled ones keep their seeds alone)
+            loaded, out, together = await self.generations.submit((body.prompt, new_tokens, stop))
+        else:
+            loaded, out = await self._run(lambda m: m.model.generate(*args, stop=stop))
         response.headers["X-Lifelong-Replica"] = self.replica
+        response.headers["X-Lifelong-Batch"] = str(together)
         return GenerateResponse(model=self.settings.model, version=loaded.version, **out)
 
     async def _stream(self, fn):
@@ -918,25 +976,37 @@ class ModelServer:
             body(), media_type="text/event-stream", headers={"X-Lifelong-Replica": self.replica, "Cache-Control": "no-cache"}
         )
 
-    async def _openai_answer(self, obj: str, args: tuple, stream: bool, response: Response, whole, piece):
-        """OpenAI's response object `obj` for a generation of `args`: whole (`whole(out)`: its
-        choice, with usage), or streamed (`piece(item, first)`: each chunk's choice; the last
-        chunk carries the finish reason), ended by `data: [DONE]`."""
+    async def _openai_answer(self, obj: str, args: tuple, n: int, stop: tuple[str, ...], stream: bool, response: Response, whole, piece):
+        """OpenAI's response object `obj` for `n` generations of `args`: whole (`whole(out)`: a
+        choice, with usage), or streamed choice after choice (`piece(item, first)`: each chunk's
+        choice; each choice's last chunk carries its finish reason), ended by `data: [DONE]`."""
         prefix = {"text_completion": "cmpl", "chat.completion": "chatcmpl"}[obj]
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": self.settings.model}
         if stream:
-            first = True
+            started: set[int] = set()
 
             def chunk(loaded: Loaded, item: dict) -> str:
-                nonlocal first
-                out = {**head, "object": "chat.completion.chunk" if obj == "chat.completion" else obj, "choices": [piece(item, first)]}
-                first = False
-                return _sse(out) + ("data: [DONE]\n\n" if "finish_reason" in item else "")
+                i = item["index"]
+                out = {
+                    **head,
+                    "object": "chat.completion.chunk" if obj == "chat.completion" else obj,
+                    "choices": [piece(item, i not in started)],
+                }
+                started.add(i)
+                last = "finish_reason" in item and i == n - 1
+                return _sse(out) + ("data: [DONE]\n\n" if last else "")
 
-            return await self._events(lambda m: m.model.stream(*args), chunk)
-        loaded, out = await self._run(lambda m: m.model.generate(*args))
+            return await self._events(lambda m: _choices(m.model, args, n, stop, stream=True), chunk)
+        together = 1
+        if n == 1 and args[2] == 0 and self.settings.max_batch_size > 1:  # one greedy choice: batched with other requests'
+            loaded, out, together = await self.generations.submit((args[0], args[1], stop))
+            outs = [out]
+        else:
+            loaded, outs = await self._run(lambda m: _choices(m.model, args, n, stop, stream=False))
         response.headers["X-Lifelong-Replica"] = self.replica
-        return {**head, "system_fingerprint": f"{self.settings.model}:{loaded.version}", "choices": [whole(out)], "usage": _usage(out)}
+        response.headers["X-Lifelong-Batch"] = str(together)
+        choices = [{**whole(out), "index": i} for i, out in enumerate(outs)]
+        return {**head, "system_fingerprint": f"{self.settings.model}:{loaded.version}", "choices": choices, "usage": _usage(outs)}
 
     @api.post("/v1/completions", dependencies=[Depends(bearer)], responses=_errors(400, 401, 404, 408, 413, 422))
     async def completions(self, body: CompletionRequest, response: Response):
@@ -946,16 +1016,18 @@ class ModelServer:
         new_tokens = self._generation(prompt, "prompt", body.max_tokens, "max_tokens")
         self._openai_model(body.model)
 
-        def choice(text: str, finish: str | None) -> dict:
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        def choice(text: str, finish: str | None, index: int = 0) -> dict:
+            return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
 
         return await self._openai_answer(
             "text_completion",
             (prompt, new_tokens, body.temperature, body.seed or 0),
+            body.n,
+            _stops(body.stop),
             body.stream,
             response,
             whole=lambda out: choice(out["text"], out["finish_reason"]),
-            piece=lambda item, first: choice(item.get("text", ""), item.get("finish_reason")),
+            piece=lambda item, first: choice(item.get("text", ""), item.get("finish_reason"), item["index"]),
         )
 
     @api.post("/v1/chat/completions", dependencies=[Depends(bearer)], responses=_errors(400, 401, 404, 408, 413, 422))
@@ -971,14 +1043,16 @@ class ModelServer:
         def piece(item: dict, first: bool) -> dict:
             delta = {"content": item["text"]} if "text" in item else {}
             delta = {"role": "assistant", **delta} if first else delta
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": item.get("finish_reason")}
+            return {"index": item["index"], "delta": delta, "logprobs": None, "finish_reason": item.get("finish_reason")}
 
         def whole(out: dict) -> dict:
             message = {"role": "assistant", "content": out["text"]}
             return {"index": 0, "message": message, "logprobs": None, "finish_reason": out["finish_reason"]}
 
         args = (prompt, new_tokens, body.temperature, body.seed or 0)
-        return await self._openai_answer("chat.completion", args, body.stream, response, whole=whole, piece=piece)
+        return await self._openai_answer(
+            "chat.completion", args, body.n, _stops(body.stop), body.stream, response, whole=whole, piece=piece
+        )
 
     @api.get("/v1/models", dependencies=[Depends(bearer)], responses=_errors(401))
     async def models(self) -> dict:

@@ -143,8 +143,13 @@ def write_instruction_dataset(path: str | Path, rows: int, seed: int = 0) -> int
     """SYNTHETIC instruction data as JSONL rows {"prompt": ..., "response": ...}: a topic sentence
     to name the topic of, answered by a sentence that names it and quotes the first of its
     topic's words in the prompt (learnable by a small model: the answer follows from the prompt)."""
-    labels = sorted(TOPIC_WORDS)
-    rng = random.Random(seed)
+    data = instructions(rows, random.Random(seed), sorted(TOPIC_WORDS))
+    _write_jsonl(path, data)
+    return len(data)
+
+
+def instructions(rows: int, rng: random.Random, labels: list[str]) -> list[dict]:
+    """`rows` SYNTHETIC prompt/response pairs about `labels` in turn, shuffled."""
     data = []
     for i in range(rows):
         label = labels[i % len(labels)]
@@ -152,8 +157,26 @@ def write_instruction_dataset(path: str | Path, rows: int, seed: int = 0) -> int
         word = next(w for w in sentence.split() if w in TOPIC_WORDS[label])
         data.append({"prompt": f"What is this about? {sentence}", "response": f"It is about {label}: it says {word}."})
     rng.shuffle(data)
-    _write_jsonl(path, data)
-    return len(data)
+    return data
+
+
+def write_instruction_stream(
+    out: str | Path, windows: int = 2, rows_per_window: int = 400, files_per_window: int = 2, topics_per_window: int = 2, seed: int = 0
+) -> list[Path]:
+    """Windows of SYNTHETIC instructions under out/window-000/, …: window k asks about
+    `topics_per_window` of the 4 topics (consecutive groups, as `write_stream`'s classes), so a
+    model that learns a window's answers meets topics it has not answered before. Files as
+    `_write_parts` writes them (rows {"prompt", "response"}). Returns the window dirs."""
+    labels = sorted(TOPIC_WORDS)
+    if not 1 <= topics_per_window <= len(labels):
+        raise ValueError(f"topics_per_window must be 1..{len(labels)} (got {topics_per_window})")
+    out, dirs = Path(out), []
+    for w in range(windows):
+        rows = instructions(rows_per_window, random.Random(f"{seed}:instructions:{w}"), window_classes(w, labels, topics_per_window))
+        d = out / f"window-{w:03d}"
+        _write_parts(d, rows, files_per_window, w)
+        dirs.append(d)
+    return dirs
 
 
 def _write_jsonl(path: str | Path, rows: list[dict]) -> None:

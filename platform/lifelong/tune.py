@@ -35,7 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
 from lifelong.config import JobConfig, set_dotted, validate_config
-from lifelong.errors import LifelongError
+from lifelong.errors import ConfigError, LifelongError
 from lifelong.storage import Storage, local_cache_dir
 
 TRIAL_DRIVER_CPU = 0.01  # a trial's own function needs a non-zero share to be scheduled
@@ -204,6 +204,16 @@ def max_concurrency(config: JobConfig) -> int:
     if not shares_data(config):
         per_trial += 1
     return max(1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial))
+
+
+def check_schedule(config: JobConfig) -> None:
+    """ASHA's first rung must come within a trial's epochs (its max_t)."""
+    t = config.tune
+    if t.scheduler == "asha" and t.grace_period > config.train.epochs:
+        raise ConfigError(
+            f"tune.grace_period is {t.grace_period:g} epochs but a trial trains train.epochs={config.train.epochs}: "
+            "ASHA stops trials no earlier than grace_period, so lower it to train.epochs or less"
+        )
 
 
 def check_resumable(storage: Storage, name: str, resume: bool) -> None:
@@ -435,10 +445,12 @@ def plot_curves(results, config: JobConfig, out: Path) -> None:
 def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) -> SweepOutcome:
     """Run (or resume) the sweep, write its table and plot, register the best trial's model."""
     from lifelong.registry import Registry
-    from lifelong.train.driver import prepare_data, prepare_run, register_best
+    from lifelong.train.driver import pin_init_from, prepare_data, prepare_run, register_best
 
+    check_schedule(config)
     name = sweep_name(config)
     storage = Storage(config.storage.root)
+    config = pin_init_from(config, Registry(storage))  # every trial starts from the same version
     check_resumable(storage, name, resume)
     check_state_api(config)
     # The sweep's data (and its tokenizer, trained once under runs/<sweep>/), shared by every

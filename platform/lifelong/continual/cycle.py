@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,17 +34,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from lifelong.config import JobConfig
-from lifelong.continual.gates import gate, gated_values, window_value
+from lifelong.continual.gates import REFERENCE_METRICS, gate, gated_values, window_value
 from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
 from lifelong.continual.search import Fitted, shown_params
 from lifelong.continual.stream import Decision, Stream, Window, rows_schema, window_rows
-from lifelong.data import REPLAYED, DataReport, FileReport, validation_fingerprint
+from lifelong.data import REPLAYED, RESPONSE, DataReport, FileReport, validation_fingerprint
 from lifelong.errors import AliasConflict, ConfigError, LifelongError, first_line
 from lifelong.registry import Registry
 from lifelong.runtime import gather
 from lifelong.storage import Storage, is_uri
-from lifelong.tasks import task, with_capability
+from lifelong.tasks import holdout_metric, task, with_capability
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,11 @@ class CycleOutcome:
         return "\n".join(lines)
 
 
+def row_columns(config: JobConfig) -> tuple[str, bool]:
+    """What a window's rows hold: the content column's kind, and whether responses follow."""
+    return config.data.content, config.data.response_column is not None
+
+
 def stream_name(config: JobConfig) -> str:
     return config.continual.stream or config.name
 
@@ -131,10 +137,13 @@ def check_continual(config: JobConfig) -> None:
         raise LifelongError(
             "continual learning needs data.labels (and data.label_column for table files): every landing file is checked against them"
         )
-    if config.data and config.data.response_column:
+    metric = config.continual.gates.metric
+    if metric and metric not in family.GATE_METRICS:
+        raise LifelongError(f"continual.gates.metric={metric}: a {family.NAME} stream gates on {' or '.join(family.GATE_METRICS)}")
+    if metric in REFERENCE_METRICS and not (config.data and config.data.response_column):
         raise LifelongError(
-            "continual cycles train on text or labelled rows; prompt/response data (data.response_column) is not built "
-            "for them yet: fine-tune on it with `lifelong finetune`"
+            f"continual.gates.metric={metric} scores answers against each holdout's responses: it needs instruction data "
+            "(data.prompt_column and data.response_column)"
         )
     if not family.LABELLED and config.continual.new_labels == "grow":
         raise LifelongError(f"continual.new_labels: grow is for classifiers; a {family.NAME} stream has no labels (remove the key)")
@@ -179,7 +188,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
                     quarantined_total=_count_quarantined(ledger, quarantined),
                     seconds=time.perf_counter() - started,
                 )
-            champion = registry.resolve(f"{config.name}@champion")
+            champion = registry.resolve(f"{config.name}@champion", weights=False)
             window = stream.open_window(
                 files=[r.sha256 for r in picked],
                 paths=[r.path for r in picked],
@@ -202,7 +211,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             new_rows=window.new_rows,
             replay_rows=window.replay_rows,
             accuracy={"candidate": d.candidate, "champion": d.champion},
-            metric=task(config.model.task).HOLDOUT_METRIC,
+            metric=holdout_metric(config),
             metrics=stream.finished()[-1].get("metrics", {}),
             scan=scan_lines,
             quarantined=quarantined,
@@ -268,7 +277,7 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
         window = _apply_decision(config, registry, stream, window)
     if window.status == "promoted":
         t0 = time.perf_counter()
-        train, _ = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files], config.data.content)
+        train, _ = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files], *row_columns(config))
         # The buffer is filled under both strategies, so that a stream can switch to replay later.
         ReplayBuffer(storage, stream.name, config.continual.replay_capacity, seed=config.train.seed).add(train, window.files)
         window = stream.update(window, status="replayed", phases={**window.phases, "replay": time.perf_counter() - t0})
@@ -292,7 +301,7 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
             "replay_rows": window.replay_rows,
             "finished_at": time.time(),
         }
-        stream.finish(summary, d.baseline, d.start_version, task(config.model.task).HOLDOUT_METRIC)
+        stream.finish(summary, d.baseline, d.start_version, holdout_metric(config))
         window = stream.update(window, status="done", finished_at=time.time())
         prune_runs(storage, stream, config.continual.keep_runs)
     return window
@@ -328,12 +337,15 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
     run = run_name(stream.name, window)
     t0 = time.perf_counter()
     content, labels = config.data.content, config.data.labels
-    train, holdout = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files], content)
+    train, holdout = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files], *row_columns(config))
     # The holdout, kept for every later cycle's evaluation (label names: every model is scored
-    # against its own label set). Rewritten on every attempt: it follows from the window's files.
+    # against its own label set; an instruction's response). Rewritten on every attempt: it
+    # follows from the window's files.
     kept = {content: holdout.column(content)}
     if labels:
         kept["label"] = pa.array([labels[i] for i in holdout.column("label").to_pylist()], pa.string())
+    if RESPONSE in holdout.column_names:
+        kept[RESPONSE] = holdout.column(RESPONSE)
     storage.write_table(stream.holdout_rel(k), pa.table(kept))
     champion_ref = f"{config.name}:{window.champion_before}"
     registered = _registered_for(registry, config.name, stream.name, k) if window.train_started else None
@@ -435,7 +447,7 @@ def _fit(
         if samples:
             replay_rows = samples[0].num_rows
             sampled_rows = sum(sample.num_rows for sample in samples)
-            schema = rows_schema(config.data.content)
+            schema = rows_schema(*row_columns(config))
             parts += [sample.select(schema.names).cast(schema) for sample in samples]
             state = buffer.state()
             if count > 1:
@@ -568,7 +580,7 @@ def _decide(config: JobConfig, storage: Storage, stream: Stream, window: Window)
     if start != window.champion_before:
         refs.append(f"{config.name}:{start}")
     t0 = time.perf_counter()
-    metric = task(config.model.task).HOLDOUT_METRIC
+    metric = holdout_metric(config)
     scores = holdout_scores(config, storage, stream, refs, [w["window"] for w in finished] + [window.window])
     cand, champ = ([window_value(metric, w) for w in scored["windows"]] for scored in scores[:2])
     gate_cand, gate_champ, note = gated_values(metric, scores[0], scores[1])
@@ -604,10 +616,10 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
 
 
 def holdout_values(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[list[float]]:
-    """The task's metric (accuracy, perplexity) of each model (a registry version NAME:VERSION, or
+    """The stream's metric (holdout_metric: accuracy, perplexity, bleu ...) of each model (a registry version NAME:VERSION, or
     a training checkpoint) on each window's holdout, every row counted (a class the model does not
     know is an error)."""
-    metric = task(config.model.task).HOLDOUT_METRIC
+    metric = holdout_metric(config)
     scores = holdout_scores(config, storage, stream, refs, windows)
     return [[window_value(metric, counts) for counts in scored["windows"]] for scored in scores]
 
@@ -623,7 +635,9 @@ def holdout_scores(config: JobConfig, storage: Storage, stream: Stream, refs: li
     d = config.data
     rels = [stream.holdout_rel(j) for j in windows]
     legacy = (d.text_column, d.label_column)
-    scored = [score.remote(storage, ref, rels, config.model.task, config.model.max_length, legacy) for ref in refs]
+    # A gate on answers (bleu, chrf, exact_match): each model answers each holdout's first prompts.
+    generate = (config.continual.gates.generate_rows, config.serve.max_new_tokens) if holdout_metric(config) in REFERENCE_METRICS else None
+    scored = [score.remote(storage, ref, rels, config.model.task, config.model.max_length, legacy, generate) for ref in refs]
     return gather(scored, "scoring the holdouts")
 
 
@@ -633,8 +647,17 @@ def _model_dir(storage: Storage, ref):
     if isinstance(ref, str):
         yield Registry(storage).resolve(ref).local_dir
         return
+    from lifelong.models import adapter_base, is_adapter, merge_adapter
+
     with ref.as_directory() as checkpoint_dir:
-        yield Path(checkpoint_dir) / "hf"
+        hf = Path(checkpoint_dir) / "hf"
+        if not is_adapter(hf):
+            yield hf
+            return
+        with tempfile.TemporaryDirectory(prefix="lifelong-merged-") as merged:  # adapters (train.lora) on their base
+            base = Registry(storage).resolve(adapter_base(hf))
+            merge_adapter(base.local_dir, hf, merged, base.task, base.card.labels if base.card else None)
+            yield Path(merged)
 
 
 def _score_holdouts(
@@ -644,6 +667,7 @@ def _score_holdouts(
     task_name: str,
     max_length: int,
     legacy_columns: tuple[str, str | None],
+    generate: tuple[int, int] | None = None,
 ) -> dict:
     from lifelong.models import load_for_inference
 
@@ -655,5 +679,5 @@ def _score_holdouts(
             table = storage.read_table(rel)
             if family.LABELLED and "label" not in table.column_names:  # a holdout written before label sets could grow
                 table = pa.table({family.CONTENT: table.column(legacy_columns[0]), "label": table.column(legacy_columns[1])})
-            windows.append(family.holdout_counts(model, model_dir, table, max_length))
+            windows.append(family.holdout_counts(model, model_dir, table, max_length, **({"generate": generate} if generate else {})))
         return {"labels": family.model_labels(model), "windows": windows}

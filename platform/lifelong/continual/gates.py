@@ -12,6 +12,9 @@ window's holdout, by the metric its task is gated on (`HOLDOUT_METRIC`):
   are relative): the candidate must lower the new window's perplexity by at least
   `min_relative_improvement` (0.1: 10 % below the champion's) and may raise the past windows'
   perplexity by at most `max_relative_increase` (their mean of candidate / champion − 1).
+- bleu, chrf, exact_match (a language model learning instructions, `continual.gates.metric`):
+  its greedy answers to each holdout's prompts against their responses, gated as accuracy is,
+  BLEU and chrF (0–100) read as fractions (so new_window_tolerance 0.01 is one point).
 
 `gain_and_forgetting` puts both on one footing (gain: better is positive; forgetting: worse is
 positive), which the gates and a cycle's search read.
@@ -25,6 +28,9 @@ from dataclasses import dataclass
 # The limits are inclusive: accuracies are fractions, and 0.79 - 0.80 must not fail a 0.01 tolerance
 # by a rounding error.
 _EPS = 1e-9
+
+# Answers scored against references (a holdout's responses), higher is better; their scale.
+REFERENCE_METRICS = {"bleu": 100.0, "chrf": 100.0, "exact_match": 1.0}
 
 
 @dataclass(frozen=True)
@@ -53,14 +59,21 @@ def gain_and_forgetting(metric: str, candidate: list[float], champion: list[floa
     accuracy in points, perplexity relative to the champion's."""
     if metric == "perplexity":
         return (champion[-1] - candidate[-1]) / champion[-1], relative_increase(candidate, champion)
+    candidate, champion = _fractions(metric, candidate), _fractions(metric, champion)
     return candidate[-1] - champion[-1], past_window_drop(candidate, champion)
+
+
+def _fractions(metric: str, values: list[float]) -> list[float]:
+    scale = REFERENCE_METRICS.get(metric, 1.0)
+    return [v / scale for v in values]
 
 
 def gate(metric: str, candidate: list[float], champion: list[float], gates) -> GateDecision:
     """The decision under a config's `continual.gates`, by the task's metric."""
     if metric == "perplexity":
         return judge_perplexity(candidate, champion, gates.min_relative_improvement, gates.max_relative_increase)
-    return judge(candidate, champion, gates.new_window_tolerance, gates.max_forgetting, gates.min_gain)
+    candidate, champion = _fractions(metric, candidate), _fractions(metric, champion)
+    return judge(candidate, champion, gates.new_window_tolerance, gates.max_forgetting, gates.min_gain, metric)
 
 
 def judge_perplexity(candidate: list[float], champion: list[float], min_improvement: float, max_increase: float) -> GateDecision:
@@ -90,27 +103,33 @@ def judge_perplexity(candidate: list[float], champion: list[float], min_improvem
 
 
 def judge(
-    candidate: list[float], champion: list[float], new_window_tolerance: float, max_forgetting: float, min_gain: float | None = None
+    candidate: list[float],
+    champion: list[float],
+    new_window_tolerance: float,
+    max_forgetting: float,
+    min_gain: float | None = None,
+    metric: str = "accuracy",
 ) -> GateDecision:
-    """Both lists: accuracy per window, oldest first, the new window last. `min_gain` (when set)
-    replaces the tolerance: the candidate must beat the champion on the new window by that much."""
+    """Both lists: accuracy (or another fraction, `metric`) per window, oldest first, the new
+    window last. `min_gain` (when set) replaces the tolerance: the candidate must beat the
+    champion on the new window by that much."""
     if len(candidate) != len(champion) or not candidate:
-        raise ValueError(f"one accuracy per window for both models (got {len(candidate)} and {len(champion)})")
+        raise ValueError(f"one {metric} per window for both models (got {len(candidate)} and {len(champion)})")
     new_gap = candidate[-1] - champion[-1]
     forgetting = past_window_drop(candidate, champion)
     reasons = []
     if min_gain is not None:
         if new_gap < min_gain - _EPS:
             reasons.append(
-                f"new window accuracy {candidate[-1]:.3f} gains {new_gap:+.3f} on the champion's {champion[-1]:.3f}, "
+                f"new window {metric} {candidate[-1]:.3f} gains {new_gap:+.3f} on the champion's {champion[-1]:.3f}, "
                 f"less than gates.min_gain {min_gain}"
             )
     elif new_gap < -new_window_tolerance - _EPS:
         reasons.append(
-            f"new window accuracy {candidate[-1]:.3f} is below the champion's {champion[-1]:.3f} by more than {new_window_tolerance}"
+            f"new window {metric} {candidate[-1]:.3f} is below the champion's {champion[-1]:.3f} by more than {new_window_tolerance}"
         )
     if forgetting > max_forgetting + _EPS:
-        reasons.append(f"forgets {forgetting:.3f} of accuracy on past windows (limit {max_forgetting})")
+        reasons.append(f"forgets {forgetting:.3f} of {metric} on past windows (limit {max_forgetting})")
     if reasons:
         return GateDecision(False, "; ".join(reasons), new_gap, forgetting)
     return GateDecision(
@@ -140,6 +159,8 @@ def window_value(metric: str, counts: dict) -> float:
     """A model's metric on one window's holdout, from what scoring it counted (`holdout_counts`)."""
     if metric == "perplexity":
         return math.exp(min(counts["loss_sum"] / max(counts["tokens"], 1), 50.0))
+    if metric in REFERENCE_METRICS:
+        return counts[metric]
     return accuracy(counts)
 
 

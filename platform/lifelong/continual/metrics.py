@@ -31,6 +31,8 @@ from statistics import fmean
 _TERMS = {
     "accuracy": (lambda before, after: after - before, max),
     "perplexity": (lambda before, after: (before - after) / before, min),
+    # Answers against references (an instruction stream's gates): higher is better, in their points.
+    **{name: (lambda before, after: after - before, max) for name in ("bleu", "chrf", "exact_match")},
 }
 
 

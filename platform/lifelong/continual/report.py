@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lifelong.config import JobConfig
 from lifelong.continual.cycle import stream_name
-from lifelong.continual.gates import accuracy_matrix
+from lifelong.continual.gates import REFERENCE_METRICS, accuracy_matrix
 from lifelong.continual.ledger import Ledger
 from lifelong.continual.metrics import metrics_over_cycles
 from lifelong.continual.stream import Stream
@@ -52,8 +52,8 @@ def build(config: JobConfig) -> dict:
 def render(data: dict) -> str:
     metric = data.get("metric", "accuracy")
     R, T = data[f"{metric}_matrix"], len(data[f"{metric}_matrix"])
-    average = "ACC" if metric == "accuracy" else "PPL"
-    relative = "" if metric == "accuracy" else " (BWT, FWT and forgetting relative to the perplexities they compare)"
+    average = {"accuracy": "ACC", "perplexity": "PPL"}.get(metric, metric.upper())
+    relative = " (BWT, FWT and forgetting relative to the perplexities they compare)" if metric == "perplexity" else ""
     lines = [
         f"stream '{data['stream']}' ({data['model']}): {T} window(s); ledger {data['ledger']}",
         "",
@@ -96,14 +96,16 @@ def write_report(config: JobConfig, out: Path | None = None) -> Report:
     metric = data["metric"]
     R = [[v if v is not None else float("nan") for v in row] for row in data[f"{metric}_matrix"]]
     values = [v for row in R for v in row if v == v]
-    # Accuracy on its 0..1 scale; perplexity on the stream's own range, darker where it is higher (worse).
-    lo, hi, cmap = (0.0, 1.0, "viridis") if metric == "accuracy" else (min(values), max(values), "viridis_r")
+    # Accuracy (exact match) on its 0..1 scale, BLEU and chrF on 0..100; perplexity on the stream's
+    # own range, darker where it is higher (worse).
+    scale = {"accuracy": 1.0, **REFERENCE_METRICS}.get(metric)
+    lo, hi, cmap = (0.0, scale, "viridis") if scale else (min(values), max(values), "viridis_r")
     fig, ax = plt.subplots(figsize=(1.2 * len(R) + 2, 1.0 * len(R) + 1.5))
     im = ax.imshow(R, vmin=lo, vmax=hi, cmap=cmap)
     for i, row in enumerate(R):
         for j, v in enumerate(row):
             if v == v:
-                dark = (v - lo) / ((hi - lo) or 1) < 0.6 if metric == "accuracy" else (v - lo) / ((hi - lo) or 1) > 0.4
+                dark = (v - lo) / ((hi - lo) or 1) < 0.6 if scale else (v - lo) / ((hi - lo) or 1) > 0.4
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if dark else "black", fontsize=8)
     ax.set_xticks(range(len(R)), [f"w{j}" for j in range(len(R))])
     ax.set_yticks(range(len(R)), [f"after w{i}" for i in range(len(R))])
@@ -117,8 +119,8 @@ def write_report(config: JobConfig, out: Path | None = None) -> Report:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     cycles = list(range(len(data["metrics_over_cycles"])))
-    # A perplexity on its own axis: the relative measures are fractions.
-    average_ax = ax if metric == "accuracy" else ax.twinx()
+    # A perplexity (BLEU, chrF) on its own axis: the relative measures are fractions (points).
+    average_ax = ax if metric in ("accuracy", "exact_match") else ax.twinx()
     for key in (f"average_{metric}", "backward_transfer", "forward_transfer", "forgetting"):
         values = [m[key] if m[key] is not None else float("nan") for m in data["metrics_over_cycles"]]
         on_own_axis = key.startswith("average") and average_ax is not ax

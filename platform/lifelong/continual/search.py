@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from lifelong.config import JobConfig, dotted_parent, set_dotted, validate_config
 from lifelong.continual.gates import gain_and_forgetting, gate
-from lifelong.tasks import task
+from lifelong.tasks import holdout_metric
 
 
 @dataclass
@@ -85,7 +85,7 @@ def _rank(trial: dict) -> tuple:
 
 
 def passes_gates(config: JobConfig, candidate: list[float], champion: list[float]) -> bool:
-    return gate(task(config.model.task).HOLDOUT_METRIC, candidate, champion, config.continual.gates).passed
+    return gate(holdout_metric(config), candidate, champion, config.continual.gates).passed
 
 
 def score(candidate: list[float], champion: list[float], forgetting_weight: float, metric: str = "accuracy") -> dict:
@@ -146,7 +146,7 @@ def search(
         started = time.perf_counter()
         fitted = fit(with_params(config, params), f"{run}-s{i}")
         scored = accuracies(fitted)
-        metric = task(config.model.task).HOLDOUT_METRIC
+        metric = holdout_metric(config)
         figures = {**score(scored, champion, s.forgetting_weight, metric), "passes_gates": passes_gates(config, scored, champion)}
         study.tell(asked, figures["score"])
         trials = [*trials, {"trial": i, "params": params, "run": fitted.run, **figures, "seconds": round(time.perf_counter() - started, 1)}]

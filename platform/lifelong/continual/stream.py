@@ -29,12 +29,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lifelong.continual.gates import accuracy_matrix
 from lifelong.continual.metrics import cl_metrics
+from lifelong.data import RESPONSE
 from lifelong.storage import Hold, Storage
 
 
-def rows_schema(content: str) -> pa.Schema:
-    """A window's rows: its content ("text" or encoded "image" bytes) and the label index."""
-    return pa.schema([(content, pa.binary() if content == "image" else pa.string()), ("label", pa.int64())])
+def rows_schema(content: str, instructions: bool = False) -> pa.Schema:
+    """A window's rows: its content ("text" or encoded "image" bytes) and the label index; with
+    `instructions` (data.response_column), the text is the prompt and its response follows."""
+    fields = [(content, pa.binary() if content == "image" else pa.string()), ("label", pa.int64())]
+    return pa.schema(fields + ([(RESPONSE, pa.string())] if instructions else []))
 
 
 class Decision(BaseModel):
@@ -174,10 +177,10 @@ class Stream:
         return self.storage.read_table(self.holdout_rel(window))
 
 
-def window_rows(storage: Storage, rows_rels: list[str], content: str) -> tuple[pa.Table, pa.Table]:
+def window_rows(storage: Storage, rows_rels: list[str], content: str, instructions: bool = False) -> tuple[pa.Table, pa.Table]:
     """A window's valid rows, read from what the ledger stored for its files: (train, holdout),
-    each (content, label index)."""
-    schema = rows_schema(content)
+    each (content, label index[, response])."""
+    schema = rows_schema(content, instructions)
     tables = [storage.read_table(rel) for rel in rows_rels]
     rows = pa.concat_tables(tables) if tables else schema.append(pa.field("split", pa.string())).empty_table()
     is_train = pc.equal(rows.column("split"), "train")

@@ -34,6 +34,9 @@ CONTRACT = (
     "JOB",  # the stem of its runs' default names
     "CONTINUAL",  # continual cycles are built for it
     "HOLDOUT_METRIC",  # what its cycles' gates and matrix measure on each holdout: accuracy, perplexity (None: not continual)
+    "GATE_METRICS",  # what continual.gates.metric may name for it instead (the default first)
+    "MOE",  # the model.architecture names whose model may take DeepSpeed Mixture-of-Experts layers (model.moe); () none
+    "LORA",  # how PEFT adapts it (train.lora): LoraConfig settings (task_type, modules_to_save), or None: not adapted
     "EXPORT_FORMATS",  # what `lifelong export` builds for it, in order
     "EXPORT_ON_REGISTER",  # export.on_register=auto exports its new versions
     "ENDPOINT",  # the HTTP route that serves it (None: not served)
@@ -41,7 +44,7 @@ CONTRACT = (
     "claims",  # (HF architecture names) -> bool: a bare HF directory holds this family
     "fresh_preprocessor",  # (JobConfig, train rows, out_dir) -> None: a new tokenizer / image processor saved there
     "load_preprocessor",  # (TokenizerRef or directory) -> the loaded tokenizer / image processor
-    "tokenize",  # Ray Data batch (pyarrow) -> model inputs (numpy)
+    "tokenize",  # (Ray Data batch (pyarrow), tokenizer, max_length, pack) -> model inputs (numpy); pack: data.pack
     "batch_dtypes",  # -> iter_torch_batches' dtypes for those inputs
     "model_inputs",  # (torch batch, model dtype, augment: DataConfig | None) -> the forward's kwargs (labels too, where it takes them)
     "batch_units",  # (torch batch) -> how many UNITs it holds
@@ -60,9 +63,9 @@ CONTRACT = (
     "comparable",  # (batch, logits a, logits b) -> the parts of a and b that must agree (export parity)
     "backend",  # (serve.backend) -> the backend it is served with
     "serving_model",  # (model_dir, backend, max_length, threads, device) -> what a replica calls
-    "holdout_counts",  # (model, model_dir, holdout table, max_length) -> what gates.window_value reads (continual families)
+    "holdout_counts",  # (model, model_dir, holdout table, max_length[, generate=(rows, max_new_tokens)]) -> what gates.window_value reads
     "model_labels",  # (model) -> its label set (gates compare past windows over the classes both models know)
-    "reference_metrics",  # (model_dir, prompts, references, max_new_tokens) -> BLEU, chrF, exact match (generative; else None)
+    "reference_metrics",  # (model, tokenizer, prompts, references, max_new_tokens) -> BLEU, chrF, exact match (generative; else None)
     "smoke_test",  # (serving model) -> None, or what is wrong with it
 )
 assert set(TASKS) == set(get_args(TaskName)), "TaskName and TASKS must name the same families"
@@ -79,6 +82,12 @@ def task(name: str) -> ModuleType:
 def task_of_architectures(architectures: list[str]) -> str:
     """The task of a bare HF directory (no card), from its config's architecture names."""
     return next((name for name, module in TASKS.items() if module.claims(architectures)), DEFAULT)
+
+
+def holdout_metric(config) -> str:
+    """What a config's continual cycles measure on each holdout and gate on: continual.gates.metric,
+    else its task's HOLDOUT_METRIC."""
+    return config.continual.gates.metric or task(config.model.task).HOLDOUT_METRIC
 
 
 def with_capability(flag: str) -> list[str]:

@@ -31,6 +31,10 @@ PRETRAINS = True
 JOB = "pretrain"
 CONTINUAL = True
 HOLDOUT_METRIC = "perplexity"
+# Instruction streams (data.response_column) may gate on the answers to each holdout's prompts.
+GATE_METRICS = ("perplexity", "bleu", "chrf", "exact_match")
+MOE = ("gpt2",)  # the architectures whose MLPs it can replace
+LORA = {"task_type": "CAUSAL_LM"}
 EXPORT_FORMATS = ("onnx",)
 EXPORT_ON_REGISTER = False
 ENDPOINT = "/v1/generate"
@@ -51,22 +55,32 @@ def claims(architectures: list[str]) -> bool:
     return any("CausalLM" in a or "LMHead" in a for a in architectures)
 
 
-def tokenize(batch, tokenizer, max_length: int) -> dict[str, np.ndarray]:
+def tokenize(batch, tokenizer, max_length: int, pack: bool = False) -> dict[str, np.ndarray]:
     """Pack the batch's texts (each ended by EOS) into full blocks of max_length tokens (the
     remainder shorter than a block is dropped). A continual cycle's `replayed` marks travel
-    along: the rows of each mark are packed apart, and each block carries its rows' mark."""
+    along: the rows of each mark are packed apart, and each block carries its rows' mark.
+    Instruction rows (a response column) are one padded row per block, or with `pack` several."""
     from lifelong.data import REPLAYED, RESPONSE, cached_tokenizer
 
     tok = cached_tokenizer(tokenizer)
+    texts = batch.column("text").to_pylist()
     if RESPONSE in batch.column_names:
-        return instruction_rows(batch.column("text").to_pylist(), batch.column(RESPONSE).to_pylist(), tok, max_length)
-    ids = tok(batch.column("text").to_pylist(), add_special_tokens=False)["input_ids"]
+        responses = batch.column(RESPONSE).to_pylist()
+
+        def encode(rows) -> dict[str, np.ndarray]:
+            return instruction_rows([texts[i] for i in rows], [responses[i] for i in rows], tok, max_length, pack)
+    else:
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+
+        def encode(rows) -> dict[str, np.ndarray]:
+            return _blocks(_packed([ids[i] for i in rows], tok.eos_token_id), max_length)
+
     if REPLAYED not in batch.column_names:
-        return _blocks(_packed(ids, tok.eos_token_id), max_length)
+        return encode(range(len(texts)))
     marks = batch.column(REPLAYED).to_numpy()
     parts = []
     for mark in np.unique(marks):
-        blocks = _blocks(_packed([seq for seq, m in zip(ids, marks) if m == mark], tok.eos_token_id), max_length)
+        blocks = encode(np.flatnonzero(marks == mark))
         parts.append({**blocks, REPLAYED: np.full(len(blocks["input_ids"]), mark, dtype=np.int64)})
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
@@ -79,23 +93,31 @@ def instruction_prompt(tok, prompt: str) -> str:
     return prompt
 
 
-def instruction_rows(prompts: list[str], responses: list[str], tok, max_length: int) -> dict[str, np.ndarray]:
+def instruction_rows(prompts: list[str], responses: list[str], tok, max_length: int, pack: bool = False) -> dict[str, np.ndarray]:
     """One row per (prompt, response), padded to max_length: prompt tokens then the response's and
     EOS; labels -100 (no loss) on the prompt and the padding, so the loss counts only what the
     model should answer. A response longer than the row is cut (one prompt token kept); a prompt
-    too long for what is left keeps its end."""
-    n = len(prompts)
-    ids = np.full((n, max_length), tok.pad_token_id, dtype=np.int64)
-    mask = np.zeros((n, max_length), dtype=np.int64)
-    labels = np.full((n, max_length), -100, dtype=np.int64)
+    too long for what is left keeps its end. With `pack`, rows follow each other in a block while
+    they fit whole (a row that does not starts the next block) and only each block's end is padded."""
     prompt_ids = tok([instruction_prompt(tok, p) for p in prompts], add_special_tokens=False)["input_ids"]
     response_ids = tok(responses, add_special_tokens=False)["input_ids"]
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+    blocks: list[tuple[list[int], list[int]]] = []  # (ids, labels) of each block
+    for p, r in zip(prompt_ids, response_ids):
         r = (r + [tok.eos_token_id])[: max_length - 1]
         p = p[-(max_length - len(r)) :] if p else [tok.eos_token_id]
-        ids[i, : len(p) + len(r)] = p + r
-        mask[i, : len(p) + len(r)] = 1
-        labels[i, len(p) : len(p) + len(r)] = r
+        row_ids, row_labels = p + r, [-100] * len(p) + r
+        if pack and blocks and len(blocks[-1][0]) + len(row_ids) <= max_length:
+            blocks[-1][0].extend(row_ids)
+            blocks[-1][1].extend(row_labels)
+        else:
+            blocks.append((row_ids, row_labels))
+    ids = np.full((len(blocks), max_length), tok.pad_token_id, dtype=np.int64)
+    mask = np.zeros((len(blocks), max_length), dtype=np.int64)
+    labels = np.full((len(blocks), max_length), -100, dtype=np.int64)
+    for i, (block_ids, block_labels) in enumerate(blocks):
+        ids[i, : len(block_ids)] = block_ids
+        mask[i, : len(block_ids)] = 1
+        labels[i, : len(block_ids)] = block_labels
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -119,17 +141,27 @@ def _blocks(stream: np.ndarray, max_length: int, pad_tail: int | None = None) ->
     return {"input_ids": blocks, "attention_mask": mask, "labels": blocks.copy()}
 
 
-def holdout_counts(model, model_dir, table, max_length: int, batch_size: int = 32) -> dict[str, float]:
+def holdout_counts(
+    model, model_dir, table, max_length: int, generate: tuple[int, int] | None = None, batch_size: int = 32
+) -> dict[str, float]:
     """Its next-token loss summed over every token of a continual window's holdout texts (packed
     as in training, the last block padded rather than dropped), and the tokens it predicted: the
-    window's perplexity is exp(loss_sum / tokens)."""
+    window's perplexity is exp(loss_sum / tokens). An instruction holdout (a response column):
+    over its responses' tokens, one row each as trained; with `generate` (rows, max_new_tokens)
+    also the greedy answers to its first rows' prompts scored against their responses
+    (`reference_metrics`: bleu, chrf, exact_match)."""
     import torch
 
-    from lifelong.data import cached_tokenizer
+    from lifelong.data import RESPONSE, cached_tokenizer
 
     tok = cached_tokenizer(str(model_dir))
-    ids = tok(table.column(CONTENT).to_pylist(), add_special_tokens=False)["input_ids"]
-    blocks = _blocks(_packed(ids, tok.eos_token_id), max_length, pad_tail=tok.eos_token_id)
+    texts = table.column(CONTENT).to_pylist()
+    responses = table.column(RESPONSE).to_pylist() if RESPONSE in table.column_names else None
+    if responses is not None:
+        blocks = instruction_rows(texts, responses, tok, max_length)
+    else:
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        blocks = _blocks(_packed(ids, tok.eos_token_id), max_length, pad_tail=tok.eos_token_id)
     loss_sum, tokens = 0.0, 0.0
     with torch.no_grad():
         for start in range(0, len(blocks["input_ids"]), batch_size):
@@ -137,20 +169,35 @@ def holdout_counts(model, model_dir, table, max_length: int, batch_size: int = 3
             scored = score(model, part)
             loss_sum += float(scored["loss_sum"].sum())
             tokens += float(scored["count"].sum())
-    return {"loss_sum": loss_sum, "tokens": tokens}
+    counts = {"loss_sum": loss_sum, "tokens": tokens}
+    if generate and responses is not None:
+        rows, max_new_tokens = generate
+        counts.update(reference_metrics(model, tok, texts[:rows], responses[:rows], max_new_tokens))
+    return counts
 
 
-def reference_metrics(model_dir, prompts: list[str], references: list[str], max_new_tokens: int) -> dict[str, float]:
-    """Generate (greedy) for each instruction prompt and score the answers against the references:
-    corpus BLEU and chrF (sacrebleu, 0–100) and exact match (the share of answers equal to their
-    reference, whitespace trimmed)."""
+def reference_metrics(model, tokenizer, prompts: list[str], references: list[str], max_new_tokens: int) -> dict[str, float]:
+    """The loaded `model` answers each instruction prompt (greedy; the prompt's tail kept where
+    prompt and answer would pass its positions) and the answers are scored against the
+    references: corpus BLEU and chrF (sacrebleu, 0–100) and exact match (the share of answers
+    equal to their reference, whitespace trimmed)."""
     import sacrebleu
+    import torch
 
-    from lifelong.inference import Generator
-
-    generator = Generator(model_dir)
-    tok = generator.encode.tokenizer
-    answers = [generator.generate(instruction_prompt(tok, p), max_new_tokens)["text"].strip() for p in prompts]
+    positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    device = next(model.parameters()).device
+    answers = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = tokenizer(instruction_prompt(tokenizer, prompt))["input_ids"][-max(1, positions - max_new_tokens) :]
+            out = model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=min(max_new_tokens, positions - len(ids)),
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            answers.append(tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True).strip())
     refs = [r.strip() for r in references]
     return {
         "bleu": sacrebleu.corpus_bleu(answers, [refs]).score,
@@ -167,6 +214,8 @@ def model_labels(model) -> list[str]:
 def auto_class():
     from transformers import AutoModelForCausalLM
 
+    import lifelong.moe  # noqa: F401  (registers the MoE GPT-2 with the Auto classes)
+
     return AutoModelForCausalLM
 
 
@@ -176,6 +225,10 @@ def build(cfg, tokenizer, init_dir=None, labels=None):
 
     if init_dir is not None:
         return auto_class().from_pretrained(str(init_dir), use_safetensors=True)
+    if cfg.moe is not None:
+        from lifelong.moe import moe_config
+
+        return auto_class().from_config(moe_config(fresh_config(cfg, tokenizer), cfg.moe))
     return auto_class().from_config(fresh_config(cfg, tokenizer))
 
 

@@ -163,6 +163,7 @@ def grown_from(auto_class, init_dir, labels: list[str]):
 
 
 HOLDOUT_METRIC = "accuracy"
+GATE_METRICS = ("accuracy",)
 
 
 def count_by_class(tokenize, score, content: str, model, model_dir, table, max_length: int, batch_size: int = 64) -> dict[str, list[int]]:

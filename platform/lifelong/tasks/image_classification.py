@@ -15,6 +15,7 @@ import io
 import numpy as np
 
 from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the contract)
+    GATE_METRICS,
     HOLDOUT_METRIC,
     backend,
     comparable,
@@ -37,6 +38,8 @@ LABELLED = True
 PRETRAINS = True  # `lifelong pretrain` trains one from scratch; `lifelong finetune` from init_from
 JOB = "finetune"
 CONTINUAL = True
+MOE = ()
+LORA = {"modules_to_save": ["classifier"]}  # the head trained and saved whole beside the adapters
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
 EXPORT_ON_REGISTER = True
 ENDPOINT = "/v1/predict"
@@ -103,7 +106,7 @@ def pixel_values(processor, images: list) -> np.ndarray:
     return processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
 
 
-def tokenize(batch, tokenizer, max_length: int) -> dict[str, np.ndarray]:
+def tokenize(batch, tokenizer, max_length: int, pack: bool = False) -> dict[str, np.ndarray]:
     """Rows (image bytes, label) as pixel values by the run's image processor."""
     from lifelong.data import REPLAYED
 

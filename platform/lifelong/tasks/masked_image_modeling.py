@@ -32,9 +32,12 @@ PRETRAINS = True
 JOB = "pretrain"
 CONTINUAL = False
 HOLDOUT_METRIC = None  # no continual cycles: nothing scores a holdout
+GATE_METRICS = ()
 reference_metrics = None  # nothing generated
 holdout_counts = None
 model_labels = None
+MOE = ()
+LORA = None
 EXPORT_FORMATS = ()
 EXPORT_ON_REGISTER = False
 ENDPOINT = None  # an encoder to fine-tune from, not a model to serve
@@ -49,7 +52,7 @@ def claims(architectures: list[str]) -> bool:
     return any(a.startswith("ViTMAE") for a in architectures)
 
 
-def tokenize(batch, tokenizer, max_length: int) -> dict[str, np.ndarray]:
+def tokenize(batch, tokenizer, max_length: int, pack: bool = False) -> dict[str, np.ndarray]:
     from lifelong.tasks.image_classification import cached_processor, decode, pixel_values
 
     return {"pixel_values": pixel_values(cached_processor(tokenizer), [decode(b) for b in batch.column("image").to_pylist()])}

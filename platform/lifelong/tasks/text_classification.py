@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from lifelong.tasks.classify import (  # noqa: F401  (the classifier half of the contract)
+    GATE_METRICS,
     HOLDOUT_METRIC,
     backend,
     comparable,
@@ -44,6 +45,8 @@ LABELLED = True
 PRETRAINS = False
 JOB = "finetune"
 CONTINUAL = True
+MOE = ()
+LORA = {"task_type": "SEQ_CLS"}  # PEFT trains and saves the head (score, classifier) whole beside the adapters
 EXPORT_FORMATS = ("onnx", "onnx-int8", "torchscript")
 EXPORT_ON_REGISTER = True
 ENDPOINT = "/v1/predict"
@@ -68,7 +71,7 @@ def claims(architectures: list[str]) -> bool:
     return any("SequenceClassification" in a for a in architectures)
 
 
-def tokenize(batch, tokenizer, max_length: int) -> dict[str, np.ndarray]:
+def tokenize(batch, tokenizer, max_length: int, pack: bool = False) -> dict[str, np.ndarray]:
     """Rows (text, label) as padded model inputs; Arrow in, NumPy out (no pandas on the way).
     A continual cycle's `replayed` marks travel along, for the loop's weights and distillation."""
     from lifelong.data import REPLAYED, cached_tokenizer

@@ -23,9 +23,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from lifelong.config import JobConfig
-from lifelong.data import DataReport, TokenizerRef, ValidatedData, first_rows, read_validated, tokenized
+from lifelong.data import RESPONSE, DataReport, TokenizerRef, ValidatedData, first_rows, read_validated, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError
 from lifelong.export import ExportResult, OnnxTemplate, export_files, export_formats, should_export_on_register
+from lifelong.models import merge_adapter
+from lifelong.moe import is_moe_dir
 from lifelong.registry import Registry, ResolvedModel
 from lifelong.storage import Storage, is_uri
 from lifelong.tasks import task
@@ -71,7 +73,7 @@ def prepare_tokenizer(config: JobConfig, storage: Storage, registry: Registry, t
             given = str(path.resolve())
         return TokenizerRef(given)
     if config.model.init_from:
-        return TokenizerRef(version=registry.resolve(config.model.init_from).ref, root=storage.uri)
+        return TokenizerRef(version=registry.resolve(config.model.init_from, weights=False).ref, root=storage.uri)
     rel = f"runs/{config.run_name or config.default_run_name}/tokenizer"
     if not any(storage.exists(f"{rel}/{name}") for name in family.PREPROCESSOR_FILES):
         with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +97,8 @@ class PreparedData:
     # Untokenized validation rows (text, label) for export's int8 gate, as read (a table when read
     # here); None in sweep trials.
     validation_rows: ray.data.Dataset | pa.Table | None = None
+    # The validation prompts and responses the loop answers each epoch (train.eval_generate_rows).
+    reference: dict | None = None
 
     def for_trials(self) -> PreparedData:
         """What every trial of a sweep needs: the tokenized splits, not the raw rows."""
@@ -150,10 +154,20 @@ def _tokenized_data(
         train_rows = train_rows.take(np.random.default_rng(config.train.seed).permutation(train_rows.num_rows))
     else:
         train_rows = train_rows.random_shuffle(seed=config.train.seed)
-    train_ds = tokenized(train_rows, config.model.task, tokenizer, max_length).materialize()
-    val_ds = tokenized(val_rows, config.model.task, tokenizer, max_length).materialize()
+    pack = config.data.pack
+    train_ds = tokenized(train_rows, config.model.task, tokenizer, max_length, pack).materialize()
+    val_ds = tokenized(val_rows, config.model.task, tokenizer, max_length, pack).materialize()
     # Sizing the schedule needs the number of examples (packed blocks for causal LM).
-    return PreparedData(report, tokenizer, train_ds, val_ds, train_ds.count(), val_ds.count(), validation_rows=val_rows)
+    return PreparedData(
+        report,
+        tokenizer,
+        train_ds,
+        val_ds,
+        train_ds.count(),
+        val_ds.count(),
+        validation_rows=val_rows,
+        reference=reference_rows(config, val_rows),
+    )
 
 
 @dataclass
@@ -182,6 +196,24 @@ def prepare_run(config: JobConfig, data: PreparedData | None = None, epoch_examp
     parent = registry.resolve(config.model.init_from) if config.model.init_from else None
     if parent is not None:
         check_positions(parent, config.model.max_length)
+        if parent.name is not None:  # pinned: the workers (and LoRA adapters' record) load this very version
+            config = config.model_copy(update={"model": config.model.model_copy(update={"init_from": parent.ref})})
+        if config.train.lora and is_moe_dir(parent.local_dir):
+            raise ConfigError(
+                f"train.lora on '{parent.ref}', a Mixture-of-Experts model, is not supported (DeepSpeed's MoE needs its experts "
+                "among the trained parameters): fine-tune it without train.lora"
+            )
+        if config.train.lora and parent.name is None:
+            raise ConfigError(
+                f"train.lora needs model.init_from to be a registry version (NAME:VERSION or NAME@ALIAS), not the directory "
+                f"'{config.model.init_from}': an adapters' version names the version it adapts"
+            )
+        known = parent.card.labels if config.train.lora and task(config.model.task).LABELLED else None
+        if known is not None and known != config.data.labels:  # a base without a head (an LM, an encoder) gets one
+            raise ConfigError(
+                f"train.lora trains the head of '{parent.ref}' for its labels {known}; data.labels is "
+                f"{config.data.labels}: set the same labels, in that order, or fine-tune without train.lora to change them"
+            )
     data = data or prepare_data(config, storage, registry)
     workers = config.scaling.num_workers
     if data.train_examples < workers or data.val_examples < workers:
@@ -222,7 +254,16 @@ def loop_config(prep: PreparedRun, report_every_steps: int | None = None) -> dic
         "row_weights": prep.row_weights,
         "replay_samples": prep.replay_samples,
         "cache_train_shard": cache_train_shard(prep),
+        "reference_rows": prep.data.reference,
     }
+
+
+def reference_rows(config: JobConfig, val_rows: ray.data.Dataset | pa.Table) -> dict | None:
+    """The first train.eval_generate_rows validation prompts and their responses."""
+    if not config.train.eval_generate_rows:
+        return None
+    sample = first_rows(val_rows, config.train.eval_generate_rows)
+    return {"prompts": [r["text"] for r in sample], "references": [r[RESPONSE] for r in sample]}
 
 
 # A worker keeps its training shard in memory after the first epoch when the shard is at most this
@@ -249,11 +290,17 @@ def worker_resources(prep: PreparedRun) -> dict:
 # a run's state waits for a poll: a short run spent ~4.6 s of its ~38 s on those waits. The
 # controller hands it to no one else; a value the user set wins.
 CONTROLLER_POLL_S = "0.5"
+# How long Ray Train waits for its workers to start (Ray's default: 60 s) before it fails the
+# attempt. Each worker imports torch, transformers and DeepSpeed: 14 s for one, 24 s for two on an
+# idle 2-core machine (measured 2026-12-02), more on a loaded one; a start that takes longer is
+# slow, not failed. Passed on to the controller by Ray Train; a value the user set wins.
+WORKER_START_TIMEOUT_S = "600"
 
 
 def build_trainer(prep: PreparedRun, run_name: str, callbacks=(), report_every_steps: int | None = None) -> TorchTrainer:
     """Checkpoints go to <root>/runs/<run_name> on the storage root's filesystem (local, shared, s3)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_S)
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_START_TIMEOUT_S)
     config = prep.config
     resources = worker_resources(prep)
     ckpt = config.train.checkpoint
@@ -335,7 +382,7 @@ def pin_init_from(config: JobConfig, registry: Registry) -> JobConfig:
     the card alike (an alias moved during the run changes nothing)."""
     if not config.model.init_from:
         return config
-    parent = registry.resolve(config.model.init_from)
+    parent = registry.resolve(config.model.init_from, weights=False)
     if parent.name is None:
         return config
     return config.model_copy(update={"model": config.model.model_copy(update={"init_from": parent.ref})})
@@ -446,6 +493,7 @@ def register_checkpoint(prep: PreparedRun, result, run_name: str, extra_card: di
             "config": config.model_dump(mode="json"),
             "data": report.to_dict(),
             "parent": prep.parent.ref if prep.parent else None,
+            "base": prep.parent.ref if config.train.lora else None,  # the version holds only adapters
             "run": {
                 "name": run_name,
                 "checkpoint": checkpoint.path,
@@ -454,7 +502,11 @@ def register_checkpoint(prep: PreparedRun, result, run_name: str, extra_card: di
             },
             **(extra_card or {}),
         }
-        exported = export_on_register(config, Path(ckpt_dir) / "hf", prep.data.validation_rows, work, onnx_template(prep.parent, config))
+        model_dir = Path(ckpt_dir) / "hf"
+        if config.train.lora and should_export_on_register(config.export, config.model.task):  # exports are of the merged model
+            model_dir = Path(work) / "merged"
+            merge_adapter(prep.parent.local_dir, Path(ckpt_dir) / "hf", model_dir, config.model.task, config.data.labels)
+        exported = export_on_register(config, model_dir, prep.data.validation_rows, work, onnx_template(prep.parent, config))
         card["exports"] = exported.records
         version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card, extra_files=exported.files)
     epochs = [h["epoch"] for h in state.get("history", [])]
@@ -464,7 +516,7 @@ def register_checkpoint(prep: PreparedRun, result, run_name: str, extra_card: di
 def onnx_template(parent: ResolvedModel | None, config: JobConfig) -> OnnxTemplate | None:
     """The parent version's ONNX graph, when it was exported as this run would be (same opset and
     sequence length, weights inside the file): a cycle's candidate then reuses its champion's."""
-    if parent is None or parent.card is None or "onnx" not in parent.card.exports:
+    if parent is None or parent.card is None or "onnx" not in parent.card.exports or parent.card.task != config.model.task:
         return None
     record = parent.card.exports["onnx"]
     onnx_path = parent.local_dir / "model.onnx"

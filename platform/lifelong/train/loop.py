@@ -28,7 +28,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from lifelong.config import JobConfig
 from lifelong.data import REPLAYED
-from lifelong.models import apply_freezing, batch_norm_stats_in, build_model, hold_frozen_norms
+from lifelong.models import apply_freezing, batch_norm_stats_in, build_model, hold_frozen_norms, with_lora
+from lifelong.moe import has_moe, optimizer_groups, saved_whole, whole_experts
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 from lifelong.tasks import task as family
@@ -138,14 +139,17 @@ def run_loop(loop_config: dict, session) -> None:
     if config.model.init_from:
         init_dir = Registry(Storage(config.storage.root)).resolve(config.model.init_from).local_dir
     model = build_model(config.model, tokenizer, init_dir=init_dir, labels=config.data.labels)
+    if train_cfg.lora is not None:  # adapters on init_from (pinned NAME:VERSION); only they train and are saved
+        model = with_lora(model, train_cfg.lora, task.LORA, config.model.init_from)
     sizes = apply_freezing(model, config.model.freeze_embeddings, config.model.train_last_n_layers)
     ds_config = build_deepspeed_config(train_cfg, precision, world, loop_config["total_steps"])
     # DeepSpeed casts the module to bf16/fp16 and keeps fp32 masters only of what it trains:
     # frozen weights are saved from this copy, so they come out exactly as they went in.
-    frozen_fp32 = frozen_weights(model) if precision != "fp32" else {}
+    frozen_fp32 = frozen_weights(model) if precision != "fp32" and train_cfg.lora is None else {}
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        # MoE layers' experts go in optimizer groups of their own (expert data parallelism)
+        model_parameters=optimizer_groups(model) if has_moe(model) else [p for p in model.parameters() if p.requires_grad],
         config=ds_config,
     )
 
@@ -179,6 +183,8 @@ def run_loop(loop_config: dict, session) -> None:
     cache = ShardCache() if loop_config.get("cache_train_shard") else None
     row_weights = loop_config.get("row_weights")  # a continual cycle's, for its new and its replayed rows
     replay_samples = loop_config.get("replay_samples") or 1  # a continual cycle's: one per epoch when > 1
+    reference = loop_config.get("reference_rows")  # validation prompts to answer each epoch
+    moe = has_moe(engine.module)
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
         # --- train one epoch ---------------------------------------------------------------
@@ -203,7 +209,11 @@ def run_loop(loop_config: dict, session) -> None:
         for batch in batches:
             inputs = task.model_inputs(batch, dtype, augment=config.data)
             out = engine(**inputs)
-            loss = out.loss if row_weights is None else weighted_loss(out.logits, batch, row_weights)
+            if row_weights is None:
+                loss = out.loss
+            else:  # a continual cycle's weighted rows (an MoE model's gate loss added again)
+                loss = weighted_loss(out.logits, batch, row_weights)
+                loss = loss + engine.module.aux_loss().to(loss.dtype) if moe else loss
             if distill and REPLAYED in batch and bool(batch[REPLAYED].any()):
                 if teacher is None:
                     teacher = build_model(config.model, tokenizer, init_dir=init_dir, labels=config.data.labels).to(device).eval()
@@ -253,6 +263,13 @@ def run_loop(loop_config: dict, session) -> None:
         # --- validate ----------------------------------------------------------------------
         started = time.perf_counter()
         val_metrics = evaluate_shard(engine, val_shard, task, train_cfg.batch_size, device, n_labels, dtype)
+        if reference and rank == 0:  # answers to validation prompts (train.eval_generate_rows); the others wait at the checkpoint
+            engine.eval()
+            scored = task.reference_metrics(
+                engine.module, tokenizer, reference["prompts"], reference["references"], config.serve.max_new_tokens
+            )
+            val_metrics.update({f"val_{k}": v for k, v in scored.items() if k != "generated"})
+            engine.train()
         timing = {"val_seconds": time.perf_counter() - started, "setup_seconds": setup_seconds}
         metrics = {**train_metrics, **val_metrics, **timing}
         # Both losses are all-reduced, so every rank stops here together.
@@ -273,13 +290,18 @@ def run_loop(loop_config: dict, session) -> None:
             # Every rank writes its own optimizer/parameter shards; Ray merges the directories.
             engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag=DS_TAG)
             # Gathering full weights is a collective under ZeRO-3: every rank takes part.
-            state_dict = consolidated_state_dict(engine, frozen_fp32)
+            state_dict = consolidated_state_dict(engine, frozen_fp32, trained_only=train_cfg.lora is not None)
             if rank == 0:
                 # Only rank 0 writes the downstream copy, so the merged checkpoint has one.
                 hf_dir = Path(tmp) / "hf"
-                engine.module.save_pretrained(str(hf_dir), state_dict=state_dict)
-                mark_fp32(hf_dir / "config.json")
-                tokenizer.save_pretrained(str(hf_dir))
+                if train_cfg.lora is not None:  # the adapters alone; the base's tokenizer stays the base's
+                    engine.module.save_pretrained(str(hf_dir), state_dict=state_dict, save_embedding_layers=False)
+                    (hf_dir / "README.md").unlink(missing_ok=True)  # PEFT's model-card stub
+                else:
+                    with saved_whole(engine.module):  # an MoE model's experts, all of them
+                        engine.module.save_pretrained(str(hf_dir), state_dict=state_dict)
+                    mark_fp32(hf_dir / "config.json")
+                    tokenizer.save_pretrained(str(hf_dir))
                 (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "precision": precision}))
             session.report(metrics, tmp)
 
@@ -299,10 +321,15 @@ def frozen_weights(model) -> dict[str, torch.Tensor]:
     return frozen
 
 
-def consolidated_state_dict(engine, frozen_fp32: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(
+    engine, frozen_fp32: dict[str, torch.Tensor] | None = None, trained_only: bool = False
+) -> dict[str, torch.Tensor]:
     """Full fp32 weights on every rank (collective): optimizer masters where they exist, the
-    pre-cast copy of frozen weights (`frozen_fp32`) where one was kept."""
+    pre-cast copy of frozen weights (`frozen_fp32`) where one was kept. `trained_only`: the
+    trained parameters alone (LoRA adapters; no buffers)."""
     module = engine.module
+    if trained_only:
+        return {name: _master(p).float().cpu() for name, p in module.named_parameters() if p.requires_grad}
     keep = set(module.state_dict().keys())
     state = {}
     for name, param in module.named_parameters():
@@ -321,7 +348,13 @@ def consolidated_state_dict(engine, frozen_fp32: dict[str, torch.Tensor] | None 
             state[name] = frozen_fp32[name]
         elif name in keep:
             state[name] = buf.detach().cpu().float() if buf.is_floating_point() else buf.detach().cpu()
-    return state
+    return whole_experts(module, state) if has_moe(module) else state
+
+
+def _master(param) -> torch.Tensor:
+    """A trained parameter's fp32 optimizer master (ZeRO 1-2), else the parameter itself."""
+    full = safe_get_full_fp32_param(param)
+    return full if full is not None else param.detach()
 
 
 def mark_fp32(config_json: Path) -> None:
