@@ -151,7 +151,7 @@ def test_a_text_classifier_takes_adapters_and_its_head_alone_and_merged_exports_
         "name=lora-topics",
         classifier_lora,
         "train.lr=1e-2",
-        "train.epochs=8",  # adapters on a barely pretrained 2-layer base learn slowly: at 3 epochs they stayed at chance
+        "train.epochs=12",  # adapters on a barely pretrained 2-layer base learn slowly: chance after 3 epochs, 0.85 after 8
         "train.precision=fp32",
         "scaling.num_workers=1",
     ]
