@@ -35,10 +35,11 @@ def ray_session():
 
     from lifelong.runtime import connect
 
-    # Logical CPUs above the 2 cores, so 2 training workers and the data tasks coexist. Sweeps
+    # Logical CPUs above the 2 cores, so 2 training workers, the session's warm trainer (one-worker
+    # runs: lifelong.train.driver.fit) and the data tasks coexist. Sweeps
     # need the dashboard's state API (lifelong.runtime.connect); off 8265, which the README's
     # local cluster (cluster/local.sh, test_readme_commands) binds as printed.
-    connect(num_cpus=6, dashboard=True, dashboard_port=free_port())
+    connect(num_cpus=8, dashboard=True, dashboard_port=free_port())
     yield ray
     ray.shutdown()
 
@@ -287,19 +288,24 @@ def doc_lm_config(name: str, root, landing, *extra: str):
 
 def killed_after_first_checkpoint(command: list[str], run_dir, timeout: float = 400) -> list[dict]:
     """Start `command` (a training CLI in its own session), SIGKILL its whole process group as soon
-    as Ray Train has recorded a reported checkpoint of the run in `run_dir`, and return the
-    checkpoint results recorded then (a lost driver, mid-run)."""
+    as a reported checkpoint of the run in `run_dir` is recorded (by Ray Train, or by a one-worker
+    run's warm actor), and return the checkpoint results recorded then (a lost driver, mid-run)."""
     import json
     import signal
     import subprocess
     import time
+
+    from lifelong.train.warm import MARKER
 
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
 
     def committed():
         try:
-            return json.loads(snapshot.read_text())["checkpoint_results"] if snapshot.exists() else []
+            if snapshot.exists():
+                return json.loads(snapshot.read_text())["checkpoint_results"]
+            markers = run_dir.glob(f"checkpoint_*/{MARKER}")
+            return [{"metrics": json.loads(m.read_text()), "checkpoint_dir_name": m.parent.name} for m in markers]
         except ValueError:  # caught mid-write
             return []
 

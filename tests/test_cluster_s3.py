@@ -80,7 +80,8 @@ def test_pretrain_finetune_evaluate_and_a_cycle_on_s3_across_nodes_that_cannot_s
     for w in sorted(write_stream(tmp_path / "stream", windows=1, rows_per_window=240, files_per_window=2, seed=3)[0].iterdir()):
         client.upload_file(str(w), "multi", f"landing/{w.name}")
     address = f"--address=127.0.0.1:{nodes.gcs_port}"
-    spread = ["scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD", "train.epochs=1", "export.on_register=never"]
+    spread = ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.placement_strategy=STRICT_SPREAD", "train.epochs=1"]
+    spread.append("export.on_register=never")
     private = tmp_path / "driver"
 
     def ok(*args: str, expect: str) -> str:

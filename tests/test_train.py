@@ -130,13 +130,15 @@ def test_fp16_on_cpu_cluster_is_refused(ray_session, demo_data, tmp_path):
         run_training(config)
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp_path):
+@pytest.mark.parametrize("workers", [2, 1], ids=["ray-train", "warm-actor"])
+def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp_path, workers):
     overrides = [
         f"data.path={demo_data / 'corpus.jsonl'}",
         f"storage.root={tmp_path}",
         "run_name=resume-me",
         "train.epochs=4",
         "train.max_steps_per_epoch=15",
+        f"scaling.num_workers={workers}",
     ]
     config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt2", "tiny_pretrain.yaml")
     address = ray_session.get_runtime_context().gcs_address

@@ -360,6 +360,9 @@ def test_the_last_stage_of_a_resnet_fine_tunes_under_zero3_and_the_stages_before
         "model.train_last_n_layers=1",
         "train.deepspeed.zero_stage=3",
         "train.epochs=1",
+        "scaling.num_workers=2",  # a Ray Train run: the parameters partitioned across 2 ranks
+        "scaling.cpus_per_worker=1",
+        "train.batch_size=32",
     )
     outcome = run_training(config)
     registry = Registry(Storage(str(resnet["root"])))

@@ -502,18 +502,11 @@ def _best(fitted: Fitted):
 
 
 def _train(prep, run: str):
-    """A one-worker window trains in this driver's warm actor (train/warm.py: no Ray Train start-up
-    per cycle); more workers, in a Ray Train run. Either resumes the run from its checkpoints."""
-    from lifelong.train.driver import build_trainer, loop_config, worker_resources
-    from lifelong.train.warm import StoredRun, train_warm
+    """A one-worker window trains in this driver's warm actor (no Ray Train start-up per cycle);
+    more workers, in a Ray Train run (train/driver.py, fit). Either resumes the run from its checkpoints."""
+    from lifelong.train.driver import fit
 
-    config = prep.config
-    if config.scaling.num_workers > 1:
-        return build_trainer(prep, run).fit()
-    ckpt = config.train.checkpoint
-    stored = StoredRun(prep.storage, run, ckpt.num_to_keep, ckpt.score_attribute, ckpt.score_order)
-    datasets = {"train": prep.data.train_ds, "validation": prep.data.val_ds}
-    return train_warm(loop_config(prep), datasets, prep.gpu, stored, worker_resources(prep), config.train.max_failures)
+    return fit(prep, run)
 
 
 def _registered_for(registry: Registry, model: str, stream: str, k: int) -> int | None:

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 
 from lifelong.config import JobConfig
 from lifelong.data import RESPONSE, DataReport, TokenizerRef, ValidatedData, first_rows, read_validated, tokenized
-from lifelong.errors import ConfigError, DataError, LifelongError
+from lifelong.errors import ConfigError, DataError, LifelongError, first_line
 from lifelong.export import ExportResult, OnnxTemplate, export_files, export_formats, should_export_on_register
 from lifelong.models import merge_adapter
 from lifelong.moe import is_moe_dir
@@ -33,6 +33,7 @@ from lifelong.storage import Storage, is_uri
 from lifelong.tasks import task
 from lifelong.train.ds_config import total_optimizer_steps
 from lifelong.train.loop import train_loop_per_worker
+from lifelong.train.warm import StoredRun, train_warm, warm_trainer
 
 
 @dataclass
@@ -280,9 +281,13 @@ def cache_train_shard(prep: PreparedRun) -> bool:
 
 
 def worker_resources(prep: PreparedRun) -> dict:
-    resources = {"CPU": prep.config.scaling.cpus_per_worker}
-    if prep.gpu:
-        resources["GPU"] = prep.config.scaling.gpus_per_worker
+    return worker_resources_for(prep.config, prep.gpu)
+
+
+def worker_resources_for(config: JobConfig, gpu: bool) -> dict:
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
     return resources
 
 
@@ -343,7 +348,7 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
     validated = read_run_data(config, storage)
     config = settle_run(config, storage, validated.report, resume)
     run_name = config.run_name
-    finished = finished_run(storage, run_name, config.train.epochs)
+    finished = finished_run(storage, config, run_name)
     if finished is not None:
         # Run again (the same command, a job retried after its driver registered nothing):
         # workers would resume after the last epoch and train nothing.
@@ -351,30 +356,61 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
         registered = already_registered(config, registry, finished, run_name, validated.report)
         if registered is not None:  # nothing to train or register: the data need not be tokenized
             return registered
+    if finished is None and config.scaling.num_workers == 1 and not _ray_train_run(storage, run_name):
+        warm_trainer(worker_resources_for(config, use_gpu(config)))  # starts importing while the data is tokenized
     prep = prepare_run(config, prepare_data(config, storage, registry, validated))
     if finished is not None:  # looked up above: not registered yet
         return register_checkpoint(prep, finished, run_name)
-    trainer = build_trainer(prep, run_name)
     print(
         f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
         f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}",
         flush=True,
     )
     try:
-        result = trainer.fit()
+        result = fit(prep, run_name)
     except ray.train.TrainingFailedError as e:
         raise LifelongError(f"training run '{run_name}' failed: {e}") from None
+    except ray.exceptions.RayTaskError as e:  # the warm actor's loop raised
+        if isinstance(e.cause, LifelongError):
+            raise e.cause from None
+        raise LifelongError(f"training run '{run_name}' failed: {first_line(e, 2000)}") from None
     if result.error:
         raise LifelongError(f"training run '{run_name}' failed: {result.error}")
     return register_best(prep, result, run_name)
 
 
-def finished_run(storage: Storage, run_name: str, epochs: int) -> ray.train.Result | None:
-    """The stored result of a Ray Train run whose latest checkpoint is its last epoch, else None."""
-    if not storage.exists(f"runs/{run_name}/checkpoint_manager_snapshot.json"):
-        return None
-    result = ray.train.Result.from_path(storage.path(f"runs/{run_name}"), storage_filesystem=storage.fs)
-    return result if result.metrics and result.metrics.get("epoch", 0) >= epochs else None
+def fit(prep: PreparedRun, run_name: str):
+    """Train the run, resuming it from its checkpoints: one worker in this driver's warm actor
+    (train/warm.py), more in a Ray Train run. A Ray Train run starts a controller, a worker group,
+    data coordinators and helpers, each a process importing Ray and most of them torch: a tiny
+    one-worker run took 50 s there against 26 s in a fresh warm actor and 9 s in one already
+    started (benchmarks/one_worker_runs.py). A run begun in Ray Train (its snapshot is stored)
+    resumes there."""
+    config = prep.config
+    if config.scaling.num_workers > 1 or _ray_train_run(prep.storage, run_name):
+        return build_trainer(prep, run_name).fit()
+    datasets = {"train": prep.data.train_ds, "validation": prep.data.val_ds}
+    run = stored_run(prep.storage, config, run_name)
+    return train_warm(loop_config(prep), datasets, prep.gpu, run, worker_resources(prep), config.train.max_failures)
+
+
+def stored_run(storage: Storage, config: JobConfig, run_name: str) -> StoredRun:
+    """The run's checkpoints as a warm actor stores them."""
+    ckpt = config.train.checkpoint
+    return StoredRun(storage, run_name, ckpt.num_to_keep, ckpt.score_attribute, ckpt.score_order)
+
+
+def _ray_train_run(storage: Storage, run_name: str) -> bool:
+    return storage.exists(f"runs/{run_name}/checkpoint_manager_snapshot.json")
+
+
+def finished_run(storage: Storage, config: JobConfig, run_name: str):
+    """The stored result of a run (Ray Train's or a warm actor's) whose latest checkpoint is its last epoch, else None."""
+    if _ray_train_run(storage, run_name):
+        result = ray.train.Result.from_path(storage.path(f"runs/{run_name}"), storage_filesystem=storage.fs)
+    else:
+        result = stored_run(storage, config, run_name).result()
+    return result if result.metrics and result.metrics.get("epoch", 0) >= config.train.epochs else None
 
 
 def pin_init_from(config: JobConfig, registry: Registry) -> JobConfig:

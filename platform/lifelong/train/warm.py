@@ -113,15 +113,22 @@ class WarmTrainer:
 _trainers: dict[tuple, ray.actor.ActorHandle] = {}
 
 
+def warm_trainer(resources: dict) -> ray.actor.ActorHandle:
+    """This driver's warm actor for `resources`, started now if there is none: a driver calls it
+    early, so that the actor's imports (torch, transformers, DeepSpeed) overlap its data work."""
+    key = (ray.get_runtime_context().get_job_id(), *sorted(resources.items()))  # a new connection starts afresh
+    if key not in _trainers:
+        _trainers[key] = WarmTrainer.options(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0)).remote()
+    return _trainers[key]
+
+
 def train_warm(loop_config: dict, datasets: dict, gpu: bool, run: StoredRun, resources: dict, max_failures: int) -> RunResult:
     """Train in this driver's warm actor for `resources` (started on first use); a dead actor is
     replaced and the run resumed from its last checkpoint, `max_failures` times at most."""
-    key = (ray.get_runtime_context().get_job_id(), *sorted(resources.items()))  # a new connection starts afresh
+    key = (ray.get_runtime_context().get_job_id(), *sorted(resources.items()))
     failures = 0
     while True:
-        trainer = _trainers.get(key)
-        if trainer is None:
-            trainer = _trainers[key] = WarmTrainer.options(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0)).remote()
+        trainer = warm_trainer(resources)
         try:
             ray.get(trainer.train.remote(loop_config, datasets, gpu, run))
             return run.result()
