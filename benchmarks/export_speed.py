@@ -109,13 +109,31 @@ def main() -> None:
             "dynamo_over_torchscript": medians["dynamo"] / medians["torchscript"],
             "worst_parity": {e: max(r["parity_max_abs_diff"] for r in rs) for e, rs in by.items()},
         }
-    result = {"date": date.today().isoformat(), "repeats": repeats, "wall_s": time.time() - started, "runs": runs, "summary": summary}
+    result = {"command": "python benchmarks/export_speed.py", "date": date.today().isoformat(), "repeats": repeats}
+    result.update(wall_s=time.time() - started, runs=runs, summary=summary, figures=figures(summary, repeats))
     out = OUT.with_name("export_speed_quick.json") if args.quick else OUT
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     for f in workdir.iterdir():
         f.unlink()
     workdir.rmdir()
+
+
+def figures(summary: dict, repeats: int) -> list[dict]:
+    """The README table's rows (benchmarks/readme_table.py)."""
+    return [
+        {
+            "name": f"onnx_export_{model}",
+            "value": round(s["dynamo_over_torchscript"], 2),
+            "unit": f"x faster ONNX export of the tiny {model} (TorchScript-based vs dynamo exporter, fresh process, median of {repeats})",
+            "target": None,
+            "met": None,
+            "platform": round(s["median_seconds"]["torchscript"], 2),
+            "baseline": round(s["median_seconds"]["dynamo"], 2),
+            "baseline_unit": "s (TorchScript-based vs dynamo)",
+        }
+        for model, s in summary.items()
+    ]
 
 
 if __name__ == "__main__":

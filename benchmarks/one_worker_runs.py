@@ -86,6 +86,7 @@ def main() -> None:
     medians = {mode: statistics.median(r["seconds"] for r in rs) for mode, rs in runs.items()}
     losses = {r["val_loss"] for rs in runs.values() for r in rs}
     result = {
+        "command": "python benchmarks/one_worker_runs.py",
         "date": date.today().isoformat(),
         "machine": "2 CPU cores, no GPU",
         "model": "configs/gpt2/tiny_pretrain.yaml, 1 epoch, 1 worker, embedded local Ray",
@@ -96,11 +97,33 @@ def main() -> None:
         "same_val_loss_in_all": len({round(v, 5) for v in losses}) == 1,
         "runs": runs,
     }
+    result["figures"] = figures(medians, repeats)
     if not args.quick:
         OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     ray.shutdown()
     return 0 if result["same_val_loss_in_all"] else 1
+
+
+def figures(medians: dict, repeats: int) -> list[dict]:
+    """The README table's rows (benchmarks/readme_table.py)."""
+    what = f"a tiny GPT-2 epoch on 1 worker, median of {repeats}"
+    return [
+        {
+            "name": f"one_worker_run_{mode}",
+            "value": round(medians["ray_train"] / medians[mode], 2),
+            "unit": f"x faster than a Ray Train run ({what}; {label})",
+            "target": None,
+            "met": None,
+            "platform": round(medians[mode], 1),
+            "baseline": round(medians["ray_train"], 1),
+            "baseline_unit": "s (warm actor vs Ray Train run)",
+        }
+        for mode, label in LABELS.items()
+    ]
+
+
+LABELS = {"warm_fresh": "a fresh warm actor: each training command", "warm_reused": "a warm actor reused: a driver's later runs"}
 
 
 if __name__ == "__main__":

@@ -383,8 +383,8 @@ def fit(prep: PreparedRun, run_name: str):
     """Train the run, resuming it from its checkpoints: one worker in this driver's warm actor
     (train/warm.py), more in a Ray Train run. A Ray Train run starts a controller, a worker group,
     data coordinators and helpers, each a process importing Ray and most of them torch: a tiny
-    one-worker run took 50 s there against 26 s in a fresh warm actor and 9 s in one already
-    started (benchmarks/one_worker_runs.py). A run begun in Ray Train (its snapshot is stored)
+    one-worker run took 46.9 s there against 25.0 s in a fresh warm actor and 7.3 s in one
+    already started (medians, benchmarks/one_worker_runs.py). A run begun in Ray Train (its snapshot is stored)
     resumes there."""
     config = prep.config
     if config.scaling.num_workers > 1 or _ray_train_run(prep.storage, run_name):
