@@ -356,7 +356,7 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
         registered = already_registered(config, registry, finished, run_name, validated.report)
         if registered is not None:  # nothing to train or register: the data need not be tokenized
             return registered
-    if finished is None and config.scaling.num_workers == 1 and not _ray_train_run(storage, run_name):
+    if finished is None and trains_warm(config, storage, run_name):
         warm_trainer(worker_resources_for(config, use_gpu(config)))  # starts importing while the data is tokenized
     prep = prepare_run(config, prepare_data(config, storage, registry, validated))
     if finished is not None:  # looked up above: not registered yet
@@ -384,10 +384,10 @@ def fit(prep: PreparedRun, run_name: str):
     (train/warm.py), more in a Ray Train run. A Ray Train run starts a controller, a worker group,
     data coordinators and helpers, each a process importing Ray and most of them torch: a tiny
     one-worker run took 46.9 s there against 25.0 s in a fresh warm actor and 7.3 s in one
-    already started (medians, benchmarks/one_worker_runs.py). A run begun in Ray Train (its snapshot is stored)
-    resumes there."""
+    already started (medians, benchmarks/one_worker_runs.py). A run begun in Ray Train (its
+    snapshot is stored) resumes there."""
     config = prep.config
-    if config.scaling.num_workers > 1 or _ray_train_run(prep.storage, run_name):
+    if not trains_warm(config, prep.storage, run_name):
         return build_trainer(prep, run_name).fit()
     datasets = {"train": prep.data.train_ds, "validation": prep.data.val_ds}
     run = stored_run(prep.storage, config, run_name)
@@ -398,6 +398,11 @@ def stored_run(storage: Storage, config: JobConfig, run_name: str) -> StoredRun:
     """The run's checkpoints as a warm actor stores them."""
     ckpt = config.train.checkpoint
     return StoredRun(storage, run_name, ckpt.num_to_keep, ckpt.score_attribute, ckpt.score_order)
+
+
+def trains_warm(config: JobConfig, storage: Storage, run_name: str) -> bool:
+    """Whether `fit` trains the run in the warm actor: one worker, and not a run begun in Ray Train."""
+    return config.scaling.num_workers == 1 and not _ray_train_run(storage, run_name)
 
 
 def _ray_train_run(storage: Storage, run_name: str) -> bool:

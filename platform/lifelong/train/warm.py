@@ -113,10 +113,14 @@ class WarmTrainer:
 _trainers: dict[tuple, ray.actor.ActorHandle] = {}
 
 
+def _key(resources: dict) -> tuple:
+    return (ray.get_runtime_context().get_job_id(), *sorted(resources.items()))  # a new connection starts afresh
+
+
 def warm_trainer(resources: dict) -> ray.actor.ActorHandle:
     """This driver's warm actor for `resources`, started now if there is none: a driver calls it
     early, so that the actor's imports (torch, transformers, DeepSpeed) overlap its data work."""
-    key = (ray.get_runtime_context().get_job_id(), *sorted(resources.items()))  # a new connection starts afresh
+    key = _key(resources)
     if key not in _trainers:
         _trainers[key] = WarmTrainer.options(num_cpus=resources.get("CPU", 1), num_gpus=resources.get("GPU", 0)).remote()
     return _trainers[key]
@@ -125,7 +129,7 @@ def warm_trainer(resources: dict) -> ray.actor.ActorHandle:
 def train_warm(loop_config: dict, datasets: dict, gpu: bool, run: StoredRun, resources: dict, max_failures: int) -> RunResult:
     """Train in this driver's warm actor for `resources` (started on first use); a dead actor is
     replaced and the run resumed from its last checkpoint, `max_failures` times at most."""
-    key = (ray.get_runtime_context().get_job_id(), *sorted(resources.items()))
+    key = _key(resources)
     failures = 0
     while True:
         trainer = warm_trainer(resources)
