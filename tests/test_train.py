@@ -151,6 +151,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
     last = max(results, key=lambda r: r["metrics"]["epoch"])
     assert last["metrics"]["epoch"] < 4, "the run finished before it could be killed"
     latest = json.loads((run_dir / last["checkpoint_dir_name"] / "state.json").read_text())
+    # One worker trains in the driver's warm actor, not in a Ray Train run (no Ray Train snapshot).
+    assert (run_dir / "checkpoint_manager_snapshot.json").exists() == (workers > 1)
 
     outcome = run_training(make_config("gpt2/tiny_pretrain.yaml", *overrides))
     history = Registry(Storage(str(tmp_path))).card("tiny-gpt2", outcome.version).run.history
