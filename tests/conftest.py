@@ -17,16 +17,24 @@ S3_CREDENTIALS = {
 for _key, _value in S3_CREDENTIALS.items():
     os.environ.setdefault(_key, _value)
 
+from lifelong.runtime import free_port  # noqa: E402  (after the environment above, which Ray reads)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Modules none of whose tests use the session's local Ray run first: those that bring up Ray
-    of their own (cluster nodes, the README's commands) then run before the session's Serve
-    controller, proxy and idle workers exist to take CPU from them. Modules stay whole, in order."""
+    """Two lanes, each a group for `pytest -n 2 --dist loadgroup` (make test): the modules that use
+    the session's local Ray, and those that do not (cluster nodes and the README's commands bring up
+    Ray of their own; the rest need none). The lanes take about as long each, and neither shares a
+    Ray, a port or a directory with the other. Run serially, the modules without the session's Ray
+    run first, before its Serve controller, proxy and idle workers exist to take CPU from them.
+    Modules stay whole, in order."""
     uses_session = {item.module for item in items if "ray_session" in item.fixturenames}
     items.sort(key=lambda item: item.module in uses_session)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("session-ray" if item.module in uses_session else "own-ray"))
 
 
 @pytest.fixture(scope="session")
@@ -171,14 +179,6 @@ def start_server(args: list[str], **kwargs):
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=as_in_a_terminal, **kwargs
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -179,3 +179,27 @@ def test_the_local_cluster_binds_no_ephemeral_port_and_refuses_a_taken_one_by_na
     assert done.returncode == 1 and time.monotonic() - started < 20
     assert f"port {metrics} is taken" in done.stderr
     assert not list(state.glob("*.pid"))  # nothing was started
+
+
+def test_an_embedded_ray_with_a_dashboard_leaves_the_cluster_port_free():
+    """An embedded Ray's dashboard (a sweep of multi-worker trials starts one) took Ray's default
+    8265 whenever it was free, and `cluster/local.sh start` then refused with "port 8265 is taken"
+    while the sweep ran. It now takes a free port."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", 8265))
+        except OSError:
+            pytest.skip("something on this machine holds 8265 already, so no embedded dashboard could take it")
+    code = (
+        "import ray; from lifelong.runtime import connect; connect(num_cpus=1, dashboard=True); "
+        "print('dashboard', ray._private.worker.global_worker.node.webui_url)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    url = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("dashboard "))
+    assert url.startswith("127.0.0.1:") and not url.endswith(":8265"), url

@@ -21,7 +21,9 @@ def connect(
     training workers and the Ray Data tasks feeding them can all be scheduled. `dashboard`
     starts its dashboard too: sweeps of multi-worker trials need the state API it serves,
     without which Ray Train cannot free the workers of a trial that the scheduler stopped early.
-    `dashboard_port` moves it off Ray's default 8265 (taken by a local cluster's head, say).
+    `dashboard_port` places it; by default it takes a free port, never Ray's 8265, which belongs
+    to a cluster's head (cluster/local.sh binds it, and `lifelong submit --address` names it): an
+    embedded sweep that took it would keep a local cluster from starting.
     Returns a short description of what it connected to.
     """
     if ray.is_initialized():
@@ -40,8 +42,17 @@ def connect(
             ) from None
         return f"Ray cluster at {address}"
     cpus = num_cpus or max(os.cpu_count() or 1, int(min_cpus) + 2, 4)
+    if dashboard and dashboard_port is None:
+        dashboard_port = free_port()
     ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_port=dashboard_port, logging_level=logging.WARNING)
     return f"an embedded local Ray ({cpus} logical CPUs)"
+
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _reachable(address: str) -> None:

