@@ -9,17 +9,12 @@ demo data among them: give data.path as a URI or a path every node reads).
 
 import sys
 
-from lifelong.cli import print_training_summary
-from lifelong.config import load_config
+from lifelong.commands import train
 from lifelong.errors import LifelongError
-from lifelong.runtime import connect
 from lifelong.submit import job_args
-from lifelong.train.driver import run_training
 
 try:
     path, flags, overrides = job_args("finetune", sys.argv[1:])
-    config = load_config(path, overrides)
-    connect(config.ray.address, config.ray.num_cpus)
-    print_training_summary(run_training(config, resume="--resume" in flags))
+    train("finetune", path, overrides, resume="--resume" in flags)
 except LifelongError as e:
     sys.exit(f"error: {e}")

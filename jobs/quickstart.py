@@ -21,7 +21,7 @@ import httpx
 from ray import serve
 from rich.table import Table
 
-from lifelong.cli import console, print_sweep_summary, print_training_summary
+from lifelong.commands import console, print_sweep_summary, print_training_summary
 from lifelong.config import load_config
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import past_window_drop

@@ -9,13 +9,12 @@ demo data among them: give data.path as a URI or a path every node reads).
 
 import sys
 
-from lifelong.config import load_config
+from lifelong.commands import serve
 from lifelong.errors import LifelongError
-from lifelong.serve import connect_for_serving, deploy
+from lifelong.submit import job_args
 
 try:
-    config = load_config(sys.argv[1], sys.argv[2:])
-    connect_for_serving(config)
-    print(f"serving {config.served_model}@{config.serve.alias} at {deploy(config)}", flush=True)
+    path, _, overrides = job_args("serve", sys.argv[1:])
+    serve(path, overrides)
 except LifelongError as e:
     sys.exit(f"error: {e}")

@@ -9,17 +9,12 @@ demo data among them: give data.path as a URI or a path every node reads).
 
 import sys
 
-from lifelong.cli import print_sweep_summary
-from lifelong.config import load_config
+from lifelong.commands import tune
 from lifelong.errors import LifelongError
-from lifelong.runtime import connect
 from lifelong.submit import job_args
-from lifelong.tune import needs_state_api, run_sweep
 
 try:
     path, flags, overrides = job_args("tune", sys.argv[1:])
-    config = load_config(path, overrides)
-    connect(config.ray.address, config.ray.num_cpus, dashboard=needs_state_api(config))
-    print_sweep_summary(run_sweep(config, resume="--resume" in flags, promote="--promote" in flags))
+    tune(path, overrides, resume="--resume" in flags, promote="--promote" in flags)
 except LifelongError as e:
     sys.exit(f"error: {e}")

@@ -190,6 +190,8 @@ def test_submit_refuses_bad_input_before_anything_travels(tmp_path):
     outside.write_text(open(config).read())
     nobody = "--address=http://127.0.0.1:9"  # nothing listens on the discard port
     root = f"storage.root={tmp_path / 'store'}"
+    classifier, stream = f"{CONFIGS}/gpt2/tiny_finetune.yaml", f"{CONFIGS}/gpt2/tiny_continual.yaml"
+    here = f"data.path={tmp_path}"  # data every case has, so only what it gets wrong is refused
     cases = [
         (["submit", "train", config, nobody], "unknown job 'train': one of"),
         (["submit", "pretrain", tmp_path / "nope.yaml", nobody], "no such config file"),
@@ -200,6 +202,11 @@ def test_submit_refuses_bad_input_before_anything_travels(tmp_path):
             "data.path 'not/here.jsonl' is relative but not in the project",
         ),
         (["submit", "pretrain", config, root, "train.lr=-1", nobody], "train.lr"),
+        # What the job itself refuses (lifelong.commands.check_config), refused before it travels.
+        (["submit", "pretrain", classifier, root, here, nobody], "for model.task=sequence-classification use 'lifelong finetune'"),
+        (["submit", "finetune", config, root, here, nobody], "'lifelong finetune' needs model.init_from"),
+        (["submit", "tune", config, root, here, nobody], "tune.space is empty"),
+        (["submit", "continual", stream, root, here, "continual.landing=null", nobody], "continual.landing is not set"),
         (
             ["submit", "continual", f"{CONFIGS}/gpt2/tiny_continual.yaml", root, "--forever", nobody],
             "does not take --forever (its flags: --force, --once)",
@@ -212,6 +219,35 @@ def test_submit_refuses_bad_input_before_anything_travels(tmp_path):
         out = lifelong(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert message in out.stdout + out.stderr, (args, out.stdout, out.stderr)
+
+
+def test_the_job_scripts_refuse_what_the_cli_refuses_with_its_message(tmp_path):
+    """jobs/*.py, which `lifelong submit` runs on a cluster, checked nothing of their own: a pretrain
+    of a classifier's config, refused by `lifelong pretrain`, trained there as a fine-tune, and
+    jobs/serve.py without a config was a traceback. The CLI and the scripts now call one function
+    per job (lifelong.commands); no script imports the CLI for its summaries."""
+    from conftest import ROOT
+
+    root = f"storage.root={tmp_path / 'store'}"
+    pretrain, finetune = f"{CONFIGS}/gpt2/tiny_pretrain.yaml", f"{CONFIGS}/gpt2/tiny_finetune.yaml"
+    cases = [
+        ("pretrain", [finetune, root], "for model.task=sequence-classification use 'lifelong finetune'"),
+        ("finetune", [pretrain, root], "'lifelong finetune' needs model.init_from"),
+        ("tune", [pretrain, root], "tune.space is empty"),
+        ("continual", [f"{CONFIGS}/gpt2/tiny_continual.yaml", root, "continual.landing=null"], "continual.landing is not set"),
+        ("serve", [], "usage: jobs/serve.py CONFIG [key=value ...]"),
+    ]
+    for job, args, message in cases:
+        script = subprocess.run([sys.executable, f"{ROOT}/jobs/{job}.py", *args], capture_output=True, text=True, timeout=300)
+        assert script.returncode == 1 and message in script.stderr, (job, args, script.stdout[-1500:], script.stderr[-1500:])
+        assert "Traceback" not in script.stderr and "Ray" not in script.stdout, (job, script.stdout, script.stderr)
+        if args:
+            cli = lifelong(job, *args)
+            assert cli.returncode == 2 and message in cli.stderr, (job, args, cli.stderr)
+    from pathlib import Path
+
+    importing_cli = [p.name for p in sorted(Path(ROOT, "jobs").glob("*.py")) if "lifelong.cli" in p.read_text()]
+    assert importing_cli == [], importing_cli
 
 
 def test_an_unreachable_or_wrong_kind_of_address_is_one_line_within_seconds(tmp_path, demo_data):

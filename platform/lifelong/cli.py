@@ -37,37 +37,9 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run name
 
 
 def _train(job: str, config_path: Path, overrides: list[str] | None, address: str | None, resume: bool = False) -> None:
-    from lifelong.config import load_config
-    from lifelong.runtime import connect
-    from lifelong.tasks import task, with_capability
-    from lifelong.train.driver import run_training
+    from lifelong.commands import train
 
-    config = load_config(config_path, overrides or [])
-    if job == "pretrain" and not task(config.model.task).PRETRAINS:
-        raise LifelongError(
-            f"{config_path}: 'lifelong pretrain' trains a {' or '.join(with_capability('PRETRAINS'))} from scratch; "
-            f"for model.task={config.model.task} use 'lifelong finetune'"
-        )
-    if job == "finetune" and not config.model.init_from:
-        raise LifelongError(f"{config_path}: 'lifelong finetune' needs model.init_from (a registry reference or an HF directory)")
-    where = connect(
-        address or config.ray.address, config.ray.num_cpus, min_cpus=config.scaling.num_workers * config.scaling.cpus_per_worker
-    )
-    console.print(f"[bold]lifelong {job}[/] {config_path} on {where}")
-    outcome = run_training(config, resume=resume)
-    print_training_summary(outcome)
-
-
-def print_training_summary(outcome) -> None:
-    table = Table(title=f"registered {outcome.ref}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in sorted(outcome.metrics.items()):
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console.print(table)
-    console.print(f"run: {outcome.run_path}  epochs: {outcome.epochs_run}")
-    console.print(f"data: {outcome.data.summary()}")
-    console.print(f"promote it with: lifelong models promote {outcome.ref} --alias champion")
+    train(job, config_path, overrides or [], address, resume)
 
 
 @app.command()
@@ -98,39 +70,9 @@ def tune(
 ) -> None:
     """Search hyperparameters (tune.space) with Ray Tune: Optuna TPE or random, ASHA early stopping;
     each trial a Ray Train + DeepSpeed run; the best trial is registered."""
-    from lifelong.config import load_config
-    from lifelong.runtime import connect
-    from lifelong.storage import Storage
-    from lifelong.tune import check_resumable, needs_state_api, run_sweep, sweep_name
+    from lifelong.commands import tune as run
 
-    cfg = load_config(config, overrides or [])
-    if not cfg.tune.space:
-        raise LifelongError(f"{config}: tune.space is empty: add the keys to search, e.g. tune.space.train.lr={{loguniform: [1e-4, 1e-2]}}")
-    check_resumable(Storage(cfg.storage.root), sweep_name(cfg), resume)  # before Ray starts: it is a typo more often than not
-    where = connect(
-        address or cfg.ray.address,
-        cfg.ray.num_cpus,
-        min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
-        dashboard=needs_state_api(cfg),
-    )
-    console.print(f"[bold]lifelong tune[/] {config}{' --resume' if resume else ''} on {where}")
-    print_sweep_summary(run_sweep(cfg, resume=resume, promote=promote))
-
-
-def print_sweep_summary(outcome) -> None:
-    table = Table(title=f"sweep {outcome.name}", show_header=True)
-    for column in outcome.table.columns:
-        table.add_column(str(column), justify="right" if outcome.table[column].dtype.kind in "fi" else "left")
-    for row in outcome.table.itertuples(index=False):
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    console.print(table)
-    console.print(f"table: {outcome.csv}  curves: {outcome.plot}  sweep: {outcome.path}")
-    if outcome.version is None:
-        raise LifelongError(f"sweep {outcome.name}: no trial finished, so nothing was registered (see the errors in {outcome.csv})")
-    ref = f"{outcome.model}:{outcome.version}"
-    console.print(f"best trial {outcome.best['run']} ({outcome.best['params']}) registered as {ref} with alias {outcome.alias}")
-    if outcome.alias != "champion":
-        console.print(f"promote it with: lifelong models promote {ref} --alias champion")
+    run(config, overrides or [], address, resume, promote)
 
 
 @app.command()
@@ -279,19 +221,9 @@ def serve(
     """Serve the version serve.alias points at over HTTP; swap live when the alias moves."""
     import time
 
-    from lifelong.config import load_config
-    from lifelong.serve import check_servable, connect_for_serving, deploy, exposure_warning, haproxy_exposure, resolve_token
+    from lifelong.commands import serve as deploy
 
-    cfg = load_config(config, overrides or [])
-    check_servable(cfg)  # before starting Ray: a missing alias or export fails in a second
-    resolve_token(cfg)
-    where = connect_for_serving(cfg, address)
-    url = deploy(cfg)
-    ingress = " through HAProxy" if cfg.serve.ingress == "haproxy" else ""
-    console.print(f"[bold]lifelong serve[/] {cfg.served_model}@{cfg.serve.alias} on {where}{ingress}")
-    console.print(f"  {url}/v1/predict  {url}/v1/generate  {url}/v1/model  {url}/healthz  docs: {url}/docs")
-    for warning in filter(None, (exposure_warning(cfg), haproxy_exposure(cfg))):
-        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
+    cfg = deploy(config, overrides or [], address)
     if detach:
         return
     console.print("following the alias; Ctrl-C stops serving")
@@ -502,22 +434,9 @@ def continual_run(
 ) -> None:
     """Cycles on the landing zone (the default: `lifelong continual CONFIG`). A failed cycle is
     reported and retried with backoff; Ctrl-C stops."""
-    from lifelong.config import load_config
-    from lifelong.continual.cycle import check_continual
-    from lifelong.continual.daemon import run_cycles
-    from lifelong.runtime import connect
+    from lifelong.commands import continual
 
-    cfg = load_config(config, overrides or [])
-    check_continual(cfg)
-    where = connect(address or cfg.ray.address, cfg.ray.num_cpus, min_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    console.print(
-        f"[bold]lifelong continual[/] {config} on {where}: landing zone {cfg.continual.landing}"
-        + ("" if once else f", polling every {cfg.continual.poll_interval_s:g} s (Ctrl-C stops)")
-    )
-    try:
-        run_cycles(cfg, once=once, force=force, show=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
-    except KeyboardInterrupt:
-        console.print("stopped (an interrupted cycle carries on where it stopped next time)")
+    continual(config, overrides or [], address, once, force)
 
 
 @continual_app.command("report")

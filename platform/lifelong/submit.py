@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from lifelong.commands import check_config
 from lifelong.config import JobConfig, load_config
 from lifelong.errors import LifelongError
 
@@ -59,7 +60,7 @@ def job_args(job: str, argv: list[str]) -> tuple[str, set[str], list[str]]:
     `lifelong submit` checks before submitting, so a job never fails on what was accepted."""
     known = JOB_FLAGS.get(job, set())
     if len(argv) < 1 or argv[0].startswith("--"):
-        raise LifelongError(f"usage: jobs/{job}.py CONFIG {' '.join(f'[{f}]' for f in sorted(known))} [key=value ...]")
+        raise LifelongError(f"usage: {' '.join([f'jobs/{job}.py CONFIG', *(f'[{f}]' for f in sorted(known)), '[key=value ...]'])}")
     flags = {a for a in argv[1:] if a.startswith("--")}
     if flags - known:
         raise LifelongError(
@@ -262,6 +263,7 @@ def plan(job: str, config_path: Path, overrides: list[str], project: Path | None
         ) from None
     _, flags, overrides = job_args(job, [str(config_path), *overrides])
     config = load_config(path, overrides, resolve_paths=False)  # relative paths resolve in the job's working directory
+    check_config(job, config_path, config)  # what the job itself would refuse first, refused here
     _check_paths(job, config_path, config)
     upload = Upload(project, config.submit.exclude)
     travels = set(upload.files)

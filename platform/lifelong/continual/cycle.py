@@ -117,16 +117,23 @@ def stream_name(config: JobConfig) -> str:
 
 
 def check_continual(config: JobConfig) -> None:
-    """What a cycle needs from the config, refused before Ray starts (once per command)."""
+    """What a cycle needs from the config and the landing zone, refused before Ray starts (once
+    per command)."""
     from lifelong.storage import filesystem_for
 
+    check_stream(config)
     landing = config.continual.landing
-    if not landing:
-        raise LifelongError("continual.landing is not set: name the directory or URI where new data files arrive")
     if is_uri(landing):
         filesystem_for(landing)  # a malformed URI gets its one-line message here
     elif not Path(landing).expanduser().is_dir():
         raise LifelongError(f"continual.landing '{landing}' is not a directory: create it (new data files are dropped there)")
+
+
+def check_stream(config: JobConfig) -> None:
+    """What a cycle needs from the config alone (`lifelong submit continual` checks it here; the
+    landing zone may exist only on the cluster)."""
+    if not config.continual.landing:
+        raise LifelongError("continual.landing is not set: name the directory or URI where new data files arrive")
     family = task(config.model.task)
     if not family.CONTINUAL:
         raise LifelongError(
