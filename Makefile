@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml platform/lifelong/train/ops.py
 quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python jobs/quickstart.py
 
-# Two lanes at once (tests/conftest.py groups the modules): much of a test's time is one process
-# starting or importing while the other core idles.
+# Two modules at once (pytest-xdist; each worker takes the next module when it finishes one): a
+# lone test often leaves a core idle while one process starts or imports.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 # On a CUDA machine: the tests marked gpu (training with nccl, serving on CUDA); skipped elsewhere.
 test-gpu: $(STAMP)

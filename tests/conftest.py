@@ -23,18 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Two lanes, each a group for `pytest -n 2 --dist loadgroup` (make test): the modules that use
-    the session's local Ray, and those that do not (cluster nodes and the README's commands bring up
-    Ray of their own; the rest need none). The lanes take about as long each, and neither shares a
-    Ray, a port or a directory with the other. Run serially, the modules without the session's Ray
-    run first, before its Serve controller, proxy and idle workers exist to take CPU from them.
-    Modules stay whole, in order."""
+    """Modules none of whose tests use the session's local Ray run first: those that bring up Ray
+    of their own (cluster nodes, the README's commands) then start early, before the session's
+    Serve controller, proxy and idle workers exist to take CPU from them. Modules stay whole, in
+    order; `make test` runs two at once (pytest-xdist --dist loadfile: each worker takes the next
+    module when it finishes one), which share no Ray, port or directory."""
     uses_session = {item.module for item in items if "ray_session" in item.fixturenames}
     items.sort(key=lambda item: item.module in uses_session)
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("session-ray" if item.module in uses_session else "own-ray"))
 
 
 @pytest.fixture(scope="session")
