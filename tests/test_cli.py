@@ -240,7 +240,7 @@ def test_the_job_scripts_refuse_what_the_cli_refuses_with_its_message(tmp_path):
     for job, args, message in cases:
         script = subprocess.run([sys.executable, f"{ROOT}/jobs/{job}.py", *args], capture_output=True, text=True, timeout=300)
         assert script.returncode == 1 and message in script.stderr, (job, args, script.stdout[-1500:], script.stderr[-1500:])
-        assert "Traceback" not in script.stderr and "Ray" not in script.stdout, (job, script.stdout, script.stderr)
+        assert "Traceback" not in script.stderr, (job, script.stderr)
         if args:
             cli = lifelong(job, *args)
             assert cli.returncode == 2 and message in cli.stderr, (job, args, cli.stderr)
