@@ -25,10 +25,11 @@ $(STAMP): pyproject.toml platform/lifelong/train/ops.py
 quickstart: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python jobs/quickstart.py
 
-# Two modules at once (pytest-xdist; each worker takes the next module when it finishes one): a
-# lone test often leaves a core idle while one process starts or imports.
+# Two modules at once (pytest-xdist; each worker takes the next module, in the order
+# tests/conftest.py gives, when it finishes one): a lone test often leaves a core idle while one
+# process starts or imports.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 # On a CUDA machine: the tests marked gpu (training with nccl, serving on CUDA); skipped elsewhere.
 test-gpu: $(STAMP)

@@ -23,14 +23,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
+# The longest module by far (every command the README shows, about half an hour alone): started
+# first, so that under `make test` the other worker runs the rest beside it and both end together.
+LONGEST = "test_readme_commands"
+
+
 def pytest_collection_modifyitems(items):
-    """Modules none of whose tests use the session's local Ray run first: those that bring up Ray
-    of their own (cluster nodes, the README's commands) then start early, before the session's
-    Serve controller, proxy and idle workers exist to take CPU from them. Modules stay whole, in
-    order; `make test` runs two at once (pytest-xdist --dist loadfile: each worker takes the next
-    module when it finishes one), which share no Ray, port or directory."""
+    """The longest module first; then the modules none of whose tests use the session's local Ray
+    (cluster nodes bring up Ray of their own), before the session's Serve controller, proxy and idle
+    workers exist to take CPU from them. Modules stay whole, in order; `make test` runs two at once
+    (pytest-xdist --dist loadfile --no-loadscope-reorder: each worker takes the next module in this
+    order when it finishes one), which share no Ray, port or directory."""
     uses_session = {item.module for item in items if "ray_session" in item.fixturenames}
-    items.sort(key=lambda item: item.module in uses_session)
+    items.sort(key=lambda item: (item.module.__name__ != LONGEST, item.module in uses_session))
 
 
 @pytest.fixture(scope="session")
