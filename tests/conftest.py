@@ -23,19 +23,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 
 
-# The longest module by far (every command the README shows, about half an hour alone): started
-# first, so that under `make test` the other worker runs the rest beside it and both end together.
-LONGEST = "test_readme_commands"
+# The modules by how long they run alone (longest first; measured 2026-12-03, serial): the README's
+# commands (about half an hour) start first, so that under `make test` the other worker runs the
+# rest beside them; within each group below the long modules go first, so that the two workers
+# end on short ones together rather than one running a long module alone at the end.
+LONGEST_FIRST = [
+    "test_readme_commands",
+    "test_tune",
+    "test_continual",
+    "test_class_incremental",
+    "test_train",
+    "test_cluster_recovery",
+    "test_cluster",
+    "test_cli",
+    "test_cluster_s3",
+    "test_vision",
+    "test_serve",
+    "test_moe",
+    "test_lora",
+]
 
 
 def pytest_collection_modifyitems(items):
-    """The longest module first; then the modules none of whose tests use the session's local Ray
+    """The README's commands first; then the modules none of whose tests use the session's local Ray
     (cluster nodes bring up Ray of their own), before the session's Serve controller, proxy and idle
-    workers exist to take CPU from them. Modules stay whole, in order; `make test` runs two at once
-    (pytest-xdist --dist loadfile --no-loadscope-reorder: each worker takes the next module in this
-    order when it finishes one), which share no Ray, port or directory."""
+    workers exist to take CPU from them; long modules first within each. Modules stay whole, in
+    order; `make test` runs two at once (pytest-xdist --dist loadfile --no-loadscope-reorder: each
+    worker takes the next module in this order when it finishes one), which share no Ray, port or
+    directory."""
     uses_session = {item.module for item in items if "ray_session" in item.fixturenames}
-    items.sort(key=lambda item: (item.module.__name__ != LONGEST, item.module in uses_session))
+
+    def rank(name: str) -> int:
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    readme = LONGEST_FIRST[0]
+    items.sort(key=lambda item: (item.module.__name__ != readme, item.module in uses_session, rank(item.module.__name__)))
 
 
 @pytest.fixture(scope="session")
@@ -318,3 +340,54 @@ def killed_after_first_checkpoint(command: list[str], run_dir, timeout: float = 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return committed()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def session_ray_left_free(request):
+    """After each module, the session's Ray as the next module expects it: every CPU free but the
+    warm trainers'. What a module leaves holding CPUs (a Serve app, a placement group, an actor)
+    would starve the modules after it on the same Ray (under `make test` a module once waited
+    16 minutes for CPUs): it is named on the console and in .pytest_cache/held-cpus.log, then
+    removed."""
+    yield
+    import ray
+
+    if not ray.is_initialized():
+        return
+    import contextlib
+    import signal
+    import time
+
+    from ray.util.state import list_actors, list_placement_groups
+
+    def held():
+        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000) if a.required_resources.get("CPU")]
+        warm = sum(a.required_resources["CPU"] for a in actors if a.class_name == "WarmTrainer")
+        return actors, ray.cluster_resources().get("CPU", 0) - warm - ray.available_resources().get("CPU", 0)
+
+    deadline = time.monotonic() + 30
+    while (state := held())[1] > 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    actors, cpus = state
+    if cpus <= 0:
+        return
+    from ray import serve
+    from ray.util.placement_group import PlacementGroup
+
+    groups = [g for g in list_placement_groups(detail=True, limit=1000) if g.state != "REMOVED"]
+    apps = list(serve.status().applications)  # none when Serve never started
+    others = [f"{a.class_name}(pid={a.pid}, {a.required_resources})" for a in actors if a.class_name != "WarmTrainer"]
+    bundles = [[b["unit_resources"] for b in g.bundles] for g in groups]
+    report = f"{request.module.__name__} left {cpus:g} CPUs held: serve apps {apps}; actors {others}; placement groups {bundles}"
+    print("\n[session ray] " + report, flush=True)
+    os.makedirs(os.path.join(ROOT, ".pytest_cache"), exist_ok=True)
+    with open(os.path.join(ROOT, ".pytest_cache", "held-cpus.log"), "a") as f:
+        f.write(report + "\n")
+    for app in apps:
+        serve.delete(app)
+    for group in groups:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
+    for actor in actors:
+        if actor.class_name != "WarmTrainer" and actor.ray_namespace != "serve" and actor.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(actor.pid, signal.SIGKILL)
