@@ -350,6 +350,13 @@ def session_ray_left_free(request):
     16 minutes for CPUs): it is named on the console and in .pytest_cache/held-cpus.log, then
     removed."""
     yield
+    try:
+        _release_held_cpus(request.module.__name__)
+    except Exception as e:  # noqa: BLE001  (a check between modules: it never fails a test)
+        print(f"\n[session ray] could not check what {request.module.__name__} left: {type(e).__name__}: {e}", flush=True)
+
+
+def _release_held_cpus(module: str) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -360,8 +367,13 @@ def session_ray_left_free(request):
 
     from ray.util.state import list_actors, list_placement_groups
 
+    # This session's Ray, named: left to guess, the state API picks any Ray on the machine, or none
+    # when it finds several (the other pytest-xdist worker's, the README's local cluster).
+    address = ray.get_runtime_context().gcs_address
+
     def held():
-        actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000) if a.required_resources.get("CPU")]
+        alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+        actors = [a for a in alive if a.required_resources.get("CPU")]
         warm = sum(a.required_resources["CPU"] for a in actors if a.class_name == "WarmTrainer")
         return actors, ray.cluster_resources().get("CPU", 0) - warm - ray.available_resources().get("CPU", 0)
 
@@ -374,11 +386,11 @@ def session_ray_left_free(request):
     from ray import serve
     from ray.util.placement_group import PlacementGroup
 
-    groups = [g for g in list_placement_groups(detail=True, limit=1000) if g.state != "REMOVED"]
+    groups = [g for g in list_placement_groups(address=address, detail=True, limit=1000) if g.state != "REMOVED"]
     apps = list(serve.status().applications)  # none when Serve never started
     others = [f"{a.class_name}(pid={a.pid}, {a.required_resources})" for a in actors if a.class_name != "WarmTrainer"]
     bundles = [[b["unit_resources"] for b in g.bundles] for g in groups]
-    report = f"{request.module.__name__} left {cpus:g} CPUs held: serve apps {apps}; actors {others}; placement groups {bundles}"
+    report = f"{module} left {cpus:g} CPUs held: serve apps {apps}; actors {others}; placement groups {bundles}"
     print("\n[session ray] " + report, flush=True)
     os.makedirs(os.path.join(ROOT, ".pytest_cache"), exist_ok=True)
     with open(os.path.join(ROOT, ".pytest_cache", "held-cpus.log"), "a") as f:
