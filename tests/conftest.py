@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -42,6 +43,18 @@ LONGEST_FIRST = [
     "test_moe",
     "test_lora",
 ]
+
+
+def pytest_runtest_logreport(report):
+    """Name a failure the moment it happens: `-q` under xdist names failures only in its final
+    summary, which a run stopped by CI's time limit never prints. Only the controller (or a
+    run without xdist) prints; a worker's lines would be lost."""
+    if report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        import sys
+
+        when = "" if report.when == "call" else f" (in {report.when})"
+        sys.stdout.write(f"\nFAILED {report.nodeid}{when} after {report.duration:.0f} s\n")
+        sys.stdout.flush()
 
 
 def pytest_collection_modifyitems(items):
@@ -397,3 +410,16 @@ def _release_held_cpus(module: str) -> None:
         serve.delete(app)
     for group in groups:
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
+
+
+def free_cpus_when_settled(expected: float | None = None, timeout: float = 20) -> float:
+    """The session's free CPUs once they stop changing (or reach `expected`) within `timeout`."""
+    import ray
+
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free == expected or (expected is None and free == last) or time.monotonic() > deadline:
+            return free
+        last = free
+        time.sleep(1)

@@ -116,6 +116,15 @@ def test_evaluate_prints_table_and_json(pretrained, demo_data, tmp_path):
     assert result["metrics"]["perplexity"] > 1
 
 
+def test_evaluate_refuses_a_model_that_does_not_exist_before_connecting_to_ray(store):
+    """The model is looked up first: the address given (nothing listens there) is never tried."""
+    config = f"{CONFIGS}/gpt2/tiny_pretrain.yaml"
+    refused = {"demo:9": "demo:9 does not exist", "demo@nope": "'demo@nope' does not exist", "nowhere": "'nowhere' is neither"}
+    for ref, message in refused.items():
+        out = lifelong("evaluate", config, f"storage.root={store}", "--model", ref, "--address", "127.0.0.1:9", timeout=120)
+        assert out.returncode == 2 and message in out.stderr and "127.0.0.1:9" not in out.stderr, (ref, out.stderr)
+
+
 def test_serve_refuses_what_it_cannot_serve_before_starting_ray(store, tmp_path, monkeypatch):
     config = f"{CONFIGS}/gpt2/tiny_serve.yaml"
     out = lifelong("serve", config, f"storage.root={store}", "name=nothing-here")

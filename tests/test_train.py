@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import killed_after_first_checkpoint, make_config
-from lifelong.errors import ConfigError
+from conftest import free_cpus_when_settled, killed_after_first_checkpoint, make_config
+from lifelong.errors import ConfigError, LifelongError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 from lifelong.train.driver import run_training
@@ -165,6 +165,38 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_session, demo_data, tmp
     again = run_training(make_config("gpt2/tiny_pretrain.yaml", *overrides))
     assert again.version == outcome.version
     assert Registry(Storage(str(tmp_path))).versions("tiny-gpt2") == [outcome.version]
+
+
+def test_a_run_whose_controller_is_killed_gives_its_workers_back_to_the_driver_that_lives_on(ray_session, demo_data, tmp_path, capsys):
+    """Without the dashboard Ray Train's own cleaner cannot see a killed controller, and its
+    workers' placement group stayed reserved for as long as the driver (a daemon, a notebook)
+    lived: two CPUs lost for good per killed run."""
+    import threading
+    import time
+
+    config = make_config(
+        "gpt2/tiny_pretrain.yaml",
+        f"data.path={demo_data / 'corpus.jsonl'}",
+        f"storage.root={tmp_path}",
+        "train.epochs=50",
+        "scaling.num_workers=2",
+    )
+    free = free_cpus_when_settled()
+    raised = []
+    run = threading.Thread(target=lambda: raised.append(pytest.raises(LifelongError, run_training, config)))
+    run.start()
+    deadline = time.monotonic() + 240
+    while ray_session.available_resources().get("CPU", 0) > free - 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # until its workers are reserved
+    (controller,) = [
+        a for a in ray_session._private.state.actors().values() if a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"
+    ]
+    worker = ray_session._private.worker.global_worker
+    worker.core_worker.kill_actor(ray_session.ActorID.from_hex(controller["ActorID"]), True)  # ray.kill by id
+    run.join(120)
+    assert raised and "the same command again resumes it" in str(raised[0].value)
+    assert "[lifelong] released placement group" in capsys.readouterr().out
+    assert free_cpus_when_settled(free) == free
 
 
 def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_two(pretrained, tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, make_config
+from conftest import CONFIGS, free_cpus_when_settled, make_config
 from lifelong.errors import ConfigError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -164,8 +164,12 @@ def test_multi_worker_trials_are_ray_train_runs(pretrained, demo_data):
             "tune.max_concurrent_trials=1",
         ),
     )
+    free = free_cpus_when_settled()
     outcome = run_sweep(config)
     assert (outcome.table["status"] == "finished").all() and len(outcome.table) == 2
+    # Every CPU the trials' Ray Train runs reserved is free again (a driver that lives on, a daemon
+    # or a notebook, would otherwise lose two CPUs to every trial).
+    assert free_cpus_when_settled(free) == free
     runs = Path(pretrained["root"]) / "runs"
     assert {p.name for p in runs.glob("tune-spread-sweep-*")} == {f"tune-spread-sweep-{t}" for t in outcome.table["trial"]}
     card = Registry(Storage(str(pretrained["root"]))).card("tune-spread", outcome.version)

@@ -97,10 +97,14 @@ def evaluate(
     """Judge a model on data without updating it: a table and JSON of its metrics (BLEU, chrF and
     exact match too for a language model on prompt/response data)."""
     from lifelong.config import load_config
+    from lifelong.registry import Registry
+    from lifelong.storage import Storage
+
+    cfg = load_config(config, overrides or [])
+    Registry(Storage(cfg.storage.root)).check_ref(model)
     from lifelong.evaluate import evaluate_model
     from lifelong.runtime import connect
 
-    cfg = load_config(config, overrides or [])
     connect(address or cfg.ray.address, cfg.ray.num_cpus)
     result = evaluate_model(cfg, model, data, generate_rows=generate_rows, max_new_tokens=max_new_tokens)
     table = Table(title=f"{result.model} on {result.data.source}")

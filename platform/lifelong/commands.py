@@ -49,10 +49,10 @@ def _connect(config: JobConfig, address: str | None, dashboard: bool = False) ->
 
 def train(job: str, config_path: str | Path, overrides: list[str], address: str | None = None, resume: bool = False) -> None:
     """pretrain or finetune: train on Ray Train + DeepSpeed (or the warm actor), register, summarise."""
-    from lifelong.train.driver import run_training
-
     config = load_config(config_path, overrides)
     check_config(job, config_path, config)
+    from lifelong.train.driver import run_training  # torch, DeepSpeed, Ray Train: seconds; after the checks
+
     where = _connect(config, address)
     console.print(f"[bold]lifelong {job}[/] {config_path} on {where}")
     print_training_summary(run_training(config, resume=resume))

@@ -530,6 +530,15 @@ class Registry:
         return self.move_alias(name, alias, stack[-2], reason=reason or "rollback", kind="rollback")
 
     # --- references ------------------------------------------------------------------------
+    def check_ref(self, text: str) -> None:
+        """Raise what `resolve` would for a reference that names nothing, without fetching any file
+        (a typo fails in a second, before Ray starts)."""
+        ref = parse_ref(text)
+        if ref is None:
+            self.resolve(text)  # a directory: nothing to fetch
+        else:
+            self.card(ref.name, ref.version if ref.alias is None else self.alias_version(ref.name, ref.alias))
+
     def resolve(self, text: str, weights: bool = True) -> ResolvedModel:
         """NAME@ALIAS, NAME:VERSION, or a local HF model directory. `local_dir` is a loadable model
         (`model_dir`: an adapter-only version merged into its base); with `weights=False` it is the

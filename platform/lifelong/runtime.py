@@ -95,3 +95,38 @@ def gather(refs: list, what: str) -> list:
                 flush=True,
             )
     return ray.get(refs)
+
+
+def release_orphaned_workers(left_by: str) -> list[str]:
+    """Give back what Ray Train runs of this driver left reserved when their controller died (a
+    killed run, a trial that its sweep stopped): one line each, naming `left_by`. Returns them.
+
+    Ray Train reserves a run's workers in a placement group created by the run's controller and
+    relies on a cleaner actor, which asks the state API (the dashboard) whether the controller
+    lives, to remove it if the controller dies. Without the dashboard (an embedded Ray here, many
+    clusters) the cleaner never learns, and the reservation outlives the run for as long as this
+    driver lives: a daemon's cycles, sweep after sweep in a notebook, would each lose CPUs for
+    good. The GCS's own table tells it directly: a placement group of this job whose creating
+    actor is dead is no one's. (The cleaner actor itself, holding no CPU, stays: Ray gives no way
+    to end an actor this driver holds no handle to.)
+    """
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    if not ray.is_initialized():
+        return []
+    job = ray.get_runtime_context().get_job_id()
+    released = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        nil_creator = pg.creator_actor_id == b"\xff" * len(pg.creator_actor_id)
+        if pg.creator_job_id.hex() != job or pg.is_detached or nil_creator or not pg.creator_actor_dead:
+            continue
+        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED:
+            continue
+        cpus = sum(b.unit_resources.get("CPU", 0) for b in pg.bundles)
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        released.append(f"placement group {pg.placement_group_id.hex()[:12]} ({cpus:g} CPUs)")
+        print(f"[lifelong] released {released[-1]} left by {left_by}", flush=True)
+    return released

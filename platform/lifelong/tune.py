@@ -36,6 +36,7 @@ from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
 from lifelong.config import JobConfig, set_dotted, validate_config
 from lifelong.errors import ConfigError, LifelongError
+from lifelong.runtime import release_orphaned_workers
 from lifelong.storage import Storage, local_cache_dir
 
 TRIAL_DRIVER_CPU = 0.01  # a trial's own function needs a non-zero share to be scheduled
@@ -129,6 +130,20 @@ class FailureBudget(tune.Callback, tune.Stopper):
 
     def stop_all(self):
         return self.failed > self.limit
+
+
+class GiveBackWorkers(tune.Callback):
+    """Between trials, remove the worker reservations of trials whose Ray Train controller died
+    with its trial (runtime.release_orphaned_workers): the next trials need those CPUs."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        release_orphaned_workers("a trial that ended")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        release_orphaned_workers("a trial that ended")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        release_orphaned_workers("a trial that ended")
 
 
 class Progress(tune.Callback):
@@ -353,7 +368,7 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
                 checkpoint_score_order=ckpt.score_order,
             ),
             stop=budget,
-            callbacks=[budget, Progress(config)],
+            callbacks=[budget, Progress(config), GiveBackWorkers()],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             verbose=0,
         ),  # Progress prints one line per event instead
@@ -465,7 +480,10 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
         f"{'shared' if shares_data(config) else 'per-trial'} data ({data.train_examples} training examples)",
         flush=True,
     )
-    results = build_tuner(config, data, resume).fit()
+    try:
+        results = build_tuner(config, data, resume).fit()
+    finally:
+        release_orphaned_workers(f"a trial of sweep '{name}'")
 
     out_dir = Path(storage.path("tune", name)) if storage.is_local else local_cache_dir("tune", name)
     out_dir.mkdir(parents=True, exist_ok=True)

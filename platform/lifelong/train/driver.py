@@ -29,6 +29,7 @@ from lifelong.export import ExportResult, OnnxTemplate, export_files, export_for
 from lifelong.models import merge_adapter
 from lifelong.moe import is_moe_dir
 from lifelong.registry import Registry, ResolvedModel
+from lifelong.runtime import release_orphaned_workers
 from lifelong.storage import Storage, is_uri
 from lifelong.tasks import task
 from lifelong.train.ds_config import total_optimizer_steps
@@ -370,10 +371,16 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
         result = fit(prep, run_name)
     except ray.train.TrainingFailedError as e:
         raise LifelongError(f"training run '{run_name}' failed: {e}") from None
+    except ray.exceptions.RayActorError as e:  # its controller (or the warm actor) was killed
+        raise LifelongError(
+            f"training run '{run_name}' stopped: {first_line(e, 300)}; the same command again resumes it from its last checkpoint"
+        ) from None
     except ray.exceptions.RayTaskError as e:  # the warm actor's loop raised
         if isinstance(e.cause, LifelongError):
             raise e.cause from None
         raise LifelongError(f"training run '{run_name}' failed: {first_line(e, 2000)}") from None
+    finally:  # a run whose controller died leaves its workers reserved while this driver lives
+        release_orphaned_workers(f"run '{run_name}'")
     if result.error:
         raise LifelongError(f"training run '{run_name}' failed: {result.error}")
     return register_best(prep, result, run_name)
