@@ -627,18 +627,22 @@ def holdout_values(config: JobConfig, storage: Storage, stream: Stream, refs: li
 def holdout_scores(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[dict]:
     """Each model's counts on each window's holdout, as its task counts them (`holdout_counts`:
     per class {label: [correct, rows]}, or a language model's summed loss and tokens):
-    {"labels": the model's label set, "windows": [counts, ...]}. One Ray task per model (side by
-    side), which loads it once and scores every holdout (they are small: a fraction of each window)."""
+    {"labels": the model's label set, "windows": [counts, ...]}. Each model is loaded once and
+    scores every holdout. Holdouts of at most data.in_process_mb in all are scored here, one model
+    after another: a Ray task per model started a worker that imported torch first, 8-16 s of
+    every image cycle whose training took 1-4 s. Larger ones: a Ray task per model, side by side."""
     import ray
 
-    score = ray.remote(num_cpus=1)(_score_holdouts)
     d = config.data
     rels = [stream.holdout_rel(j) for j in windows]
     legacy = (d.text_column, d.label_column)
     # A gate on answers (bleu, chrf, exact_match): each model answers each holdout's first prompts.
     generate = (config.continual.gates.generate_rows, config.serve.max_new_tokens) if holdout_metric(config) in REFERENCE_METRICS else None
-    scored = [score.remote(storage, ref, rels, config.model.task, config.model.max_length, legacy, generate) for ref in refs]
-    return gather(scored, "scoring the holdouts")
+    jobs = [(storage, ref, rels, config.model.task, config.model.max_length, legacy, generate) for ref in refs]
+    if sum(storage.fs.get_file_info(storage.path(rel)).size or 0 for rel in rels) <= d.in_process_mb * 2**20:
+        return [_score_holdouts(*job) for job in jobs]
+    score = ray.remote(num_cpus=1)(_score_holdouts)
+    return gather([score.remote(*job) for job in jobs], "scoring the holdouts")
 
 
 @contextlib.contextmanager
