@@ -91,9 +91,9 @@ class DataConfig(Section):
     # a random crop of the image padded by this many pixels on each side (0: none).
     augment_flip: bool = False
     augment_crop_padding: int = Field(default=0, ge=0)
-    # Data files of at most this many MB in all (and continual windows of as many bytes of rows)
-    # are read, validated and tokenized in the driver's own process: a command's fresh Ray
-    # workers spend seconds importing before their first file. Larger data goes through Ray
+    # Data files of at most this many MB in all (and continual windows of as many bytes of rows,
+    # and a cycle's holdouts, scored) are read, validated and tokenized in the driver's own
+    # process: a command's fresh Ray workers spend seconds importing before their first file. Larger data goes through Ray
     # tasks and Ray Data, spread over the cluster's CPUs. 0: always through Ray.
     in_process_mb: float = Field(default=16, ge=0)
     # What a row holds, "text" or "image": the task's (set from model.task by JobConfig).
