@@ -181,18 +181,22 @@ def test_a_run_whose_controller_is_killed_gives_its_workers_back_to_the_driver_t
         "train.epochs=50",
         "scaling.num_workers=2",
     )
-    free = free_cpus_when_settled()
+
+    def controllers() -> set[str]:  # (a finished run's controller stays alive, holding nothing)
+        actors = ray_session._private.state.actors().values()
+        return {a["ActorID"] for a in actors if a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"}
+
+    free, before = free_cpus_when_settled(), controllers()
     raised = []
     run = threading.Thread(target=lambda: raised.append(pytest.raises(LifelongError, run_training, config)))
     run.start()
     deadline = time.monotonic() + 240
-    while ray_session.available_resources().get("CPU", 0) > free - 2 and time.monotonic() < deadline:
-        time.sleep(0.5)  # until its workers are reserved
-    (controller,) = [
-        a for a in ray_session._private.state.actors().values() if a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"
-    ]
+    while not (controllers() - before and ray_session.available_resources().get("CPU", 0) <= free - 2):
+        assert time.monotonic() < deadline and run.is_alive(), "the run never reserved its workers"
+        time.sleep(0.5)
+    (controller,) = controllers() - before
     worker = ray_session._private.worker.global_worker
-    worker.core_worker.kill_actor(ray_session.ActorID.from_hex(controller["ActorID"]), True)  # ray.kill by id
+    worker.core_worker.kill_actor(ray_session.ActorID.from_hex(controller), True)  # ray.kill by id
     run.join(120)
     assert raised and "the same command again resumes it" in str(raised[0].value)
     assert "[lifelong] released placement group" in capsys.readouterr().out

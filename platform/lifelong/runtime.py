@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 
@@ -44,8 +46,41 @@ def connect(
     cpus = num_cpus or max(os.cpu_count() or 1, int(min_cpus) + 2, 4)
     if dashboard and dashboard_port is None:
         dashboard_port = free_port()
-    ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_port=dashboard_port, logging_level=logging.WARNING)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        before = _children()
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_port=dashboard_port, logging_level=logging.WARNING)
+            break
+        except Exception as e:  # Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(e):
+                raise
+            for pid in _children() - before:  # the half-started GCS and raylet of this attempt
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            load = os.getloadavg()[0]
+            if attempt == START_ATTEMPTS:
+                raise LifelongError(
+                    f"the embedded Ray did not start: its raylet did not register within Ray's 30 s, {START_ATTEMPTS} times "
+                    f"(load average {load:.1f} on {os.cpu_count()} CPUs): the machine is too busy; try again when it is not"
+                ) from None
+            print(f"[lifelong] the embedded Ray did not start within Ray's 30 s (load average {load:.1f}): starting it again", flush=True)
     return f"an embedded local Ray ({cpus} logical CPUs)"
+
+
+# Ray gives a local node's raylet a fixed 30 s to register; on a machine loaded far past its
+# cores (seen under `make test`: load 9-12 on 2 cores) it can miss that, once.
+START_ATTEMPTS = 3
+
+
+def _children() -> set[int]:
+    """This process's child processes (Linux /proc; elsewhere none are known)."""
+    me, out = os.getpid(), set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == me:
+                    out.add(int(entry))
+    return out
 
 
 def free_port() -> int:
