@@ -73,6 +73,10 @@ STEPS = [
         ("{job} │ SUCCEEDED",),
     ),
     Step(["lifelong jobs logs ID [--follow]"], f"lifelong jobs logs {{job}} {CLUSTER}", ("registered tiny-gpt2:1",)),
+    # Stopped as the README's example stops it, and started again for the cycle jobs at the end:
+    # an idle cluster kept up meanwhile took CPU from every command in between (and from the
+    # test module run beside this one).
+    Step(["cluster/local.sh stop"], "cluster/local.sh stop"),
     # The same config and data here: the same run, already registered by the cluster's job.
     Step(
         ["lifelong pretrain configs/gpt2/tiny_pretrain.yaml"],
@@ -311,6 +315,7 @@ STEPS = [
         "lifelong continual requeue configs/gpt2/tiny_continual.yaml --all",
     ),
     # Back on the cluster: a cycle job (nothing new has landed: it says so and succeeds) ...
+    Step(["cluster/local.sh start 1"], "cluster/local.sh start 1", ("Ray cluster up: 2 nodes",)),
     Step(
         ["lifelong submit continual CONFIG --once"],
         f"lifelong submit continual configs/gpt2/tiny_continual.yaml {ON_CLUSTER} --once {CLUSTER}",
