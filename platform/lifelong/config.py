@@ -93,8 +93,9 @@ class DataConfig(Section):
     augment_crop_padding: int = Field(default=0, ge=0)
     # Data files of at most this many MB in all (and continual windows of as many bytes of rows,
     # and a cycle's holdouts, scored) are read, validated and tokenized in the driver's own
-    # process: a command's fresh Ray workers spend seconds importing before their first file. Larger data goes through Ray
-    # tasks and Ray Data, spread over the cluster's CPUs. 0: always through Ray.
+    # process: a command's fresh Ray workers spend seconds importing before their first file.
+    # Larger data goes through Ray tasks and Ray Data, spread over the cluster's CPUs. 0: always
+    # through Ray.
     in_process_mb: float = Field(default=16, ge=0)
     # What a row holds, "text" or "image": the task's (set from model.task by JobConfig).
     _content: str = PrivateAttr(default="text")

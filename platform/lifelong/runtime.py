@@ -156,9 +156,8 @@ def release_orphaned_workers(left_by: str) -> list[str]:
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
         nil_creator = pg.creator_actor_id == b"\xff" * len(pg.creator_actor_id)
-        if pg.creator_job_id.hex() != job or pg.is_detached or nil_creator or not pg.creator_actor_dead:
-            continue
-        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED:
+        removed = pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
+        if pg.creator_job_id.hex() != job or pg.is_detached or nil_creator or not pg.creator_actor_dead or removed:
             continue
         cpus = sum(b.unit_resources.get("CPU", 0) for b in pg.bundles)
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))

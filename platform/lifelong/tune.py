@@ -139,11 +139,7 @@ class GiveBackWorkers(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         release_orphaned_workers("a trial that ended")
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        release_orphaned_workers("a trial that ended")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        release_orphaned_workers("a trial that ended")
+    on_trial_complete = on_trial_error = on_trial_start
 
 
 class Progress(tune.Callback):
