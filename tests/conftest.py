@@ -47,13 +47,16 @@ LONGEST_FIRST = [
 
 def pytest_runtest_logreport(report):
     """Name a failure the moment it happens: `-q` under xdist names failures only in its final
-    summary, which a run stopped by CI's time limit never prints. Only the controller (or a
+    summary, which a run stopped by CI's time limit never prints; with why (the assertion's last
+    lines), which that summary would have given. Only the controller (or a
     run without xdist) prints; a worker's lines would be lost."""
     if report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
         import sys
 
         when = "" if report.when == "call" else f" (in {report.when})"
-        sys.stdout.write(f"\nFAILED {report.nodeid}{when} after {report.duration:.0f} s\n")
+        crash = getattr(report.longrepr, "reprcrash", None)  # the assertion or error, its last lines
+        why = "\n  ".join((crash.message if crash else str(report.longrepr)).splitlines()[-12:])[-1500:]
+        sys.stdout.write(f"\nFAILED {report.nodeid}{when} after {report.duration:.0f} s:\n  {why}\n")
         sys.stdout.flush()
 
 

@@ -280,7 +280,7 @@ def test_an_unreachable_or_wrong_kind_of_address_is_one_line_within_seconds(tmp_
 
 
 FROZEN_RAYLET = """
-import os, signal
+import os, signal, time
 import ray._private.services as services
 from lifelong.runtime import connect
 
@@ -296,8 +296,20 @@ services.ConsolePopen.__init__ = freeze_the_first_raylet
 print(connect(num_cpus=2))
 import ray
 from lifelong.runtime import _children
+
+def _children_of(pid):
+    return [int(q) for q in os.listdir("/proc") if q.isdigit() and _parent(q) == pid]
+
+def _parent(q):
+    try:
+        return int(open(f"/proc/{q}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 alive = [p for p in _children() if open(f"/proc/{p}/cmdline").read().split(chr(0))[0].endswith("/raylet")]
 print("cpus", ray.cluster_resources()["CPU"], "raylets", len(alive), "frozen gone", services.frozen not in alive)
+time.sleep(3)  # Ray would have started a worker per CPU by now
+workers = [p for p in _children() for q in _children_of(p) if open(f"/proc/{q}/cmdline").read().startswith("ray::IDLE")]
+print("idle workers", len(workers), "preemption watcher", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"))
 """
 
 
@@ -314,6 +326,9 @@ def test_an_embedded_ray_whose_raylet_misses_rays_start_up_window_is_started_aga
     assert out.returncode == 0, out.stderr[-3000:]
     assert "did not start within Ray's 30 s" in out.stdout and "starting it again" in out.stdout, out.stdout
     assert "an embedded local Ray (2 logical CPUs)" in out.stdout and "cpus 2.0 raylets 1 frozen gone True" in out.stdout, out.stdout
+    # And what it starts: no worker until something needs one (Ray starts one per CPU), no Ray
+    # Train preemption watcher (nothing preempts this machine's own Ray).
+    assert "idle workers 0 preemption watcher 0" in out.stdout, out.stdout
 
 
 def _project(root, files: dict[str, str]):

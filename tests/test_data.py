@@ -274,3 +274,24 @@ def test_a_report_on_the_console_counts_its_files_and_the_json_lists_them():
     listed, counted = report.to_dict(), report.to_dict(per_file=False)
     assert [f["path"] for f in listed["files"]] == ["/d/0.png", "/d/1.png", "/d/2.png"] and counted["files"] == 3
     assert counted["quarantined"] == listed["quarantined"] == [{"path": "/d/x.png", "reason": "empty file (0 bytes)"}]
+
+
+def test_a_dataset_of_tables_read_here_starts_no_ray_task(ray_session, monkeypatch):
+    """Rows read, tokenized or scored in the driver (data.in_process_mb) become a dataset without
+    the remote task per table that ray.data.from_arrow runs (each a worker process to start on a
+    fresh Ray). The witness is Ray Data's own maker of remote functions: from_arrow, just after,
+    asks it for its task."""
+    import pyarrow as pa
+    import ray.data.read_api
+
+    from lifelong.data import dataset_of
+
+    remote, made = ray.data.read_api.cached_remote_fn, []
+    monkeypatch.setattr(ray.data.read_api, "cached_remote_fn", lambda fn, **kw: made.append(fn.__name__) or remote(fn, **kw))
+    tables = [pa.table({"text": [f"row {i}.{j}" for j in range(5)], "label": [j % 2 for j in range(5)]}) for i in range(3)]
+    ours = dataset_of(tables)
+    assert ours.count() == 15 and ours.num_blocks() == 3 and ours.schema().names == ["text", "label"]
+    assert sorted(r["text"] for r in ours.take_all()) == sorted(t for table in tables for t in table.column("text").to_pylist())
+    assert made == []
+    assert ray.data.from_arrow(tables).take_all() == ours.take_all()  # the witness
+    assert made == ["get_table_block_metadata_schema"]

@@ -393,7 +393,7 @@ def sh(command: str, project: Path, env: dict, timeout: float = 900) -> subproce
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(4800)
 def test_the_shown_commands_work_as_printed(fresh_project):
     project, env = fresh_project
     job = None

@@ -18,7 +18,7 @@ import torch
 from ray.data.block import BlockAccessor
 
 from lifelong.config import JobConfig
-from lifelong.data import RESPONSE, DataReport, TokenizerRef, read_validated, tokenized
+from lifelong.data import RESPONSE, DataReport, TokenizerRef, dataset_of, read_validated, tokenized
 from lifelong.errors import DataError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -82,7 +82,7 @@ def evaluate_model(
     if validated.table is not None:  # read here (data.in_process_mb): scored here too, no actor to start
         score = Scorer(**scorer)
         blocks = [BlockAccessor.batch_to_block(score(b)) for b in rows.iter_batches(batch_size=batch_size, batch_format="numpy")]
-        scored = ray.data.from_arrow(blocks) if blocks else None
+        scored = dataset_of(blocks) if blocks else None
     else:
         scored = rows.map_batches(Scorer, fn_constructor_kwargs=scorer, batch_size=batch_size, batch_format="numpy", concurrency=workers)
     parts = [b for b in scored.iter_batches(batch_size=4096, batch_format="pandas")] if scored is not None else []

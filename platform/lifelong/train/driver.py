@@ -23,7 +23,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from lifelong.config import JobConfig
-from lifelong.data import RESPONSE, DataReport, TokenizerRef, ValidatedData, first_rows, read_validated, tokenized
+from lifelong.data import RESPONSE, DataReport, TokenizerRef, ValidatedData, dataset_of, first_rows, read_validated, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError, first_line
 from lifelong.export import ExportResult, OnnxTemplate, export_files, export_formats, should_export_on_register
 from lifelong.models import merge_adapter
@@ -134,7 +134,7 @@ def prepare_data_from_tables(
     holdout): tokenized here up to data.in_process_mb, by Ray Data above it."""
     if train.nbytes + validation.nbytes <= config.data.in_process_mb * 2**20:
         return _tokenized_data(config, storage, registry, train, validation, report)
-    return _tokenized_data(config, storage, registry, ray.data.from_arrow(train), ray.data.from_arrow(validation), report)
+    return _tokenized_data(config, storage, registry, dataset_of([train]), dataset_of([validation]), report)
 
 
 def _tokenized_data(
