@@ -70,7 +70,10 @@ case "${1:-start}" in
     fi
     test -s "$HOME/.ray/auth_token" || "$BIN/ray" get-auth-token --generate >/dev/null
     mkdir -p "$STATE"
+    # No worker per CPU started up front for each job's driver (as lifelong's embedded Ray): each
+    # starts when a task or actor first needs it.
     setsid nohup "$BIN/ray" start --head --block --port=6380 --dashboard-host=127.0.0.1 --dashboard-port=8265 \
+      --system-config='{"prestart_worker_first_driver": false}' \
       --dashboard-agent-listen-port="$AGENT_PORT" --metrics-export-port="$METRICS_PORT" \
       --ray-client-server-port="$CLIENT_PORT" --num-cpus=2 --temp-dir="$STATE/ray" >"$STATE/head.log" 2>&1 &
     echo $! >"$STATE/head.pid"
