@@ -82,3 +82,34 @@ def test_a_build_is_not_compiled_again_whichever_ninja_comes_first_on_path(tmp_p
         assert done.returncode == 0, done.stderr[-2000:]
         after = ((built / "deepspeed_shm_comm.so").stat().st_mtime_ns, (built / ".ninja_log").read_text())
         assert after == before, f"with the {name} on PATH the op was compiled again"
+
+
+ASKED = """
+import sys, cpuinfo.cpuinfo
+asked, own = [], cpuinfo.cpuinfo.get_cpu_info_json
+cpuinfo.cpuinfo.get_cpu_info_json = lambda: asked.append(1) or own()  # where py-cpuinfo starts its process
+if sys.argv[1] == "kept":
+    from lifelong.train import ops
+    ops.use_prebuilt()
+from deepspeed.ops.op_builder.cpu import FusedAdamBuilder
+flags = FusedAdamBuilder().cxx_args()  # what DeepSpeed works out each time it loads the op
+print(len(asked), flags)
+"""
+
+
+def test_a_worker_asks_py_cpuinfo_once_per_cpu_not_twice_per_op(tmp_path):
+    """DeepSpeed asks py-cpuinfo (a new Python process a question) twice each time it loads an
+    op. The first worker on a CPU asks once and keeps the answer next to the ops; the next asks
+    none; the flags (which decide whether a built op is built again) are those asked anew."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+
+    def run(mode: str) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, "-c", ASKED, mode], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        asked, flags = done.stdout.strip().splitlines()[-1].split(" ", 1)
+        return int(asked), flags
+
+    first, second, unkept = run("kept"), run("kept"), run("asked")
+    assert (first[0], second[0], unkept[0]) == (1, 0, 2)
+    assert first[1] == second[1] == unkept[1] and "native" in unkept[1]
+    assert [p.name for p in tmp_path.glob("cpuinfo-*.json")] != []

@@ -18,7 +18,9 @@ own under `ray start` from its bin directory), so both here put the environment'
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,6 +46,54 @@ def use_prebuilt() -> None:
         EXTENSIONS_DIR.mkdir(exist_ok=True)
         os.environ["TORCH_EXTENSIONS_DIR"] = str(EXTENSIONS_DIR)
     _own_ninja_first()
+    _cpu_info_once()
+
+
+def _cpu_info_once() -> None:
+    """DeepSpeed derives an op's compiler flags from py-cpuinfo each time it loads the op (twice
+    an op), and py-cpuinfo asks a new Python process each time: ~1.2 s a question here, 2-4 per
+    training worker's start (measured 2026-12-03). The answer is kept, per process and in a file
+    per CPU (vendor, model and flags as the kernel lists them) next to the ops, and given again."""
+    try:
+        import cpuinfo
+    except ImportError:
+        return
+    ask = getattr(cpuinfo.get_cpu_info, "__wrapped__", cpuinfo.get_cpu_info)  # py-cpuinfo's own
+    kept = _cpu_info_file()
+
+    @functools.cache
+    def get_cpu_info() -> dict:
+        if kept is None:
+            return ask()
+        try:
+            return json.loads(kept.read_text())
+        except (OSError, ValueError):  # not kept yet (or cut short): asked, then kept
+            info = ask()
+        try:
+            part = kept.with_suffix(f".{os.getpid()}.part")
+            part.write_text(json.dumps(info))
+            part.replace(kept)
+        except OSError:  # not writable: this process keeps it
+            pass
+        return info
+
+    get_cpu_info.__wrapped__ = ask
+    cpuinfo.get_cpu_info = get_cpu_info
+
+
+def _cpu_info_file() -> Path | None:
+    """Where py-cpuinfo's answer for this machine's CPU is kept; None where the kernel lists no
+    CPU to key it by (then each process asks once)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    keys = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags", "Features", "CPU part")
+    described = sorted({line for line in lines if line.split(":", 1)[0].strip() in keys})
+    if not described:
+        return None
+    key = hashlib.sha256("\n".join(described).encode()).hexdigest()[:12]
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)) / f"cpuinfo-{key}.json"
 
 
 def _own_ninja_first() -> None:
@@ -64,6 +114,7 @@ def build(names: tuple[str, ...] = CPU_OPS) -> list[str]:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
     Path(os.environ["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
     _own_ninja_first()
+    _cpu_info_once()
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
