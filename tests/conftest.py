@@ -402,9 +402,7 @@ def _release_held_cpus(module: str) -> None:
 
     groups = [g for g in list_placement_groups(address=address, detail=True, limit=1000) if g.state != "REMOVED"]
     apps = list(serve.status().applications)  # none when Serve never started
-    others = [f"{a.class_name}(pid={a.pid}, {a.required_resources})" for a in actors if a.class_name != "WarmTrainer"]
-    bundles = [[b["unit_resources"] for b in g.bundles] for g in groups]
-    report = f"{module} left {cpus:g} CPUs held: serve apps {apps}; actors {others}; placement groups {bundles}"
+    report = f"{module} left {cpus:g} CPUs held: serve apps {apps}; {what_holds_cpus()}"
     print("\n[session ray] " + report, flush=True)
     os.makedirs(os.path.join(ROOT, ".pytest_cache"), exist_ok=True)
     with open(os.path.join(ROOT, ".pytest_cache", "held-cpus.log"), "a") as f:
@@ -413,6 +411,23 @@ def _release_held_cpus(module: str) -> None:
         serve.delete(app)
     for group in groups:
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
+
+
+def what_holds_cpus() -> str:
+    """The session's live actors that hold CPUs (warm trainers but by name) and its placement
+    groups not removed (bundles, state, creator): what a test names when CPUs stay held."""
+    import ray
+    from ray.util.state import list_actors, list_placement_groups
+
+    address = ray.get_runtime_context().gcs_address  # this session's Ray, not another on the machine
+    alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    actors = [f"{a.class_name}(pid={a.pid}, {a.required_resources})" for a in alive if a.required_resources.get("CPU")]
+    groups = [
+        f"{[b['unit_resources'] for b in g.bundles]} {g.state} name={g.name!r} detached={g.is_detached} job={g.creator_job_id}"
+        for g in list_placement_groups(address=address, detail=True, limit=1000)
+        if g.state != "REMOVED"
+    ]
+    return f"actors {actors}; placement groups {groups}"
 
 
 def free_cpus_when_settled(expected: float | None = None, timeout: float = 20) -> float:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import free_cpus_when_settled, killed_after_first_checkpoint, make_config
+from conftest import free_cpus_when_settled, killed_after_first_checkpoint, make_config, what_holds_cpus
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -200,7 +200,7 @@ def test_a_run_whose_controller_is_killed_gives_its_workers_back_to_the_driver_t
     run.join(120)
     assert raised and "the same command again resumes it" in str(raised[0].value)
     assert "[lifelong] released placement group" in capsys.readouterr().out
-    assert free_cpus_when_settled(free) == free
+    assert free_cpus_when_settled(free) == free, what_holds_cpus()
 
 
 def test_a_changed_config_or_data_is_another_run_and_one_run_name_never_mixes_two(pretrained, tmp_path, capsys):

@@ -161,22 +161,50 @@ def release_orphaned_workers(left_by: str) -> list[str]:
     actor is dead is no one's. (The cleaner actor itself, holding no CPU, stays: Ray gives no way
     to end an actor this driver holds no handle to.)
     """
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     if not ray.is_initialized():
         return []
-    job = ray.get_runtime_context().get_job_id()
     released = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+    for pg in _placement_groups():
         nil_creator = pg.creator_actor_id == b"\xff" * len(pg.creator_actor_id)
-        removed = pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
-        if pg.creator_job_id.hex() != job or pg.is_detached or nil_creator or not pg.creator_actor_dead or removed:
+        if nil_creator or not pg.creator_actor_dead:
             continue
         cpus = sum(b.unit_resources.get("CPU", 0) for b in pg.bundles)
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
         released.append(f"placement group {pg.placement_group_id.hex()[:12]} ({cpus:g} CPUs)")
         print(f"[lifelong] released {released[-1]} left by {left_by}", flush=True)
+    return released
+
+
+def _placement_groups() -> list:
+    """This job's placement groups that are not removed and not detached, as the GCS records them."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job, out = ray.get_runtime_context().get_job_id(), []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if pg.creator_job_id.hex() == job and not pg.is_detached and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED:
+            out.append(pg)
+    return out
+
+
+def reserved_groups() -> set[bytes]:
+    """The ids of this job's placement groups now (for `release_when_settled`)."""
+    return {pg.placement_group_id for pg in _placement_groups()} if ray.is_initialized() else set()
+
+
+def release_when_settled(before: set[bytes], left_by: str, timeout: float = 30.0) -> list[str]:
+    """After work whose Ray Train runs have all ended (a sweep): wait, at most `timeout` s, until
+    every placement group this job made since `before` is removed by its controller or left by a
+    dead one (released, one line each). A trial's controller ends after its trial does, and the
+    GCS learns of its death later still: a check made the moment the sweep returned found it
+    alive, and its 2 CPUs stayed held until something checked again (seen under `make test`)."""
+    deadline, released = time.monotonic() + timeout, []
+    while ray.is_initialized():
+        released += release_orphaned_workers(left_by)
+        if not reserved_groups() - before or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     return released

@@ -36,7 +36,7 @@ from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
 from lifelong.config import JobConfig, set_dotted, validate_config
 from lifelong.errors import ConfigError, LifelongError
-from lifelong.runtime import release_orphaned_workers
+from lifelong.runtime import release_orphaned_workers, release_when_settled, reserved_groups
 from lifelong.storage import Storage, local_cache_dir
 
 TRIAL_DRIVER_CPU = 0.01  # a trial's own function needs a non-zero share to be scheduled
@@ -476,10 +476,11 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
         f"{'shared' if shares_data(config) else 'per-trial'} data ({data.train_examples} training examples)",
         flush=True,
     )
+    before = reserved_groups()
     try:
         results = build_tuner(config, data, resume).fit()
     finally:
-        release_orphaned_workers(f"a trial of sweep '{name}'")
+        release_when_settled(before, f"a trial of sweep '{name}'")
 
     out_dir = Path(storage.path("tune", name)) if storage.is_local else local_cache_dir("tune", name)
     out_dir.mkdir(parents=True, exist_ok=True)
