@@ -161,20 +161,25 @@ def release_orphaned_workers(left_by: str) -> list[str]:
     actor is dead is no one's. (The cleaner actor itself, holding no CPU, stays: Ray gives no way
     to end an actor this driver holds no handle to.)
     """
+    return _release_orphans(_placement_groups(), left_by)[0] if ray.is_initialized() else []
+
+
+def _release_orphans(groups: list, left_by: str) -> tuple[list[str], set[bytes]]:
+    """Of `groups`, remove those whose creating actor is dead (one line each); returns what was
+    released and the ids of the groups still held."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    if not ray.is_initialized():
-        return []
-    released = []
-    for pg in _placement_groups():
+    released, held = [], set()
+    for pg in groups:
         nil_creator = pg.creator_actor_id == b"\xff" * len(pg.creator_actor_id)
         if nil_creator or not pg.creator_actor_dead:
+            held.add(pg.placement_group_id)
             continue
         cpus = sum(b.unit_resources.get("CPU", 0) for b in pg.bundles)
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
         released.append(f"placement group {pg.placement_group_id.hex()[:12]} ({cpus:g} CPUs)")
         print(f"[lifelong] released {released[-1]} left by {left_by}", flush=True)
-    return released
+    return released, held
 
 
 def _placement_groups() -> list:
@@ -203,8 +208,9 @@ def release_when_settled(before: set[bytes], left_by: str, timeout: float = 30.0
     alive, and its 2 CPUs stayed held until something checked again (seen under `make test`)."""
     deadline, released = time.monotonic() + timeout, []
     while ray.is_initialized():
-        released += release_orphaned_workers(left_by)
-        if not reserved_groups() - before or time.monotonic() > deadline:
+        done, held = _release_orphans(_placement_groups(), left_by)
+        released += done
+        if not held - before or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     return released
