@@ -10,6 +10,7 @@ demo data among them: give data.path as a URI or a path every node reads).
 import sys
 
 from lifelong.commands import continual
+from lifelong.console import fail
 from lifelong.errors import LifelongError
 from lifelong.submit import job_args
 
@@ -17,4 +18,4 @@ try:
     path, flags, overrides = job_args("continual", sys.argv[1:])
     continual(path, overrides, once="--once" in flags, force="--force" in flags)
 except LifelongError as e:
-    sys.exit(f"error: {e}")
+    fail(str(e))

@@ -10,6 +10,7 @@ demo data among them: give data.path as a URI or a path every node reads).
 import sys
 
 from lifelong.commands import train
+from lifelong.console import fail
 from lifelong.errors import LifelongError
 from lifelong.submit import job_args
 
@@ -17,4 +18,4 @@ try:
     path, flags, overrides = job_args("pretrain", sys.argv[1:])
     train("pretrain", path, overrides, resume="--resume" in flags)
 except LifelongError as e:
-    sys.exit(f"error: {e}")
+    fail(str(e))

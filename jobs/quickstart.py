@@ -12,27 +12,29 @@ Every run has its own run, sweep and stream names, so earlier runs stay in the s
 
 import collections
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
-from ray import serve
-from rich.table import Table
+from lifelong.console import console, fail, quiet, say
 
-from lifelong.commands import console, print_sweep_summary, print_training_summary
-from lifelong.config import load_config
-from lifelong.continual.cycle import run_cycle
-from lifelong.continual.gates import past_window_drop
-from lifelong.continual.report import write_report
-from lifelong.registry import Registry
-from lifelong.runtime import connect
-from lifelong.serve import deploy
-from lifelong.storage import Storage
-from lifelong.synth import write_stream, write_text_corpus, write_topic_dataset
-from lifelong.train.driver import run_training
-from lifelong.tune import needs_state_api, run_sweep
+# Before the heavy imports: what torch, DeepSpeed and Ray print from here on goes to the log file.
+quiet("lifelong-store", "quickstart")
+
+import httpx  # noqa: E402
+from ray import serve  # noqa: E402
+
+from lifelong.commands import print_sweep_summary, print_training_summary  # noqa: E402
+from lifelong.config import load_config  # noqa: E402
+from lifelong.continual.cycle import run_cycle  # noqa: E402
+from lifelong.continual.report import write_report  # noqa: E402
+from lifelong.registry import Registry  # noqa: E402
+from lifelong.runtime import connect  # noqa: E402
+from lifelong.serve import deploy  # noqa: E402
+from lifelong.storage import Storage  # noqa: E402
+from lifelong.synth import write_stream, write_text_corpus, write_topic_dataset  # noqa: E402
+from lifelong.train.driver import run_training  # noqa: E402
+from lifelong.tune import needs_state_api, run_sweep  # noqa: E402
 
 WINDOWS = 3
 started = time.monotonic()
@@ -67,19 +69,17 @@ served = load_config("configs/gpt2/tiny_serve.yaml", ["serve.poll_interval_s=0.5
 where = connect(num_cpus=4, dashboard=needs_state_api(sweep))  # for multi-worker trials: ASHA frees stopped ones through it
 console.print(f"[bold]quickstart[/] on {where}; storage root {pretrain.storage.root}")
 registry = Registry(Storage(pretrain.storage.root))
-origin = {}  # "tiny-topics:v" → what made it
 
 console.rule("1/5 pretrain a tiny GPT-2 with 2 DeepSpeed workers (ZeRO-2)")
 lm = run_training(pretrain)
-print_training_summary(lm)
+print_training_summary(lm, hint=False)  # promoted next
 registry.move_alias(lm.model, "champion", lm.version, reason="quickstart pretrain")
 
 console.rule("2/5 sweep: Optuna TPE + ASHA fine-tune tiny-gpt2@champion into a topic classifier (4 trials)")
 best = run_sweep(sweep, promote=True)
 print_sweep_summary(best)
 if best.version is None:
-    sys.exit(f"quickstart stopped: no trial of the sweep finished, so there is nothing to serve (trials: {best.csv})")
-origin[best.version] = f"sweep {best.name}"
+    fail(f"quickstart stopped: no trial of the sweep finished, so there is nothing to serve (trials: {best.csv})")
 
 console.rule("3/5 serve tiny-topics@champion (ONNX Runtime, 2 replicas); a client asks every 0.1 s")
 url = deploy(served)
@@ -114,8 +114,7 @@ try:
             shutil.copy(f, landing / f"window-{w:03d}-{f.name}")
         outcome = run_cycle(cycles)
         outcomes.append(outcome)
-        origin[outcome.version] = f"cycle, window {w}"
-        console.print(outcome.summary(), markup=False, highlight=False, soft_wrap=True)
+        say(outcome.summary())
         champion = registry.alias_version(cycles.name, "champion")
         deadline = time.monotonic() + 60
         while serving() != champion and time.monotonic() < deadline:
@@ -127,16 +126,10 @@ finally:
     serve.delete(served.serve_app_name)
 
 console.rule("5/5 summary")
-table = Table(title=f"{cycles.name}: versions made by this run")
-for column in ("version", "made by", "decision", "accuracy on the new window (champion before)", "accuracy lost on past windows"):
-    table.add_column(column)
-table.add_row(str(best.version), origin[best.version], "promoted (best trial)", "-", "-")
-for o in outcomes:
-    cand, champ = o.accuracy["candidate"], o.accuracy["champion"]
-    table.add_row(str(o.version), origin[o.version], o.status, f"{cand[-1]:.3f} ({champ[-1]:.3f})", f"{past_window_drop(cand, champ):.3f}")
-console.print(table)
+made = [f"{best.version} by sweep {best.name}"] + [f"{o.version} by the cycle of window {w} ({o.status})" for w, o in enumerate(outcomes)]
+say(f"{cycles.name} versions made by this run: " + "; ".join(made))
 report = write_report(cycles)
-console.print(report.text, markup=False, highlight=False, soft_wrap=True)
+say(report.text)
 console.print(f"plots: {report.matrix_png}, {report.metrics_png}", soft_wrap=True)
 by_version = collections.Counter(v for status, v in answers if status == 200)
 failed = [a for a in answers if a[0] != 200]

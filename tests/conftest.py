@@ -37,6 +37,7 @@ LONGEST_FIRST = [
     "test_cluster_recovery",
     "test_cluster",
     "test_cli",
+    "test_console",
     "test_cluster_s3",
     "test_vision",
     "test_serve",

@@ -9,15 +9,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from lifelong.console import LOG_LEVEL_ENV, console, errors, quiet, say
 from lifelong.errors import LifelongError, first_line
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, help="Keep transformer models learning on Ray."
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Keep transformer models learning on Ray. A command's library and Ray logs go to a file under the storage root "
+    "(logs/), its path shown once; --verbose shows them here instead.",
 )
 models_app = typer.Typer(no_args_is_help=True, help="Versions and aliases in the model registry.")
 data_app = typer.Typer(no_args_is_help=True, help="Demo data the project generates (synthetic).")
@@ -25,7 +29,19 @@ jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster (Ray's 
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
-console = Console()
+
+
+@app.callback()
+def options(
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help=f"Ray's, DeepSpeed's and the libraries' logs on the console too (or {LOG_LEVEL_ENV}=INFO)."),
+    ] = False,
+) -> None:
+    """--verbose: the libraries' and Ray's logs on the console too (LIFELONG_LOG_LEVEL, for jobs)."""
+    if verbose:
+        os.environ.setdefault(LOG_LEVEL_ENV, "INFO")
+
 
 ConfigArg = Annotated[Path, typer.Argument(help="A YAML config (see configs/).")]
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Dotted overrides, e.g. train.lr=3e-4.")]
@@ -102,6 +118,7 @@ def evaluate(
 
     cfg = load_config(config, overrides or [])
     Registry(Storage(cfg.storage.root)).check_ref(model)
+    quiet(cfg.storage.root, "evaluate")
     from lifelong.evaluate import evaluate_model
     from lifelong.runtime import connect
 
@@ -125,7 +142,7 @@ def evaluate(
         json_out.write_text(json.dumps(result.to_dict(), indent=2))
         console.print(f"written: {json_out}")
     else:  # on the console the files are counted, not listed (--json FILE has each with its hash)
-        print(json.dumps(result.to_dict(per_file=False), indent=2))
+        say(json.dumps(result.to_dict(per_file=False), indent=2))
 
 
 @app.command()
@@ -150,6 +167,7 @@ def predict(
     from lifelong.runtime import connect
 
     request = check_request(root, ref, data, out, backend, column)  # a wrong reference, DATA or OUT: one message, before Ray starts
+    quiet(root, "predict")
     connect(address)
     report = predict_rows(request, batch_size)
     table = Table(title=f"{report.model}:{report.version} ({report.backend}) on {data}")
@@ -198,6 +216,7 @@ def export(
     if not formats:  # before any data is read for a gate that would not run
         raise LifelongError(f"{resolved.ref} already has {', '.join(asked)}; versions are immutable")
     rows = None
+    quiet(root, "export")
     if "onnx-int8" in formats:
         from lifelong.runtime import connect
 
@@ -633,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv)
     except LifelongError as e:
         # One line per line (logs get grepped); the message as written: `[haproxy]` is not markup.
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as e:  # a store, a data path or a cluster cannot be reached: what and where, not a traceback
         hint = (
@@ -641,9 +660,7 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(e, ConnectionError) and "Ray cluster" in str(e)
             else "check that the storage root, data paths and their endpoints are right and reachable"
         )
-        Console(stderr=True).print(
-            f"[bold red]error:[/] {type(e).__name__}: {escape(first_line(e, 500))} ({hint})", highlight=False, soft_wrap=True
-        )
+        errors.print(f"[bold red]error:[/] {type(e).__name__}: {escape(first_line(e, 500))} ({hint})", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

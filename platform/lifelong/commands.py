@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from lifelong.config import JobConfig, load_config
+from lifelong.console import console, quiet
 from lifelong.errors import LifelongError
-
-console = Console()
 
 
 def check_config(job: str, config_path: str | Path, config: JobConfig) -> None:
@@ -51,6 +49,7 @@ def train(job: str, config_path: str | Path, overrides: list[str], address: str 
     """pretrain or finetune: train on Ray Train + DeepSpeed (or the warm actor), register, summarise."""
     config = load_config(config_path, overrides)
     check_config(job, config_path, config)
+    quiet(config.storage.root, f"{job}-{config.name}")
     from lifelong.train.driver import run_training  # torch, DeepSpeed, Ray Train: seconds; after the checks
 
     where = _connect(config, address)
@@ -58,16 +57,16 @@ def train(job: str, config_path: str | Path, overrides: list[str], address: str 
     print_training_summary(run_training(config, resume=resume))
 
 
-def print_training_summary(outcome) -> None:
-    table = Table(title=f"registered {outcome.ref}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in sorted(outcome.metrics.items()):
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+def print_training_summary(outcome, hint: bool = True) -> None:
+    metrics = sorted(outcome.metrics.items())
+    table = Table(title=f"registered {outcome.ref}", title_justify="left")
+    for key, _ in metrics:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{value:.4g}" if isinstance(value, float) else str(value) for _, value in metrics))
     console.print(table)
     console.print(f"run: {outcome.run_path}  epochs: {outcome.epochs_run}")
-    console.print(f"data: {outcome.data.summary()}")
-    console.print(f"promote it with: lifelong models promote {outcome.ref} --alias champion")
+    if hint:
+        console.print(f"promote it with: lifelong models promote {outcome.ref} --alias champion")
 
 
 def tune(config_path: str | Path, overrides: list[str], address: str | None = None, resume: bool = False, promote: bool = False) -> None:
@@ -78,6 +77,7 @@ def tune(config_path: str | Path, overrides: list[str], address: str | None = No
     config = load_config(config_path, overrides)
     check_config("tune", config_path, config)
     check_resumable(Storage(config.storage.root), sweep_name(config), resume)  # before Ray starts: a typo more often than not
+    quiet(config.storage.root, f"tune-{sweep_name(config)}")
     where = _connect(config, address, dashboard=needs_state_api(config))
     console.print(f"[bold]lifelong tune[/] {config_path}{' --resume' if resume else ''} on {where}")
     print_sweep_summary(run_sweep(config, resume=resume, promote=promote))
@@ -107,6 +107,7 @@ def continual(config_path: str | Path, overrides: list[str], address: str | None
 
     config = load_config(config_path, overrides)
     check_continual(config)
+    quiet(config.storage.root, f"continual-{config.continual.stream or config.name}")
     where = _connect(config, address)
     console.print(
         f"[bold]lifelong continual[/] {config_path} on {where}: landing zone {config.continual.landing}"
@@ -126,6 +127,7 @@ def serve(config_path: str | Path, overrides: list[str], address: str | None = N
     config = load_config(config_path, overrides)
     check_servable(config)  # before starting Ray: a missing alias or export fails in a second
     resolve_token(config)
+    quiet(config.storage.root, f"serve-{config.serve_app_name}")
     where = connect_for_serving(config, address)
     url = deploy(config)
     ingress = " through HAProxy" if config.serve.ingress == "haproxy" else ""

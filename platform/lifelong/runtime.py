@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -11,6 +10,7 @@ import time
 
 import ray
 
+from lifelong.console import library_level, say
 from lifelong.errors import LifelongError, first_line
 
 
@@ -36,7 +36,7 @@ def connect(
     if address:
         _reachable(address)
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=library_level())
         except ConnectionError as e:
             raise LifelongError(
                 f"no Ray cluster answers at {address} ({first_line(e, 200)}): check --address / RAY_ADDRESS "
@@ -53,7 +53,7 @@ def connect(
                 num_cpus=cpus,
                 include_dashboard=dashboard,
                 dashboard_port=dashboard_port,
-                logging_level=logging.WARNING,
+                logging_level=library_level(),
                 _system_config=EMBEDDED_SYSTEM_CONFIG,
             )
             break
@@ -69,7 +69,7 @@ def connect(
                     f"the embedded Ray did not start: its raylet did not register within Ray's 30 s, {START_ATTEMPTS} times "
                     f"(load average {load:.1f} on {os.cpu_count()} CPUs): the machine is too busy; try again when it is not"
                 ) from None
-            print(f"[lifelong] the embedded Ray did not start within Ray's 30 s (load average {load:.1f}): starting it again", flush=True)
+            say(f"[lifelong] the embedded Ray did not start within Ray's 30 s (load average {load:.1f}): starting it again")
     # Nothing preempts this machine's own Ray: Ray Train's preemption watcher (an actor per run,
     # ~2.7 CPU-s of a 2-worker tiny run here) watches for nothing. Ray Train hands the setting on
     # to its controller; a value the user set wins.
@@ -140,10 +140,9 @@ def gather(refs: list, what: str) -> list:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_NOTICE_S)
         if pending:
             free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0)
-            print(
+            say(
                 f"[lifelong] {what}: {len(pending)} of {len(refs)} task(s) not done after {time.monotonic() - started:.0f} s; "
-                f"the cluster has {free:g} of {total:g} CPUs free now; still waiting",
-                flush=True,
+                f"the cluster has {free:g} of {total:g} CPUs free now; still waiting"
             )
     return ray.get(refs)
 
@@ -178,7 +177,7 @@ def _release_orphans(groups: list, left_by: str) -> tuple[list[str], set[bytes]]
         cpus = sum(b.unit_resources.get("CPU", 0) for b in pg.bundles)
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
         released.append(f"placement group {pg.placement_group_id.hex()[:12]} ({cpus:g} CPUs)")
-        print(f"[lifelong] released {released[-1]} left by {left_by}", flush=True)
+        say(f"[lifelong] released {released[-1]} left by {left_by}")
     return released, held
 
 

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from lifelong.console import say
 from lifelong.errors import LifelongError
 
 
@@ -448,7 +449,7 @@ class _Waiting:
         if waited > self.wait_s:
             raise LifelongError(f"{self.what} is still held by {holder} after {waited:.0f} s; is that process still running?")
         if waited > 10 and not self.said:
-            print(f"[lifelong] waiting for {self.what}, held by {holder}", flush=True)
+            say(f"[lifelong] waiting for {self.what}, held by {holder}")
             self.said = True
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, 1.0)

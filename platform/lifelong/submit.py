@@ -35,6 +35,7 @@ from pathlib import Path
 
 from lifelong.commands import check_config
 from lifelong.config import JobConfig, load_config
+from lifelong.console import LOG_LEVEL_ENV
 from lifelong.errors import LifelongError
 
 # What never travels, besides what .gitignore / .rayignore list and `submit.exclude`:
@@ -391,6 +392,16 @@ def stage(plan: Plan) -> Path:
     return staged
 
 
+def job_env() -> dict[str, str]:
+    """The job's environment variables: the uploaded platform/ first on its path (the job runs the
+    code that was submitted); with `lifelong --verbose submit …` (LIFELONG_LOG_LEVEL), its log
+    keeps the libraries' and Ray's lines too."""
+    env = {"PYTHONPATH": "platform", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if os.environ.get(LOG_LEVEL_ENV):
+        env[LOG_LEVEL_ENV] = os.environ[LOG_LEVEL_ENV]
+    return env
+
+
 def submit(
     job: str,
     config_path: Path,
@@ -410,11 +421,7 @@ def submit(
     carried = f", {len(checked.carried)} of them carried (--carry-data)" if checked.carried else ""
     print(f"[lifelong] uploading {len(checked.files)} files ({_mib(checked.bytes)}) from {checked.project}{carried}", file=out, flush=True)
     staged = stage(checked)
-    runtime_env = {
-        "working_dir": str(staged),
-        # The uploaded platform/ comes first, so the job runs the code that was submitted.
-        "env_vars": {"PYTHONPATH": "platform", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
-    }
+    runtime_env = {"working_dir": str(staged), "env_vars": job_env()}
     try:
         job_id = _call(
             address,

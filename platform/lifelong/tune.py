@@ -35,6 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
 from lifelong.config import JobConfig, set_dotted, validate_config
+from lifelong.console import SweepBar, detail, say, sweep_bar
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.runtime import release_orphaned_workers, release_when_settled, reserved_groups
 from lifelong.storage import Storage, local_cache_dir
@@ -143,7 +144,8 @@ class GiveBackWorkers(tune.Callback):
 
 
 class Progress(tune.Callback):
-    """One line per trial event on the driver: each epoch's metric, early stops, errors."""
+    """The sweep's story on the driver: each trial's outcome on the console, its start and
+    epochs in the log file, and the sweep's bar (on a terminal) counting them."""
 
     def __init__(self, config: JobConfig):
         self.metric, self.epochs, self.keys = config.tune.metric, config.train.epochs, list(config.tune.space)
@@ -152,21 +154,28 @@ class Progress(tune.Callback):
         return ", ".join(f"{k.split('.')[-1]}={_short(trial.config.get(k))}" for k in self.keys)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        print(f"[lifelong] trial {trial.trial_id} started ({self._params(trial)})", flush=True)
+        detail(f"[lifelong] trial {trial.trial_id} started ({self._params(trial)})")
+        sweep_bar().started()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         shown = f"{value:.4g}" if isinstance(value, (int, float)) else value
-        print(f"[lifelong] trial {trial.trial_id} epoch {_when(result)}/{self.epochs} {self.metric} {shown}", flush=True)
+        detail(f"[lifelong] trial {trial.trial_id} epoch {_when(result)}/{self.epochs} {self.metric} {shown}")
+        sweep_bar().result(value)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         done = last.get("progress", last.get("epoch", 0))
-        how = "finished" if done >= self.epochs else f"stopped early by the scheduler after epoch {_when(last)}"
-        print(f"[lifelong] trial {trial.trial_id} {how}", flush=True)
+        finished = done >= self.epochs
+        how = "finished" if finished else f"stopped early by the scheduler after epoch {_when(last)}"
+        value = last.get(self.metric)
+        shown = f", {self.metric} {value:.4g}" if isinstance(value, (int, float)) else ""
+        say(f"[lifelong] trial {trial.trial_id} {how} ({self._params(trial)}){shown}")
+        sweep_bar().ended("finished" if finished else "stopped")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[lifelong] trial {trial.trial_id} errored: {_last_line(trial.get_error() or '')}", flush=True)
+        say(f"[lifelong] trial {trial.trial_id} errored: {_last_line(trial.get_error() or '')}")
+        sweep_bar().ended("errored")
 
 
 def _when(result: dict):
@@ -367,7 +376,7 @@ def build_tuner(config: JobConfig, data, resume: bool) -> tune.Tuner:
             callbacks=[budget, Progress(config), GiveBackWorkers()],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
             verbose=0,
-        ),  # Progress prints one line per event instead
+        ),  # Progress tells the trials' story instead
     )
 
 
@@ -470,15 +479,15 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     data = prepare_data(sweep_config, storage, Registry(storage))
     prep = prepare_run(sweep_config, data)
     tokenizer = data.tokenizer.location
-    print(
+    say(
         f"[lifelong] sweep '{name}': {config.tune.num_samples} trials of {config.train.epochs} epochs, "
         f"{config.tune.search} search, scheduler {config.tune.scheduler}, up to {max_concurrency(config)} at once; "
-        f"{'shared' if shares_data(config) else 'per-trial'} data ({data.train_examples} training examples)",
-        flush=True,
+        f"{'shared' if shares_data(config) else 'per-trial'} data ({data.train_examples} training examples)"
     )
     before = reserved_groups()
     try:
-        results = build_tuner(config, data, resume).fit()
+        with SweepBar(name, config.tune.num_samples, config.tune.metric, config.tune.mode):
+            results = build_tuner(config, data, resume).fit()
     finally:
         release_when_settled(before, f"a trial of sweep '{name}'")
 
@@ -491,10 +500,9 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
 
     failed = int((table["status"] == "errored").sum()) if len(table) else 0
     if failed > config.tune.max_failed_trials:
-        print(
+        say(
             f"[lifelong] sweep '{name}' stopped: {failed} trials failed (tune.max_failed_trials={config.tune.max_failed_trials}); "
-            f"trials it cut short count as stopped early; {len(table)} of {config.tune.num_samples} trials ran",
-            flush=True,
+            f"trials it cut short count as stopped early; {len(table)} of {config.tune.num_samples} trials ran"
         )
     finished = [r for r in results if not r.error and r.metrics and config.tune.metric in r.metrics]
     best = best_result(results, config) if finished else None

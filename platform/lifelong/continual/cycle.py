@@ -34,6 +34,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from lifelong.config import JobConfig
+from lifelong.console import cycle_bar, phase
+from lifelong.console import say as console_say
 from lifelong.continual.gates import REFERENCE_METRICS, gate, gated_values, window_value
 from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
@@ -205,7 +207,8 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
                 new_rows=sum(r.rows for r in picked),
                 phases={"scan": time.perf_counter() - t0},
             )
-        window = advance(config, storage, registry, stream, ledger, window)
+        with cycle_bar(f"cycle window {window.window} of '{name}'"):
+            window = advance(config, storage, registry, stream, ledger, window)
         d = window.decision
         return CycleOutcome(
             name,
@@ -231,7 +234,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
 
 
 def say(message: str) -> None:
-    print(f"[lifelong] {message}", flush=True)
+    console_say(f"[lifelong] {message}")
 
 
 def pick_files(pending: list[FileRecord], max_rows: int) -> list[FileRecord]:
@@ -277,12 +280,16 @@ def advance(config: JobConfig, storage: Storage, registry: Registry, stream: Str
     """Carry the window from its recorded step to done; each step is recorded when it is through."""
     config = window_config(config, window)
     if window.status == "open":
+        phase("preparing the data")
         window = _train_and_register(config, storage, registry, stream, ledger, window)
     if window.status == "registered":
+        phase(f"evaluating version {window.version} and the champion on every window")
         window = _decide(config, storage, stream, window)
     if window.status == "decided":
+        phase(f"applying the decision: {window.decision.status}")
         window = _apply_decision(config, registry, stream, window)
     if window.status == "promoted":
+        phase("adding the window's rows to the replay buffer")
         t0 = time.perf_counter()
         train, _ = window_rows(storage, [ledger.rows_rel(h, window.fingerprint) for h in window.files], *row_columns(config))
         # The buffer is filled under both strategies, so that a stream can switch to replay later.
@@ -513,6 +520,7 @@ def _train(prep, run: str):
     more workers, in a Ray Train run (train/driver.py, fit). Either resumes the run from its checkpoints."""
     from lifelong.train.driver import fit
 
+    phase("training")
     return fit(prep, run)
 
 

@@ -23,6 +23,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from lifelong.config import JobConfig
+from lifelong.console import say, training_bar
 from lifelong.data import RESPONSE, DataReport, TokenizerRef, ValidatedData, dataset_of, first_rows, read_validated, tokenized
 from lifelong.errors import ConfigError, DataError, LifelongError, first_line
 from lifelong.export import ExportResult, OnnxTemplate, export_files, export_formats, should_export_on_register
@@ -116,7 +117,7 @@ def read_run_data(config: JobConfig, storage: Storage) -> ValidatedData:
             raise DataError(
                 f"the {split} split of '{report.source}' is empty ({report.summary()}); add rows or change data.validation_fraction"
             )
-    print(f"[lifelong] data: {report.summary()}", flush=True)
+    say(f"[lifelong] data: {report.summary()}")
     return validated
 
 
@@ -353,7 +354,7 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
     if finished is not None:
         # Run again (the same command, a job retried after its driver registered nothing):
         # workers would resume after the last epoch and train nothing.
-        print(f"[lifelong] run '{run_name}' finished its {config.train.epochs} epoch(s) already: nothing to train", flush=True)
+        say(f"[lifelong] run '{run_name}' finished its {config.train.epochs} epoch(s) already: nothing to train")
         registered = already_registered(config, registry, finished, run_name, validated.report)
         if registered is not None:  # nothing to train or register: the data need not be tokenized
             return registered
@@ -362,10 +363,9 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
     prep = prepare_run(config, prepare_data(config, storage, registry, validated))
     if finished is not None:  # looked up above: not registered yet
         return register_checkpoint(prep, finished, run_name)
-    print(
+    say(
         f"[lifelong] run '{run_name}': {prep.data.train_examples} training examples, {prep.total_steps} optimizer steps "
-        f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}",
-        flush=True,
+        f"on {config.scaling.num_workers} worker(s){' with GPUs' if prep.gpu else ''}"
     )
     try:
         result = fit(prep, run_name)
@@ -394,11 +394,12 @@ def fit(prep: PreparedRun, run_name: str):
     already started (medians, benchmarks/one_worker_runs.py). A run begun in Ray Train (its
     snapshot is stored) resumes there."""
     config = prep.config
-    if not trains_warm(config, prep.storage, run_name):
-        return build_trainer(prep, run_name).fit()
-    datasets = {"train": prep.data.train_ds, "validation": prep.data.val_ds}
-    run = stored_run(prep.storage, config, run_name)
-    return train_warm(loop_config(prep), datasets, prep.gpu, run, worker_resources(prep), config.train.max_failures)
+    with training_bar(run_name, prep.total_steps):
+        if not trains_warm(config, prep.storage, run_name):
+            return build_trainer(prep, run_name).fit()
+        datasets = {"train": prep.data.train_ds, "validation": prep.data.val_ds}
+        run = stored_run(prep.storage, config, run_name)
+        return train_warm(loop_config(prep), datasets, prep.gpu, run, worker_resources(prep), config.train.max_failures)
 
 
 def stored_run(storage: Storage, config: JobConfig, run_name: str) -> StoredRun:
@@ -482,9 +483,9 @@ def settle_run(config: JobConfig, storage: Storage, report: DataReport, resume: 
                     f"Pass another run_name=…, drop run_name to get one named after this config and data, "
                     f"or add --resume to continue '{name}' anyway"
                 )
-            print(f"[lifelong] --resume: continuing run '{name}' although {', '.join(changed)} changed", flush=True)
+            say(f"[lifelong] --resume: continuing run '{name}' although {', '.join(changed)} changed")
         else:
-            print(f"[lifelong] run '{name}' exists with the same config and data: resuming it from its checkpoints", flush=True)
+            say(f"[lifelong] run '{name}' exists with the same config and data: resuming it from its checkpoints")
     return config.model_copy(update={"run_name": name})
 
 
@@ -517,7 +518,7 @@ def already_registered(config: JobConfig, registry: Registry, result, run_name: 
     if not already:
         return None
     card = registry.card(config.name, already[0])
-    print(f"[lifelong] the best checkpoint is already registered as {config.name}:{already[0]}", flush=True)
+    say(f"[lifelong] the best checkpoint is already registered as {config.name}:{already[0]}")
     epochs = [h["epoch"] for h in card.run.history]
     return TrainingOutcome(run_name, result.path, already[0], config.name, card.metrics, report, epochs)
 
@@ -588,10 +589,16 @@ def export_on_register(
     formats = export_formats(task, config.export.int8, config.export.torchscript)
     rows = first_rows(validation_rows, config.export.eval_rows) if "onnx-int8" in formats and validation_rows is not None else None
     exported = export_files(model_dir, task, config.model.max_length, config.export, workdir, rows, formats, template)
-    for fmt, record in exported.records.items():
-        print(f"[lifelong] export {fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)), flush=True)
+    if exported.records:
+        say(
+            "[lifelong] export "
+            + "; ".join(
+                f"{fmt}: " + ", ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float))
+                for fmt, record in exported.records.items()
+            )
+        )
     for fmt, reason in exported.refused.items():
-        print(f"[lifelong] export {fmt} refused: {reason}", flush=True)
+        say(f"[lifelong] export {fmt} refused: {reason}")
     return exported
 
 

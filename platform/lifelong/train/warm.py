@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import ray
 import ray.train
 
+from lifelong.console import say
 from lifelong.errors import first_line
 from lifelong.storage import Storage
 from lifelong.train.loop import OneProcessSession, run_loop
@@ -141,6 +142,4 @@ def train_warm(loop_config: dict, datasets: dict, gpu: bool, run: StoredRun, res
             failures += 1
             if max_failures >= 0 and failures > max_failures:
                 return RunResult(run.storage.path(run.rel), None, None, error=e)
-            print(
-                f"[lifelong] the training actor died ({first_line(e)}): resuming the run (failure {failures} of {max_failures})", flush=True
-            )
+            say(f"[lifelong] the training actor died ({first_line(e)}): resuming the run (failure {failures} of {max_failures})")
