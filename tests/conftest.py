@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -442,3 +443,71 @@ def free_cpus_when_settled(expected: float | None = None, timeout: float = 20) -
             return free
         last = free
         time.sleep(1)
+
+
+class WebhookReceiver:
+    """A webhook receiver on loopback (a real HTTP server in a thread): records every POST's
+    headers and body; answers `status` to the first `failing` ones, 200 after."""
+
+    def __init__(self, failing: int = 0, status: int = 503):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posts: list[dict] = []
+        self.failing, self.status = failing, status
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with lock:
+                    receiver.posts.append({"headers": dict(self.headers), "body": body, "json": json.loads(body)})
+                    answer = receiver.status if len(receiver.posts) <= receiver.failing else 200
+                self.send_response(answer)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/lifelong"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        return [p["json"] for p in self.posts if kind is None or p["json"]["event"] == kind]
+
+    def wait_for(self, kind: str, timeout: float = 60, count: int = 1) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.events(kind)) < count:
+            assert time.monotonic() < deadline, f"no {kind} webhook within {timeout} s; got {[e['event'] for e in self.events()]}"
+            time.sleep(0.1)
+        return self.events(kind)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhooks():
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+def copy_project(project: Path) -> Path:
+    """The project as a clone has it (tracked and unignored files), copied to `project`."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for rel in filter(None, (f.decode() for f in files)):
+        if (Path(ROOT) / rel).is_file():
+            (project / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(ROOT) / rel, project / rel)
+    return project

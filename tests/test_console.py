@@ -7,7 +7,6 @@ import os
 import pty
 import re
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, copy_project
 
 # Every way output reaches a driver: a C library writing to fd 1, print(), logging (Ray's and
 # Python's), a warning, a child process, the platform's own line, an uncaught exception.
@@ -126,13 +125,7 @@ def test_make_quickstart_reads_as_a_story_in_under_a_hundred_lines(tmp_path):
     stage's summary on the console, no library line among them, and the library lines in the log
     file whose path it printed first."""
     project = tmp_path / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for rel in filter(None, (f.decode() for f in files)):
-        if (Path(ROOT) / rel).is_file():
-            (project / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(ROOT) / rel, project / rel)
+    copy_project(project)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "LIFELONG_"))}
     # This checkout's environment by its own path (through a symlink DeepSpeed would compile its
     # ops again for that spelling of the path: lifelong.train.ops), and never its setup (-o: the

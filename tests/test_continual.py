@@ -380,14 +380,24 @@ def test_a_cycle_killed_inside_its_search_reruns_the_trial_it_was_training_and_f
     check_invariants(root, registry)
 
 
-def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_once(stream, ray_session, tmp_path):
+def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_once(stream, ray_session, tmp_path, webhooks):
     """`lifelong continual CONFIG` (the polling daemon, a process of its own) against the bad-input
     corpus: truncated Parquet, binary junk named .jsonl, a CSV without the label column, invalid
     UTF-8 inside a JSON string, a 0-byte file, one very long line, list-valued text, wrong-typed
     and unknown labels, a file deleted after the scan, a file appended to while pending, and the
-    landing zone itself gone for a while. It never stops; every row is accounted for."""
+    landing zone itself gone for a while. It never stops; every row is accounted for. Its webhook
+    hears of the failed cycle and of the candidate the gates turned down (min_gain 1.0: only a
+    perfect candidate over a champion that got everything wrong would pass)."""
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
-    args = one_worker_args(root, landing, "train.epochs=1", "continual.min_new_rows=200", "continual.poll_interval_s=1")
+    args = one_worker_args(
+        root,
+        landing,
+        "train.epochs=1",
+        "continual.min_new_rows=200",
+        "continual.poll_interval_s=1",
+        "continual.gates.min_gain=1.0",
+        f"notify.webhooks=[{webhooks.url}]",
+    )
     ok = [{"text": f"calm sunny morning number {i}", "label": "weather"} for i in range(50)]
     land(landing / "early.jsonl", jsonl(ok[:20]))  # deleted after the scan: its content was kept
     land(landing / "grow.jsonl", jsonl(ok[20:30]))  # appended to while pending
@@ -473,6 +483,18 @@ def test_the_daemon_keeps_going_through_bad_input_and_trains_every_valid_row_onc
     window0 = sum(r.rows for n, r in records.items() if n.startswith("window-000"))
     assert len(texts) == len(set(texts)) == 20 + 20 + 3 + 2 + 1 + 1 + window0
     assert registry.card("cl-topics", window.version).stream.new_rows == len(texts)
+
+    failed = webhooks.events("cycle.failed")
+    assert (
+        failed and failed[0]["stream"] == "cl-topics" and "is not a directory" in failed[0]["error"] and failed[0]["failures_in_a_row"] == 1
+    )
+    (rejected,) = webhooks.events("gate.rejected")
+    assert (rejected["window"], rejected["version"], rejected["champion"]) == (0, window.version, stream["v1"])
+    assert rejected["reason"] == window.decision.reason
+    moved = webhooks.events("alias.moved")
+    assert [(e["alias"], e["version"], e["reason"]) for e in moved] == [
+        ("challenger", window.version, f"rejected by the gates: {rejected['reason']}")
+    ]
 
 
 @pytest.mark.timeout(1200)

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, start_server
+from conftest import ROOT, copy_project, start_server
 
 README = Path(ROOT) / "README.md"
 CONFIGS = sorted((Path(ROOT) / "configs").glob("*/*.yaml"))
@@ -365,13 +365,7 @@ def fresh_project(tmp_path_factory):
     linked in, a HOME of its own (no Ray token yet) and its own local-cluster state."""
     base = tmp_path_factory.mktemp("fresh")
     project = base / "project"
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    for rel in filter(None, (f.decode() for f in files)):
-        if (Path(ROOT) / rel).is_file():
-            (project / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(Path(ROOT) / rel, project / rel)
+    copy_project(project)
     (project / ".venv").symlink_to(Path(ROOT) / ".venv")
     home = base / "home"
     home.mkdir()

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import LABELS, register_tiny
+from conftest import LABELS, WebhookReceiver, register_tiny
 from conftest import text_probabilities as offline_probabilities
 from lifelong.config import absolute_paths, validate_config
 from lifelong.registry import Registry
@@ -24,11 +24,12 @@ TEXTS = [
 ]  # longer than the model's 32 tokens
 
 
-def serve_config(root, name, port, **serve):
+def serve_config(root, name, port, notify=None, **serve):
     raw = {
         "name": name,
         "storage": {"root": str(root)},
         "serve": {"port": port, "num_replicas": 2, "poll_interval_s": 0.3, "max_texts_per_request": 8, **serve},
+        **({"notify": notify} if notify else {}),
     }
     return absolute_paths(validate_config(raw))
 
@@ -57,7 +58,16 @@ def app(ray_session, serve_port, tiny_tokenizer, topic_rows, tmp_path_factory):
     v2 = register_tiny(registry, "topics", tiny_tokenizer, work, seed=2, rows=topic_rows[:200])
     registry.move_alias("topics", "champion", v1)
     os.environ["LIFELONG_TEST_TOKEN"] = TOKEN
-    config = serve_config(root, "topics", serve_port, auth={"token_env": "LIFELONG_TEST_TOKEN"}, max_batch_size=8, body_timeout_s=2)
+    hooks = WebhookReceiver()
+    config = serve_config(
+        root,
+        "topics",
+        serve_port,
+        notify={"webhooks": [hooks.url]},
+        auth={"token_env": "LIFELONG_TEST_TOKEN"},
+        max_batch_size=8,
+        body_timeout_s=2,
+    )
     url = deploy(config)
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     yield {
@@ -70,9 +80,11 @@ def app(ray_session, serve_port, tiny_tokenizer, topic_rows, tmp_path_factory):
         "v2": v2,
         "tokenizer": tiny_tokenizer,
         "rows": topic_rows,
+        "webhooks": hooks,
     }
     client.close()
     serve.delete("topics")
+    hooks.close()
 
 
 def test_predictions_over_http_equal_the_offline_model(app):
@@ -473,6 +485,10 @@ def test_corrupt_or_incompatible_version_is_refused_and_the_old_keeps_serving(ap
         assert why in info["last_swap_error"]["error"] and info["version"] == serving
         r = client.post("/v1/predict", json={"texts": TEXTS})
         assert r.status_code == 200 and r.json()["version"] == serving
+        # The app's webhook hears of it (from the follower: notify.webhooks of the served config).
+        refused = app["webhooks"].wait_for("swap.refused", timeout=30, count=1 + (candidate == lm))[-1]
+        assert (refused["model"], refused["alias"], refused["version"], refused["serving"]) == ("topics", "champion", candidate, serving)
+        assert refused["error"] == info["last_swap_error"]["error"]
     # A replica that starts now (one is killed) loads the committed version, not the refused one
     # the alias names: it comes up and answers with the version the others serve.
     before = {client.post("/v1/predict", json={"texts": ["x"]}).headers["x-lifelong-replica"] for _ in range(30)}

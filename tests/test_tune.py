@@ -66,7 +66,7 @@ def test_a_trial_that_errored_before_its_first_report_is_a_row_not_a_crash(tmp_p
 
 
 @pytest.mark.slow
-def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data):
+def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data, webhooks):
     # Optuna's three seeded start-up samples (seed 8) put lr=1e30, a non-finite loss, on exactly
     # one trial; TPE picks the last two and may try it again: up to 2 failures are allowed.
     config = make_config(
@@ -81,11 +81,16 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
             "tune.max_failed_trials=2",
             "tune.max_concurrent_trials=3",
             "tune.space={train.lr: {choice: [3e-3, 1e-4, 1e-2, 1e30]}, model.train_last_n_layers: {randint: [1, 3]}}",
+            f"notify.webhooks=[{webhooks.url}]",
         ),
     )
     outcome = run_sweep(config)
 
     table = pd.read_csv(outcome.csv)
+    (finished,) = webhooks.wait_for("sweep.finished", timeout=30)  # the config's webhook, told the outcome
+    assert finished["sweep"] == "tune-smoke-sweep" and finished["version"] == outcome.version and finished["alias"] == "challenger"
+    assert finished["trials"] == 5 and finished["errored"] == int((table["status"] == "errored").sum()) >= 1
+    assert finished["stopped_early"] == int(table["stopped_early"].sum()) and finished["table"] == outcome.csv
     assert len(table) == 5 and set(table["trial"]) == set(outcome.table["trial"])
     errored = table[table["status"] == "errored"]
     assert 1 <= len(errored) <= 2 and (errored["train.lr"] == 1e30).all()

@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from lifelong import notify
 from lifelong.config import JobConfig, load_config
 from lifelong.console import console, quiet
 from lifelong.errors import LifelongError
@@ -49,6 +50,7 @@ def train(job: str, config_path: str | Path, overrides: list[str], address: str 
     """pretrain or finetune: train on Ray Train + DeepSpeed (or the warm actor), register, summarise."""
     config = load_config(config_path, overrides)
     check_config(job, config_path, config)
+    notify.configure(config.notify)
     quiet(config.storage.root, f"{job}-{config.name}")
     from lifelong.train.driver import run_training  # torch, DeepSpeed, Ray Train: seconds; after the checks
 
@@ -77,6 +79,7 @@ def tune(config_path: str | Path, overrides: list[str], address: str | None = No
     config = load_config(config_path, overrides)
     check_config("tune", config_path, config)
     check_resumable(Storage(config.storage.root), sweep_name(config), resume)  # before Ray starts: a typo more often than not
+    notify.configure(config.notify)
     quiet(config.storage.root, f"tune-{sweep_name(config)}")
     where = _connect(config, address, dashboard=needs_state_api(config))
     console.print(f"[bold]lifelong tune[/] {config_path}{' --resume' if resume else ''} on {where}")
@@ -107,6 +110,7 @@ def continual(config_path: str | Path, overrides: list[str], address: str | None
 
     config = load_config(config_path, overrides)
     check_continual(config)
+    notify.configure(config.notify)
     quiet(config.storage.root, f"continual-{config.continual.stream or config.name}")
     where = _connect(config, address)
     console.print(
@@ -127,6 +131,7 @@ def serve(config_path: str | Path, overrides: list[str], address: str | None = N
     config = load_config(config_path, overrides)
     check_servable(config)  # before starting Ray: a missing alias or export fails in a second
     resolve_token(config)
+    notify.configure(config.notify)
     quiet(config.storage.root, f"serve-{config.serve_app_name}")
     where = connect_for_serving(config, address)
     url = deploy(config)

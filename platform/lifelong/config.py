@@ -528,6 +528,23 @@ class SubmitSection(Section):
     exclude: list[str] = Field(default_factory=list)
 
 
+class NotifySection(Section):
+    # JSON POSTs on alias moves, gate rejections, refused swaps, failed cycles and finished
+    # sweeps (lifelong.notify); LIFELONG_WEBHOOKS adds URLs for every command.
+    webhooks: list[str] = Field(default_factory=list)
+    # The variable holding the HMAC-SHA256 key of X-Lifelong-Signature (unset: not signed).
+    secret_env: str = Field(default="LIFELONG_WEBHOOK_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    retries: int = Field(default=3, ge=0, le=10)  # after a connection error, a 429 or a 5xx
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _urls(self) -> NotifySection:
+        for url in self.webhooks:
+            if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+                raise ValueError(f"webhook {url!r} is not an http(s) URL")
+        return self
+
+
 # What train.eval_generate_rows measures each epoch (tune.metric and checkpoint.score_attribute may name them).
 GENERATION_METRICS = ("val_bleu", "val_chrf", "val_exact_match")
 
@@ -550,6 +567,7 @@ class JobConfig(Section):
     tune: TuneSection = Field(default_factory=TuneSection)
     continual: ContinualSection = Field(default_factory=ContinualSection)
     submit: SubmitSection = Field(default_factory=SubmitSection)
+    notify: NotifySection = Field(default_factory=NotifySection)
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:

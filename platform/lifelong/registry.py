@@ -471,6 +471,9 @@ class Registry:
             data = json.dumps(event, indent=2, sort_keys=True).encode()
             if self.storage.replace_if(pointer_path, data, read[1] if read else None):
                 self._record_event(name, alias, event)
+                from lifelong import notify  # its config and console are light, but not needed to read a registry
+
+                notify.event("alias.moved", model=name, root=self.storage.uri_of(), **event)
                 return event
         raise RegistryError(f"{name}@{alias}: gave up after 100 concurrent moves by other writers")
 

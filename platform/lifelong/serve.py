@@ -43,8 +43,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lifelong
-from lifelong.config import JobConfig
+from lifelong import notify
+from lifelong.config import JobConfig, NotifySection
 from lifelong.errors import ConfigError, LifelongError
+from lifelong.notify import webhooks
 from lifelong.registry import Card
 from lifelong.tasks import task
 
@@ -109,6 +111,7 @@ class ServeSettings(BaseModel):
     poll_interval_s: float
     allow_label_change: bool | str
     token_sha256: str | None
+    notify: NotifySection  # its webhooks resolved where `lifelong serve` runs (LIFELONG_WEBHOOKS included)
 
 
 def serve_settings(config: JobConfig) -> ServeSettings:
@@ -136,6 +139,7 @@ def serve_settings(config: JobConfig) -> ServeSettings:
         poll_interval_s=s.poll_interval_s,
         allow_label_change=s.allow_label_change,
         token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
+        notify=config.notify.model_copy(update={"webhooks": webhooks(config.notify)}),
     )
 
 
@@ -1182,6 +1186,15 @@ class AliasFollower:
             error = f"{name}:{version} refused, {self.active} keeps serving: " + ("; ".join(map(str, failures)) or "no replica answered")
             self.refused[version] = error
             self._error(version, error)
+            notify.event(
+                "swap.refused",
+                self.settings.notify,
+                model=name,
+                alias=self.settings.alias,
+                version=version,
+                serving=self.active,
+                error=error,
+            )
             servers.broadcast("refuse", version, error).results(timeout_s=30, return_exceptions=True)
             return
         # A hold that cannot drain in time (a request slower than the window) is aborted on every

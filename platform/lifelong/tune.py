@@ -34,6 +34,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
+from lifelong import notify
 from lifelong.config import JobConfig, set_dotted, validate_config
 from lifelong.console import SweepBar, detail, say, sweep_bar
 from lifelong.errors import ConfigError, LifelongError
@@ -506,7 +507,10 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
         )
     finished = [r for r in results if not r.error and r.metrics and config.tune.metric in r.metrics]
     best = best_result(results, config) if finished else None
+    stopped = int(table["stopped_early"].sum()) if len(table) else 0
+    trials = {"trials": len(table), "completed": len(table) - failed - stopped, "stopped_early": stopped, "errored": failed}
     if best is None:
+        notify.event("sweep.finished", config.notify, model=config.name, sweep=name, **trials, version=None, table=str(csv))
         return SweepOutcome(name, config.name, results.experiment_path, table, str(csv), str(plot), None, None, None, results)
     params = {k: best.config[k] for k in config.tune.space}
     run_name = trial_run_name(name, best.metrics["trial_id"])
@@ -521,6 +525,18 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     )
     alias = "champion" if promote else "challenger"
     prep.registry.move_alias(config.name, alias, outcome.version, reason=f"best trial of sweep {name}")
+    metric = config.tune.metric
+    notify.event(
+        "sweep.finished",
+        config.notify,
+        model=config.name,
+        sweep=name,
+        **trials,
+        version=outcome.version,
+        alias=alias,
+        best={"run": run_name, "params": params, metric: best.metrics.get(metric)},
+        table=str(csv),
+    )
     return SweepOutcome(
         name,
         config.name,

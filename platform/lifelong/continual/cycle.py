@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from lifelong import notify
 from lifelong.config import JobConfig
 from lifelong.console import cycle_bar, phase
 from lifelong.console import say as console_say
@@ -608,6 +609,7 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
     if registry.aliases(name).get(alias, {}).get("version") != version:
         if d.status == "rejected":
             registry.move_alias(name, "challenger", version, reason=f"rejected by the gates: {d.reason}")
+            _rejected(config, stream, window, d.reason)
         else:
             try:  # only from the champion the gates compared against
                 registry.move_alias(
@@ -620,7 +622,24 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
             except AliasConflict as e:
                 d = d.model_copy(update={"status": "rejected", "reason": f"not promoted: {e}"})
                 registry.move_alias(name, "challenger", version, reason=d.reason)
+                _rejected(config, stream, window, d.reason)
     return stream.update(window, status="promoted", decision=d)
+
+
+def _rejected(config: JobConfig, stream: Stream, window: Window, reason: str) -> None:
+    d = window.decision
+    notify.event(
+        "gate.rejected",
+        config.notify,
+        model=config.name,
+        stream=stream.name,
+        window=window.window,
+        version=window.version,
+        champion=window.champion_before,
+        reason=reason,
+        candidate=d.candidate,
+        champion_scores=d.champion,
+    )
 
 
 def holdout_values(config: JobConfig, storage: Storage, stream: Stream, refs: list, windows: list[int]) -> list[list[float]]:

@@ -13,6 +13,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lifelong import notify
 from lifelong.config import JobConfig
 from lifelong.continual.cycle import run_cycle, stream_name
 from lifelong.errors import LifelongError, first_line
@@ -30,7 +31,12 @@ def run_cycles(config: JobConfig, *, once: bool = False, force: bool = False, sh
     log = local_cache_dir("logs") / f"continual-{stream_name(config)}.log"
     while True:
         if once:
-            show(run_cycle(config, force=force).summary())
+            try:
+                outcome = run_cycle(config, force=force)
+            except Exception as e:
+                _failed(config, e, 1)
+                raise
+            show(outcome.summary())
             return
         try:
             outcome = run_cycle(config, force=force)
@@ -50,11 +56,23 @@ def run_cycles(config: JobConfig, *, once: bool = False, force: bool = False, sh
             else:  # a bug or an unexpected failure: the traceback is kept for whoever looks into it
                 _log(log, e)
                 said = f"{type(e).__name__}: {first} (traceback in {log})"
+            _failed(config, e, failures)
             show(
                 f"cycle failed ({failures} in a row): {said}\n  next try in {backoff(config.continual.poll_interval_s, failures):.0f} s; "
                 "the stream carries on where it stopped"
             )
         sleep(backoff(config.continual.poll_interval_s, failures))
+
+
+def _failed(config: JobConfig, error: Exception, in_a_row: int) -> None:
+    notify.event(
+        "cycle.failed",
+        config.notify,
+        model=config.name,
+        stream=stream_name(config),
+        error=f"{type(error).__name__}: {first_line(error, 400)}",
+        failures_in_a_row=in_a_row,
+    )
 
 
 def _same_wait(outcome) -> tuple | None:
