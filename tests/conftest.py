@@ -511,3 +511,29 @@ def copy_project(project: Path) -> Path:
             (project / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(Path(ROOT) / rel, project / rel)
     return project
+
+
+def ray_metric(name: str, timeout: float = 45, at_least: float | None = None, equals: float | None = None, **labels) -> float:
+    """A sample of Ray's metrics endpoint (what Prometheus scrapes on each node: ray.nodes()'s
+    MetricsExportPort), summed over the nodes and the samples whose labels include `labels`;
+    waits (Ray exports every few seconds) until one exists, at least `at_least` or equal to `equals`."""
+    import httpx
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline, seen = time.monotonic() + timeout, None
+    while True:
+        total, found = 0.0, False
+        for node in ray.nodes():
+            if not node["Alive"]:
+                continue
+            text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=10).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == name and all(sample.labels.get(k) == str(v) for k, v in labels.items()):
+                        total, found = total + sample.value, True
+        seen = total if found else None
+        if found and (at_least is None or total >= at_least) and (equals is None or total == equals):
+            return total
+        assert time.monotonic() < deadline, f"{name}{labels}: {seen} after {timeout} s (wanted a sample, >= {at_least}, == {equals})"
+        time.sleep(1)

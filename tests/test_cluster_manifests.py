@@ -218,3 +218,24 @@ def test_an_embedded_ray_with_a_dashboard_leaves_the_cluster_port_free():
     assert out.returncode == 0, out.stderr[-2000:]
     url = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("dashboard "))
     assert url.startswith("127.0.0.1:") and not url.endswith(":8265"), url
+
+
+def test_the_grafana_dashboard_charts_every_metric_the_platform_records_and_no_other():
+    """cluster/grafana/lifelong.json: each query names metrics lifelong.metrics defines (as Ray
+    exports them: `ray_` first; a histogram as its _bucket, _count or _sum), and every one is charted."""
+    import json
+
+    from lifelong.metrics import METRICS
+
+    dashboard = json.loads((Path(ROOT) / "cluster" / "grafana" / "lifelong.json").read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            for name in re.findall(r"\bray_lifelong_\w+", target["expr"]):
+                base = name.removeprefix("ray_")
+                if METRICS.get(re.sub(r"_(bucket|count|sum)$", "", base), ("",))[0] == "histogram":
+                    base = re.sub(r"_(bucket|count|sum)$", "", base)
+                assert base in METRICS, (panel["title"], name)
+                queried.add(base)
+    assert queried == set(METRICS)

@@ -18,7 +18,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, ask_until_stopped, drop, make_config, register_tiny, wait_for_version
+from conftest import CONFIGS, ask_until_stopped, drop, make_config, ray_metric, register_tiny, wait_for_version
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge
 from lifelong.continual.ledger import Ledger
@@ -142,6 +142,17 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
             r.sha256 for r in Ledger(Storage(str(root)), "cl-topics").records() if r.name.startswith("window-001")
         )
         assert run_cycle(config).status == "waiting"  # nothing new: no third version
+        # Prometheus (Ray's metrics endpoint): the decisions, the ledger's files, the stream's ACC.
+        for o in (first, second):
+            assert ray_metric("ray_lifelong_cycle_decisions_total", stream="cl-topics", decision=o.status) >= 1
+        assert ray_metric("ray_lifelong_cycle_decisions_total", stream="cl-topics", decision="waiting") >= 1
+        assert ray_metric("ray_lifelong_cycle_seconds_count", stream="cl-topics", at_least=2) >= 2
+        assert ray_metric("ray_lifelong_ledger_files", stream="cl-topics", state="consumed", equals=4) == 4
+        assert ray_metric("ray_lifelong_ledger_files", stream="cl-topics", state="quarantined", equals=1) == 1
+        acc = second.metrics["average_accuracy"]
+        wait_for(
+            lambda: abs(ray_metric("ray_lifelong_stream_average", stream="cl-topics", metric="accuracy") - acc) < 1e-6, "the ACC gauge", 45
+        )
         # continual.keep_runs=1: window 0's checkpoints are gone once window 1 is done; its version stays.
         assert sorted(p.name[:14] for p in (root / "runs").iterdir() if p.name.startswith("cl-topics-w")) == ["cl-topics-w001"]
         assert first.version in registry.versions("cl-topics")

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import LABELS, WebhookReceiver, register_tiny
+from conftest import LABELS, WebhookReceiver, ray_metric, register_tiny
 from conftest import text_probabilities as offline_probabilities
 from lifelong.config import absolute_paths, validate_config
 from lifelong.registry import Registry
@@ -513,6 +513,34 @@ def test_corrupt_or_incompatible_version_is_refused_and_the_old_keeps_serving(ap
     registry.move_alias("topics", "champion", good)
     wait_for(lambda: client.post("/v1/predict", json={"texts": ["x y"]}).json()["version"] == good, timeout=60)
     assert client.get("/v1/model").json()["last_swap_error"] is None
+    # Prometheus (Ray's metrics endpoint): both refusals counted, at least (a re-promotion refused again too).
+    assert ray_metric("ray_lifelong_serve_refused_swaps_total", at_least=3, model="topics") >= 3
+
+
+def test_prometheus_metrics_count_requests_by_version_and_status_and_the_swaps(app):
+    """What Ray's metrics endpoint holds for the app (the names Prometheus and the Grafana
+    dashboard, cluster/grafana/lifelong.json, read): requests per version, route and status,
+    their latency, the version each replica serves, swaps and their seconds."""
+    client, registry = app["client"], app["registry"]
+    serving = client.get("/v1/model").json()["version"]
+    answered = [client.post("/v1/predict", json={"texts": ["x"]}) for _ in range(5)]
+    assert {(r.status_code, r.headers["x-lifelong-version"]) for r in answered} == {(200, str(serving))}
+    assert client.post("/v1/predict", json={"texts": []}).status_code == 422
+    assert httpx.post(app["url"] + "/v1/predict", json={"texts": ["x"]}).status_code == 401  # no token
+    ok = {"model": "topics", "version": serving, "route": "/v1/predict"}
+    assert ray_metric("ray_lifelong_serve_requests_total", at_least=5, status=200, **ok) >= 5
+    assert ray_metric("ray_lifelong_serve_requests_total", at_least=1, status=422, **ok) >= 1
+    assert ray_metric("ray_lifelong_serve_requests_total", at_least=1, status=401, **ok) >= 1
+    assert ray_metric("ray_lifelong_serve_request_seconds_count", at_least=5, **ok) >= 5
+    # A swap: counted, timed, and every replica's gauge names the new version.
+    other = app["v2"] if serving == app["v1"] else app["v1"]
+    registry.move_alias("topics", "champion", other)
+    wait_for(lambda: client.post("/v1/predict", json={"texts": ["x"]}).json()["version"] == other, timeout=60)
+    assert ray_metric("ray_lifelong_serve_swaps_total", at_least=1, model="topics") >= 1
+    assert ray_metric("ray_lifelong_serve_swap_seconds_count", at_least=1, model="topics") >= 1
+    replicas = {client.post("/v1/predict", json={"texts": ["x"]}).headers["x-lifelong-replica"] for _ in range(30)}
+    for replica in replicas:
+        assert ray_metric("ray_lifelong_serve_version", model="topics", replica=replica, equals=other) == other
 
 
 def kill_replica(app_name: str, unique_id: str) -> None:

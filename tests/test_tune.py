@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, free_cpus_when_settled, make_config, what_holds_cpus
+from conftest import CONFIGS, free_cpus_when_settled, make_config, ray_metric, what_holds_cpus
 from lifelong.errors import ConfigError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -91,6 +91,10 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
     assert finished["sweep"] == "tune-smoke-sweep" and finished["version"] == outcome.version and finished["alias"] == "challenger"
     assert finished["trials"] == 5 and finished["errored"] == int((table["status"] == "errored").sum()) >= 1
     assert finished["stopped_early"] == int(table["stopped_early"].sum()) and finished["table"] == outcome.csv
+    # Prometheus (Ray's metrics endpoint): the sweep's trials by state, as its table has them.
+    errored = int((table["status"] == "errored").sum())
+    assert ray_metric("ray_lifelong_sweep_trials", sweep="tune-smoke-sweep", state="errored", equals=errored) == errored
+    assert ray_metric("ray_lifelong_sweep_trials", sweep="tune-smoke-sweep", state="running", equals=0) == 0
     assert len(table) == 5 and set(table["trial"]) == set(outcome.table["trial"])
     errored = table[table["status"] == "errored"]
     assert 1 <= len(errored) <= 2 and (errored["train.lr"] == 1e30).all()

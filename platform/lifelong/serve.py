@@ -43,6 +43,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lifelong
+from lifelong import metrics as prometheus
 from lifelong import notify
 from lifelong.config import JobConfig, NotifySection
 from lifelong.errors import ConfigError, LifelongError
@@ -395,12 +396,35 @@ class Gate:
     # with this deployment's limits is answered here rather than set on the app).
     settings: ServeSettings | None = None
     schema: dict | None = None
+    serving: int | None = None  # the replica's version, for requests refused before a model ran
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        s, path = Gate.settings, _api_path(scope)
+        path = _api_path(scope)
+        if scope["type"] != "http" or Gate.settings is None or not path.startswith("/v1/"):
+            return await self._checked(scope, receive, send, path)
+        # Every /v1 request counted (Prometheus, lifelong.metrics): its status, the version that
+        # answered (X-Lifelong-Version; the one serving when refused before a model ran), its time.
+        started, answer = time.perf_counter(), {"status": 500, "version": None}
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                answer["version"] = dict(message.get("headers") or []).get(b"x-lifelong-version", b"").decode() or None
+            await send(message)
+
+        try:
+            await self._checked(scope, receive, counted, path)
+        finally:
+            model, version = Gate.settings.model, answer["version"] or Gate.serving
+            prometheus.record("lifelong_serve_requests_total", 1, model=model, version=version, route=path, status=answer["status"])
+            seconds = time.perf_counter() - started
+            prometheus.record("lifelong_serve_request_seconds", seconds, model=model, version=version, route=path)
+
+    async def _checked(self, scope, receive, send, path):
+        s = Gate.settings
         if scope["type"] == "http" and path == "/openapi.json" and Gate.schema is not None:
             schema = dict(Gate.schema, servers=[{"url": scope["root_path"]}]) if scope.get("root_path") else Gate.schema
             return await JSONResponse(schema)(scope, receive, send)
@@ -705,6 +729,7 @@ class ModelServer:
         version = await self._committed_version()
         self.versions[version] = await asyncio.to_thread(self._load, version)
         self.serving = version
+        self._serving_now()
         self.task = self.versions[version].task
         self.batcher = Batcher(self.predict_batch, settings.max_batch_size, settings.batch_wait_timeout_s)
         self.generations = Batcher(self.generate_batch, settings.max_batch_size, settings.batch_wait_timeout_s)
@@ -803,9 +828,14 @@ class ModelServer:
             self._hold_timer.cancel()
             self._hold_timer = None
         self.open.set()
+        self._serving_now()
         if previous != self.serving:
             logger.info("replica %s swapped %s:%s → %s", self.replica, self.settings.model, previous, self.serving)
         return {"replica": self.replica, "serving": self.serving}
+
+    def _serving_now(self) -> None:
+        Gate.serving = self.serving
+        prometheus.record("lifelong_serve_version", self.serving, model=self.settings.model, replica=self.replica)
 
     async def refuse(self, version: int, error: str) -> None:
         if version != self.serving:
@@ -881,6 +911,7 @@ class ModelServer:
         items = _checked_texts(body.texts, self.settings) if body.texts is not None else _checked_images(body.images, self.settings)
         loaded, predictions, together = await self.batcher.submit(items)
         response.headers["X-Lifelong-Replica"] = self.replica
+        response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)  # requests answered by the same model call
         return PredictResponse(
             model=self.settings.model,
@@ -909,6 +940,7 @@ class ModelServer:
         else:
             loaded, out = await self._run(lambda m: m.model.generate(*args, stop=stop))
         response.headers["X-Lifelong-Replica"] = self.replica
+        response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)
         return GenerateResponse(model=self.settings.model, version=loaded.version, **out)
 
@@ -1008,6 +1040,7 @@ class ModelServer:
         else:
             loaded, outs = await self._run(lambda m: _choices(m.model, args, n, stop, stream=False))
         response.headers["X-Lifelong-Replica"] = self.replica
+        response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)
         choices = [{**whole(out), "index": i} for i, out in enumerate(outs)]
         return {**head, "system_fingerprint": f"{self.settings.model}:{loaded.version}", "choices": choices, "usage": _usage(outs)}
@@ -1186,6 +1219,7 @@ class AliasFollower:
             error = f"{name}:{version} refused, {self.active} keeps serving: " + ("; ".join(map(str, failures)) or "no replica answered")
             self.refused[version] = error
             self._error(version, error)
+            prometheus.record("lifelong_serve_refused_swaps_total", 1, model=name)
             notify.event(
                 "swap.refused",
                 self.settings.notify,
@@ -1219,6 +1253,8 @@ class AliasFollower:
         else:
             self.last_swap_error = None
         self.aborted_holds = 0
+        prometheus.record("lifelong_serve_swaps_total", 1, model=name)
+        prometheus.record("lifelong_serve_swap_seconds", time.monotonic() - started, model=name)
         self.swaps.append(
             {
                 "from": previous,

@@ -34,6 +34,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
+from lifelong import metrics as prometheus
 from lifelong import notify
 from lifelong.config import JobConfig, set_dotted, validate_config
 from lifelong.console import SweepBar, detail, say, sweep_bar
@@ -150,6 +151,15 @@ class Progress(tune.Callback):
 
     def __init__(self, config: JobConfig):
         self.metric, self.epochs, self.keys = config.tune.metric, config.train.epochs, list(config.tune.space)
+        self.sweep = sweep_name(config)
+        self.trials = {"running": 0, "finished": 0, "stopped": 0, "errored": 0}  # Prometheus: lifelong_sweep_trials
+
+    def _count(self, state: str) -> None:
+        if state != "running":
+            self.trials["running"] = max(0, self.trials["running"] - 1)
+        self.trials[state] += 1
+        for key, count in self.trials.items():
+            prometheus.record("lifelong_sweep_trials", count, sweep=self.sweep, state=key)
 
     def _params(self, trial) -> str:
         return ", ".join(f"{k.split('.')[-1]}={_short(trial.config.get(k))}" for k in self.keys)
@@ -157,6 +167,7 @@ class Progress(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         detail(f"[lifelong] trial {trial.trial_id} started ({self._params(trial)})")
         sweep_bar().started()
+        self._count("running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
@@ -173,10 +184,12 @@ class Progress(tune.Callback):
         shown = f", {self.metric} {value:.4g}" if isinstance(value, (int, float)) else ""
         say(f"[lifelong] trial {trial.trial_id} {how} ({self._params(trial)}){shown}")
         sweep_bar().ended("finished" if finished else "stopped")
+        self._count("finished" if finished else "stopped")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         say(f"[lifelong] trial {trial.trial_id} errored: {_last_line(trial.get_error() or '')}")
         sweep_bar().ended("errored")
+        self._count("errored")
 
 
 def _when(result: dict):

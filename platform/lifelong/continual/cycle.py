@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lifelong import notify
+from lifelong import metrics, notify
 from lifelong.config import JobConfig
 from lifelong.console import cycle_bar, phase
 from lifelong.console import say as console_say
@@ -190,13 +190,16 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             picked = pick_files(ledger.pending(), c.max_rows_per_cycle)
             waiting = why_wait(picked, c, force)
             if waiting:
-                return CycleOutcome(
-                    name,
-                    reason=waiting,
-                    scan=scan_lines,
-                    quarantined=quarantined,
-                    quarantined_total=_count_quarantined(ledger, quarantined),
-                    seconds=time.perf_counter() - started,
+                return _measured(
+                    ledger,
+                    CycleOutcome(
+                        name,
+                        reason=waiting,
+                        scan=scan_lines,
+                        quarantined=quarantined,
+                        quarantined_total=_count_quarantined(ledger, quarantined),
+                        seconds=time.perf_counter() - started,
+                    ),
                 )
             champion = registry.resolve(f"{config.name}@champion", weights=False)
             window = stream.open_window(
@@ -211,7 +214,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
         with cycle_bar(f"cycle window {window.window} of '{name}'"):
             window = advance(config, storage, registry, stream, ledger, window)
         d = window.decision
-        return CycleOutcome(
+        outcome = CycleOutcome(
             name,
             status=d.status,
             reason=d.reason,
@@ -232,6 +235,13 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             phases=window.phases,
             search=window.search,
         )
+        return _measured(ledger, outcome)
+
+
+def _measured(ledger: Ledger, outcome: CycleOutcome) -> CycleOutcome:
+    """Its Prometheus metrics recorded (lifelong.metrics); the ledger is counted after a trained window only."""
+    metrics.cycle(outcome, ledger.counts() if outcome.window is not None else None)
+    return outcome
 
 
 def say(message: str) -> None:
