@@ -234,7 +234,9 @@ def test_streams_keep_going_across_a_swap_and_the_next_ones_come_from_the_new_ve
     try:
         time.sleep(2)
         registry.move_alias("gen-lm", "champion", v2)
-        deadline = time.monotonic() + 60
+        # The swap loads v2 on both replicas and drains their streams: under `make test` (another
+        # module beside this one) it took more than 60 s once (2026-12-04, local run of main).
+        deadline = time.monotonic() + 180
         while not any(last and last.get("version") == v2 for _, last in results[-4:]) and time.monotonic() < deadline:
             time.sleep(0.3)
         time.sleep(1)
