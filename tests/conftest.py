@@ -537,3 +537,20 @@ def ray_metric(name: str, timeout: float = 45, at_least: float | None = None, eq
             return total
         assert time.monotonic() < deadline, f"{name}{labels}: {seen} after {timeout} s (wanted a sample, >= {at_least}, == {equals})"
         time.sleep(1)
+
+
+def read_tensorboard(run_dir: Path) -> dict:
+    """What TensorBoard's own event reader finds under `run_dir`: {"scalars": {tag: [(step,
+    value)]}, "texts": {tag: [text]}} (a text summary's tag without its /text_summary suffix)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = {"scalars": {}, "texts": {}}
+    for events in sorted(Path(run_dir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            found["scalars"].setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        for tag in acc.Tags()["tensors"]:
+            texts = [b.decode() for e in acc.Tensors(tag) for b in e.tensor_proto.string_val]
+            found["texts"].setdefault(tag.removesuffix("/text_summary"), []).extend(texts)
+    return found

@@ -18,7 +18,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, ask_until_stopped, drop, make_config, ray_metric, register_tiny, wait_for_version
+from conftest import CONFIGS, ask_until_stopped, drop, make_config, ray_metric, read_tensorboard, register_tiny, wait_for_version
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.gates import judge
 from lifelong.continual.ledger import Ledger
@@ -82,14 +82,14 @@ def stream(ray_session, tiny_tokenizer, topic_rows, tmp_path):
     return {"root": root, "landing": landing, "registry": registry, "v1": v1, "windows": windows}
 
 
-def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream, serve_port):
+def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream, serve_port, tmp_path):
     from ray import serve
 
     from lifelong.config import absolute_paths, validate_config
     from lifelong.serve import deploy
 
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
-    config = cl_config(root, landing, "cl-topics", "continual.keep_runs=1")
+    config = cl_config(root, landing, "cl-topics", "continual.keep_runs=1", f"tracking.tensorboard.dir={tmp_path / 'tb'}")
     url = deploy(
         absolute_paths(
             validate_config(
@@ -142,6 +142,15 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
             r.sha256 for r in Ledger(Storage(str(root)), "cl-topics").records() if r.name.startswith("window-001")
         )
         assert run_cycle(config).status == "waiting"  # nothing new: no third version
+        # Tracked (tracking.tensorboard): each cycle's decision and the stream's CL metrics, step = window.
+        tb = read_tensorboard(tmp_path / "tb" / "cl-topics")
+        assert [t.split(":")[0] for t in tb["texts"]["decision"]] == ["window 0", "window 1"]
+        assert f"version {second.version} {second.status}" in tb["texts"]["decision"][1]
+        assert tb["scalars"]["cl/average_accuracy"] == [
+            (0, pytest.approx(first.metrics["average_accuracy"])),
+            (1, pytest.approx(second.metrics["average_accuracy"])),
+        ]
+        assert read_tensorboard(tmp_path / "tb" / registry.card("cl-topics", second.version).run.name)["scalars"]["val/accuracy"]
         # Prometheus (Ray's metrics endpoint): the decisions, the ledger's files, the stream's ACC.
         for o in (first, second):
             assert ray_metric("ray_lifelong_cycle_decisions_total", stream="cl-topics", decision=o.status) >= 1

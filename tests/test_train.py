@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import free_cpus_when_settled, killed_after_first_checkpoint, make_config, what_holds_cpus
+from conftest import free_cpus_when_settled, killed_after_first_checkpoint, make_config, read_tensorboard, what_holds_cpus
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -39,7 +39,7 @@ def test_pretrain_loss_falls_and_registered_version_generates(pretrained):
     assert tok.decode(out[0, prompt["input_ids"].shape[1] :]).strip()
 
 
-def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, demo_data):
+def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, demo_data, tmp_path):
     root = pretrained["root"]
     parent = f"tiny-gpt2:{pretrained['outcome'].version}"
     config = make_config(
@@ -49,9 +49,18 @@ def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, de
         f"model.init_from={parent}",
         "model.freeze_embeddings=true",
         "train.epochs=4",
+        f"tracking.tensorboard.dir={tmp_path / 'tb'}",
     )
     outcome = run_training(config)
     assert outcome.metrics["val_accuracy"] > 0.6  # 4 balanced classes: chance is 0.25
+    # Tracked (tracking.tensorboard), read back with TensorBoard's reader: each epoch's metrics at
+    # its global step, the logged steps' loss and learning rate, the config, the version it became.
+    history = Registry(Storage(str(root))).card("tiny-topics", outcome.version).run.history
+    tb = read_tensorboard(tmp_path / "tb" / outcome.run_name)
+    assert tb["scalars"]["val/accuracy"] == [(h["global_step"], pytest.approx(h["val_accuracy"])) for h in history]
+    assert [s for s, _ in tb["scalars"]["train/loss"]] == [h["global_step"] for h in history]
+    assert tb["scalars"]["train/step_loss"] and all(0 < lr < 1 for _, lr in tb["scalars"]["train/lr"])
+    assert '"init_from"' in tb["texts"]["config"][0] and f"registered as **tiny-topics:{outcome.version}**" in tb["texts"]["registry"][0]
 
     registry = Registry(Storage(str(root)))
     card = registry.card("tiny-topics", outcome.version)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import CONFIGS, free_cpus_when_settled, make_config, ray_metric, what_holds_cpus
+from conftest import CONFIGS, free_cpus_when_settled, make_config, ray_metric, read_tensorboard, what_holds_cpus
 from lifelong.errors import ConfigError
 from lifelong.registry import Registry
 from lifelong.storage import Storage
@@ -66,7 +66,7 @@ def test_a_trial_that_errored_before_its_first_report_is_a_row_not_a_crash(tmp_p
 
 
 @pytest.mark.slow
-def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data, webhooks):
+def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data, webhooks, tmp_path):
     # Optuna's three seeded start-up samples (seed 8) put lr=1e30, a non-finite loss, on exactly
     # one trial; TPE picks the last two and may try it again: up to 2 failures are allowed.
     config = make_config(
@@ -82,6 +82,7 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
             "tune.max_concurrent_trials=3",
             "tune.space={train.lr: {choice: [3e-3, 1e-4, 1e-2, 1e30]}, model.train_last_n_layers: {randint: [1, 3]}}",
             f"notify.webhooks=[{webhooks.url}]",
+            f"tracking.tensorboard.dir={tmp_path / 'tb'}",
         ),
     )
     outcome = run_sweep(config)
@@ -118,6 +119,16 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
     assert Path(card.run.checkpoint).parent == sweep_dir / f"trial-{card.run.name.rsplit('-', 1)[-1]}"
     assert (Path(card.run.checkpoint) / "hf" / "model.safetensors").is_file()
     assert not list((Path(pretrained["root"]) / "runs").glob("tune-smoke-sweep-*"))
+    # Tracked (tracking.tensorboard): the sweep's outcome, and each trial that trained as a run.
+    swept = read_tensorboard(tmp_path / "tb" / "tune-smoke-sweep")
+    assert (
+        all(trial in swept["texts"]["trials"][0] for trial in table["trial"])
+        and f"tune-smoke:{outcome.version}" in swept["texts"]["best"][0]
+    )
+    assert swept["scalars"]["trials/errored"] == [(0, float((table["status"] == "errored").sum()))]
+    best = read_tensorboard(tmp_path / "tb" / card.run.name)
+    registered = card.run.history[-1]  # the best checkpoint's epoch (the trial may have gone on)
+    assert dict(best["scalars"]["val/loss"])[registered["global_step"]] == pytest.approx(registered["val_loss"])
 
 
 @pytest.mark.slow

@@ -528,6 +528,25 @@ class SubmitSection(Section):
     exclude: list[str] = Field(default_factory=list)
 
 
+class TensorBoardSection(Section):
+    # A local directory (made absolute where the config is loaded): <dir>/<run>/ per training
+    # run, <dir>/<sweep>/ and <dir>/<stream>/ for sweeps and cycles (lifelong.tracking).
+    dir: str
+
+
+class TrackingSection(Section):
+    # Off by default; needs the `tracking` extra (tensorboard).
+    tensorboard: TensorBoardSection | None = None
+
+    @model_validator(mode="after")
+    def _installed(self) -> TrackingSection:
+        import importlib.util
+
+        if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("tensorboard needs the tensorboard package: pip install 'lifelong[tracking]'")
+        return self
+
+
 class NotifySection(Section):
     # JSON POSTs on alias moves, gate rejections, refused swaps, failed cycles and finished
     # sweeps (lifelong.notify); LIFELONG_WEBHOOKS adds URLs for every command.
@@ -568,6 +587,7 @@ class JobConfig(Section):
     continual: ContinualSection = Field(default_factory=ContinualSection)
     submit: SubmitSection = Field(default_factory=SubmitSection)
     notify: NotifySection = Field(default_factory=NotifySection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> JobConfig:
@@ -770,6 +790,8 @@ def absolute_paths(config: JobConfig) -> JobConfig:
         config.serve.auth.token_file = absolute(config.serve.auth.token_file)
     if config.model.tokenizer:
         config.model.tokenizer = absolute(config.model.tokenizer)
+    if config.tracking.tensorboard is not None:
+        config.tracking.tensorboard.dir = absolute(config.tracking.tensorboard.dir)
     if config.model.init_from and Path(config.model.init_from).expanduser().exists():
         config.model.init_from = absolute(config.model.init_from)
     return config

@@ -35,7 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search import BasicVariantGenerator, SearchGenerator
 
 from lifelong import metrics as prometheus
-from lifelong import notify
+from lifelong import notify, tracking
 from lifelong.config import JobConfig, set_dotted, validate_config
 from lifelong.console import SweepBar, detail, say, sweep_bar
 from lifelong.errors import ConfigError, LifelongError
@@ -523,6 +523,7 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     stopped = int(table["stopped_early"].sum()) if len(table) else 0
     trials = {"trials": len(table), "completed": len(table) - failed - stopped, "stopped_early": stopped, "errored": failed}
     if best is None:
+        tracking.sweep(config, name, table, None, None)
         notify.event("sweep.finished", config.notify, model=config.name, sweep=name, **trials, version=None, table=str(csv))
         return SweepOutcome(name, config.name, results.experiment_path, table, str(csv), str(plot), None, None, None, results)
     params = {k: best.config[k] for k in config.tune.space}
@@ -539,6 +540,9 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     alias = "champion" if promote else "challenger"
     prep.registry.move_alias(config.name, alias, outcome.version, reason=f"best trial of sweep {name}")
     metric = config.tune.metric
+    tracking.sweep(
+        config, name, table, {"run": run_name, "params": params, metric: best.metrics.get(metric)}, f"{config.name}:{outcome.version}"
+    )
     notify.event(
         "sweep.finished",
         config.notify,

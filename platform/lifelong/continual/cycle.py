@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lifelong import metrics, notify
+from lifelong import metrics, notify, tracking
 from lifelong.config import JobConfig
 from lifelong.console import cycle_bar, phase
 from lifelong.console import say as console_say
@@ -235,6 +235,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             phases=window.phases,
             search=window.search,
         )
+        tracking.cycle(config, outcome)
         return _measured(ledger, outcome)
 
 

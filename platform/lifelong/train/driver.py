@@ -22,6 +22,7 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from lifelong import tracking
 from lifelong.config import JobConfig
 from lifelong.console import say, training_bar
 from lifelong.data import RESPONSE, DataReport, TokenizerRef, ValidatedData, dataset_of, first_rows, read_validated, tokenized
@@ -558,6 +559,9 @@ def register_checkpoint(prep: PreparedRun, result, run_name: str, extra_card: di
         exported = export_on_register(config, model_dir, prep.data.validation_rows, work, onnx_template(prep.parent, config))
         card["exports"] = exported.records
         version = registry.register_version(config.name, Path(ckpt_dir) / "hf", card, extra_files=exported.files)
+    tracking.registered(
+        config, run_name, f"{config.name}:{version}", registry.storage.uri_of("registry", config.name, "versions", str(version))
+    )
     epochs = [h["epoch"] for h in state.get("history", [])]
     return TrainingOutcome(run_name, result.path, version, config.name, card["metrics"], report, epochs)
 

@@ -33,6 +33,7 @@ from lifelong.moe import has_moe, optimizer_groups, saved_whole, whole_experts
 from lifelong.registry import Registry
 from lifelong.storage import Storage
 from lifelong.tasks import task as family
+from lifelong.tracking import RunTracker
 from lifelong.train import ops
 from lifelong.train.ds_config import build_deepspeed_config, resolve_precision
 
@@ -185,6 +186,7 @@ def run_loop(loop_config: dict, session) -> None:
     replay_samples = loop_config.get("replay_samples") or 1  # a continual cycle's: one per epoch when > 1
     reference = loop_config.get("reference_rows")  # validation prompts to answer each epoch
     moe = has_moe(engine.module)
+    tracker = RunTracker(config, rank)  # TensorBoard, when the config asks (lifelong.tracking)
     setup_seconds = time.perf_counter() - entered  # model load + DeepSpeed init (+ resume)
     for epoch in range(start_epoch, train_cfg.epochs + 1):
         # --- train one epoch ---------------------------------------------------------------
@@ -232,6 +234,7 @@ def run_loop(loop_config: dict, session) -> None:
                     f"epoch {epoch}/{train_cfg.epochs} step {micro_steps // train_cfg.gradient_accumulation_steps}/{steps_per_epoch} "
                     f"loss {loss_sum / micro_steps:.4f} lr {engine.get_lr()[0]:.2e}",
                 )
+                tracker.step(engine.global_steps, loss_sum / micro_steps, engine.get_lr()[0])
             if train_cfg.max_steps_per_epoch and micro_steps >= train_cfg.max_steps_per_epoch * train_cfg.gradient_accumulation_steps:
                 break
             step = micro_steps // train_cfg.gradient_accumulation_steps
@@ -279,6 +282,7 @@ def run_loop(loop_config: dict, session) -> None:
                 f"{metrics.get('val_loss')}): lower train.lr or check the data"
             )
         history.append(metrics)
+        tracker.epoch(engine.global_steps, metrics)
         log(
             rank,
             "epoch {epoch} done: ".format(epoch=epoch)
@@ -304,6 +308,7 @@ def run_loop(loop_config: dict, session) -> None:
                     tokenizer.save_pretrained(str(hf_dir))
                 (Path(tmp) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history, "precision": precision}))
             session.report(metrics, tmp)
+    tracker.close()
 
 
 def _shown(metrics: dict) -> str:
