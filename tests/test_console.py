@@ -86,8 +86,8 @@ with training_bar("run-a", 98):
     _from_workers({"pid": 7, "lines": ["not ours", "[lifelong] epoch 1 done: val_loss 6.4"]})
     _from_workers({"pid": 7, "lines": ["[lifelong] worker 0/1 on node abc (cpu)"]})  # said already
     time.sleep(0.5)
-with SweepBar("sweep-b", 4, "val_loss", "min") as bar:
-    bar.started(); bar.result(0.25); bar.ended("finished")
+with SweepBar("sweep-b", 4, "val_loss") as bar:
+    bar.show({"running": 0, "finished": 1, "stopped": 0, "errored": 0}, 0.25)
     _from_workers({"pid": 8, "lines": ["[lifelong] a trial's line"]})
     time.sleep(0.5)
 _from_workers({"pid": 8, "lines": ["[lifelong] a trial's late line"]})

@@ -68,10 +68,6 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def log_path() -> Path | None:
-    return _state.log
-
-
 def library_level() -> int:
     """The level Ray's own loggers log at: LIFELONG_LOG_LEVEL's; INFO into a log file; else
     WARNING (a process that is not quiet, such as a test's, keeps its console for itself)."""
@@ -231,16 +227,16 @@ def phase(text: str) -> None:
 
 def sweep_bar() -> SweepBar:
     """The running sweep's bar (Tune's callbacks are pickled with its state: they look it up)."""
-    return _state.sweep or SweepBar("", 0, "", "min")
+    return _state.sweep or SweepBar("", 0, "")
 
 
 class SweepBar:
-    """A sweep's trials on a terminal: done, running, stopped early, errored and the best so far.
-    While it runs, the trials' workers' own lines stay in the log file."""
+    """A sweep's trials on a terminal: done, running, stopped early, errored and the best so far
+    (the counts are its Tune callback's). While it runs, the trials' workers' own lines stay in
+    the log file."""
 
-    def __init__(self, name: str, trials: int, metric: str, mode: str):
-        self.name, self.trials, self.metric, self.mode, self.best = name, trials, metric, mode, None
-        self.counts = {"running": 0, "finished": 0, "stopped": 0, "errored": 0}
+    def __init__(self, name: str, trials: int, metric: str):
+        self.name, self.trials, self.metric = name, trials, metric
         self._bar = None
 
     def __enter__(self) -> SweepBar:
@@ -253,25 +249,11 @@ class SweepBar:
         _state.sweep = None
         self._context.__exit__(*exc)
 
-    def started(self) -> None:
-        self.counts["running"] += 1
-        self._show()
-
-    def result(self, value) -> None:
-        if isinstance(value, (int, float)) and (self.best is None or (value < self.best if self.mode == "min" else value > self.best)):
-            self.best = value
-        self._show()
-
-    def ended(self, how: str) -> None:
-        self.counts["running"] = max(0, self.counts["running"] - 1)
-        self.counts[how] += 1
-        self._show()
-
-    def _show(self) -> None:
+    def show(self, counts: dict, best: float | None) -> None:
         if self._bar is None:
             return
-        done = self.counts["finished"] + self.counts["stopped"] + self.counts["errored"]
-        shown = f"{done}/{self.trials} trials: " + ", ".join(f"{k} {v}" for k, v in self.counts.items())
-        if self.best is not None:
-            shown += f"; best {self.metric} {self.best:.4g}"
+        done = counts["finished"] + counts["stopped"] + counts["errored"]
+        shown = f"{done}/{self.trials} trials: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        if best is not None:
+            shown += f"; best {self.metric} {best:.4g}"
         self._bar[0].update(self._bar[1], completed=done, shown=shown)

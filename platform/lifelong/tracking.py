@@ -50,15 +50,15 @@ def registered(config: JobConfig, run_name: str, ref: str, where: str) -> None:
         writer.add_text("registry", f"registered as **{ref}** ({where})", 0)
 
 
-def sweep(config: JobConfig, name: str, table, best: dict | None, ref: str | None) -> None:
+def sweep(config: JobConfig, name: str, table, trials: dict, best: dict | None, ref: str | None) -> None:
+    """A sweep's trial table, its best and its trials by state (`trials`, the counts its webhook sends)."""
     if config.tracking.tensorboard is None:
         return
     with _writer(config, name) as writer:
         writer.add_text("trials", f"```\n{table.to_csv(index=False)}```" if len(table) else "no trial ran", 0)
         writer.add_text("best", f"{ref}: {json.dumps(best, default=str)}" if best else "no trial finished", 0)
-        for state in ("finished", "errored"):
-            writer.add_scalar(f"trials/{state}", int((table["status"] == state).sum()) if len(table) else 0, 0)
-        writer.add_scalar("trials/stopped_early", int(table["stopped_early"].sum()) if len(table) else 0, 0)
+        for state, count in trials.items():
+            writer.add_scalar(f"trials/{state}", count, 0)
 
 
 def cycle(config: JobConfig, outcome) -> None:

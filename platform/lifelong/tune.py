@@ -151,8 +151,8 @@ class Progress(tune.Callback):
 
     def __init__(self, config: JobConfig):
         self.metric, self.epochs, self.keys = config.tune.metric, config.train.epochs, list(config.tune.space)
-        self.sweep = sweep_name(config)
-        self.trials = {"running": 0, "finished": 0, "stopped": 0, "errored": 0}  # Prometheus: lifelong_sweep_trials
+        self.sweep, self.mode, self.best = sweep_name(config), config.tune.mode, None
+        self.trials = {"running": 0, "finished": 0, "stopped": 0, "errored": 0}  # the bar's and lifelong_sweep_trials
 
     def _count(self, state: str) -> None:
         if state != "running":
@@ -160,20 +160,22 @@ class Progress(tune.Callback):
         self.trials[state] += 1
         for key, count in self.trials.items():
             prometheus.record("lifelong_sweep_trials", count, sweep=self.sweep, state=key)
+        sweep_bar().show(self.trials, self.best)
 
     def _params(self, trial) -> str:
         return ", ".join(f"{k.split('.')[-1]}={_short(trial.config.get(k))}" for k in self.keys)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         detail(f"[lifelong] trial {trial.trial_id} started ({self._params(trial)})")
-        sweep_bar().started()
         self._count("running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         shown = f"{value:.4g}" if isinstance(value, (int, float)) else value
         detail(f"[lifelong] trial {trial.trial_id} epoch {_when(result)}/{self.epochs} {self.metric} {shown}")
-        sweep_bar().result(value)
+        if isinstance(value, (int, float)) and (self.best is None or (value < self.best if self.mode == "min" else value > self.best)):
+            self.best = value
+            sweep_bar().show(self.trials, self.best)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
@@ -183,12 +185,10 @@ class Progress(tune.Callback):
         value = last.get(self.metric)
         shown = f", {self.metric} {value:.4g}" if isinstance(value, (int, float)) else ""
         say(f"[lifelong] trial {trial.trial_id} {how} ({self._params(trial)}){shown}")
-        sweep_bar().ended("finished" if finished else "stopped")
         self._count("finished" if finished else "stopped")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         say(f"[lifelong] trial {trial.trial_id} errored: {_last_line(trial.get_error() or '')}")
-        sweep_bar().ended("errored")
         self._count("errored")
 
 
@@ -500,7 +500,7 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     )
     before = reserved_groups()
     try:
-        with SweepBar(name, config.tune.num_samples, config.tune.metric, config.tune.mode):
+        with SweepBar(name, config.tune.num_samples, config.tune.metric):
             results = build_tuner(config, data, resume).fit()
     finally:
         release_when_settled(before, f"a trial of sweep '{name}'")
@@ -523,7 +523,7 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     stopped = int(table["stopped_early"].sum()) if len(table) else 0
     trials = {"trials": len(table), "completed": len(table) - failed - stopped, "stopped_early": stopped, "errored": failed}
     if best is None:
-        tracking.sweep(config, name, table, None, None)
+        tracking.sweep(config, name, table, trials, None, None)
         notify.event("sweep.finished", config.notify, model=config.name, sweep=name, **trials, version=None, table=str(csv))
         return SweepOutcome(name, config.name, results.experiment_path, table, str(csv), str(plot), None, None, None, results)
     params = {k: best.config[k] for k in config.tune.space}
@@ -541,7 +541,12 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
     prep.registry.move_alias(config.name, alias, outcome.version, reason=f"best trial of sweep {name}")
     metric = config.tune.metric
     tracking.sweep(
-        config, name, table, {"run": run_name, "params": params, metric: best.metrics.get(metric)}, f"{config.name}:{outcome.version}"
+        config,
+        name,
+        table,
+        trials,
+        {"run": run_name, "params": params, metric: best.metrics.get(metric)},
+        f"{config.name}:{outcome.version}",
     )
     notify.event(
         "sweep.finished",
