@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -554,3 +555,70 @@ def read_tensorboard(run_dir: Path) -> dict:
             texts = [b.decode() for e in acc.Tensors(tag) for b in e.tensor_proto.string_val]
             found["texts"].setdefault(tag.removesuffix("/text_summary"), []).extend(texts)
     return found
+
+
+class MlflowServer:
+    """A real `mlflow server` (SQLite backend, artifacts proxied to a local directory) on loopback,
+    in its own process group (ours to end)."""
+
+    def __init__(self, home: Path):
+        import subprocess
+
+        import httpx
+
+        self.home, self.port = home, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        home.mkdir(parents=True, exist_ok=True)
+        self.log = home / "server.log"
+        # fmt: off
+        command = [
+            str(Path(sys.executable).parent / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}", "--artifacts-destination", str(home / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]
+        # fmt: on
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{self.uri}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert self.proc.poll() is None, f"mlflow server exited: {self.log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"mlflow server not up after 120 s: {self.log.read_text()[-2000:]}"
+            time.sleep(0.5)
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def runs(self, experiment: str) -> dict:
+        """Run name → the run, in `experiment` (every run, however it ended)."""
+        client = self.client()
+        found = client.get_experiment_by_name(experiment)
+        assert found is not None, f"no MLflow experiment '{experiment}'"
+        return {r.info.run_name: r for r in client.search_runs([found.experiment_id], max_results=1000)}
+
+    def history(self, run, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client().get_metric_history(run.info.run_id, key)]
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()

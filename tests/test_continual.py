@@ -82,14 +82,15 @@ def stream(ray_session, tiny_tokenizer, topic_rows, tmp_path):
     return {"root": root, "landing": landing, "registry": registry, "v1": v1, "windows": windows}
 
 
-def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream, serve_port, tmp_path):
+def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream, serve_port, tmp_path, mlflow_server):
     from ray import serve
 
     from lifelong.config import absolute_paths, validate_config
     from lifelong.serve import deploy
 
     root, landing, registry = stream["root"], stream["landing"], stream["registry"]
-    config = cl_config(root, landing, "cl-topics", "continual.keep_runs=1", f"tracking.tensorboard.dir={tmp_path / 'tb'}")
+    tracked = (f"tracking.tensorboard.dir={tmp_path / 'tb'}", f"tracking.mlflow.uri={mlflow_server.uri}")
+    config = cl_config(root, landing, "cl-topics", "continual.keep_runs=1", *tracked)
     url = deploy(
         absolute_paths(
             validate_config(
@@ -151,6 +152,17 @@ def test_two_cycles_consume_their_files_gate_promote_and_swap_under_load(stream,
             (1, pytest.approx(second.metrics["average_accuracy"])),
         ]
         assert read_tensorboard(tmp_path / "tb" / registry.card("cl-topics", second.version).run.name)["scalars"]["val/accuracy"]
+        # And in MLflow: a run per cycle (its decision, reason and the stream's CL metrics at step =
+        # window) over the run that trained the window.
+        runs = mlflow_server.runs("cl-topics")
+        for o in (first, second):
+            cycle_run = runs[f"cl-topics-cycle-{o.window:03d}"]
+            assert cycle_run.data.tags["lifelong.decision"] == o.status and cycle_run.data.tags["lifelong.reason"] == o.reason
+            assert mlflow_server.history(cycle_run, "cl/average_accuracy") == [(o.window, pytest.approx(o.metrics["average_accuracy"]))]
+            trained = runs[registry.card("cl-topics", o.version).run.name]
+            assert trained.data.tags["mlflow.parentRunId"] == cycle_run.info.run_id
+            assert trained.data.tags["lifelong.version"] == f"cl-topics:{o.version}"
+            assert mlflow_server.history(trained, "val/accuracy") and {cycle_run.info.status, trained.info.status} == {"FINISHED"}
         # Prometheus (Ray's metrics endpoint): the decisions, the ledger's files, the stream's ACC.
         for o in (first, second):
             assert ray_metric("ray_lifelong_cycle_decisions_total", stream="cl-topics", decision=o.status) >= 1

@@ -39,7 +39,7 @@ def test_pretrain_loss_falls_and_registered_version_generates(pretrained):
     assert tok.decode(out[0, prompt["input_ids"].shape[1] :]).strip()
 
 
-def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, demo_data, tmp_path):
+def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, demo_data, tmp_path, mlflow_server):
     root = pretrained["root"]
     parent = f"tiny-gpt2:{pretrained['outcome'].version}"
     config = make_config(
@@ -50,6 +50,7 @@ def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, de
         "model.freeze_embeddings=true",
         "train.epochs=4",
         f"tracking.tensorboard.dir={tmp_path / 'tb'}",
+        f"tracking.mlflow.uri={mlflow_server.uri}",
     )
     outcome = run_training(config)
     assert outcome.metrics["val_accuracy"] > 0.6  # 4 balanced classes: chance is 0.25
@@ -61,6 +62,15 @@ def test_finetune_from_registry_learns_and_frozen_embeddings_stay(pretrained, de
     assert [s for s, _ in tb["scalars"]["train/loss"]] == [h["global_step"] for h in history]
     assert tb["scalars"]["train/step_loss"] and all(0 < lr < 1 for _, lr in tb["scalars"]["train/lr"])
     assert '"init_from"' in tb["texts"]["config"][0] and f"registered as **tiny-topics:{outcome.version}**" in tb["texts"]["registry"][0]
+    # And in MLflow (a real server, read back with its client): one run in the config's experiment,
+    # the config as params, the same metrics at the same steps, the version it became.
+    tracked = mlflow_server.runs("tiny-topics")[outcome.run_name]
+    assert tracked.info.status == "FINISHED"
+    assert tracked.data.params["train.epochs"] == "4" and tracked.data.params["model.init_from"] == parent
+    assert mlflow_server.history(tracked, "val/accuracy") == [(h["global_step"], pytest.approx(h["val_accuracy"])) for h in history]
+    assert mlflow_server.history(tracked, "train/step_loss") and mlflow_server.history(tracked, "train/lr")
+    assert tracked.data.tags["lifelong.version"] == f"tiny-topics:{outcome.version}"
+    assert tracked.data.tags["lifelong.registry"].endswith(f"registry/tiny-topics/versions/{outcome.version}")
 
     registry = Registry(Storage(str(root)))
     card = registry.card("tiny-topics", outcome.version)

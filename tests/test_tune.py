@@ -66,7 +66,7 @@ def test_a_trial_that_errored_before_its_first_report_is_a_row_not_a_crash(tmp_p
 
 
 @pytest.mark.slow
-def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data, webhooks, tmp_path):
+def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretrained, demo_data, webhooks, tmp_path, mlflow_server):
     # Optuna's three seeded start-up samples (seed 8) put lr=1e30, a non-finite loss, on exactly
     # one trial; TPE picks the last two and may try it again: up to 2 failures are allowed.
     config = make_config(
@@ -83,6 +83,7 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
             "tune.space={train.lr: {choice: [3e-3, 1e-4, 1e-2, 1e30]}, model.train_last_n_layers: {randint: [1, 3]}}",
             f"notify.webhooks=[{webhooks.url}]",
             f"tracking.tensorboard.dir={tmp_path / 'tb'}",
+            f"tracking.mlflow.uri={mlflow_server.uri}",
         ),
     )
     outcome = run_sweep(config)
@@ -129,6 +130,20 @@ def test_sweep_stops_early_records_a_failing_trial_and_registers_the_best(pretra
     best = read_tensorboard(tmp_path / "tb" / card.run.name)
     registered = card.run.history[-1]  # the best checkpoint's epoch (the trial may have gone on)
     assert dict(best["scalars"]["val/loss"])[registered["global_step"]] == pytest.approx(registered["val_loss"])
+    # And in MLflow: the sweep a parent run, each trial a finished or ended child run under it.
+    runs = mlflow_server.runs("tune-smoke")
+    parent = runs["tune-smoke-sweep"]
+    children = {name: r for name, r in runs.items() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == sorted(f"tune-smoke-sweep-{trial}" for trial in table["trial"])
+    assert parent.info.status == "FINISHED" and all(r.info.status in ("FINISHED", "KILLED") for r in children.values())
+    assert parent.data.tags["lifelong.version"] == f"tune-smoke:{outcome.version}"
+    assert parent.data.tags["lifelong.best_run"] == card.run.name
+    assert mlflow_server.history(parent, "trials/errored") == [(0, float((table["status"] == "errored").sum()))]
+    logged = mlflow_server.client().download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))
+    assert set(pd.read_csv(logged)["trial"]) == set(table["trial"])
+    best_trial = children[card.run.name]
+    assert best_trial.data.tags["lifelong.version"] == f"tune-smoke:{outcome.version}"
+    assert dict(mlflow_server.history(best_trial, "val/loss"))[registered["global_step"]] == pytest.approx(registered["val_loss"])
 
 
 @pytest.mark.slow

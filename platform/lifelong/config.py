@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from lifelong.errors import ConfigError
 from lifelong.tasks import DEFAULT as DEFAULT_TASK
@@ -534,9 +534,27 @@ class TensorBoardSection(Section):
     dir: str
 
 
+class MlflowSection(Section):
+    # Where runs go: an `mlflow server` (http://host:port), or any URI MLflow's client takes
+    # (sqlite:///…, databricks); its credentials come from MLflow's own variables
+    # (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD) on each node.
+    uri: str = Field(min_length=1)
+    # The MLflow experiment; default: the config's name (a sweep, its trials and the version
+    # they became side by side; a stream's cycles under the stream's name).
+    experiment: str | None = Field(default=None, min_length=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if any(c.isspace() for c in value):
+            raise ValueError(f"'{value}' is not a tracking URI (it holds a space)")
+        return value
+
+
 class TrackingSection(Section):
-    # Off by default; needs the `tracking` extra (tensorboard).
+    # Off by default; needs the `tracking` extra (tensorboard, mlflow-skinny).
     tensorboard: TensorBoardSection | None = None
+    mlflow: MlflowSection | None = None
 
     @model_validator(mode="after")
     def _installed(self) -> TrackingSection:
@@ -544,6 +562,8 @@ class TrackingSection(Section):
 
         if self.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("tensorboard needs the tensorboard package: pip install 'lifelong[tracking]'")
+        if self.mlflow is not None and importlib.util.find_spec("mlflow") is None:
+            raise ValueError("mlflow needs MLflow's client: pip install 'lifelong[tracking]' (mlflow-skinny)")
         return self
 
 
@@ -792,6 +812,8 @@ def absolute_paths(config: JobConfig) -> JobConfig:
         config.model.tokenizer = absolute(config.model.tokenizer)
     if config.tracking.tensorboard is not None:
         config.tracking.tensorboard.dir = absolute(config.tracking.tensorboard.dir)
+    if config.tracking.mlflow is not None and ":" not in config.tracking.mlflow.uri:  # a local directory
+        config.tracking.mlflow.uri = absolute(config.tracking.mlflow.uri)
     if config.model.init_from and Path(config.model.init_from).expanduser().exists():
         config.model.init_from = absolute(config.model.init_from)
     return config

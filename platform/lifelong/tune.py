@@ -87,6 +87,7 @@ def run_trial(params: dict, base: dict, sweep: str, data) -> None:
     run_name = trial_run_name(sweep, tune.get_context().get_trial_id())
     config = trial_config(base, params, run_name, data.tokenizer.location if data else None)
     prep = prepare_run(config, data)
+    tracking.begin(config, run_name, parent=sweep)  # MLflow: a child of the sweep's run
     every = config.tune.report_every_steps
     if in_trial(config):
         train_in_trial(loop_config(prep, every), {"train": prep.data.train_ds, "validation": prep.data.val_ds}, prep.gpu)
@@ -498,6 +499,7 @@ def run_sweep(config: JobConfig, resume: bool = False, promote: bool = False) ->
         f"{config.tune.search} search, scheduler {config.tune.scheduler}, up to {max_concurrency(config)} at once; "
         f"{'shared' if shares_data(config) else 'per-trial'} data ({data.train_examples} training examples)"
     )
+    tracking.begin(config, name)  # MLflow: the sweep's parent run, before any trial
     before = reserved_groups()
     try:
         with SweepBar(name, config.tune.num_samples, config.tune.metric):

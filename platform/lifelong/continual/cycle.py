@@ -498,6 +498,7 @@ def _fit(
     if len(samples) > 1:
         epoch_examples = round(data.train_examples * (train.num_rows + replay_rows) / (train.num_rows + sampled_rows))
     prep = replace(prepare_run(cycle_config, data, epoch_examples=epoch_examples), row_weights=weights, replay_samples=max(len(samples), 1))
+    tracking.begin(cycle_config, run, parent=tracking.cycle_run(stream.name, k))  # MLflow: under the cycle's run
     t1 = time.perf_counter()
     result = _train(prep, run)
     spent["prepare"] += t1 - t0

@@ -359,6 +359,8 @@ def run_training(config: JobConfig, resume: bool = False) -> TrainingOutcome:
         registered = already_registered(config, registry, finished, run_name, validated.report)
         if registered is not None:  # nothing to train or register: the data need not be tokenized
             return registered
+    if finished is None:
+        tracking.begin(config, run_name)  # MLflow: the run's, before any work (an unreachable server stops it here)
     if finished is None and trains_warm(config, storage, run_name):
         warm_trainer(worker_resources_for(config, use_gpu(config)))  # starts importing while the data is tokenized
     prep = prepare_run(config, prepare_data(config, storage, registry, validated))
