@@ -63,6 +63,10 @@ def test_wrong_type_names_the_key_and_value(tmp_path):
         ("name: x\nserve: {autoscaling: {min_replicas: 3, max_replicas: 2}}\n", "min_replicas"),
         ("name: x\nserve: {portt: 80}\n", "did you mean 'serve.port'"),
         ("name: x\nexport: {parity_tolerance: 0}\n", "export.parity_tolerance"),
+        ("name: x\ntracking: {mlflow: {uri: 'http://host:5000 /x'}}\n", "tracking.mlflow.uri"),
+        ("name: x\ntracking: {mlflow: {experiment: topics}}\n", "tracking.mlflow.uri: required key is missing"),
+        ("name: x\ntracking: {mlflow: {uri: 'http://h:5000', experment: t}}\n", "did you mean 'tracking.mlflow.experiment'"),
+        ("name: x\ntrain: {lora: {rnk: 4}}\n", "train.lora.rnk: unknown key; known keys here: r, alpha"),  # an optional section
     ],
 )
 def test_impossible_configs_are_refused(tmp_path, yaml_text, expected):
