@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml platform/lifelong/train/ops.py
 	# DeepSpeed compiles its CPU ops on first use (a minute or more each here); building them
 	# into the environment now keeps that out of every first run, whatever its HOME.
 	$(BIN)/python -m lifelong.train.ops
+	# tests/test_ui.py drives Debian's Chromium headless (Playwright, with no browser download):
+	# installed here where this machine lets us (root and apt-get); else that test is skipped, saying why.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+	  || echo "chromium not installed (needs root and apt-get): tests/test_ui.py will be skipped"
 	touch $(STAMP)
 
 quickstart: $(STAMP)

@@ -153,7 +153,18 @@ def tiny_tokenizer(topic_rows, demo_data, tmp_path_factory):
 
 
 def register_tiny(
-    registry, name, tokenizer_dir, workdir, *, task="sequence-classification", seed=0, rows=None, export=True, n_layer=2, labels=LABELS
+    registry,
+    name,
+    tokenizer_dir,
+    workdir,
+    *,
+    task="sequence-classification",
+    seed=0,
+    rows=None,
+    export=True,
+    n_layer=2,
+    labels=LABELS,
+    metrics=None,
 ):
     """Register a tiny GPT-2 with random weights (seeded) the way training registers one:
     HF files + tokenizer, ONNX and int8 exported first, records on the card. Returns the version."""
@@ -178,7 +189,7 @@ def register_tiny(
     card = {
         "task": task,
         "labels": labels,
-        "metrics": {"seed": seed},
+        "metrics": {"seed": seed, **(metrics or {})},
         "config": {"model": cfg.model_dump(mode="json")},
     }
     exported = None

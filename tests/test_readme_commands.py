@@ -41,6 +41,7 @@ SPLIT_PRETRAIN = (
 VIT_SPLIT = (
     'lifelong finetune configs/vit/tiny_finetune.yaml name=tiny-vit-split \'data.labels=["0","1"]\' data.path=data/split-digits/window-000'
 )
+UI = "echo s3cret > ui-token && exec lifelong ui --token-file ui-token --endpoint http://127.0.0.1:8000"
 ON_S3 = "lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=s3://BUCKET/lifelong data.path=s3://BUCKET/corpus.jsonl"
 
 
@@ -124,6 +125,7 @@ STEPS = [
     Step(["lifelong models list"], "lifelong models list", ("tiny-gpt2", "tiny-topics")),
     Step(["lifelong models show NAME@ALIAS"], "lifelong models show tiny-topics@champion", ('"version": 2',)),
     Step(["lifelong models rollback NAME"], "lifelong models rollback tiny-topics", ("tiny-topics@champion: rolled back 2 → 1",)),
+    Step(["lifelong ui", "lifelong ui --token-file FILE", "lifelong ui --endpoint URL"], UI),
     # Continual pretraining of tiny-gpt2@champion on real text (one part of CPython's docs).
     Step(
         ["lifelong data doc-stream data/doc-stream"],
@@ -395,6 +397,9 @@ def test_the_shown_commands_work_as_printed(fresh_project):
         if step.run in (SERVE, SERVE_IMAGES, SERVE_LM, SERVE_VIT):
             serve_and_ask(project, env, step.run)
             continue
+        if step.run == UI:
+            look_at_the_dashboard(project, env)
+            continue
         command = step.run.format(job=job)
         started = time.monotonic()
         done = sh(command, project, env)
@@ -514,6 +519,33 @@ def serve_and_ask(project: Path, env: dict, command: str) -> None:
             os.killpg(server.pid, signal.SIGKILL)
             out, _ = server.communicate()
     assert server.returncode in (0, 130, -signal.SIGINT), out[-4000:]
+
+
+def look_at_the_dashboard(project: Path, env: dict) -> None:
+    """`lifelong ui …` on the store so far: the overview lists its models, a model's page the
+    rollback just made, the live page says nothing serves yet; then Ctrl-C."""
+    server = start_server(["bash", "-c", UI], cwd=project, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get("http://127.0.0.1:8270/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None, server.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "lifelong ui did not answer in 120 s"
+            time.sleep(0.5)
+        overview = httpx.get("http://127.0.0.1:8270/", timeout=30).text
+        assert "tiny-gpt2" in overview and "tiny-topics" in overview, overview[-3000:]
+        model = httpx.get("http://127.0.0.1:8270/models/tiny-topics", timeout=30).text
+        assert "<td>rollback</td>" in model and 'id="promote"' in model, model[-3000:]  # the token allows actions
+        live = httpx.get("http://127.0.0.1:8270/live", timeout=30)
+        assert live.status_code == 200 and "ConnectError" in live.text, live.text[-2000:]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode in (0, 130, -signal.SIGINT) and "lifelong ui: http://127.0.0.1:8270/" in out, out[-4000:]
 
 
 def ask_the_language_model(project: Path, env: dict) -> None:

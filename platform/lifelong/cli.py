@@ -259,6 +259,25 @@ def serve(
         ray_serve.delete(cfg.serve_app_name)
 
 
+@app.command()
+def ui(
+    root: RootOpt = "./lifelong-store",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="The port on 127.0.0.1.")] = 8270,
+    token_file: Annotated[
+        Optional[Path], typer.Option("--token-file", help="A file holding the token that promote and rollback ask for (else read-only).")
+    ] = None,
+    endpoint: Annotated[
+        Optional[str], typer.Option("--endpoint", help="A serving endpoint (http://HOST:PORT) whose /v1/model the dashboard shows.")
+    ] = None,
+) -> None:
+    """A read-only web dashboard of the store on loopback: models, streams, sweeps, the live endpoint."""
+    from lifelong.ui import serve as serve_ui
+
+    if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        raise LifelongError(f"--endpoint {endpoint!r}: give an http:// or https:// URL")
+    serve_ui(root, "127.0.0.1", port, token_file, endpoint)
+
+
 # --- models ----------------------------------------------------------------------------------
 def _registry(root: str):
     from lifelong.registry import Registry
