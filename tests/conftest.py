@@ -568,14 +568,29 @@ def read_tensorboard(run_dir: Path) -> dict:
     return found
 
 
+def answering(url: str, proc, timeout: float, why=lambda: "") -> None:
+    """Wait until `url` answers 200 while `proc` (the server we started) lives; `why()`: what to
+    show when it does not (its log)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, f"{url}: the server exited ({proc.returncode}). {why()}"
+        assert time.monotonic() < deadline, f"{url}: no answer in {timeout} s. {why()}"
+        time.sleep(0.3)
+
+
 class MlflowServer:
     """A real `mlflow server` (SQLite backend, artifacts proxied to a local directory) on loopback,
     in its own process group (ours to end)."""
 
     def __init__(self, home: Path):
         import subprocess
-
-        import httpx
 
         self.home, self.port = home, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -590,16 +605,7 @@ class MlflowServer:
         # fmt: on
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(command, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None, f"mlflow server exited: {self.log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"mlflow server not up after 120 s: {self.log.read_text()[-2000:]}"
-            time.sleep(0.5)
+        answering(f"{self.uri}/health", self.proc, 120, lambda: f"mlflow server: {self.log.read_text()[-2000:]}")
 
     def client(self):
         from mlflow import MlflowClient

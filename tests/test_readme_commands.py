@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, copy_project, start_server
+from conftest import ROOT, answering, copy_project, start_server
 
 README = Path(ROOT) / "README.md"
 CONFIGS = sorted((Path(ROOT) / "configs").glob("*/*.yaml"))
@@ -526,16 +526,7 @@ def look_at_the_dashboard(project: Path, env: dict) -> None:
     rollback just made, the live page says nothing serves yet; then Ctrl-C."""
     server = start_server(["bash", "-c", UI], cwd=project, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get("http://127.0.0.1:8270/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.stdout.read()[-4000:]
-            assert time.monotonic() < deadline, "lifelong ui did not answer in 120 s"
-            time.sleep(0.5)
+        answering("http://127.0.0.1:8270/healthz", server, 120, lambda: server.stdout.read()[-4000:] if server.poll() is not None else "")
         overview = httpx.get("http://127.0.0.1:8270/", timeout=30).text
         assert "tiny-gpt2" in overview and "tiny-topics" in overview, overview[-3000:]
         model = httpx.get("http://127.0.0.1:8270/models/tiny-topics", timeout=30).text

@@ -13,14 +13,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import make_config, register_tiny
+from conftest import answering, make_config, register_tiny
 from lifelong.runtime import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -149,16 +148,7 @@ def dashboard(store, tmp_path_factory):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "lifelong ui did not answer in 60 s"
-        time.sleep(0.3)
+    answering(f"{url}/healthz", proc, 60, lambda: str(proc.communicate(timeout=10) if proc.poll() is not None else ""))
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
