@@ -40,6 +40,20 @@ for port in sys.argv[1:]:
             break
 PY
 }
+holder() {  # who listens on port $1: "pid N (command)", where this machine lets us see it
+  "$BIN/python" - "$1" <<'PY'
+import sys
+try:
+    import psutil
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == int(sys.argv[1]) and c.pid:
+            p = psutil.Process(c.pid)
+            print(f"held by pid {c.pid} ({' '.join(p.cmdline())[:200]})")
+            break
+except Exception:
+    pass
+PY
+}
 alive() { for f in "$STATE"/head.pid "$STATE"/worker-*.pid; do kill -0 "$(cat "$f")" 2>/dev/null || return 1; done; }
 fail() {
   echo "the cluster did not come up ($1); the logs' last lines (all in $STATE):" >&2
@@ -96,7 +110,7 @@ case "${1:-start}" in
     workers="${2:-1}"
     busy="$(taken $(ports "$workers"))"
     if [ -n "$busy" ]; then
-      echo "port $busy is taken on this machine (cluster/local.sh binds: $(ports "$workers" | xargs)); stop what holds it, or the cluster started before (cluster/local.sh stop)" >&2
+      echo "port $busy is taken on this machine (cluster/local.sh binds: $(ports "$workers" | xargs)) $(holder "$busy"); stop what holds it, or the cluster started before (cluster/local.sh stop)" >&2
       exit 1
     fi
     test -s "$HOME/.ray/auth_token" || "$BIN/ray" get-auth-token --generate >/dev/null
@@ -118,13 +132,21 @@ case "${1:-start}" in
     echo "  .venv/bin/lifelong submit pretrain configs/gpt2/tiny_pretrain.yaml storage.root=\$PWD/lifelong-store --carry-data --address http://127.0.0.1:8265"
     ;;
   stop)
+    stopped=0
     for f in "$STATE"/worker-*.pid "$STATE"/head.pid; do
       [ -f "$f" ] || continue
       kill -TERM -- "-$(cat "$f")" 2>/dev/null || true
       sleep 3
       kill -KILL -- "-$(cat "$f")" 2>/dev/null || true
       rm -f "$f"
+      stopped=$((stopped + 1))
     done
+    # Returns once the nodes' ports are free again, so that a start right after finds them free:
+    # on CI (2026-12-04) a start just after a stop found the head's agent port still held.
+    if [ "$stopped" -gt 0 ]; then
+      for _ in $(seq 60); do busy="$(taken $(ports "$((stopped - 1))"))"; [ -z "$busy" ] && break; sleep 1; done
+      [ -z "$busy" ] || echo "cluster/local.sh stop: port $busy is still taken 60 s after the nodes were stopped $(holder "$busy")" >&2
+    fi
     ;;
   ports) ports "${2:-1}" | xargs ;;
   *) echo "usage: $0 start [WORKER_NODES] | stop | ports [WORKER_NODES]" >&2; exit 2 ;;
