@@ -44,6 +44,7 @@ def test_an_mlflow_server_killed_under_a_run_costs_it_its_tracking_not_its_train
         config = validate_config(raw)
         run = MlflowRun.of(config, "drill-run")
         run.metrics({"train/loss": 1.5}, 1)
+        run.flush()  # metrics go out from a thread
         assert server.history(server.runs("drill")["drill-run"], "train/loss") == [(1, 1.5)]
         os.killpg(server.proc.pid, signal.SIGKILL)
         server.proc.wait()

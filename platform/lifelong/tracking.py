@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -145,10 +147,16 @@ def cycle_run(stream: str, window: int) -> str:
 
 class MlflowRun:
     """One MLflow run, written through MLflow's client (no global active run: a warm actor trains
-    many runs). After the first failed request it logs nothing more and says so once."""
+    many runs). Metrics go out from a thread of their own, batched (a request per logged step
+    held rank 0 about 12 ms each: benchmarks/tracking_overhead.py); `flush` and `end` wait for
+    them. After the first failed request it logs nothing more and says so once."""
+
+    BATCH = 900  # metrics per request (MLflow takes up to 1000)
 
     def __init__(self, client, run_id: str | None, uri: str):
         self.client, self.run_id, self.uri = client, run_id, uri
+        self._queue: queue.SimpleQueue | None = None
+        self._sender: threading.Thread | None = None
 
     @classmethod
     def of(cls, config: JobConfig, run_name: str) -> MlflowRun:
@@ -173,8 +181,38 @@ class MlflowRun:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        if items:
-            self._call(self.client.log_batch, self.run_id, metrics=items)
+        if not items or self.run_id is None:
+            return
+        if self._sender is None:
+            self._queue = queue.SimpleQueue()
+            self._sender = threading.Thread(target=self._send, name="lifelong-mlflow", daemon=True)
+            self._sender.start()
+        self._queue.put(items)
+
+    def flush(self) -> None:
+        """Wait until the metrics logged so far have been sent (or given up on)."""
+        if self._sender is not None:
+            self._queue.put(None)
+            self._sender.join()
+            self._sender = None
+
+    def _send(self) -> None:
+        while True:
+            batch, last = self._queue.get(), False
+            if batch is None:
+                return
+            while len(batch) < self.BATCH:  # what queued up meanwhile, in one request
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                batch.extend(more)
+            self._call(self.client.log_batch, self.run_id, metrics=batch)
+            if last:
+                return
 
     def tags(self, tags: dict) -> None:
         from mlflow.entities import RunTag
@@ -185,6 +223,7 @@ class MlflowRun:
         self._call(self.client.log_text, self.run_id, text, path)
 
     def end(self, status: str) -> None:
+        self.flush()
         self._call(self.client.set_terminated, self.run_id, status)
 
     def end_children(self, status: str) -> None:
