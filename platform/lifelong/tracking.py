@@ -64,6 +64,9 @@ class RunTracker:
             self.writer.flush()
         if self.mlflow is not None:
             self.mlflow.metrics(shown, global_step)
+            # Sent before the epoch's checkpoint is reported: a trial the scheduler stops after
+            # that report is killed, and its best epoch must be in MLflow.
+            self.mlflow.flush()
 
     def close(self) -> None:
         if self.writer is not None:
