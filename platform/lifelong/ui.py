@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import json
 import math
 import os
 from datetime import datetime, timezone
@@ -112,7 +113,8 @@ class Dashboard:
         metric = state.get("metric", "accuracy")
         metrics = ("average_accuracy", "backward_transfer", "forward_transfer", "forgetting")
         series = {m: [(w["window"], w["metrics"][m]) for w in windows if _number((w.get("metrics") or {}).get(m))] for m in metrics}
-        records = sorted(Ledger(self.storage, name).records(), key=lambda r: r.first_seen)
+        ledger = Ledger(self.storage, name)
+        records = sorted(ledger.records(), key=lambda r: r.first_seen)
         return {
             "name": name,
             "metric": metric,
@@ -121,7 +123,7 @@ class Dashboard:
             "chart": line_chart({k: v for k, v in series.items() if v}),
             "unfinished": stream.unfinished(),
             "ledger": [{"record": r, "when": _when(r.first_seen)} for r in records],
-            "counts": Ledger(self.storage, name).counts(),
+            "counts": ledger.counts(records),
         }
 
     # --- sweeps -----------------------------------------------------------------------------
@@ -356,6 +358,4 @@ def _cell(value) -> str:
 
 
 def _pretty(data) -> str:
-    import json
-
     return json.dumps(data, indent=2, default=str)

@@ -208,9 +208,10 @@ class Ledger:
             out.append(record)
         return sorted(out, key=lambda r: (r.first_seen, r.path))
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, records: list[FileRecord] | None = None) -> dict[str, int]:
+        """Files by state (of `records`, when the caller has read them already)."""
         out = dict.fromkeys(STATES, 0)
-        for r in self.records():
+        for r in self.records() if records is None else records:
             out[r.state] += 1
         return out
 
