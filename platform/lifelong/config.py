@@ -246,6 +246,27 @@ class AuthSection(Section):
     token_file: str | None = None
 
 
+class PredictionLogSection(Section):
+    # The share of requests whose inputs and answers the replicas record (whole requests, picked
+    # by their request id), as Parquet under <root>/predictions/<model>/; POST /v1/feedback is open
+    # with it, and a stream's cycle lands the labelled rows (lifelong.feedback).
+    sample: float = Field(gt=0.0, le=1.0)
+    # Days of records and feedback kept (older days are deleted).
+    retention_days: int = Field(default=30, ge=1)
+    # A replica writes what it recorded from a thread of its own, one file per flush.
+    flush_interval_s: float = Field(default=5.0, gt=0.0)
+    # Records a replica holds while the store is slow or down; beyond that, new ones are dropped
+    # and counted (a request is never slowed or failed by its record).
+    max_buffered: int = Field(default=10000, ge=1)
+
+
+class ShadowSection(Section):
+    # The alias whose version answers a share of requests next to the champion's, in the
+    # background: its answers are never returned, only compared (agreement, latency, accuracy).
+    alias: str = Field(default="challenger", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
+    share: float = Field(default=0.2, gt=0.0, le=1.0)
+
+
 class ServeSection(Section):
     # The registry model to follow (default: the config's `name`) and the alias it follows.
     model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -302,9 +323,15 @@ class ServeSection(Section):
     # One log line per request from the proxy and every replica (costly on small machines).
     access_log: bool = False
     auth: AuthSection = Field(default_factory=AuthSection)
+    # Record sampled requests and their answers, and take labels for them (None: off).
+    log_predictions: PredictionLogSection | None = None
+    # A second version (another alias) answering a share of requests in the background (None: off).
+    shadow: ShadowSection | None = None
 
     @model_validator(mode="after")
     def _batching(self) -> ServeSection:
+        if self.shadow is not None and self.shadow.alias == self.alias:
+            raise ValueError(f"serve.shadow.alias={self.shadow.alias} is the alias served: name another (e.g. challenger)")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"serve.max_ongoing_requests={self.max_ongoing_requests} is below serve.max_batch_size="

@@ -17,6 +17,7 @@ version never answers again, across all replicas. A hold lasts a few millisecond
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -43,9 +44,9 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import lifelong
+from lifelong import feedback, notify
 from lifelong import metrics as prometheus
-from lifelong import notify
-from lifelong.config import JobConfig, NotifySection
+from lifelong.config import JobConfig, NotifySection, PredictionLogSection, ShadowSection
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.notify import webhooks
 from lifelong.registry import Card
@@ -53,6 +54,12 @@ from lifelong.tasks import task
 
 logger = logging.getLogger("ray.serve")
 
+# How often a replica sends its tallies to the follower.
+REPORT_S = 1.0
+# How often the follower reads the feedback for the live accuracy per version.
+ACCURACY_S = 10.0
+# Requests waiting for the shadow version at most, per replica (older ones give way).
+SHADOW_QUEUE = 256
 # A replica held this long past its hold window without a commit (its follower died mid-swap)
 # resumes with the version it had.
 HOLD_GRACE_S = 5.0
@@ -112,6 +119,8 @@ class ServeSettings(BaseModel):
     poll_interval_s: float
     allow_label_change: bool | str
     token_sha256: str | None
+    log: PredictionLogSection | None = None
+    shadow: ShadowSection | None = None
     notify: NotifySection  # its webhooks resolved where `lifelong serve` runs (LIFELONG_WEBHOOKS included)
 
 
@@ -140,6 +149,8 @@ def serve_settings(config: JobConfig) -> ServeSettings:
         poll_interval_s=s.poll_interval_s,
         allow_label_change=s.allow_label_change,
         token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
+        log=s.log_predictions,
+        shadow=s.shadow,
         notify=config.notify.model_copy(update={"webhooks": webhooks(config.notify)}),
     )
 
@@ -225,6 +236,7 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model: str
     version: int
+    request_id: str = Field(description="This request's id (also X-Request-Id): POST /v1/feedback names it.")
     max_length: int
     predictions: list[Prediction]
 
@@ -261,6 +273,7 @@ class GenerateRequest(BaseModel):
 class GenerateResponse(BaseModel):
     model: str
     version: int
+    request_id: str = Field(description="This request's id (also X-Request-Id): POST /v1/feedback names it.")
     text: str
     tokens: int
     truncated: bool = Field(description="True when the prompt was cut to fit the model's positions.")
@@ -303,6 +316,22 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
 
+class FeedbackRequest(BaseModel):
+    """The right answer for a request this endpoint answered (serve.log_predictions)."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$", description="The answer's request_id.")
+    label: Text = Field(description="The right label (a classifier: one of its labels), or the right answer (a language model).")
+    index: int = Field(default=0, ge=0, description="Which text or image of the request (0: the first).")
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    index: int
+    label: str
+    recorded: bool = Field(description="Queued for the store; a stream's cycle lands it as a training row.")
+
+
 class ErrorBody(BaseModel):
     error: str = Field(description="What is wrong, prefixed with the field it concerns.")
     field: str | None = Field(default=None, description="The field, e.g. texts[2], prompt, authorization, body.")
@@ -342,8 +371,9 @@ def _errors(*statuses: int) -> dict:
         404: "The request names a model this endpoint does not serve.",
         408: "The body did not arrive within serve.body_timeout_s.",
         413: "Too large: the body (serve.max_body_bytes), the number of texts or a text's length.",
+        403: "Feedback on an endpoint without serve.auth (labels train the model).",
         422: "The body does not match the schema, or a text is not valid Unicode.",
-        503: "The replica is not serving yet (it is loading the committed version).",
+        503: "The replica is not serving yet (it is loading the committed version), or cannot queue feedback now.",
     }
     return {status: {"model": ErrorBody, "description": what[status]} for status in statuses}
 
@@ -387,6 +417,10 @@ async def _send_error(send, status: int, field_name: str, message: str, headers:
     await send({"type": "http.response.body", "body": body})
 
 
+# The routes whose answers count in the live tallies (not /v1/model, /v1/feedback, ...).
+ANSWER_ROUTES = ("/v1/predict", "/v1/generate", "/v1/completions", "/v1/chat/completions")
+
+
 class Gate:
     """In front of the API, before FastAPI reads anything: /v1/* needs the bearer token (checked on
     the headers alone) and a body of at most serve.max_body_bytes that arrives within
@@ -397,6 +431,7 @@ class Gate:
     settings: ServeSettings | None = None
     schema: dict | None = None
     serving: int | None = None  # the replica's version, for requests refused before a model ran
+    tally: "Tally | None" = None  # the replica's answers per version (live gates)
 
     def __init__(self, app):
         self.app = app
@@ -422,6 +457,13 @@ class Gate:
             prometheus.record("lifelong_serve_requests_total", 1, model=model, version=version, route=path, status=answer["status"])
             seconds = time.perf_counter() - started
             prometheus.record("lifelong_serve_request_seconds", seconds, model=model, version=version, route=path)
+            if (
+                Gate.tally is not None
+                and path in ANSWER_ROUTES
+                and version is not None
+                and (answer["status"] < 400 or answer["status"] >= 500)
+            ):
+                Gate.tally.add(int(version), "champion", seconds * 1000, error=answer["status"] >= 500)
 
     async def _checked(self, scope, receive, send, path):
         s = Gate.settings
@@ -654,6 +696,72 @@ def _schema_with_limits(settings: ServeSettings) -> dict:
     return schema
 
 
+class Tally:
+    """What one replica saw per (version, role): answers, server errors, recent latencies, and for
+    a shadow how many of its answers agreed with the champion's. The follower merges every
+    replica's (`merge_tallies`) for /v1/model and the live gates."""
+
+    SAMPLES = 512  # latencies kept per (version, role): the recent ones
+
+    def __init__(self):
+        self.by: dict[tuple[int, str], dict] = {}
+
+    def add(self, version: int, role: str, ms: float | None, *, error: bool = False, agreed: int | None = None, compared: int = 0) -> None:
+        t = self.by.get((version, role))
+        if t is None:
+            t = self.by[(version, role)] = {
+                "answers": 0,
+                "errors": 0,
+                "agreed": 0,
+                "compared": 0,
+                "ms": collections.deque(maxlen=self.SAMPLES),
+            }
+        t["answers"] += 1
+        t["errors"] += int(error)
+        if agreed is not None:
+            t["agreed"] += agreed
+            t["compared"] += compared
+        if ms is not None:
+            t["ms"].append(round(ms, 3))
+
+    def snapshot(self) -> list[dict]:
+        return [{"version": v, "role": r, **{k: (list(x) if k == "ms" else x) for k, x in t.items()}} for (v, r), t in self.by.items()]
+
+
+def merge_tallies(snapshots: list[list[dict]]) -> dict:
+    """{version: {role: {answers, errors, error_rate, agreement, p50_ms, p95_ms}}} over replicas."""
+    import numpy as np
+
+    sums: dict[tuple[int, str], dict] = {}
+    for snapshot in snapshots:
+        for t in snapshot:
+            into = sums.setdefault((t["version"], t["role"]), {"answers": 0, "errors": 0, "agreed": 0, "compared": 0, "ms": []})
+            for k in ("answers", "errors", "agreed", "compared"):
+                into[k] += t[k]
+            into["ms"] += t["ms"]
+    out: dict = {}
+    for (version, role), t in sorted(sums.items()):
+        ms = np.array(t["ms"]) if t["ms"] else None
+        out.setdefault(str(version), {})[role] = {
+            "answers": t["answers"],
+            "errors": t["errors"],
+            "error_rate": t["errors"] / t["answers"] if t["answers"] else 0.0,
+            **(
+                {"compared": t["compared"], "agreement": t["agreed"] / t["compared"] if t["compared"] else None} if role == "shadow" else {}
+            ),
+            "p50_ms": float(np.percentile(ms, 50)) if ms is not None else None,
+            "p95_ms": float(np.percentile(ms, 95)) if ms is not None else None,
+        }
+    return out
+
+
+def request_id() -> str:
+    """The id Serve's proxy gave this request (the client's X-Request-Id when it sent one)."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or uuid.uuid4().hex
+
+
 class Batcher:
     """Batching without a fixed wait: a request that finds the replica idle goes to the model at
     once; requests that arrive while a model call runs queue, and the next call takes them
@@ -723,6 +831,25 @@ class ModelServer:
         self._load_lock = threading.Lock()
         self.broken: str | None = None  # set when a commit failed: the replica then reports unhealthy
         Gate.settings, Gate.schema = settings, _schema_with_limits(settings)
+        Gate.tally = self.tally = Tally()
+        # serve.log_predictions: sampled requests and answers, and feedback, to the store off the request path.
+        self.log = (
+            feedback.RecordLog(
+                settings.root,
+                settings.model,
+                self.replica,
+                flush_interval_s=settings.log.flush_interval_s,
+                max_buffered=settings.log.max_buffered,
+            )
+            if settings.log
+            else None
+        )
+        # serve.shadow: the shadow alias's version, answering a share of requests when the replica is idle.
+        self.shadow: Loaded | None = None
+        self.shadow_queue: collections.deque = collections.deque(maxlen=SHADOW_QUEUE)
+        self.shadow_skipped = 0
+        self.shadow_error: str | None = None
+        self.shadow_wake = asyncio.Event()
 
         # Serve only what the follower committed: a replica that starts (or restarts) mid-life never
         # loads a version the follower refused, and one that starts during a swap waits for its end.
@@ -733,7 +860,115 @@ class ModelServer:
         self.task = self.versions[version].task
         self.batcher = Batcher(self.predict_batch, settings.max_batch_size, settings.batch_wait_timeout_s)
         self.generations = Batcher(self.generate_batch, settings.max_batch_size, settings.batch_wait_timeout_s)
+        self._background = [asyncio.get_running_loop().create_task(self._report_loop())]
+        if settings.shadow:
+            self._background.append(asyncio.get_running_loop().create_task(self._shadow_loop()))
+            if self.follower is not None:  # a replica that starts late shadows what the others do
+                self._background.append(asyncio.get_running_loop().create_task(self._initial_shadow()))
         logger.info("replica %s serves %s:%s", self.replica, settings.model, version)
+
+    def __del__(self):
+        if getattr(self, "log", None) is not None:
+            self.log.close(timeout_s=5)
+
+    async def _report_loop(self) -> None:
+        """Every REPORT_S, this replica's tallies to the follower (which merges every replica's)."""
+        while self.follower is not None:
+            await asyncio.sleep(REPORT_S)
+            with contextlib.suppress(Exception):  # the follower restarting: the next report catches up
+                await self.follower.report.remote(self.replica, self.tally.snapshot(), self.shadow.version if self.shadow else None)
+
+    # -- the shadow version ------------------------------------------------------------------------
+    async def _initial_shadow(self) -> None:
+        with contextlib.suppress(Exception):
+            version = (await self.follower.state.remote()).get("shadow")
+            if version is not None and self.shadow is None:
+                await self.shadow_version(version)
+
+    async def shadow_version(self, version: int | None) -> dict:
+        """Load (or drop, None) the shadow alias's version; called by the follower when it moves."""
+        if version is None or version == self.serving:
+            self.shadow = None
+            return {"replica": self.replica, "ok": True, "shadow": None}
+        if self.shadow is not None and self.shadow.version == version:
+            return {"replica": self.replica, "ok": True, "shadow": version}
+        try:
+            loaded = self.versions.get(version) or await asyncio.to_thread(self._load, version)
+            check_compatible(self.versions[self.serving], loaded, self.settings.allow_label_change)
+        except Exception as e:
+            self.shadow_error = f"{type(e).__name__}: {e}"
+            logger.error("replica %s cannot shadow %s:%s: %s", self.replica, self.settings.model, version, self.shadow_error)
+            return {"replica": self.replica, "ok": False, "error": self.shadow_error}
+        self.shadow, self.shadow_error = loaded, None
+        logger.info("replica %s shadows %s:%s", self.replica, self.settings.model, version)
+        return {"replica": self.replica, "ok": True, "shadow": version}
+
+    def _to_shadow(self, rid: str, items: list, answers: list[dict], version: int) -> None:
+        """Queue a request the champion answered for the shadow version (a share of them)."""
+        shadow = self.shadow
+        if shadow is None or shadow.version == version or not feedback.sampled(rid, self.settings.shadow.share, salt="shadow"):
+            return
+        if len(self.shadow_queue) == self.shadow_queue.maxlen:
+            self.shadow_skipped += 1  # the oldest waiting one goes
+        self.shadow_queue.append((rid, items, answers))
+        self.shadow_wake.set()
+
+    async def _shadow_loop(self) -> None:
+        """Answer queued requests with the shadow version, one at a time and only while no request
+        of the champion's runs: shadow work fills idle time, never a caller's."""
+        while True:
+            await self.shadow_wake.wait()
+            self.shadow_wake.clear()
+            while self.shadow_queue:
+                await self.drained.wait()
+                shadow = self.shadow
+                if shadow is None:
+                    self.shadow_queue.clear()
+                    break
+                rid, items, answers = self.shadow_queue.popleft()
+                started = time.perf_counter()
+                try:
+                    predictions = await asyncio.to_thread(shadow.model.predict, items)
+                except Exception as e:
+                    self.tally.add(shadow.version, "shadow", None, error=True)
+                    self.shadow_error = f"{type(e).__name__}: {e}"
+                    continue
+                ms = (time.perf_counter() - started) * 1000
+                agreed = sum(p["label"] == a["label"] for p, a in zip(predictions, answers))
+                self.tally.add(shadow.version, "shadow", ms, agreed=agreed, compared=len(answers))
+                prometheus.record("lifelong_serve_shadow_seconds", ms / 1000, model=self.settings.model, version=shadow.version)
+                prometheus.record(
+                    "lifelong_serve_shadow_answers_total",
+                    len(answers),
+                    model=self.settings.model,
+                    version=shadow.version,
+                    agreed=agreed == len(answers),
+                )
+                if self.log is not None and feedback.sampled(rid, self.settings.log.sample):
+                    self._record(rid, items, predictions, shadow.version, "shadow", ms)
+
+    # -- the prediction log ----------------------------------------------------------------------
+    def _record(self, rid: str, items: list, answers: list[dict], version: int, role: str, ms: float) -> None:
+        now = datetime.now(timezone.utc)
+        images = task(self.task).CONTENT == "image"
+        for i, (item, answer) in enumerate(zip(items, answers)):
+            self.log.add(
+                feedback.ANSWERS,
+                {
+                    "request_id": rid,
+                    "index": i,
+                    "time": now,
+                    "version": version,
+                    "role": role,
+                    "input": None if images else item,
+                    "image": item if images else None,
+                    "label": answer.get("label"),
+                    "probabilities": json.dumps(answer["probabilities"]) if "probabilities" in answer else None,
+                    "output": answer.get("text"),
+                    "latency_ms": ms,
+                    "replica": self.replica,
+                },
+            )
 
     async def _committed_version(self) -> int:
         if self.follower is None:
@@ -909,13 +1144,21 @@ class ModelServer:
         if given != f"{family.CONTENT}s":
             raise _reject(422, given, f"this deployment serves a {self.task} model: send {family.CONTENT}s")
         items = _checked_texts(body.texts, self.settings) if body.texts is not None else _checked_images(body.images, self.settings)
+        started = time.perf_counter()
         loaded, predictions, together = await self.batcher.submit(items)
+        rid = request_id()
+        if self.log is not None and feedback.sampled(rid, self.settings.log.sample):
+            self._record(rid, items, predictions, loaded.version, "champion", (time.perf_counter() - started) * 1000)
+        if self.settings.shadow is not None:
+            self._to_shadow(rid, items, predictions, loaded.version)
         response.headers["X-Lifelong-Replica"] = self.replica
         response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)  # requests answered by the same model call
+        response.headers["X-Request-Id"] = rid
         return PredictResponse(
             model=self.settings.model,
             version=loaded.version,
+            request_id=rid,
             max_length=loaded.model.max_length,
             predictions=[Prediction(**p) for p in predictions],
         )
@@ -934,15 +1177,19 @@ class ModelServer:
                 return _sse(item)
 
             return await self._events(lambda m: m.model.stream(*args, stop=stop), event)
-        together = 1
+        together, started = 1, time.perf_counter()
         if body.temperature == 0 and self.settings.max_batch_size > 1:  # greedy: batched (sampled ones keep their seeds alone)
             loaded, out, together = await self.generations.submit((body.prompt, new_tokens, stop))
         else:
             loaded, out = await self._run(lambda m: m.model.generate(*args, stop=stop))
+        rid = request_id()
+        if self.log is not None and feedback.sampled(rid, self.settings.log.sample):
+            self._record(rid, [body.prompt], [out], loaded.version, "champion", (time.perf_counter() - started) * 1000)
         response.headers["X-Lifelong-Replica"] = self.replica
         response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)
-        return GenerateResponse(model=self.settings.model, version=loaded.version, **out)
+        response.headers["X-Request-Id"] = rid
+        return GenerateResponse(model=self.settings.model, version=loaded.version, request_id=rid, **out)
 
     async def _stream(self, fn):
         """(loaded, item) for each item of the blocking iterator `fn(loaded)`, read off the event
@@ -1096,6 +1343,49 @@ class ModelServer:
         """OpenAI's model list: the one model served here."""
         return {"object": "list", "data": [{"id": self.settings.model, "object": "model", "created": 0, "owned_by": "lifelong"}]}
 
+    @api.post(
+        "/v1/feedback",
+        status_code=202,
+        response_model=FeedbackResponse,
+        dependencies=[Depends(bearer)],
+        responses=_errors(401, 403, 404, 422, 503),
+    )
+    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
+        """The right label for an answered request (by its request_id): recorded, then landed by
+        the stream's next cycle as a training row when the request's answer was recorded (its
+        id in serve.log_predictions.sample). A later label for the same item is a correction."""
+        if self.log is None:
+            raise _reject(
+                404, "request_id", "this endpoint does not record its answers, so it takes no feedback (set serve.log_predictions)"
+            )
+        if self.settings.token_sha256 is None:
+            raise _reject(403, "authorization", "feedback becomes training data: it is taken only on an endpoint with serve.auth set")
+        if len(body.label) > self.settings.max_text_chars:
+            raise _reject(413, "label", f"{len(body.label)} characters; at most {self.settings.max_text_chars} (serve.max_text_chars)")
+        if problem := _unencodable(body.label):
+            raise _reject(422, "label", problem)
+        labels = self.versions[self.serving].labels
+        if labels is not None and body.label not in labels and self.settings.allow_label_change is False:
+            raise _reject(422, "label", f"'{body.label}' is not one of the served labels {labels}")
+        if body.index >= max(self.settings.max_texts, self.settings.max_images):
+            raise _reject(
+                422, "index", f"{body.index}: a request holds at most {max(self.settings.max_texts, self.settings.max_images)} items"
+            )
+        record = {
+            "request_id": body.request_id,
+            "index": body.index,
+            "label": body.label,
+            "time": datetime.now(timezone.utc),
+            "replica": self.replica,
+        }
+        if not self.log.add(feedback.FEEDBACK, record):
+            raise HTTPException(
+                503,
+                {"error": "body: feedback cannot be queued now (the store is not taking records): send it again later", "field": "body"},
+                {"Retry-After": "30"},
+            )
+        return FeedbackResponse(request_id=body.request_id, index=body.index, label=body.label, recorded=True)
+
     @api.get("/v1/model", dependencies=[Depends(bearer)], responses=_errors(401))
     async def model_info(self) -> dict:
         """The version this replica serves, its metrics, when it was loaded, and the last refused or failed swap."""
@@ -1120,6 +1410,23 @@ class ModelServer:
             "replica": self.replica,
             "last_swap_error": follower.get("last_swap_error") or self.last_swap_error,
             "swaps": follower.get("swaps", []),
+            # Every replica's answers per version and role (the follower merges them): answers,
+            # error rate, p50/p95 latency, a shadow's agreement with the champion; with feedback,
+            # accuracy from the labels users sent.
+            "live": follower.get("live", {}),
+            "shadow": (
+                {
+                    "alias": self.settings.shadow.alias,
+                    "share": self.settings.shadow.share,
+                    "version": self.shadow.version if self.shadow else None,
+                    "error": self.shadow_error or follower.get("shadow_error"),
+                    "queued": len(self.shadow_queue),
+                    "skipped": self.shadow_skipped,
+                }
+                if self.settings.shadow
+                else None
+            ),
+            "prediction_log": ({"sample": self.settings.log.sample, **self.log.stats()} if self.log else None),
         }
 
     @api.get("/healthz")
@@ -1147,6 +1454,13 @@ class AliasFollower:
         self.last_swap_error: dict | None = None
         self.swaps: list[dict] = []
         self.aborted_holds = 0
+        self.shadow: int | None = None  # the shadow alias's version every replica has loaded
+        self.shadow_error: str | None = None
+        self.tallies: dict[str, list[dict]] = {}  # replica → its latest tallies
+        self.shadowing: dict[str, int | None] = {}  # replica → the shadow version it reported
+        self.reported_at: dict[str, float] = {}
+        self.accuracy: dict = {}  # version → role → counts, from feedback (serve.log_predictions)
+        self.accuracy_at = 0.0
         threading.Thread(target=self._follow, daemon=True).start()
 
     async def state(self) -> dict:
@@ -1157,7 +1471,23 @@ class AliasFollower:
             "last_swap_error": self.last_swap_error,
             "swaps": self.swaps[-20:],
             "refused": self.refused,
+            "shadow": self.shadow,
+            "shadow_error": self.shadow_error,
+            "live": self.live(),
         }
+
+    async def report(self, replica: str, tallies: list[dict], shadow: int | None = None) -> None:
+        self.tallies[replica] = tallies
+        self.shadowing[replica] = shadow
+        self.reported_at[replica] = time.monotonic()
+
+    def live(self) -> dict:
+        """Every replica's tallies merged, with the accuracy feedback gave each version."""
+        merged = merge_tallies(list(self.tallies.values()))
+        for version, roles in self.accuracy.items():
+            for role, counts in roles.items():
+                merged.setdefault(str(version), {}).setdefault(role, {})["feedback"] = counts
+        return merged
 
     def _decide(self, servers) -> None:
         """(Re)started: adopt what running replicas serve; with none running (a fresh app), the
@@ -1189,6 +1519,10 @@ class AliasFollower:
                     seen_target = target
                 if target != self.active and target not in self.refused:
                     self._swap(servers, target, pointer)
+                if self.settings.shadow is not None:
+                    self._follow_shadow(servers)
+                if self.settings.log is not None:
+                    self._read_feedback()
             except Exception as e:  # keep following: the registry or a replica may be briefly unavailable
                 problem = f"{type(e).__name__}: {e}"
                 if problem != last_problem and self.decided:  # not while the app is still starting
@@ -1197,6 +1531,50 @@ class AliasFollower:
             else:
                 last_problem = None
             time.sleep(self.settings.poll_interval_s)
+
+    def _follow_shadow(self, servers) -> None:
+        """Every replica loads the shadow alias's version when it moves (no alias: no shadow)."""
+        alias = self.settings.shadow.alias
+        try:
+            version = self.registry.alias_version(self.settings.model, alias)
+        except LifelongError:
+            version = None
+        if version == self.active:
+            version = None  # the champion itself: nothing to compare
+        # A replica that started while the shadow moved reports another version: it is told again
+        # (a version some replica could not load is not retried until the alias moves).
+        behind = [r for r, v in self.shadowing.items() if v != version and r in self._running_replicas()]
+        if version == self.shadow and (not behind or self.shadow_error):
+            return
+        answers = servers.broadcast("shadow_version", version).results(timeout_s=600, return_exceptions=True)
+        failures = [a if isinstance(a, Exception) else a.get("error") for a in answers if isinstance(a, Exception) or not a.get("ok")]
+        if failures:
+            self.shadow_error = f"{self.settings.model}:{version} ({alias}) not shadowed: " + "; ".join(map(str, failures))
+            logger.error("follower: %s", self.shadow_error)
+        else:
+            self.shadow_error = None
+        self.shadow = version
+        logger.info("follower: %s@%s (version %s) answers in shadow", self.settings.model, alias, version)
+
+    def _running_replicas(self) -> set[str]:
+        """The ModelServer replicas that reported within the last few seconds."""
+        return {r for r, t in self.reported_at.items() if time.monotonic() - t < 5 * REPORT_S}
+
+    def _read_feedback(self) -> None:
+        """The accuracy per version from the labels users sent, read from the store every ACCURACY_S."""
+        if time.monotonic() - self.accuracy_at < ACCURACY_S:
+            return
+        self.accuracy_at = time.monotonic()
+        log = self.settings.log
+        try:
+            feedback.prune(self.registry.storage, self.settings.model, log.retention_days)
+            self.accuracy = feedback.live_accuracy(self.registry.storage, self.settings.model, log.retention_days)
+        except Exception as e:  # the store unavailable: the accuracy shown is the last one read
+            logger.warning("follower: cannot read the feedback of %s (%s: %s)", self.settings.model, type(e).__name__, e)
+            return
+        for version, roles in self.accuracy.items():
+            for role, counts in roles.items():
+                prometheus.record("lifelong_serve_live_accuracy", counts["accuracy"], model=self.settings.model, version=version, role=role)
 
     def _swap(self, servers, version: int, pointer: dict) -> None:
         self.swapping = version

@@ -44,6 +44,7 @@ from lifelong.continual.search import Fitted, shown_params
 from lifelong.continual.stream import Decision, Stream, Window, rows_schema, window_rows
 from lifelong.data import REPLAYED, RESPONSE, DataReport, FileReport, validation_fingerprint
 from lifelong.errors import AliasConflict, ConfigError, LifelongError, first_line
+from lifelong.feedback import join_feedback
 from lifelong.registry import Registry
 from lifelong.runtime import gather
 from lifelong.storage import Storage, is_uri
@@ -155,6 +156,11 @@ def check_stream(config: JobConfig) -> None:
             f"continual.gates.metric={metric} scores answers against each holdout's responses: it needs instruction data "
             "(data.prompt_column and data.response_column)"
         )
+    if config.serve.log_predictions is not None and not family.LABELLED and not (config.data and config.data.response_column):
+        raise LifelongError(
+            "serve.log_predictions: a cycle lands the labels users send as training rows, which a language model takes as "
+            "instruction data: set data.prompt_column and data.response_column (the label being the right answer)"
+        )
     if not family.LABELLED and config.continual.new_labels == "grow":
         raise LifelongError(f"continual.new_labels: grow is for classifiers; a {family.NAME} stream has no labels (remove the key)")
 
@@ -177,9 +183,11 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
             t0 = time.perf_counter()
             if data_cfg.labels:
                 data_cfg = data_cfg.with_labels(stream.labels(data_cfg.labels), c.new_labels == "grow")
+            # serve.log_predictions: the labels users sent for served answers land as a file first.
+            joined = join_feedback(config, storage, name) if config.serve.log_predictions is not None else None
             scan = ledger.scan(c.landing, data_cfg)
             set_aside = scan.quarantined + ledger.check_pending(data_cfg, c.landing)
-            scan_lines = scan.lines()
+            scan_lines = scan.lines() + ([joined.line()] if joined and (joined.rows or joined.recovered) else [])
             if data_cfg.grow_labels:
                 added = stream.grow_labels(data_cfg.labels, [n for r in ledger.pending() if r.check for n in r.check.new_labels])
                 if added:  # the pending files are judged again against the grown set (their new labels' rows kept now)

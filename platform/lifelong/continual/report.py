@@ -46,6 +46,22 @@ def build(config: JobConfig) -> dict:
         "baseline": state.get("baseline", []),
         "metrics_over_cycles": metrics_over_cycles(R, state.get("baseline"), metric),
         "ledger": Ledger(storage, name).counts(),
+        **({"live": live(config, storage, name)} if config.serve.log_predictions is not None else {}),
+    }
+
+
+def live(config: JobConfig, storage: Storage, stream: str) -> dict:
+    """What users' feedback says: accuracy per version and role (the champion's answers, a shadow's),
+    and how many labels came, landed and corrected (serve.log_predictions)."""
+    from lifelong.feedback import Labels, landed_count, live_accuracy
+
+    days = config.serve.log_predictions.retention_days
+    labels = Labels.read(storage, config.served_model, days)
+    return {
+        "accuracy": {str(v): roles for v, roles in sorted(live_accuracy(storage, config.served_model, days, labels).items())},
+        "labels": len(labels.latest),
+        "corrections": labels.corrections,
+        "landed": landed_count(storage, stream),
     }
 
 
@@ -72,6 +88,15 @@ def render(data: dict) -> str:
             f"{w['window']:<6} {w['version']:>7} {w['status']:<9} {m[f'average_{metric}']:8.3f} {f(m['backward_transfer'])} "
             f"{f(m['forward_transfer'])} {f(m['forgetting'])}"
         )
+    if "live" in data:
+        live = data["live"]
+        lines += [
+            "",
+            f"live, from feedback: {live['labels']} labelled item(s), {live['landed']} landed, {live['corrections']} correction(s)",
+        ]
+        for version, roles in live["accuracy"].items():
+            for role, c in roles.items():
+                lines.append(f"  version {version:>4} {role:<9} accuracy {c['accuracy']:.3f} on {c['labelled']} labelled answer(s)")
     return "\n".join(lines)
 
 

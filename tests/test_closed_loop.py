@@ -1,0 +1,207 @@
+"""The closed loop on the local Ray, with real Serve and a real store: answers recorded, feedback
+for a share of them, the labelled rows landed and trained on once, a challenger in shadow; and the
+store taken away under load."""
+
+import os
+import threading
+import time
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_config, register_tiny
+from lifelong.continual.cycle import run_cycle
+from lifelong.continual.ledger import Ledger
+from lifelong.continual.report import build
+from lifelong.feedback import ANSWERS, FEEDBACK, read_records, sampled
+from lifelong.registry import Registry
+from lifelong.storage import Storage
+from lifelong.synth import write_stream
+
+pytestmark = pytest.mark.slow
+TOKEN = "loop-token-7d2e"
+
+
+def loop_config(root, landing, port, *extra):
+    return make_config(
+        "gpt2/tiny_continual.yaml",
+        "name=loop",
+        f"storage.root={root}",
+        f"data.path={landing}",
+        f"continual.landing={landing}",
+        "model.init_from=loop@champion",
+        "scaling.num_workers=1",
+        "train.epochs=2",
+        "export.on_register=never",
+        "continual.min_new_rows=10",
+        "continual.gates.max_forgetting=1.0",
+        f"serve.port={port}",
+        "serve.num_replicas=2",
+        "serve.poll_interval_s=0.3",
+        "serve.backend=torch",  # the cycle's versions are not exported
+        "serve.route_prefix=/loop",
+        "serve.auth.token_env=LIFELONG_LOOP_TOKEN",
+        "serve.log_predictions.sample=0.5",
+        "serve.log_predictions.flush_interval_s=0.5",
+        "serve.log_predictions.max_buffered=200",
+        "serve.shadow.alias=challenger",
+        "serve.shadow.share=0.5",
+        *extra,
+    )
+
+
+def client_load(url: str, rows: list[dict], out: list, stop: threading.Event, limit: int) -> None:
+    """A bounded client: two labelled texts a request; records (status, texts' labels, body)."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+        i = 0
+        while not stop.is_set() and len(out) < limit:
+            batch = [rows[i % len(rows)], rows[(i + 7) % len(rows)]]
+            i += 1
+            try:
+                r = client.post("/v1/predict", json={"texts": [b["text"] for b in batch]})
+                out.append((r.status_code, [b["label"] for b in batch], r.json() if r.status_code == 200 else r.text))
+            except httpx.HTTPError as e:
+                out.append((repr(e), None, None))
+
+
+def model_info(client) -> dict:
+    return client.get("/v1/model").json()
+
+
+def wait_for(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.3)
+    return value
+
+
+def test_served_answers_and_feedback_become_training_rows_once_while_a_challenger_shadows(
+    ray_session, serve_port, tiny_tokenizer, topic_rows, tmp_path, request
+):
+    from ray import serve
+
+    from lifelong.serve import deploy
+
+    root, landing = tmp_path / "store", tmp_path / "landing"
+    landing.mkdir()
+    registry = Registry(Storage(str(root)))
+    v1 = register_tiny(registry, "loop", tiny_tokenizer, tmp_path / "work", seed=3, rows=topic_rows[:100])
+    v2 = register_tiny(registry, "loop", tiny_tokenizer, tmp_path / "work", seed=4, rows=topic_rows[:100])
+    registry.move_alias("loop", "champion", v1)
+    registry.move_alias("loop", "challenger", v2)
+    rows = [
+        r
+        for p in sorted(write_stream(tmp_path / "w", windows=1, rows_per_window=200, files_per_window=1, seed=5)[0].iterdir())
+        for r in _jsonl(p)
+    ]
+    os.environ["LIFELONG_LOOP_TOKEN"] = TOKEN
+    config = loop_config(root, landing, serve_port)
+    url = deploy(config)
+    request.addfinalizer(lambda: serve.delete(config.serve_app_name))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    client = httpx.Client(base_url=url, headers=headers, timeout=30)
+    results: list = []
+    stop = threading.Event()
+    workers = [threading.Thread(target=client_load, args=(url, rows[k::3], results, stop, 500)) for k in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        # Feedback for the first 200 answered requests' first item: a wrong label then the right
+        # one (a correction) for every tenth; bad feedback refused by field.
+        sent: dict[str, str] = {}
+        wait_for(lambda: len(results) >= 200, "200 answered requests")
+        for status, truth, body in list(results)[:200]:
+            assert status == 200, body
+            rid = body["request_id"]
+            if len(sent) % 10 == 0:
+                wrong = next(x for x in config.data.labels if x != truth[0])
+                assert client.post("/v1/feedback", json={"request_id": rid, "label": wrong}).status_code == 202
+            r = client.post("/v1/feedback", json={"request_id": rid, "label": truth[0]})
+            assert r.status_code == 202 and r.json() == {"request_id": rid, "index": 0, "label": truth[0], "recorded": True}
+            sent[rid] = truth[0]
+        bad = client.post("/v1/feedback", json={"request_id": "x", "label": "cooking"})
+        assert bad.status_code == 422 and bad.json()["field"] == "label" and "served labels" in bad.json()["error"]
+        assert client.post("/v1/feedback", json={"request_id": "has space", "label": "sports"}).json()["field"] == "request_id"
+        assert httpx.post(url + "/v1/feedback", json={"request_id": "x", "label": "sports"}).status_code == 401
+        # The challenger answers in shadow on both replicas; /v1/model merges what every replica saw.
+        live = wait_for(
+            lambda: (info := model_info(client))["live"].get(str(v2), {}).get("shadow", {}).get("answers", 0) >= 30 and info,
+            "30 shadow answers",
+        )
+        shadow = live["live"][str(v2)]["shadow"]
+        assert live["shadow"]["version"] == v2 and shadow["errors"] == 0 and 0 <= shadow["agreement"] <= 1 and shadow["p95_ms"] > 0
+        assert live["live"][str(v1)]["champion"]["answers"] >= 120 and live["live"][str(v1)]["champion"]["error_rate"] == 0
+        wait_for(lambda: len(results) >= 500, "the load to finish", timeout=180)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:3]
+    assert {r[2]["version"] for r in results} == {v1}
+    # Every recorded request carries its id in the body and the header; ids are unique.
+    assert len({r[2]["request_id"] for r in results}) == len(results)
+
+    # The log is written; feedback for the recorded requests (half of them, by id) joins.
+    expected = {rid: truth for rid, truth in sent.items() if sampled(rid, 0.5)}
+    assert 5 <= len(expected) < len(sent)
+    storage = Storage(str(root))
+
+    def stored(kind: str) -> set:
+        return set(read_records(storage, "loop", kind, 30, ["request_id"]).column("request_id").to_pylist())
+
+    wait_for(lambda: expected.keys() <= stored(ANSWERS) and sent.keys() <= stored(FEEDBACK), "the log and the feedback written")
+    assert not (sent.keys() - expected.keys()) & stored(ANSWERS), "a request outside the sample was recorded"
+    first = run_cycle(config)
+    print(first.summary())
+    assert first.window == 0 and first.version is not None
+    ledger = Ledger(Storage(str(root)), "loop")
+    [record] = [r for r in ledger.records() if r.name.startswith("feedback-")]
+    assert record.state == "consumed" and record.rows == len(expected) and record.sha256 in first.files
+    landed = pq.read_table(landing / record.name).to_pylist()
+    assert {r["request_id"]: r["label"] for r in landed} == expected
+    card = registry.card("loop", first.version)
+    assert any(f["path"].endswith(record.name) for f in card.data["files"])
+    # Nothing new: the next cycle waits, and no second file lands.
+    assert run_cycle(config).status == "waiting"
+    assert len([p for p in landing.iterdir() if p.name.startswith("feedback-")]) == 1
+
+    # The report: live accuracy per version from the feedback, the same as counted here.
+    answered = {r[2]["request_id"]: r[2]["predictions"][0]["label"] for r in results}
+    right = sum(answered[rid] == truth for rid, truth in expected.items())
+    live = build(config)["live"]
+    assert live["accuracy"][str(v1)]["champion"] == {"labelled": len(expected), "correct": right, "accuracy": right / len(expected)}
+    assert live["landed"] == len(expected) and live["corrections"] == len([i for i in range(len(sent)) if i % 10 == 0])
+
+    # The store taken away under load (the log's directory replaced by a file): every request is
+    # still answered, the records that do not fit are dropped and counted; back, it writes again.
+    answers = root / "predictions" / "loop" / "answers"
+    answers.rename(tmp_path / "answers-aside")
+    answers.write_text("the store is gone")
+    results.clear()
+    stop.clear()
+    workers = [threading.Thread(target=client_load, args=(url, rows[k::3], results, stop, 900)) for k in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    failed = [r for r in results if r[0] != 200]
+    assert len(results) >= 900 and not failed, failed[:3]
+    logs = {}
+    wait_for(lambda: logs.update({(i := model_info(client))["replica"]: i["prediction_log"]}) or len(logs) == 2, "both replicas' logs")
+    assert all(
+        s["store_error"] and s["dropped"] > 0 and s["dropped"] == s["dropped_queue_full"] + s["dropped_store_failed"] for s in logs.values()
+    ), logs
+    assert sum(s["dropped"] for s in logs.values()) + sum(s["queued"] for s in logs.values()) >= 300, logs
+    answers.unlink()
+    (tmp_path / "answers-aside").rename(answers)
+    wait_for(lambda: (s := model_info(client)["prediction_log"])["store_error"] is None and s["queued"] == 0, "the log writing again")
+    client.close()
+
+
+def _jsonl(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
