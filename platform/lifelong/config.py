@@ -501,6 +501,38 @@ class CycleSearchSection(Section):
         return self
 
 
+class PromotionSection(Section):
+    # Live gates. A candidate that passed the offline gates goes to `challenger` (kind candidate),
+    # answers in shadow (serve.shadow, alias challenger), and the endpoint makes it `champion`
+    # once it has answered this many requests in shadow with at least min_agreement of its labels
+    # the champion's and (when set) a p95 at most max_p95_ms; else it stays challenger, the reason
+    # in the alias history. The endpoint judges: serve the stream with this config.
+    shadow_requests: int = Field(default=200, ge=1)
+    min_agreement: float = Field(default=0.8, ge=0.0, le=1.0)
+    max_p95_ms: float | None = Field(default=None, gt=0.0)
+    # After any move of `champion` (a promotion, by the gates or by hand), the endpoint watches the
+    # new champion this long against the previous one and rolls back on a regression: once it has
+    # answered min_requests, an error rate above the previous one's by max_error_rate_increase, or
+    # a p95 above the previous one's by the fraction max_p95_increase; once both have min_feedback
+    # labelled answers (serve.log_predictions), an accuracy below the previous one's by max_accuracy_drop.
+    watch_s: float = Field(default=600.0, gt=0.0)
+    min_requests: int = Field(default=50, ge=1)
+    max_error_rate_increase: float = Field(default=0.01, ge=0.0, le=1.0)
+    max_p95_increase: float = Field(default=0.5, ge=0.0)
+    min_feedback: int = Field(default=20, ge=1)
+    max_accuracy_drop: float = Field(default=0.05, ge=0.0, le=1.0)
+
+
+class DriftSection(Section):
+    # The test: a chi-square test of homogeneity between the champion's predicted classes on the
+    # pending rows and on the last trained window's rows (at most max_rows of each, sampled).
+    # Drift: p below p_value and the two class distributions at least min_distance apart (total
+    # variation), so that a large window's tiny shift is not drift.
+    p_value: float = Field(default=0.01, gt=0.0, lt=1.0)
+    min_distance: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_rows: int = Field(default=1000, ge=20)
+
+
 class ContinualSection(Section):
     # Name of the stream under <root>/streams/ (default: the config's name).
     stream: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -548,6 +580,12 @@ class ContinualSection(Section):
     search: CycleSearchSection | None = None
     # Move `champion` to a candidate that passes the gates (false: `challenger` only).
     promote: bool = True
+    # Live gates before a promotion, and the watch after one (None: the offline gates promote).
+    promotion: PromotionSection | None = None
+    # What starts a cycle: rows (min_new_rows pending, or max_wait_s), drift (the pending rows
+    # drifted from the last window's, or max_wait_s: rows alone hold back), or any of them.
+    trigger: Literal["rows", "drift", "any"] = "rows"
+    drift: DriftSection = Field(default_factory=DriftSection)
 
 
 class SubmitSection(Section):
@@ -656,6 +694,14 @@ class JobConfig(Section):
         if m.moe is not None:
             self._check_moe()
         self._check_space("tune.space", self.tune.space, {"tune": True})
+        shadow = self.serve.shadow
+        if self.continual.promotion is not None and (shadow is None or shadow.alias != "challenger"):
+            raise ValueError(
+                "continual.promotion judges a candidate on its shadow answers: set serve.shadow with alias challenger "
+                f"(the alias a cycle moves; got serve.shadow={shadow.model_dump() if shadow else None})"
+            )
+        if self.continual.promotion is not None and not self.continual.promote:
+            raise ValueError("continual.promotion promotes after the live gates, continual.promote=false never: choose one")
         if self.continual.search:
             self._check_space("continual.search.space", self.continual.search.space, {"continual": {"search"}})
         return self

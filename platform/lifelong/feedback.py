@@ -26,10 +26,12 @@ rows a stream trains on.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 import threading
 import time
@@ -151,6 +153,8 @@ class RecordLog:
             }
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # writes run on what requests leave of the CPU
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while not self.stopping.is_set():
             self.wake.wait(self.flush_interval_s)
             self.wake.clear()
@@ -219,20 +223,55 @@ def _days(storage: Storage, model: str, kind: str, retention_days: int) -> list[
     return [d for d in storage.listdir(_prefix(model, kind)) if d >= oldest and not d.startswith(".")]
 
 
-def read_records(storage: Storage, model: str, kind: str, retention_days: int, columns: list[str] | None = None) -> pa.Table:
-    """Every record of `kind` within the retention (an unreadable file is skipped and named in the log)."""
-    tables = []
+# Files are written whole under names of their own and never change: what a long-lived reader (the
+# follower, the continual daemon) read of one is kept, without the inputs, so that each read costs
+# only the files new since the last one.
+CONTENT_COLUMNS = ("input", "image", "output", "probabilities")
+_read: dict[tuple[str, str, tuple[str, ...]], pa.Table] = {}
+
+
+def record_files(storage: Storage, model: str, kind: str, retention_days: int) -> list[str]:
+    """The record files of `kind` within the retention, oldest day first."""
+    files = []
     for day in _days(storage, model, kind, retention_days):
-        for name in storage.listdir(f"{_prefix(model, kind)}/{day}"):
-            if name.startswith(".") or not name.endswith(".parquet"):
-                continue
-            rel = f"{_prefix(model, kind)}/{day}/{name}"
+        files += [
+            f"{_prefix(model, kind)}/{day}/{n}"
+            for n in storage.listdir(f"{_prefix(model, kind)}/{day}")
+            if n.endswith(".parquet") and n[0] != "."
+        ]
+    return files
+
+
+def read_records(
+    storage: Storage, model: str, kind: str, retention_days: int, columns: list[str] | None = None, files: list[str] | None = None
+) -> pa.Table:
+    """Every record of `kind` within the retention (or of `files`), with the `file` it is in (an
+    unreadable file is skipped and named in the log)."""
+    columns = list(columns or SCHEMAS[kind].names)
+    schema = pa.schema([SCHEMAS[kind].field(c) for c in columns] + [pa.field("file", pa.string())])
+    cacheable = not set(columns) & set(CONTENT_COLUMNS)
+    listed = record_files(storage, model, kind, retention_days) if files is None else files
+    if cacheable and files is None:  # what left the retention leaves the cache too
+        keep = set(listed)
+        for key in [k for k in _read if k[0] == storage.root_uri and k[1].startswith(_prefix(model, kind)) and k[1] not in keep]:
+            del _read[key]
+    tables = []
+    for rel in listed:
+        key = (storage.root_uri, rel, tuple(columns))
+        table = _read.get(key) if cacheable else None
+        if table is None:
             try:
-                tables.append(pq.read_table(storage.path(rel), filesystem=storage.fs, columns=columns))
+                table = pq.read_table(storage.path(rel), filesystem=storage.fs, columns=columns)
             except Exception as e:
                 logger.warning("skipping %s: %s", storage.uri_of(rel), e)
-    schema = SCHEMAS[kind] if columns is None else pa.schema([SCHEMAS[kind].field(c) for c in columns])
-    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+                continue
+            table = table.cast(pa.schema([SCHEMAS[kind].field(c) for c in columns])).append_column(
+                "file", pa.array([rel] * table.num_rows, pa.string())
+            )
+            if cacheable:
+                _read[key] = table
+        tables.append(table)
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def prune(storage: Storage, model: str, retention_days: int) -> list[str]:
@@ -269,27 +308,34 @@ class Labels:
         return out
 
 
+def _truth(labels: dict[tuple[str, int], str]) -> pa.Table:
+    keys = list(labels)
+    return pa.table(
+        {
+            "request_id": pa.array([k[0] for k in keys], pa.string()),
+            "index": pa.array([k[1] for k in keys], pa.int32()),
+            "truth": pa.array(list(labels.values()), pa.string()),
+        }
+    )
+
+
 def live_accuracy(storage: Storage, model: str, retention_days: int, labels: Labels | None = None) -> dict:
     """Accuracy per version and role from the labels users sent: {version: {role: {...}}}."""
+    import pyarrow.compute as pc
+
     labels = labels or Labels.read(storage, model, retention_days)
     if not labels.latest:
         return {}
-    table = read_records(storage, model, ANSWERS, retention_days, ["request_id", "index", "version", "role", "label"])
-    seen, out = set(), {}
-    for rid, index, version, role, predicted in zip(
-        *(table.column(c).to_pylist() for c in ("request_id", "index", "version", "role", "label"))
-    ):
-        key = (rid, index)
-        truth = labels.latest.get(key)
-        if truth is None or predicted is None or (key, role) in seen:
-            continue
-        seen.add((key, role))
-        counts = out.setdefault(version, {}).setdefault(role, {"labelled": 0, "correct": 0})
-        counts["labelled"] += 1
-        counts["correct"] += int(predicted == truth)
-    for roles in out.values():
-        for counts in roles.values():
-            counts["accuracy"] = counts["correct"] / counts["labelled"]
+    answers = read_records(storage, model, ANSWERS, retention_days, ["request_id", "index", "version", "role", "label"])
+    answers = answers.filter(pc.is_valid(answers.column("label")))
+    # One answer per (request, item, role): a client that reuses a request id counts once.
+    answers = answers.group_by(["request_id", "index", "role"], use_threads=False).aggregate([("version", "first"), ("label", "first")])
+    joined = answers.join(_truth(labels.latest), ["request_id", "index"], join_type="inner")
+    joined = joined.append_column("correct", pc.cast(pc.equal(joined.column("label_first"), joined.column("truth")), pa.int64()))
+    counted = joined.group_by(["version_first", "role"]).aggregate([("correct", "count"), ("correct", "sum")])
+    out: dict = {}
+    for version, role, n, right in zip(*(counted.column(c).to_pylist() for c in ("version_first", "role", "correct_count", "correct_sum"))):
+        out.setdefault(version, {})[role] = {"labelled": n, "correct": right, "accuracy": right / n}
     return out
 
 
@@ -338,9 +384,13 @@ def join_feedback(config, storage: Storage, stream: str) -> Joined:
     joined.already = len(labels.latest) - len(todo)
     joined.late_corrections = sum(1 for key, label in labels.latest.items() if _key(key) in landed and landed[_key(key)]["label"] != label)
     if todo:
-        answers = read_records(
-            storage, model, ANSWERS, log.retention_days, ["request_id", "index", "version", "role", "input", "image", "label", "time"]
-        )
+        import pyarrow.compute as pc
+
+        # Which files hold the champion's answers to the labelled items: only those are read whole.
+        keys = read_records(storage, model, ANSWERS, log.retention_days, ["request_id", "index", "role"])
+        keys = keys.filter(pc.equal(keys.column("role"), "champion")).join(_truth(todo), ["request_id", "index"], join_type="inner")
+        files = sorted(set(keys.column("file").to_pylist()))
+        answers = read_records(storage, model, ANSWERS, log.retention_days, files=files)
         rows, found = _rows(config, answers, todo)
         joined.unmatched = len(todo) - len(found)
         if rows:

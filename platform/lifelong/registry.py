@@ -99,6 +99,7 @@ class StreamRecord(_Record):
     held_by: str | None = None
     search: list[dict] = []  # continual.search: every trial (params, scores, run), the chosen one marked
     labels_added: list[str] = []  # classes it knows that the champion it started from did not (new_labels: grow)
+    drift: dict | None = None  # continual.trigger drift|any: its window's drift from the one before (continual/drift.py)
 
 
 class SweepRecord(_Record):

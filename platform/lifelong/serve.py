@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import lifelong
 from lifelong import feedback, notify
 from lifelong import metrics as prometheus
-from lifelong.config import JobConfig, NotifySection, PredictionLogSection, ShadowSection
+from lifelong.config import JobConfig, NotifySection, PredictionLogSection, PromotionSection, ShadowSection
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.notify import webhooks
 from lifelong.registry import Card
@@ -60,6 +61,8 @@ REPORT_S = 1.0
 ACCURACY_S = 10.0
 # Requests waiting for the shadow version at most, per replica (older ones give way).
 SHADOW_QUEUE = 256
+# The pause in requests a replica waits for before it answers one in shadow.
+SHADOW_PAUSE_S = 0.002
 # A replica held this long past its hold window without a commit (its follower died mid-swap)
 # resumes with the version it had.
 HOLD_GRACE_S = 5.0
@@ -121,6 +124,7 @@ class ServeSettings(BaseModel):
     token_sha256: str | None
     log: PredictionLogSection | None = None
     shadow: ShadowSection | None = None
+    promotion: PromotionSection | None = None
     notify: NotifySection  # its webhooks resolved where `lifelong serve` runs (LIFELONG_WEBHOOKS included)
 
 
@@ -151,6 +155,7 @@ def serve_settings(config: JobConfig) -> ServeSettings:
         token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
         log=s.log_predictions,
         shadow=s.shadow,
+        promotion=config.continual.promotion,
         notify=config.notify.model_copy(update={"webhooks": webhooks(config.notify)}),
     )
 
@@ -755,6 +760,13 @@ def merge_tallies(snapshots: list[list[dict]]) -> dict:
     return out
 
 
+def lowest_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: a thread has a nice value of its
+    own): background work (the shadow's answers, the log's writes) then runs on what callers leave."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 def request_id() -> str:
     """The id Serve's proxy gave this request (the client's X-Request-Id when it sent one)."""
     from ray.serve.context import _get_serve_request_context
@@ -850,6 +862,8 @@ class ModelServer:
         self.shadow_skipped = 0
         self.shadow_error: str | None = None
         self.shadow_wake = asyncio.Event()
+        self.shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="lifelong-shadow", initializer=lowest_priority)
+        self.started = 0  # requests started (the shadow waits for a pause in them)
 
         # Serve only what the follower committed: a replica that starts (or restarts) mid-life never
         # loads a version the follower refused, and one that starts during a swap waits for its end.
@@ -914,13 +928,18 @@ class ModelServer:
         self.shadow_wake.set()
 
     async def _shadow_loop(self) -> None:
-        """Answer queued requests with the shadow version, one at a time and only while no request
-        of the champion's runs: shadow work fills idle time, never a caller's."""
+        """Answer queued requests with the shadow version, one at a time, only after the replica
+        has had no request for SHADOW_PAUSE_S, in a thread of the lowest CPU priority: shadow work
+        fills idle time. (A replica busy without pause gives way: the oldest queued go, counted.)"""
         while True:
             await self.shadow_wake.wait()
             self.shadow_wake.clear()
             while self.shadow_queue:
                 await self.drained.wait()
+                before = self.started
+                await asyncio.sleep(SHADOW_PAUSE_S)
+                if self.started != before or self.running:
+                    continue
                 shadow = self.shadow
                 if shadow is None:
                     self.shadow_queue.clear()
@@ -928,7 +947,7 @@ class ModelServer:
                 rid, items, answers = self.shadow_queue.popleft()
                 started = time.perf_counter()
                 try:
-                    predictions = await asyncio.to_thread(shadow.model.predict, items)
+                    predictions = await asyncio.get_running_loop().run_in_executor(self.shadow_pool, shadow.model.predict, items)
                 except Exception as e:
                     self.tally.add(shadow.version, "shadow", None, error=True)
                     self.shadow_error = f"{type(e).__name__}: {e}"
@@ -1089,6 +1108,7 @@ class ModelServer:
         while not self.open.is_set():
             await self.open.wait()
         self.running += 1
+        self.started += 1
         self.drained.clear()
         try:
             loaded = self.versions[self.serving]
@@ -1198,6 +1218,7 @@ class ModelServer:
         while not self.open.is_set():
             await self.open.wait()
         self.running += 1
+        self.started += 1
         self.drained.clear()
         done = object()
         items = None
@@ -1461,6 +1482,9 @@ class AliasFollower:
         self.reported_at: dict[str, float] = {}
         self.accuracy: dict = {}  # version → role → counts, from feedback (serve.log_predictions)
         self.accuracy_at = 0.0
+        self.watch: dict | None = None  # the champion watched since its promotion (continual.promotion)
+        self.watches: list[dict] = []  # how the last watches ended
+        self.judged: set[int] = set()  # candidates the live gates decided
         threading.Thread(target=self._follow, daemon=True).start()
 
     async def state(self) -> dict:
@@ -1474,6 +1498,8 @@ class AliasFollower:
             "shadow": self.shadow,
             "shadow_error": self.shadow_error,
             "live": self.live(),
+            "watch": self.watch,
+            "watches": self.watches[-10:],
         }
 
     async def report(self, replica: str, tallies: list[dict], shadow: int | None = None) -> None:
@@ -1501,6 +1527,8 @@ class AliasFollower:
         else:
             self.active = self.registry.alias_version(self.settings.model, self.settings.alias)
         self.decided = True
+        if self.settings.promotion is not None:
+            self._resume_watch()
 
     def _follow(self) -> None:
         servers = serve.get_deployment_handle(SERVER, self.settings.app_name)
@@ -1523,6 +1551,9 @@ class AliasFollower:
                     self._follow_shadow(servers)
                 if self.settings.log is not None:
                     self._read_feedback()
+                if self.settings.promotion is not None:
+                    self._live_gates()
+                    self._watch_champion()
             except Exception as e:  # keep following: the registry or a replica may be briefly unavailable
                 problem = f"{type(e).__name__}: {e}"
                 if problem != last_problem and self.decided:  # not while the app is still starting
@@ -1555,6 +1586,116 @@ class AliasFollower:
             self.shadow_error = None
         self.shadow = version
         logger.info("follower: %s@%s (version %s) answers in shadow", self.settings.model, alias, version)
+
+    # -- live gates and the watch (continual.promotion) -------------------------------------------
+    def _live_gates(self) -> None:
+        """A candidate in shadow (challenger, kind candidate) with its quota of shadow answers:
+        champion when within the bounds, else it stays challenger with the reason."""
+        p, name = self.settings.promotion, self.settings.model
+        try:
+            pointer = self.registry.alias_pointer(name, "challenger")
+        except LifelongError:
+            return
+        version = int(pointer["version"])
+        if pointer.get("kind") != "candidate" or version == self.active or version in self.judged or version != self.shadow:
+            return
+        shadow = self.live().get(str(version), {}).get("shadow", {})
+        if shadow.get("answers", 0) < p.shadow_requests:
+            return
+        self.judged.add(version)
+        problems = []
+        if shadow["agreement"] is None or shadow["agreement"] < p.min_agreement:
+            problems.append(f"agreement with the champion {shadow['agreement']:.3f} < {p.min_agreement}")
+        if p.max_p95_ms is not None and (shadow["p95_ms"] or 0) > p.max_p95_ms:
+            problems.append(f"p95 {shadow['p95_ms']:.1f} ms > {p.max_p95_ms} ms")
+        if shadow["errors"]:
+            problems.append(f"{shadow['errors']} shadow answer(s) failed")
+        seen = f"{shadow['answers']} shadow answers: agreement {shadow['agreement']:.3f}, p95 {shadow['p95_ms']:.1f} ms"
+        if problems:
+            reason = f"live gates: {'; '.join(problems)} ({seen})"
+            self.registry.move_alias(name, "challenger", version, kind="live-rejected", reason=reason)
+            notify.event("live.rejected", self.settings.notify, model=name, version=version, champion=self.active, reason=reason)
+            logger.warning("follower: %s:%s stays challenger: %s", name, version, reason)
+            return
+        try:
+            self.registry.move_alias(
+                name, "champion", version, kind="promote", reason=f"passed the live gates ({seen})", expect=self.active
+            )
+        except LifelongError as e:  # moved by someone meanwhile: theirs stands
+            logger.warning("follower: %s:%s passed the live gates but was not promoted: %s", name, version, e)
+
+    def _start_watch(self, version: int, previous: int | None, pointer: dict) -> None:
+        p = self.settings.promotion
+        if p is None or previous is None or pointer.get("kind") == "rollback":
+            return
+        self.watch = {
+            "version": version,
+            "previous": previous,
+            "since": _now(),
+            "until": time.time() + p.watch_s,
+            "kind": pointer.get("kind"),
+        }
+        logger.info("follower: watching %s:%s against %s for %.0f s", self.settings.model, version, previous, p.watch_s)
+
+    def _resume_watch(self) -> None:
+        """A follower that (re)starts within a promotion's watch carries it on (from the alias's record)."""
+        p = self.settings.promotion
+        with contextlib.suppress(LifelongError, KeyError, ValueError):
+            pointer = self.registry.alias_pointer(self.settings.model, self.settings.alias)
+            moved = datetime.fromisoformat(pointer["moved_at"]).timestamp()
+            if int(pointer["version"]) == self.active and time.time() - moved < p.watch_s:
+                self._start_watch(self.active, pointer.get("previous"), pointer)
+                if self.watch:
+                    self.watch["until"] = moved + p.watch_s
+
+    def _watch_champion(self) -> None:
+        """Compare the watched champion with the one before it; roll back on a regression."""
+        w, p, name = self.watch, self.settings.promotion, self.settings.model
+        if w is None:
+            return
+        if w["version"] != self.active:  # moved again meanwhile: that move has its own watch
+            self._end_watch("superseded", f"the alias moved to {self.active}")
+            return
+        live = self.live()
+        new, old = live.get(str(w["version"]), {}).get("champion", {}), live.get(str(w["previous"]), {}).get("champion", {})
+        problems = []
+        if new.get("answers", 0) >= p.min_requests and old.get("answers", 0):
+            if new["error_rate"] - old["error_rate"] > p.max_error_rate_increase:
+                problems.append(f"error rate {new['error_rate']:.3f} vs {old['error_rate']:.3f} (max increase {p.max_error_rate_increase})")
+            if old.get("p95_ms") and new.get("p95_ms") and new["p95_ms"] > old["p95_ms"] * (1 + p.max_p95_increase):
+                problems.append(f"p95 {new['p95_ms']:.1f} ms vs {old['p95_ms']:.1f} ms (max increase {p.max_p95_increase:.0%})")
+        new_fb, old_fb = new.get("feedback", {}), old.get("feedback", {})
+        if new_fb.get("labelled", 0) >= p.min_feedback and old_fb.get("labelled", 0) >= p.min_feedback:
+            if old_fb["accuracy"] - new_fb["accuracy"] > p.max_accuracy_drop:
+                problems.append(
+                    f"accuracy from feedback {new_fb['accuracy']:.3f} on {new_fb['labelled']} vs {old_fb['accuracy']:.3f} on "
+                    f"{old_fb['labelled']} (max drop {p.max_accuracy_drop})"
+                )
+        if not problems:
+            if time.time() >= w["until"]:
+                self._end_watch("kept", f"no regression within {p.watch_s:.0f} s")
+            return
+        reason = f"live watch of {name}:{w['version']}: " + "; ".join(problems)
+        try:
+            self.registry.rollback(name, self.settings.alias, reason=reason)
+        except LifelongError as e:
+            self._end_watch("regressed", f"{reason}; the rollback failed: {e}")
+            return
+        notify.event(
+            "live.rollback",
+            self.settings.notify,
+            model=name,
+            alias=self.settings.alias,
+            version=w["version"],
+            restored=w["previous"],
+            reason=reason,
+        )
+        logger.error("follower: rolled %s@%s back: %s", name, self.settings.alias, reason)
+        self._end_watch("rolled back", reason)
+
+    def _end_watch(self, outcome: str, reason: str) -> None:
+        self.watches.append({**self.watch, "outcome": outcome, "reason": reason, "ended": _now()})
+        self.watch = None
 
     def _running_replicas(self) -> set[str]:
         """The ModelServer replicas that reported within the last few seconds."""
@@ -1646,6 +1787,7 @@ class AliasFollower:
             }
         )
         logger.info("follower: every replica now serves %s:%s (was %s)", name, version, previous)
+        self._start_watch(version, previous, pointer)
 
 
 # --- the ingress ---------------------------------------------------------------------------------

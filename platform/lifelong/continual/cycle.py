@@ -37,6 +37,8 @@ from lifelong import metrics, notify, tracking
 from lifelong.config import JobConfig
 from lifelong.console import cycle_bar, phase
 from lifelong.console import say as console_say
+from lifelong.continual.drift import line as drift_line
+from lifelong.continual.drift import measure as measure_drift
 from lifelong.continual.gates import REFERENCE_METRICS, gate, gated_values, window_value
 from lifelong.continual.ledger import FileRecord, Ledger
 from lifelong.continual.replay import ReplayBuffer
@@ -161,6 +163,11 @@ def check_stream(config: JobConfig) -> None:
             "serve.log_predictions: a cycle lands the labels users send as training rows, which a language model takes as "
             "instruction data: set data.prompt_column and data.response_column (the label being the right answer)"
         )
+    if config.continual.trigger != "rows" and not hasattr(family, "predicted"):
+        raise LifelongError(
+            f"continual.trigger={config.continual.trigger}: drift is measured on the champion's predicted classes, which a "
+            f"{family.NAME} model has not: use continual.trigger=rows"
+        )
     if not family.LABELLED and config.continual.new_labels == "grow":
         raise LifelongError(f"continual.new_labels: grow is for classifiers; a {family.NAME} stream has no labels (remove the key)")
 
@@ -196,7 +203,15 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
                     scan_lines.append(f"new labels {added}: the stream's label set is now {data_cfg.labels}")
             quarantined = [(r.path, r.reason) for r in set_aside]  # the summary lists them
             picked = pick_files(ledger.pending(), c.max_rows_per_cycle)
-            waiting = why_wait(picked, c, force)
+            # continual.trigger drift|any: how far the pending rows moved from the last window's.
+            drift = (
+                measure_drift(config, storage, registry, stream, ledger, picked, validation_fingerprint(data_cfg))
+                if c.trigger != "rows" and not force
+                else None
+            )
+            if drift:
+                scan_lines.append(drift_line(drift))
+            waiting = why_wait(picked, c, force, drift)
             if waiting:
                 return _measured(
                     ledger,
@@ -217,6 +232,7 @@ def run_cycle(config: JobConfig, force: bool = False) -> CycleOutcome:
                 labels=data_cfg.labels,
                 champion_before=champion.version,
                 new_rows=sum(r.rows for r in picked),
+                drift=drift,
                 phases={"scan": time.perf_counter() - t0},
             )
         with cycle_bar(f"cycle window {window.window} of '{name}'"):
@@ -271,8 +287,9 @@ def pick_files(pending: list[FileRecord], max_rows: int) -> list[FileRecord]:
     return picked
 
 
-def why_wait(picked: list[FileRecord], c, force: bool) -> str:
-    """Why this cycle does not train (empty: it does)."""
+def why_wait(picked: list[FileRecord], c, force: bool, drift: dict | None = None) -> str:
+    """Why this cycle does not train (empty: it does). `drift`: the pending rows' drift from the
+    last window (continual.trigger drift|any; None: none measured, no window trained yet)."""
     if not picked:
         return "no new files with valid rows pending"
     rows = sum(r.rows for r in picked)
@@ -281,10 +298,25 @@ def why_wait(picked: list[FileRecord], c, force: bool) -> str:
         for split, n in r.check.splits.items():
             splits[split] = splits.get(split, 0) + n
     waited = time.time() - min(r.first_seen for r in picked)
-    if not force and rows < c.min_new_rows and not (c.max_wait_s and waited >= c.max_wait_s):
-        return f"waiting: {rows} new rows pending, a cycle starts at {c.min_new_rows}" + (
-            f" or after {c.max_wait_s:.0f} s ({waited:.0f} s so far)" if c.max_wait_s else ""
-        )
+    aged = bool(c.max_wait_s and waited >= c.max_wait_s)
+    enough = rows >= c.min_new_rows
+    drifted = bool(drift and drift["drifted"])
+    if c.trigger == "drift" and drift is not None:
+        start = drifted or aged  # rows alone hold back: nothing moved
+    elif c.trigger == "any":
+        start = enough or drifted or aged
+    else:  # rows, or drift before any window was trained (nothing to compare with: the first starts on rows)
+        start = enough or aged
+    if not force and not start:
+        after = f" or after {c.max_wait_s:.0f} s ({waited:.0f} s so far)" if c.max_wait_s else ""
+        if c.trigger == "drift" and drift is not None:
+            return f"waiting: {rows} new rows pending that did not drift from window {drift['window']} (continual.trigger=drift){after}"
+        if c.trigger == "any" and drift is not None:
+            return (
+                f"waiting: {rows} new rows pending, no drift from window {drift['window']}; "
+                f"a cycle starts at {c.min_new_rows} rows, on drift{after}"
+            )
+        return f"waiting: {rows} new rows pending, a cycle starts at {c.min_new_rows}" + after
     if not splits.get("validation") or not splits.get("train"):
         return f"waiting: the new rows do not yet give both a training and a holdout split ({splits})"
     return ""
@@ -431,6 +463,7 @@ def _train_and_register(config: JobConfig, storage: Storage, registry: Registry,
                     "replay_rows": fitted.replay_rows,
                     "champion_before": window.champion_before,
                     "labels_added": [n for n in labels or [] if n not in known_before],
+                    **({"drift": window.drift} if getattr(window, "drift", None) else {}),
                     "held_by": stream.hold.fence if stream.hold else None,
                     **({"search": trials} if trials else {}),
                 }
@@ -614,7 +647,9 @@ def _decide(config: JobConfig, storage: Storage, stream: Stream, window: Window)
     cand, champ = ([window_value(metric, w) for w in scored["windows"]] for scored in scores[:2])
     gate_cand, gate_champ, note = gated_values(metric, scores[0], scores[1])
     decided = gate(metric, gate_cand, gate_champ, c.gates)
-    status = ("promoted" if c.promote else "passed") if decided.passed else "rejected"
+    status = ("promoted" if c.promote and not c.promotion else "passed") if decided.passed else "rejected"
+    if decided.passed and c.promotion:
+        note += f"; champion once it passes the live gates ({c.promotion.shadow_requests} shadow answers, continual.promotion)"
     baseline = window_value(metric, scores[-1]["windows"][-1])
     decision = Decision(status=status, reason=decided.reason + note, candidate=cand, champion=champ, baseline=baseline, start_version=start)
     return stream.update(window, status="decided", decision=decision, phases={**window.phases, "evaluate": time.perf_counter() - t0})
@@ -637,6 +672,8 @@ def _apply_decision(config: JobConfig, registry: Registry, stream: Stream, windo
                     alias,
                     version,
                     reason=f"passed the gates of window {window.window}: {d.reason}",
+                    # a candidate for the endpoint's live gates (serve.shadow answers, then champion)
+                    kind="candidate" if config.continual.promotion and alias == "challenger" else "promote",
                     expect=window.champion_before if alias == "champion" else ...,
                 )
             except AliasConflict as e:

@@ -190,5 +190,24 @@ def count_by_class(tokenize, score, content: str, model, model_dir, table, max_l
     return counts
 
 
+def predicted_classes(
+    tokenize, score, content: str, model, model_dir, table, max_length: int, batch_size: int = 64
+) -> tuple[list[int], list[float]]:
+    """A classifier's predicted class index for each row of `table` (its `content` column), and
+    its probability (the model's confidence)."""
+    import pyarrow as pa
+    import torch
+
+    rows = pa.table({content: table.column(content), "label": pa.array([-100] * table.num_rows, pa.int64())})
+    preds: list[int] = []
+    confidence: list[float] = []
+    with torch.no_grad():
+        for start in range(0, rows.num_rows, batch_size):
+            out = score(model, tokenize(rows.slice(start, batch_size), str(model_dir), max_length))
+            preds += out["pred"].tolist()
+            confidence += out["prob"].max(-1).tolist()
+    return preds, confidence
+
+
 def model_labels(model) -> list[str]:
     return [model.config.id2label[i] for i in range(model.config.num_labels)]

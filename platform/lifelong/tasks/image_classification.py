@@ -255,6 +255,13 @@ def smoke_test(model) -> str | None:
     return probabilities_problem(model, parity_samples(None))
 
 
+def predicted(model, model_dir, table, max_length: int) -> tuple[list[int], list[float]]:
+    """Its predicted class and confidence per row of a table (content, ...): what continual.trigger=drift compares."""
+    from lifelong.tasks.classify import predicted_classes
+
+    return predicted_classes(tokenize, score, CONTENT, model, model_dir, table, max_length)
+
+
 def holdout_counts(model, model_dir, table, max_length: int) -> dict[str, list[int]]:
     """Its answers on a continual window's holdout (content, label name), per class."""
     from lifelong.tasks.classify import count_by_class
