@@ -1,6 +1,7 @@
 """The closed loop on the local Ray, with real Serve and a real store: answers recorded, feedback
-for a share of them, the labelled rows landed and trained on once, a challenger in shadow; and the
-store taken away under load."""
+for a share of them, the labelled rows landed and trained on once, a challenger in shadow, the
+candidate promoted by the live gates after its shadow quota, a bad version promoted by hand and
+rolled back by the watch; and the store taken away under load."""
 
 import os
 import threading
@@ -10,7 +11,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_config, register_tiny
+from conftest import WebhookReceiver, make_config, ray_metric, register_tiny
 from lifelong.continual.cycle import run_cycle
 from lifelong.continual.ledger import Ledger
 from lifelong.continual.report import build
@@ -32,7 +33,6 @@ def loop_config(root, landing, port, *extra):
         f"continual.landing={landing}",
         "model.init_from=loop@champion",
         "scaling.num_workers=1",
-        "train.epochs=2",
         "export.on_register=never",
         "continual.min_new_rows=10",
         "continual.gates.max_forgetting=1.0",
@@ -47,12 +47,22 @@ def loop_config(root, landing, port, *extra):
         "serve.log_predictions.max_buffered=200",
         "serve.shadow.alias=challenger",
         "serve.shadow.share=0.5",
+        "continual.promotion.shadow_requests=40",
+        "continual.promotion.min_agreement=0.0",  # the first champion has random weights: the candidate disagrees
+        "continual.promotion.watch_s=150",
+        "continual.promotion.min_requests=20",
+        "continual.promotion.min_feedback=25",
+        "continual.promotion.max_accuracy_drop=0.1",
+        "continual.promotion.max_p95_increase=20",  # judged on accuracy here; latency on 2 busy cores is noise
+        "train.epochs=3",
+        "train.lr=3e-3",
         *extra,
     )
 
 
-def client_load(url: str, rows: list[dict], out: list, stop: threading.Event, limit: int) -> None:
-    """A bounded client: two labelled texts a request; records (status, texts' labels, body)."""
+def client_load(url: str, rows: list[dict], out: list, stop: threading.Event, limit: int, feedback: bool = False) -> None:
+    """A bounded client: two labelled texts a request; records (status, texts' labels, body).
+    With `feedback`, the right label of each answer's first text follows it."""
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
         i = 0
         while not stop.is_set() and len(out) < limit:
@@ -61,6 +71,9 @@ def client_load(url: str, rows: list[dict], out: list, stop: threading.Event, li
             try:
                 r = client.post("/v1/predict", json={"texts": [b["text"] for b in batch]})
                 out.append((r.status_code, [b["label"] for b in batch], r.json() if r.status_code == 200 else r.text))
+                if feedback and r.status_code == 200:
+                    sent = client.post("/v1/feedback", json={"request_id": r.json()["request_id"], "label": batch[0]["label"]})
+                    assert sent.status_code == 202, sent.text
             except httpx.HTTPError as e:
                 out.append((repr(e), None, None))
 
@@ -93,11 +106,15 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
     registry.move_alias("loop", "challenger", v2)
     rows = [
         r
-        for p in sorted(write_stream(tmp_path / "w", windows=1, rows_per_window=200, files_per_window=1, seed=5)[0].iterdir())
+        for p in sorted(
+            write_stream(tmp_path / "w", windows=1, rows_per_window=200, files_per_window=1, seed=5, classes_per_window=4)[0].iterdir()
+        )
         for r in _jsonl(p)
     ]
     os.environ["LIFELONG_LOOP_TOKEN"] = TOKEN
-    config = loop_config(root, landing, serve_port)
+    hooks = WebhookReceiver()
+    request.addfinalizer(hooks.close)
+    config = loop_config(root, landing, serve_port, f'notify.webhooks=["{hooks.url}"]')
     url = deploy(config)
     request.addfinalizer(lambda: serve.delete(config.serve_app_name))
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -141,8 +158,18 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
     failed = [r for r in results if r[0] != 200]
     assert not failed, failed[:3]
     assert {r[2]["version"] for r in results} == {v1}
-    # Every recorded request carries its id in the body and the header; ids are unique.
+    # Every answer carries its id in the body and the header (errors too); ids are unique.
     assert len({r[2]["request_id"] for r in results}) == len(results)
+    answered = client.post("/v1/predict", json={"texts": ["rain tonight"]})
+    assert answered.headers["x-request-id"] == answered.json()["request_id"]
+    refused = client.post("/v1/predict", json={"texts": []})
+    assert refused.status_code == 422 and refused.headers["x-request-id"]
+    assert (
+        client.post("/v1/predict", json={"texts": ["x"]}, headers={"X-Request-Id": "client-chosen-1"}).json()["request_id"]
+        == "client-chosen-1"
+    )
+    # Prometheus: the shadow's answers by version (the agreeing and the others).
+    assert ray_metric("ray_lifelong_serve_shadow_answers_total", model="loop", version=str(v2), at_least=30) >= 30
 
     # The log is written; feedback for the recorded requests (half of them, by id) joins.
     expected = {rid: truth for rid, truth in sent.items() if sampled(rid, 0.5)}
@@ -156,7 +183,13 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
     assert not (sent.keys() - expected.keys()) & stored(ANSWERS), "a request outside the sample was recorded"
     first = run_cycle(config)
     print(first.summary())
-    assert first.window == 0 and first.version is not None
+    # It passed the offline gates: a candidate for the live gates, not yet champion.
+    assert first.window == 0 and first.version is not None and first.status == "passed", first.summary()
+    assert registry.alias_version("loop", "champion") == v1
+    assert (
+        registry.alias_pointer("loop", "challenger")["kind"] == "candidate"
+        and registry.alias_version("loop", "challenger") == first.version
+    )
     ledger = Ledger(Storage(str(root)), "loop")
     [record] = [r for r in ledger.records() if r.name.startswith("feedback-")]
     assert record.state == "consumed" and record.rows == len(expected) and record.sha256 in first.files
@@ -174,6 +207,50 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
     live = build(config)["live"]
     assert live["accuracy"][str(v1)]["champion"] == {"labelled": len(expected), "correct": right, "accuracy": right / len(expected)}
     assert live["landed"] == len(expected) and live["corrections"] == len([i for i in range(len(sent)) if i % 10 == 0])
+
+    # The live gates: under load (each answer followed by its label), the candidate answers in
+    # shadow and becomes champion once it has 40 shadow answers; every answer before came from v1.
+    v3 = first.version
+    results.clear()
+    stop.clear()
+    workers = [threading.Thread(target=client_load, args=(url, rows[k::3], results, stop, 3000, True)) for k in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        wait_for(lambda: registry.alias_version("loop", "champion") == v3, "the live gates' promotion", timeout=180)
+        promoted = registry.history("loop", "champion")[-1]
+        assert promoted["kind"] == "promote" and promoted["reason"].startswith("passed the live gates (")
+        assert int(promoted["reason"].split("(")[1].split(" shadow answers")[0]) >= 40, promoted
+        wait_for(lambda: any(r[0] == 200 and r[2]["version"] == v3 for r in list(results)), "an answer from the new champion")
+        by_receipt = [r[2]["version"] for r in list(results) if r[0] == 200]
+        assert by_receipt.index(v3) > 0 and set(by_receipt[: by_receipt.index(v3)]) == {v1}
+        # A bad version promoted by hand (random weights: it has learned nothing): the watch
+        # compares its accuracy from feedback with v3's and rolls it back, saying why.
+        wait_for(
+            lambda: model_info(client)["live"].get(str(v3), {}).get("champion", {}).get("feedback", {}).get("labelled", 0) >= 25,
+            "feedback on the new champion's answers",
+            timeout=120,
+        )
+        bad = register_tiny(registry, "loop", tiny_tokenizer, tmp_path / "work", seed=11, rows=topic_rows[:100])
+        registry.move_alias("loop", "champion", bad, reason="by hand")
+        wait_for(lambda: registry.alias_version("loop", "champion") == v3, "the watch's rollback", timeout=150)
+        rolled = registry.history("loop", "champion")[-1]
+        assert rolled["kind"] == "rollback" and rolled["version"] == v3 and rolled["previous"] == bad, rolled
+        assert rolled["reason"].startswith(f"live watch of loop:{bad}: accuracy from feedback"), rolled
+        assert 0 < ray_metric("ray_lifelong_serve_live_accuracy", model="loop", version=str(v3), role="champion") <= 1
+        [hook] = hooks.wait_for("live.rollback", timeout=30)
+        assert hook["version"] == bad and hook["restored"] == v3 and hook["reason"] == rolled["reason"]
+        wait_for(lambda: any(r[0] == 200 and r[2]["version"] == v3 for r in list(results)[-20:]), "v3 answering again")
+        watches = model_info(client)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:3]
+    assert {r[2]["version"] for r in results} == {v1, v3, bad}
+    ended = {w["version"]: w for w in watches["watches"]}
+    assert ended[bad]["outcome"] == "rolled back" and ended[bad]["reason"] == rolled["reason"] and ended[v3]["outcome"] == "superseded"
 
     # The store taken away under load (the log's directory replaced by a file): every request is
     # still answered, the records that do not fit are dropped and counted; back, it writes again.

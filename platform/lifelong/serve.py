@@ -1174,7 +1174,6 @@ class ModelServer:
         response.headers["X-Lifelong-Replica"] = self.replica
         response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)  # requests answered by the same model call
-        response.headers["X-Request-Id"] = rid
         return PredictResponse(
             model=self.settings.model,
             version=loaded.version,
@@ -1208,7 +1207,6 @@ class ModelServer:
         response.headers["X-Lifelong-Replica"] = self.replica
         response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)
-        response.headers["X-Request-Id"] = rid
         return GenerateResponse(model=self.settings.model, version=loaded.version, request_id=rid, **out)
 
     async def _stream(self, fn):
@@ -1435,6 +1433,9 @@ class ModelServer:
             # error rate, p50/p95 latency, a shadow's agreement with the champion; with feedback,
             # accuracy from the labels users sent.
             "live": follower.get("live", {}),
+            # continual.promotion: the champion under watch since its promotion, and how the last watches ended.
+            "watch": follower.get("watch"),
+            "watches": follower.get("watches", []),
             "shadow": (
                 {
                     "alias": self.settings.shadow.alias,
@@ -1579,13 +1580,20 @@ class AliasFollower:
             return
         answers = servers.broadcast("shadow_version", version).results(timeout_s=600, return_exceptions=True)
         failures = [a if isinstance(a, Exception) else a.get("error") for a in answers if isinstance(a, Exception) or not a.get("ok")]
+        for a in answers:  # their next reports say so too; until then, what they answered
+            if not isinstance(a, Exception) and a.get("ok"):
+                self.shadowing[a["replica"]] = version
         if failures:
             self.shadow_error = f"{self.settings.model}:{version} ({alias}) not shadowed: " + "; ".join(map(str, failures))
             logger.error("follower: %s", self.shadow_error)
         else:
             self.shadow_error = None
+        if version != self.shadow:
+            if version is None:
+                logger.info("follower: nothing answers in shadow (%s@%s is unset or the champion)", self.settings.model, alias)
+            else:
+                logger.info("follower: %s@%s (version %s) answers in shadow", self.settings.model, alias, version)
         self.shadow = version
-        logger.info("follower: %s@%s (version %s) answers in shadow", self.settings.model, alias, version)
 
     # -- live gates and the watch (continual.promotion) -------------------------------------------
     def _live_gates(self) -> None:
@@ -1626,7 +1634,11 @@ class AliasFollower:
 
     def _start_watch(self, version: int, previous: int | None, pointer: dict) -> None:
         p = self.settings.promotion
-        if p is None or previous is None or pointer.get("kind") == "rollback":
+        if p is None or previous is None:
+            return
+        if self.watch is not None:
+            self._end_watch("superseded", f"{self.settings.alias} moved to {version} ({pointer.get('kind')})")
+        if pointer.get("kind") == "rollback":
             return
         self.watch = {
             "version": version,
