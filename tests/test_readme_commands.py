@@ -33,6 +33,8 @@ SERVE = "exec lifelong serve configs/gpt2/tiny_serve.yaml"
 SERVE_IMAGES = "exec lifelong serve configs/resnet/tiny_serve.yaml"
 SERVE_LM = "exec lifelong serve configs/gpt2/tiny_lm_serve.yaml"
 SERVE_VIT = "exec lifelong serve configs/vit/tiny_serve.yaml"
+# The closed loop's endpoint: its config asks for the token in LIFELONG_SERVE_TOKEN (feedback needs one).
+SERVE_LOOP = "export LIFELONG_SERVE_TOKEN=readme-loop-token && exec lifelong serve configs/gpt2/tiny_loop.yaml"
 ON_CLUSTER = "storage.root=$PWD/lifelong-store continual.landing=$PWD/data/landing"
 SPLIT_PRETRAIN = (
     'lifelong pretrain configs/resnet/tiny_scratch.yaml name=tiny-resnet-split \'data.labels=["0","1"]\' '
@@ -316,6 +318,14 @@ STEPS = [
         ],
         "lifelong continual requeue configs/gpt2/tiny_continual.yaml --all",
     ),
+    # The closed loop: the endpoint records a tenth of its answers and takes a label for each
+    # (`close_the_loop`); the stream's first cycle lands the labelled rows, then waits for 200.
+    Step(["lifelong serve configs/gpt2/tiny_loop.yaml"], SERVE_LOOP),
+    Step(
+        ["lifelong continual configs/gpt2/tiny_loop.yaml"],
+        "lifelong continual configs/gpt2/tiny_loop.yaml --once",
+        ("labelled row(s) landed as", "a cycle starts at 200"),
+    ),
     # Back on the cluster: a cycle job (nothing new has landed: it says so and succeeds) ...
     Step(["cluster/local.sh start 1"], "cluster/local.sh start 1", ("Ray cluster up: 2 nodes",)),
     Step(
@@ -399,6 +409,9 @@ def test_the_shown_commands_work_as_printed(fresh_project):
             continue
         if step.run == UI:
             look_at_the_dashboard(project, env)
+            continue
+        if step.run == SERVE_LOOP:
+            close_the_loop(project, env)
             continue
         command = step.run.format(job=job)
         started = time.monotonic()
@@ -519,6 +532,44 @@ def serve_and_ask(project: Path, env: dict, command: str) -> None:
             os.killpg(server.pid, signal.SIGKILL)
             out, _ = server.communicate()
     assert server.returncode in (0, 130, -signal.SIGINT), out[-4000:]
+
+
+def close_the_loop(project: Path, env: dict) -> None:
+    """`lifelong serve configs/gpt2/tiny_loop.yaml`: 100 requests from the stream's first window,
+    each answer followed by its right label; the answers recorded (a tenth, by request id) are on
+    the store when the endpoint has stopped (Ctrl-C)."""
+    server = start_server(["bash", "-c", SERVE_LOOP], cwd=project, env=env)
+    headers = {"Authorization": "Bearer readme-loop-token"}
+    recorded = 0
+    try:
+        answering("http://127.0.0.1:8000/healthz", server, 300, lambda: server.stdout.read()[-4000:] if server.poll() is not None else "")
+        rows = [
+            json.loads(line) for f in sorted((project / "data" / "stream" / "window-000").iterdir()) for line in f.read_text().splitlines()
+        ]
+        with httpx.Client(base_url="http://127.0.0.1:8000", headers=headers, timeout=30) as client:
+            for row in rows[:100]:
+                answer = client.post("/v1/predict", json={"texts": [row["text"]]})
+                assert answer.status_code == 200, answer.text
+                given = client.post("/v1/feedback", json={"request_id": answer.json()["request_id"], "label": row["label"]})
+                assert given.status_code == 202, given.text
+            info = client.get("/v1/model").json()
+        recorded = info["prediction_log"]["recorded"]
+        assert info["prediction_log"]["dropped"] == 0 and info["shadow"]["alias"] == "challenger", info
+        store = project / "lifelong-store" / "predictions" / "tiny-topics"
+        deadline = time.monotonic() + 30  # written within serve.log_predictions.flush_interval_s (5 s)
+        while not (list(store.glob("answers/*/*.parquet")) and list(store.glob("feedback/*/*.parquet"))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            out, _ = server.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            out, _ = server.communicate()
+    assert server.returncode in (0, 130, -signal.SIGINT), out[-4000:]
+    answers = list((project / "lifelong-store" / "predictions" / "tiny-topics" / "answers").rglob("*.parquet"))
+    labels = list((project / "lifelong-store" / "predictions" / "tiny-topics" / "feedback").rglob("*.parquet"))
+    assert answers and labels and recorded > 0, (answers, labels, recorded)
 
 
 def look_at_the_dashboard(project: Path, env: dict) -> None:

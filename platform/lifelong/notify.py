@@ -2,7 +2,9 @@
 
 Events: `alias.moved` (every promotion, rollback and challenger move, from any command),
 `gate.rejected` (a cycle's candidate the gates turned down), `swap.refused` (a version the
-endpoint would not load; the old one keeps serving), `cycle.failed` and `sweep.finished`.
+endpoint would not load; the old one keeps serving), `live.rejected` (a candidate the endpoint's
+live gates turned down), `live.rollback` (a champion the endpoint's watch rolled back),
+`cycle.failed` and `sweep.finished`.
 
 Where: `notify.webhooks` in a config (a command's `configure()` makes it the process's), plus
 LIFELONG_WEBHOOKS (URLs separated by commas or spaces), which reaches the commands that take

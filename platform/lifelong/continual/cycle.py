@@ -131,6 +131,8 @@ def check_continual(config: JobConfig) -> None:
     landing = config.continual.landing
     if is_uri(landing):
         filesystem_for(landing)  # a malformed URI gets its one-line message here
+    elif config.serve.log_predictions is not None and not Path(landing).expanduser().exists():
+        Path(landing).expanduser().mkdir(parents=True)  # where the cycles land the labels users send
     elif not Path(landing).expanduser().is_dir():
         raise LifelongError(f"continual.landing '{landing}' is not a directory: create it (new data files are dropped there)")
 
