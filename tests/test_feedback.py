@@ -149,3 +149,24 @@ def test_a_join_stopped_before_it_marked_its_rows_lands_the_same_bytes_again(loo
     assert [p.name for p in landing.iterdir()] == [name] and (landing / name).read_bytes() == data
     assert storage.listdir(_outbox("fb")) == []
     assert pq.read_table(io.BytesIO(data)).column("label").to_pylist() == [labels[1]]
+
+
+def test_days_past_the_retention_are_deleted_and_no_longer_read(tmp_path):
+    from lifelong.feedback import day_of, prune
+
+    storage = Storage(str(tmp_path / "store"))
+    log = RecordLog(storage.root_uri, "m", "r1", flush_interval_s=60, max_buffered=100)
+    log.add(ANSWERS, answer("today", "t", "x"))
+    log.add(FEEDBACK, label("today", "x"))
+    log.flush()
+    log.close()
+    old, kept = day_of(time.time() - 40 * 86400), day_of(time.time() - 20 * 86400)
+    for kind in (ANSWERS, FEEDBACK):
+        for day in (old, kept):
+            (tmp_path / "store" / "predictions" / "m" / kind / day).mkdir(parents=True)
+            for f in (tmp_path / "store" / "predictions" / "m" / kind / day_of(time.time())).iterdir():
+                (tmp_path / "store" / "predictions" / "m" / kind / day / f.name).write_bytes(f.read_bytes())
+    assert len(read_records(storage, "m", ANSWERS, 30)) == 2  # the 40-day-old copy is outside the retention
+    assert sorted(prune(storage, "m", 30)) == [f"{ANSWERS}/{old}", f"{FEEDBACK}/{old}"]
+    assert sorted(p.name for p in (tmp_path / "store" / "predictions" / "m" / ANSWERS).iterdir()) == sorted([kept, day_of(time.time())])
+    assert len(read_records(storage, "m", FEEDBACK, 30)) == 2 and prune(storage, "m", 30) == []
