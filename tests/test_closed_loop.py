@@ -4,6 +4,7 @@ candidate promoted by the live gates after its shadow quota, a bad version promo
 rolled back by the watch; and the store taken away under load."""
 
 import os
+import shutil
 import threading
 import time
 
@@ -60,9 +61,9 @@ def loop_config(root, landing, port, *extra):
     )
 
 
-def client_load(url: str, rows: list[dict], out: list, stop: threading.Event, limit: int, feedback: bool = False) -> None:
+def client_load(url: str, rows: list[dict], out: list, stop: threading.Event, limit: int, feedback: threading.Event) -> None:
     """A bounded client: two labelled texts a request; records (status, texts' labels, body).
-    With `feedback`, the right label of each answer's first text follows it."""
+    While `feedback` is set, the right label of each answer's first text follows it."""
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
         i = 0
         while not stop.is_set() and len(out) < limit:
@@ -71,11 +72,34 @@ def client_load(url: str, rows: list[dict], out: list, stop: threading.Event, li
             try:
                 r = client.post("/v1/predict", json={"texts": [b["text"] for b in batch]})
                 out.append((r.status_code, [b["label"] for b in batch], r.json() if r.status_code == 200 else r.text))
-                if feedback and r.status_code == 200:
+                if feedback.is_set() and r.status_code == 200:
                     sent = client.post("/v1/feedback", json={"request_id": r.json()["request_id"], "label": batch[0]["label"]})
                     assert sent.status_code == 202, sent.text
             except httpx.HTTPError as e:
                 out.append((repr(e), None, None))
+
+
+class Load:
+    """Three client threads on the endpoint until `limit` requests or the block's end."""
+
+    def __init__(self, url: str, rows: list[dict], limit: int):
+        self.results: list = []
+        self.stop, self.feedback = threading.Event(), threading.Event()
+        args = (self.results, self.stop, limit, self.feedback)
+        self.threads = [threading.Thread(target=client_load, args=(url, rows[k::3], *args)) for k in range(3)]
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+    def failed(self) -> list:
+        return [r for r in self.results if r[0] != 200]
 
 
 def model_info(client) -> dict:
@@ -117,14 +141,10 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
     config = loop_config(root, landing, serve_port, f'notify.webhooks=["{hooks.url}"]')
     url = deploy(config)
     request.addfinalizer(lambda: serve.delete(config.serve_app_name))
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    client = httpx.Client(base_url=url, headers=headers, timeout=30)
-    results: list = []
-    stop = threading.Event()
-    workers = [threading.Thread(target=client_load, args=(url, rows[k::3], results, stop, 500)) for k in range(3)]
-    for w in workers:
-        w.start()
-    try:
+    client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    request.addfinalizer(client.close)
+    with Load(url, rows, 500) as load:
+        results = load.results
         # Feedback for the first 200 answered requests' first item: a wrong label then the right
         # one (a correction) for every tenth; bad feedback refused by field.
         sent: dict[str, str] = {}
@@ -151,12 +171,7 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
         assert live["shadow"]["version"] == v2 and shadow["errors"] == 0 and 0 <= shadow["agreement"] <= 1 and shadow["p95_ms"] > 0
         assert live["live"][str(v1)]["champion"]["answers"] >= 120 and live["live"][str(v1)]["champion"]["error_rate"] == 0
         wait_for(lambda: len(results) >= 500, "the load to finish", timeout=180)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join()
-    failed = [r for r in results if r[0] != 200]
-    assert not failed, failed[:3]
+    assert not load.failed(), load.failed()[:3]
     assert {r[2]["version"] for r in results} == {v1}
     # Every answer carries its id in the body and the header (errors too); ids are unique.
     assert len({r[2]["request_id"] for r in results}) == len(results)
@@ -181,44 +196,50 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
 
     wait_for(lambda: expected.keys() <= stored(ANSWERS) and sent.keys() <= stored(FEEDBACK), "the log and the feedback written")
     assert not (sent.keys() - expected.keys()) & stored(ANSWERS), "a request outside the sample was recorded"
-    first = run_cycle(config)
-    print(first.summary())
-    # It passed the offline gates: a candidate for the live gates, not yet champion.
-    assert first.window == 0 and first.version is not None and first.status == "passed", first.summary()
-    assert registry.alias_version("loop", "champion") == v1
-    assert (
-        registry.alias_pointer("loop", "challenger")["kind"] == "candidate"
-        and registry.alias_version("loop", "challenger") == first.version
-    )
-    ledger = Ledger(Storage(str(root)), "loop")
-    [record] = [r for r in ledger.records() if r.name.startswith("feedback-")]
-    assert record.state == "consumed" and record.rows == len(expected) and record.sha256 in first.files
-    landed = pq.read_table(landing / record.name).to_pylist()
-    assert {r["request_id"]: r["label"] for r in landed} == expected
-    card = registry.card("loop", first.version)
-    assert any(f["path"].endswith(record.name) for f in card.data["files"])
-    # Nothing new: the next cycle waits, and no second file lands.
-    assert run_cycle(config).status == "waiting"
-    assert len([p for p in landing.iterdir() if p.name.startswith("feedback-")]) == 1
+    # A file from elsewhere lands too: the window mixes it with the production rows.
+    other = write_stream(tmp_path / "other", windows=1, rows_per_window=40, files_per_window=1, seed=8, classes_per_window=4)[0]
+    shutil.copy(next(other.iterdir()), landing / "elsewhere.jsonl")
 
-    # The report: live accuracy per version from the feedback, the same as counted here.
-    answered = {r[2]["request_id"]: r[2]["predictions"][0]["label"] for r in results}
-    right = sum(answered[rid] == truth for rid, truth in expected.items())
-    live = build(config)["live"]
-    assert live["accuracy"][str(v1)]["champion"] == {"labelled": len(expected), "correct": right, "accuracy": right / len(expected)}
-    assert live["landed"] == len(expected) and live["corrections"] == len([i for i in range(len(sent)) if i % 10 == 0])
+    # The rest runs under a client load that never stops: the cycle, the live gates, the rollback.
+    with Load(url, rows, 20000) as load:
+        first = run_cycle(config)
+        print(first.summary())
+        # It passed the offline gates: a candidate for the live gates, not champion by the cycle.
+        assert first.window == 0 and first.version is not None and first.status == "passed", first.summary()
+        v3 = first.version
+        ledger = Ledger(Storage(str(root)), "loop")
+        [record] = [r for r in ledger.records() if r.name.startswith("feedback-")]
+        [elsewhere] = [r for r in ledger.records() if r.name == "elsewhere.jsonl"]
+        assert (
+            record.state == elsewhere.state == "consumed"
+            and record.rows == len(expected)
+            and sorted(first.files) == sorted([record.sha256, elsewhere.sha256])
+        )
+        assert first.new_rows == len(expected) + 40
+        landed = pq.read_table(landing / record.name).to_pylist()
+        assert {r["request_id"]: r["label"] for r in landed} == expected
+        card = registry.card("loop", v3)
+        assert {f["path"].rsplit("/", 1)[-1] for f in card.data["files"]} == {record.name, "elsewhere.jsonl"}
+        # Nothing new (the clients send no labels yet): the next cycle waits, and no second file lands.
+        assert run_cycle(config).status == "waiting"
+        assert len([p for p in landing.iterdir() if p.name.startswith("feedback-")]) == 1
 
-    # The live gates: under load (each answer followed by its label), the candidate answers in
-    # shadow and becomes champion once it has 40 shadow answers; every answer before came from v1.
-    v3 = first.version
-    results.clear()
-    stop.clear()
-    workers = [threading.Thread(target=client_load, args=(url, rows[k::3], results, stop, 3000, True)) for k in range(3)]
-    for w in workers:
-        w.start()
-    try:
+        # The report: live accuracy per version from the feedback, the same as counted here.
+        answered = {r[2]["request_id"]: r[2]["predictions"][0]["label"] for r in results}
+        right = sum(answered[rid] == truth for rid, truth in expected.items())
+        live = build(config)["live"]
+        assert live["accuracy"][str(v1)]["champion"] == {"labelled": len(expected), "correct": right, "accuracy": right / len(expected)}
+        assert live["landed"] == len(expected) and live["corrections"] == len([i for i in range(len(sent)) if i % 10 == 0])
+
+        # The live gates: the candidate answers in shadow and becomes champion once it has 40
+        # shadow answers (the cycle made it challenger, kind candidate; the endpoint promoted it).
+        # From here each answer is followed by its label.
+        load.feedback.set()
+        results = load.results
         wait_for(lambda: registry.alias_version("loop", "champion") == v3, "the live gates' promotion", timeout=180)
         promoted = registry.history("loop", "champion")[-1]
+        candidate = registry.history("loop", "challenger")[-1]
+        assert (candidate["kind"], candidate["version"]) == ("candidate", v3) and candidate["moved_at"] < promoted["moved_at"]
         assert promoted["kind"] == "promote" and promoted["reason"].startswith("passed the live gates (")
         assert int(promoted["reason"].split("(")[1].split(" shadow answers")[0]) >= 40, promoted
         wait_for(lambda: any(r[0] == 200 and r[2]["version"] == v3 for r in list(results)), "an answer from the new champion")
@@ -242,12 +263,7 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
         assert hook["version"] == bad and hook["restored"] == v3 and hook["reason"] == rolled["reason"]
         wait_for(lambda: any(r[0] == 200 and r[2]["version"] == v3 for r in list(results)[-20:]), "v3 answering again")
         watches = model_info(client)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join()
-    failed = [r for r in results if r[0] != 200]
-    assert not failed, failed[:3]
+    assert not load.failed(), load.failed()[:3]
     assert {r[2]["version"] for r in results} == {v1, v3, bad}
     ended = {w["version"]: w for w in watches["watches"]}
     assert ended[bad]["outcome"] == "rolled back" and ended[bad]["reason"] == rolled["reason"] and ended[v3]["outcome"] == "superseded"
@@ -257,15 +273,9 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
     answers = root / "predictions" / "loop" / "answers"
     answers.rename(tmp_path / "answers-aside")
     answers.write_text("the store is gone")
-    results.clear()
-    stop.clear()
-    workers = [threading.Thread(target=client_load, args=(url, rows[k::3], results, stop, 900)) for k in range(3)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    failed = [r for r in results if r[0] != 200]
-    assert len(results) >= 900 and not failed, failed[:3]
+    with Load(url, rows, 900) as load:
+        wait_for(lambda: len(load.results) >= 900, "900 requests", timeout=180)
+    assert len(load.results) >= 900 and not load.failed(), load.failed()[:3]
     logs = {}
     wait_for(lambda: logs.update({(i := model_info(client))["replica"]: i["prediction_log"]}) or len(logs) == 2, "both replicas' logs")
     assert all(
@@ -275,7 +285,6 @@ def test_served_answers_and_feedback_become_training_rows_once_while_a_challenge
     answers.unlink()
     (tmp_path / "answers-aside").rename(answers)
     wait_for(lambda: (s := model_info(client)["prediction_log"])["store_error"] is None and s["queued"] == 0, "the log writing again")
-    client.close()
 
 
 def _jsonl(path):
