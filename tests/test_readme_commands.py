@@ -525,13 +525,19 @@ def serve_and_ask(project: Path, env: dict, command: str) -> None:
             else:  # /v1/generate on a classifier: refused, naming why
                 assert "serves a sequence-classification model: use POST /v1/predict" in answer["error"], (line, answer)
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            out, _ = server.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            out, _ = server.communicate()
+        out = stop_server(server)
     assert server.returncode in (0, 130, -signal.SIGINT), out[-4000:]
+
+
+def stop_server(server) -> str:
+    """Ctrl-C a server we started (its process group), as a user would (killed after 2 minutes); its output."""
+    os.killpg(server.pid, signal.SIGINT)
+    try:
+        out, _ = server.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        out, _ = server.communicate()
+    return out
 
 
 def close_the_loop(project: Path, env: dict) -> None:
@@ -560,12 +566,7 @@ def close_the_loop(project: Path, env: dict) -> None:
         while not (list(store.glob("answers/*/*.parquet")) and list(store.glob("feedback/*/*.parquet"))) and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            out, _ = server.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            out, _ = server.communicate()
+        out = stop_server(server)
     assert server.returncode in (0, 130, -signal.SIGINT), out[-4000:]
     answers = list((project / "lifelong-store" / "predictions" / "tiny-topics" / "answers").rglob("*.parquet"))
     labels = list((project / "lifelong-store" / "predictions" / "tiny-topics" / "feedback").rglob("*.parquet"))
