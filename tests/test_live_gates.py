@@ -113,3 +113,15 @@ def test_a_watch_that_finds_nothing_keeps_the_champion_and_a_restarted_follower_
     f.watch["until"] = time.time() - 1
     f._watch_champion()
     assert f.watch is None and f.watches[-1]["outcome"] == "kept" and registry.alias_version("gated", "champion") == v2
+
+
+def test_a_candidate_whose_every_shadow_answer_failed_stays_challenger_saying_so(follower):
+    f, registry, (v1, v2), hooks = follower
+    failed = {"version": v2, "role": "shadow", "answers": 100, "errors": 100, "agreed": 0, "compared": 0, "ms": []}
+    report(f, "r1", [tally(v1, "champion", 300), failed])
+    f._live_gates()
+    pointer = registry.alias_pointer("gated", "challenger")
+    assert pointer["kind"] == "live-rejected" and registry.alias_version("gated", "champion") == v1
+    assert pointer["reason"] == (
+        "live gates: agreement with the champion none < 0.9; 100 shadow answer(s) failed (100 shadow answers: agreement none, p95 none)"
+    )

@@ -91,6 +91,13 @@ def _prefix(model: str, kind: str) -> str:
     return f"predictions/{model}/{kind}"
 
 
+def lowest_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: a thread has a nice value of its
+    own): background work (the log's writes, the shadow's answers) then runs on what callers leave."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 # --- the replicas' writer ------------------------------------------------------------------------
 class RecordLog:
     """A replica's records on their way to the store: `add` never blocks on I/O; a thread writes
@@ -153,8 +160,7 @@ class RecordLog:
             }
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # writes run on what requests leave of the CPU
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        lowest_priority()  # writes run on what requests leave of the CPU
         while not self.stopping.is_set():
             self.wake.wait(self.flush_interval_s)
             self.wake.clear()

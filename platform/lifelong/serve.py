@@ -760,13 +760,6 @@ def merge_tallies(snapshots: list[list[dict]]) -> dict:
     return out
 
 
-def lowest_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux: a thread has a nice value of its
-    own): background work (the shadow's answers, the log's writes) then runs on what callers leave."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-
-
 def request_id() -> str:
     """The id Serve's proxy gave this request (the client's X-Request-Id when it sent one)."""
     from ray.serve.context import _get_serve_request_context
@@ -862,7 +855,7 @@ class ModelServer:
         self.shadow_skipped = 0
         self.shadow_error: str | None = None
         self.shadow_wake = asyncio.Event()
-        self.shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="lifelong-shadow", initializer=lowest_priority)
+        self.shadow_pool = ThreadPoolExecutor(1, thread_name_prefix="lifelong-shadow", initializer=feedback.lowest_priority)
         self.started = 0  # requests started (the shadow waits for a pause in them)
 
         # Serve only what the follower committed: a replica that starts (or restarts) mid-life never
@@ -1611,14 +1604,16 @@ class AliasFollower:
         if shadow.get("answers", 0) < p.shadow_requests:
             return
         self.judged.add(version)
+        agreement, p95 = shadow["agreement"], shadow["p95_ms"]  # None when every shadow answer failed
+        shown = f"{agreement:.3f}" if agreement is not None else "none", f"{p95:.1f} ms" if p95 is not None else "none"
         problems = []
-        if shadow["agreement"] is None or shadow["agreement"] < p.min_agreement:
-            problems.append(f"agreement with the champion {shadow['agreement']:.3f} < {p.min_agreement}")
-        if p.max_p95_ms is not None and (shadow["p95_ms"] or 0) > p.max_p95_ms:
-            problems.append(f"p95 {shadow['p95_ms']:.1f} ms > {p.max_p95_ms} ms")
+        if agreement is None or agreement < p.min_agreement:
+            problems.append(f"agreement with the champion {shown[0]} < {p.min_agreement}")
+        if p.max_p95_ms is not None and p95 is not None and p95 > p.max_p95_ms:
+            problems.append(f"p95 {shown[1]} > {p.max_p95_ms} ms")
         if shadow["errors"]:
             problems.append(f"{shadow['errors']} shadow answer(s) failed")
-        seen = f"{shadow['answers']} shadow answers: agreement {shadow['agreement']:.3f}, p95 {shadow['p95_ms']:.1f} ms"
+        seen = f"{shadow['answers']} shadow answers: agreement {shown[0]}, p95 {shown[1]}"
         if problems:
             reason = f"live gates: {'; '.join(problems)} ({seen})"
             self.registry.move_alias(name, "challenger", version, kind="live-rejected", reason=reason)
