@@ -30,10 +30,13 @@ def report(f, replica: str, tallies: list[dict]) -> None:
 
 
 @pytest.fixture
-def follower(tmp_path, tiny_tokenizer, topic_rows):
+def follower(tmp_path, tiny_tokenizer, topic_rows, monkeypatch):
     """A follower (its class, not started as a Serve replica) over a registry with v1 champion and
-    v2 a candidate in shadow."""
-    hooks = WebhookReceiver()
+    v2 a candidate in shadow. Its webhooks are delivered before the receiver closes."""
+    from lifelong import notify
+
+    hooks, sent, event = WebhookReceiver(), [], notify.event
+    monkeypatch.setattr(notify, "event", lambda *args, **fields: sent.extend(event(*args, **fields)) or sent)
     root = tmp_path / "store"
     registry = Registry(Storage(str(root)))
     versions = [register_tiny(registry, "gated", tiny_tokenizer, tmp_path / "w", seed=s, export=False) for s in (1, 2)]
@@ -57,6 +60,8 @@ def follower(tmp_path, tiny_tokenizer, topic_rows):
     f.active, f.shadow, f.shadow_error, f.watch, f.watches, f.judged = versions[0], versions[1], None, None, [], set()
     f.tallies, f.shadowing, f.reported_at, f.accuracy = {}, {}, {}, {}
     yield f, registry, versions, hooks
+    for delivery in sent:
+        delivery.result(timeout=60)
     hooks.close()
 
 
