@@ -9,23 +9,23 @@ import pytest
 
 from conftest import WebhookReceiver, make_config, register_tiny
 from lifelong.registry import Registry
-from lifelong.serve import AliasFollower, serve_settings
+from lifelong.serve import AliasFollower, Counted, serve_settings
 from lifelong.storage import Storage
 
 
-def tally(version: int, role: str, answers: int, *, errors: int = 0, agreed: int | None = None, ms: float = 5.0) -> dict:
-    return {
-        "version": version,
-        "role": role,
-        "answers": answers,
-        "errors": errors,
-        "agreed": answers if agreed is None else agreed,
-        "compared": answers if role == "shadow" else 0,
-        "ms": [ms] * min(answers, 512),
-    }
+def tally(version: int, role: str, answers: int, *, errors: int = 0, agreed: int | None = None, ms: float = 5.0) -> Counted:
+    return Counted(
+        version,
+        role,
+        answers=answers,
+        errors=errors,
+        agreed=answers if agreed is None else agreed,
+        compared=answers if role == "shadow" else 0,
+        ms=[ms] * min(answers, 512),
+    )
 
 
-def report(f, replica: str, tallies: list[dict]) -> None:
+def report(f, replica: str, tallies: list[Counted]) -> None:
     asyncio.run(f.report(replica, tallies))
 
 
@@ -122,7 +122,7 @@ def test_a_watch_that_finds_nothing_keeps_the_champion_and_a_restarted_follower_
 
 def test_a_candidate_whose_every_shadow_answer_failed_stays_challenger_saying_so(follower):
     f, registry, (v1, v2), hooks = follower
-    failed = {"version": v2, "role": "shadow", "answers": 100, "errors": 100, "agreed": 0, "compared": 0, "ms": []}
+    failed = Counted(v2, "shadow", answers=100, errors=100)
     report(f, "r1", [tally(v1, "champion", 300), failed])
     f._live_gates()
     pointer = registry.alias_pointer("gated", "challenger")

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
@@ -701,59 +701,69 @@ def _schema_with_limits(settings: ServeSettings) -> dict:
     return schema
 
 
+@dataclass
+class Counted:
+    """What a replica saw of one version in one role (champion: answered; shadow: compared only),
+    as it reports it to the follower: answers, server errors, items compared with the champion's
+    and how many agreed, and the recent latencies."""
+
+    version: int
+    role: Literal["champion", "shadow"]
+    answers: int = 0
+    errors: int = 0
+    agreed: int = 0
+    compared: int = 0
+    ms: list[float] = field(default_factory=list)
+
+
 class Tally:
-    """What one replica saw per (version, role): answers, server errors, recent latencies, and for
-    a shadow how many of its answers agreed with the champion's. The follower merges every
-    replica's (`merge_tallies`) for /v1/model and the live gates."""
+    """A replica's `Counted` per (version, role); the follower merges every replica's
+    (`merge_tallies`) for /v1/model and the live gates."""
 
     SAMPLES = 512  # latencies kept per (version, role): the recent ones
 
     def __init__(self):
-        self.by: dict[tuple[int, str], dict] = {}
+        self.by: dict[tuple[int, str], tuple[Counted, collections.deque]] = {}
 
     def add(self, version: int, role: str, ms: float | None, *, error: bool = False, agreed: int | None = None, compared: int = 0) -> None:
-        t = self.by.get((version, role))
-        if t is None:
-            t = self.by[(version, role)] = {
-                "answers": 0,
-                "errors": 0,
-                "agreed": 0,
-                "compared": 0,
-                "ms": collections.deque(maxlen=self.SAMPLES),
-            }
-        t["answers"] += 1
-        t["errors"] += int(error)
+        if (version, role) not in self.by:
+            self.by[(version, role)] = (Counted(version, role), collections.deque(maxlen=self.SAMPLES))
+        counted, recent = self.by[(version, role)]
+        counted.answers += 1
+        counted.errors += int(error)
         if agreed is not None:
-            t["agreed"] += agreed
-            t["compared"] += compared
+            counted.agreed += agreed
+            counted.compared += compared
         if ms is not None:
-            t["ms"].append(round(ms, 3))
+            recent.append(round(ms, 3))
 
-    def snapshot(self) -> list[dict]:
-        return [{"version": v, "role": r, **{k: (list(x) if k == "ms" else x) for k, x in t.items()}} for (v, r), t in self.by.items()]
+    def snapshot(self) -> list[Counted]:
+        return [replace(counted, ms=list(recent)) for counted, recent in self.by.values()]
 
 
-def merge_tallies(snapshots: list[list[dict]]) -> dict:
+def merge_tallies(snapshots: list[list[Counted]]) -> dict:
     """{version: {role: {answers, errors, error_rate, agreement, p50_ms, p95_ms}}} over replicas."""
     import numpy as np
 
-    sums: dict[tuple[int, str], dict] = {}
+    sums: dict[tuple[int, str], Counted] = {}
     for snapshot in snapshots:
-        for t in snapshot:
-            into = sums.setdefault((t["version"], t["role"]), {"answers": 0, "errors": 0, "agreed": 0, "compared": 0, "ms": []})
-            for k in ("answers", "errors", "agreed", "compared"):
-                into[k] += t[k]
-            into["ms"] += t["ms"]
+        for c in snapshot:
+            into = sums.setdefault((c.version, c.role), Counted(c.version, c.role))
+            into.answers, into.errors, into.agreed, into.compared = (
+                into.answers + c.answers,
+                into.errors + c.errors,
+                into.agreed + c.agreed,
+                into.compared + c.compared,
+            )
+            into.ms += c.ms
     out: dict = {}
-    for (version, role), t in sorted(sums.items()):
-        ms = np.array(t["ms"]) if t["ms"] else None
+    for (version, role), c in sorted(sums.items()):
+        ms = np.array(c.ms) if c.ms else None
         out.setdefault(str(version), {})[role] = {
-            "answers": t["answers"],
-            "errors": t["errors"],
-            "error_rate": t["errors"] / t["answers"] if t["answers"] else 0.0,
-            **(
-                {"compared": t["compared"], "agreement": t["agreed"] / t["compared"] if t["compared"] else None} if role == "shadow" else {}
-            ),
+            "answers": c.answers,
+            "errors": c.errors,
+            "error_rate": c.errors / c.answers if c.answers else 0.0,
+            **({"compared": c.compared, "agreement": c.agreed / c.compared if c.compared else None} if role == "shadow" else {}),
             "p50_ms": float(np.percentile(ms, 50)) if ms is not None else None,
             "p95_ms": float(np.percentile(ms, 95)) if ms is not None else None,
         }
@@ -1471,7 +1481,7 @@ class AliasFollower:
         self.aborted_holds = 0
         self.shadow: int | None = None  # the shadow alias's version every replica has loaded
         self.shadow_error: str | None = None
-        self.tallies: dict[str, list[dict]] = {}  # replica → its latest tallies
+        self.tallies: dict[str, list[Counted]] = {}  # replica → its latest tallies
         self.shadowing: dict[str, int | None] = {}  # replica → the shadow version it reported
         self.reported_at: dict[str, float] = {}
         self.accuracy: dict = {}  # version → role → counts, from feedback (serve.log_predictions)
@@ -1496,7 +1506,7 @@ class AliasFollower:
             "watches": self.watches[-10:],
         }
 
-    async def report(self, replica: str, tallies: list[dict], shadow: int | None = None) -> None:
+    async def report(self, replica: str, tallies: list[Counted], shadow: int | None = None) -> None:
         self.tallies[replica] = tallies
         self.shadowing[replica] = shadow
         self.reported_at[replica] = time.monotonic()
