@@ -59,9 +59,11 @@ def lm_app(ray_session, serve_port, tiny_tokenizer, tmp_path_factory):
         "max_new_tokens": 200,
         "max_text_chars": 2000,
         "auth": {"token_env": "LIFELONG_GEN_TOKEN"},
+        "log_predictions": {"sample": 1.0, "flush_interval_s": 0.5},  # every answer recorded
+        "shadow": {"alias": "challenger", "share": 1.0},  # no challenger until a test names one
     }
     url = deploy(absolute_paths(validate_config({"name": "gen-lm", "storage": {"root": str(root)}, "serve": serve_cfg})))
-    yield {"url": url, "registry": registry, "v1": v1, "work": work, "tokenizer": tiny_tokenizer}
+    yield {"url": url, "registry": registry, "v1": v1, "work": work, "tokenizer": tiny_tokenizer, "root": root}
     serve.delete("gen-lm")
 
 
@@ -207,6 +209,65 @@ def test_generate_streams_server_sent_events_that_arrive_before_the_generation_e
     # Bad requests fail before any stream starts, with their status.
     r = httpx.post(url + "/v1/generate", json={**body, "stream": True, "max_new_tokens": 201}, headers=headers)
     assert r.status_code == 422 and r.json()["field"] == "max_new_tokens"
+
+
+def test_every_generation_is_recorded_streamed_or_not_and_takes_a_right_answer_as_feedback(lm_app):
+    """serve.log_predictions on a language model: /v1/generate and OpenAI's routes, streamed and
+    not, each recorded with its prompt and the text it was answered (n choices: one item each)."""
+    from lifelong.feedback import ANSWERS, FEEDBACK, read_records
+
+    url, headers = lm_app["url"], {"Authorization": f"Bearer {TOKEN}"}
+    client = openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0)
+    asked: dict[str, tuple[str, list[str]]] = {}  # request id → (prompt, the texts answered)
+    whole = httpx.post(url + "/v1/generate", json={"prompt": "A class is", "max_new_tokens": 12}, headers=headers, timeout=60).json()
+    asked[whole["request_id"]] = ("A class is", [whole["text"]])
+    events = []
+    with httpx.stream("POST", url + "/v1/generate", json={"prompt": "The", "max_new_tokens": 12, "stream": True}, headers=headers) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    asked[events[-1]["request_id"]] = ("The", ["".join(e.get("text", "") for e in events[:-1])])
+    raw = client.completions.with_raw_response.create(model="gen-lm", prompt="import", max_tokens=8, seed=1, n=2)
+    asked[raw.headers["x-request-id"]] = ("import", [c.text for c in sorted(raw.parse().choices, key=lambda c: c.index)])
+    messages = [{"role": "user", "content": "What is a class?"}]
+    streamed = client.chat.completions.with_raw_response.create(model="gen-lm", messages=messages, max_tokens=8, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed.parse())
+    asked[streamed.headers["x-request-id"]] = (local(lm_app, lm_app["v1"]).chat_prompt(messages), [text])
+    given = httpx.post(url + "/v1/feedback", json={"request_id": whole["request_id"], "label": "a blueprint for objects"}, headers=headers)
+    assert given.status_code == 202, given.text
+
+    storage = Storage(str(lm_app["root"]))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        table = read_records(storage, "gen-lm", ANSWERS, 30, ["request_id", "index", "input", "output", "version"]).to_pylist()
+        recorded = {}
+        for row in table:
+            recorded.setdefault(row["request_id"], {})[row["index"]] = (row["input"], row["output"], row["version"])
+        labels = [(r["request_id"], r["label"]) for r in read_records(storage, "gen-lm", FEEDBACK, 30, ["request_id", "label"]).to_pylist()]
+        if asked.keys() <= recorded.keys() and labels:
+            break
+        time.sleep(0.3)
+    for rid, (prompt, texts) in asked.items():
+        assert recorded[rid] == {i: (prompt, t, lm_app["v1"]) for i, t in enumerate(texts)}, (rid, recorded.get(rid))
+    assert labels == [(whole["request_id"], "a blueprint for objects")]
+
+    # A challenger in shadow: greedy generations are answered by it too and compared by their
+    # text (here a copy of the champion's weights: every text agrees), never returned.
+    registry = lm_app["registry"]
+    twin = register_lm(registry, "gen-lm", lm_app["tokenizer"], lm_app["work"], seed=1)
+    registry.move_alias("gen-lm", "challenger", twin)
+    try:
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/v1/model", headers=headers).json()["shadow"]["version"] != twin and time.monotonic() < deadline:
+            time.sleep(0.3)
+        for prompt in ("The", "A class", "import", "def", "While"):
+            answered = httpx.post(url + "/v1/generate", json={"prompt": prompt, "max_new_tokens": 8}, headers=headers, timeout=60).json()
+            assert answered["version"] == lm_app["v1"]
+        deadline, live = time.monotonic() + 60, {}
+        while live.get("answers", 0) < 5 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            live = httpx.get(url + "/v1/model", headers=headers).json()["live"].get(str(twin), {}).get("shadow", {})
+        assert live["answers"] >= 5 and live["agreement"] == 1.0 and live["errors"] == 0, live
+    finally:
+        registry.move_alias("gen-lm", "challenger", lm_app["v1"])  # the champion itself: nothing shadows
 
 
 def test_streams_keep_going_across_a_swap_and_the_next_ones_come_from_the_new_version(lm_app):

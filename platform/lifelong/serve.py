@@ -19,6 +19,7 @@ import asyncio
 import atexit
 import collections
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -920,14 +921,18 @@ class ModelServer:
         logger.info("replica %s shadows %s:%s", self.replica, self.settings.model, version)
         return {"replica": self.replica, "ok": True, "shadow": version}
 
-    def _to_shadow(self, rid: str, items: list, answers: list[dict], version: int) -> None:
-        """Queue a request the champion answered for the shadow version (a share of them)."""
+    def _to_shadow(self, rid: str, items: list, answers: list[dict], version: int, asks: list | None = None) -> None:
+        """Queue a request the champion answered for the shadow version (a share of them): the
+        items a classifier labelled, or (`asks`) the (prompt, new tokens, stop) of a greedy
+        generation, whose texts are then compared."""
+        if self.settings.shadow is None:
+            return
         shadow = self.shadow
         if shadow is None or shadow.version == version or not feedback.sampled(rid, self.settings.shadow.share, salt="shadow"):
             return
         if len(self.shadow_queue) == self.shadow_queue.maxlen:
             self.shadow_skipped += 1  # the oldest waiting one goes
-        self.shadow_queue.append((rid, items, answers))
+        self.shadow_queue.append((rid, items, answers, asks))
         self.shadow_wake.set()
 
     async def _shadow_loop(self) -> None:
@@ -947,16 +952,18 @@ class ModelServer:
                 if shadow is None:
                     self.shadow_queue.clear()
                     break
-                rid, items, answers = self.shadow_queue.popleft()
+                rid, items, answers, asks = self.shadow_queue.popleft()
+                answer = functools.partial(shadow.model.generate_greedy, asks) if asks else functools.partial(shadow.model.predict, items)
                 started = time.perf_counter()
                 try:
-                    predictions = await asyncio.get_running_loop().run_in_executor(self.shadow_pool, shadow.model.predict, items)
+                    predictions = await asyncio.get_running_loop().run_in_executor(self.shadow_pool, answer)
                 except Exception as e:
                     self.tally.add(shadow.version, "shadow", None, error=True)
                     self.shadow_error = f"{type(e).__name__}: {e}"
                     continue
                 ms = (time.perf_counter() - started) * 1000
-                agreed = sum(p["label"] == a["label"] for p, a in zip(predictions, answers))
+                said = "text" if asks else "label"  # a generation agrees when its text is the champion's
+                agreed = sum(p[said] == a[said] for p, a in zip(predictions, answers))
                 self.tally.add(shadow.version, "shadow", ms, agreed=agreed, compared=len(answers))
                 prometheus.record("lifelong_serve_shadow_seconds", ms / 1000, model=self.settings.model, version=shadow.version)
                 prometheus.record(
@@ -970,6 +977,24 @@ class ModelServer:
                     self._record(rid, items, predictions, shadow.version, "shadow", ms)
 
     # -- the prediction log ----------------------------------------------------------------------
+    def _recorder(self, rid: str, prompt: str, n: int, started: float):
+        """For a streamed generation of `n` choices: a function of each (loaded, item) that
+        gathers each choice's text and records them all once the last has ended."""
+        if self.log is None or not feedback.sampled(rid, self.settings.log.sample):
+            return lambda loaded, item: None
+        texts, ended = [""] * n, set()
+
+        def gather(loaded: Loaded, item: dict) -> None:
+            i = item.get("index", 0)
+            texts[i] += item.get("text", "") if "finish_reason" not in item else ""
+            if "finish_reason" in item:
+                ended.add(i)
+                if len(ended) == n:
+                    ms = (time.perf_counter() - started) * 1000
+                    self._record(rid, [prompt] * n, [{"text": t} for t in texts], loaded.version, "champion", ms)
+
+        return gather
+
     def _record(self, rid: str, items: list, answers: list[dict], version: int, role: str, ms: float) -> None:
         now = datetime.now(timezone.utc)
         images = task(self.task).CONTENT == "image"
@@ -1172,8 +1197,7 @@ class ModelServer:
         rid = request_id()
         if self.log is not None and feedback.sampled(rid, self.settings.log.sample):
             self._record(rid, items, predictions, loaded.version, "champion", (time.perf_counter() - started) * 1000)
-        if self.settings.shadow is not None:
-            self._to_shadow(rid, items, predictions, loaded.version)
+        self._to_shadow(rid, items, predictions, loaded.version)
         response.headers["X-Lifelong-Replica"] = self.replica
         response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)  # requests answered by the same model call
@@ -1191,22 +1215,26 @@ class ModelServer:
         server-sent events as the tokens come."""
         new_tokens = self._generation(body.prompt, "prompt", body.max_new_tokens, "max_new_tokens")
         args, stop = (body.prompt, new_tokens, body.temperature, body.seed), _stops(body.stop)
+        rid, started = request_id(), time.perf_counter()
         if body.stream:
+            record = self._recorder(rid, body.prompt, 1, started)
 
             def event(loaded: Loaded, item: dict) -> str:
+                record(loaded, item)
                 if "finish_reason" in item:
-                    return _sse({"done": True, "model": self.settings.model, "version": loaded.version, **item})
+                    return _sse({"done": True, "model": self.settings.model, "version": loaded.version, "request_id": rid, **item})
                 return _sse(item)
 
             return await self._events(lambda m: m.model.stream(*args, stop=stop), event)
-        together, started = 1, time.perf_counter()
+        together = 1
         if body.temperature == 0 and self.settings.max_batch_size > 1:  # greedy: batched (sampled ones keep their seeds alone)
             loaded, out, together = await self.generations.submit((body.prompt, new_tokens, stop))
         else:
             loaded, out = await self._run(lambda m: m.model.generate(*args, stop=stop))
-        rid = request_id()
         if self.log is not None and feedback.sampled(rid, self.settings.log.sample):
             self._record(rid, [body.prompt], [out], loaded.version, "champion", (time.perf_counter() - started) * 1000)
+        if body.temperature == 0:  # a greedy answer is the model's own: the shadow's can be compared
+            self._to_shadow(rid, [body.prompt], [out], loaded.version, asks=[(body.prompt, new_tokens, stop)])
         response.headers["X-Lifelong-Replica"] = self.replica
         response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)
@@ -1287,10 +1315,13 @@ class ModelServer:
         choice; each choice's last chunk carries its finish reason), ended by `data: [DONE]`."""
         prefix = {"text_completion": "cmpl", "chat.completion": "chatcmpl"}[obj]
         head = {"id": f"{prefix}-{uuid.uuid4().hex}", "object": obj, "created": int(time.time()), "model": self.settings.model}
+        rid, begun = request_id(), time.perf_counter()  # the request id is Serve's X-Request-ID header here
         if stream:
             started: set[int] = set()
+            record = self._recorder(rid, args[0], n, begun)
 
             def chunk(loaded: Loaded, item: dict) -> str:
+                record(loaded, item)
                 i = item["index"]
                 out = {
                     **head,
@@ -1308,6 +1339,10 @@ class ModelServer:
             outs = [out]
         else:
             loaded, outs = await self._run(lambda m: _choices(m.model, args, n, stop, stream=False))
+        if self.log is not None and feedback.sampled(rid, self.settings.log.sample):
+            self._record(rid, [args[0]] * len(outs), outs, loaded.version, "champion", (time.perf_counter() - begun) * 1000)
+        if n == 1 and args[2] == 0:
+            self._to_shadow(rid, [args[0]], outs, loaded.version, asks=[(args[0], args[1], stop)])
         response.headers["X-Lifelong-Replica"] = self.replica
         response.headers["X-Lifelong-Version"] = str(loaded.version)
         response.headers["X-Lifelong-Batch"] = str(together)
