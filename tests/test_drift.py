@@ -4,6 +4,7 @@ from the distribution the champion last trained on hold a cycle back, shifted ro
 import json
 import shutil
 
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_config, register_tiny
@@ -49,6 +50,7 @@ def test_rows_like_the_last_window_hold_a_cycle_back_and_shifted_rows_start_one(
         "continual.min_new_rows=100",
         "continual.gates.max_forgetting=1.0",
         "continual.trigger=drift",
+        "data.validation_fraction=0.4",  # holdouts (the rows drift is measured against) of about 100 rows
     )
     first_files, same_file = sorted(w0.iterdir())[:2], sorted(w0.iterdir())[2]
     for f in first_files:
@@ -62,7 +64,8 @@ def test_rows_like_the_last_window_hold_a_cycle_back_and_shifted_rows_start_one(
     print(held.summary())
     drift = json.loads((root / "streams" / "drifting" / "drift.json").read_text())["drift"]
     assert held.status == "waiting" and "did not drift from window 0" in held.reason
-    assert not drift["drifted"] and drift["window"] == 0 and drift["rows"] == {"pending": 120, "reference": 240}
+    holdout = pq.read_table(root / "streams" / "drifting" / "holdouts" / "window-000.parquet").num_rows
+    assert not drift["drifted"] and drift["window"] == 0 and drift["rows"] == {"pending": 120, "reference": holdout} and holdout > 60
     assert all(t["p_value"] >= 0.005 or t["effect"] < 0.1 for t in drift["tests"].values()), drift
 
     # A shifted window (other classes, new vocabulary) lands: drift, and a cycle starts on it.
@@ -75,3 +78,48 @@ def test_rows_like_the_last_window_hold_a_cycle_back_and_shifted_rows_start_one(
     assert card.stream.drift["drifted"] and card.stream.drift["window"] == 0 and card.stream.drift["rows"]["pending"] == 240
     assert any(t["drifted"] for t in card.stream.drift["tests"].values())
     assert any("drift from window 0: drifted" in line for line in started.scan)
+
+
+def test_a_language_models_stream_drifts_on_text_it_predicts_worse(ray_session, tiny_tokenizer, tmp_path):
+    """Texts of the synthetic topic stream as a language model's stream (window 1: other topics,
+    all their vocabulary new): more of window 0's texts hold a cycle back; window 1's, on which
+    the champion's loss is higher, start one."""
+    from conftest import doc_lm_config, lm_stream
+
+    def windows(out):
+        return write_stream(out, windows=2, rows_per_window=240, files_per_window=3, seed=0, new_vocab_fraction=1.0)
+
+    s = lm_stream("drift-lm", tiny_tokenizer, tmp_path, windows)
+    config = doc_lm_config(
+        "drift-lm",
+        s["root"],
+        s["landing"],
+        "continual.trigger=drift",
+        "scaling.num_workers=1",
+        "train.epochs=4",
+        "data.validation_fraction=0.4",
+    )
+    w0, w1 = (sorted(w.iterdir()) for w in s["windows"])
+    for f in w0[:2]:
+        shutil.copy(f, s["landing"] / f"w0-{f.name}")
+    first = run_cycle(config)
+    assert first.window == 0 and first.version is not None, first.summary()
+
+    shutil.copy(w0[2], s["landing"] / f"w0-{w0[2].name}")
+    held = run_cycle(config)
+    print(held.summary())
+    drift = json.loads((s["root"] / "streams" / "drift-lm" / "drift.json").read_text())["drift"]
+    assert held.status == "waiting" and "did not drift from window 0" in held.reason and not drift["drifted"], drift
+    assert drift["tests"]["loss"]["test"] == "two-sample Kolmogorov-Smirnov test of the champion's per-row loss"
+
+    for f in w1[:2]:
+        shutil.copy(f, s["landing"] / f"w1-{f.name}")
+    started = run_cycle(config)
+    print(started.summary())
+    assert started.window == 1 and started.version is not None, started.summary()
+    measured = s["registry"].card("drift-lm", started.version).stream.drift
+    assert (
+        measured["drifted"]
+        and measured["tests"]["loss"]["drifted"]
+        and measured["mean_loss"]["pending"] > measured["mean_loss"]["reference"]
+    )

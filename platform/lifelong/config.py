@@ -524,10 +524,11 @@ class PromotionSection(Section):
 
 
 class DriftSection(Section):
-    # The test: a chi-square test of homogeneity between the champion's predicted classes on the
-    # pending rows and on the last trained window's rows (at most max_rows of each, sampled).
-    # Drift: p below p_value and the two class distributions at least min_distance apart (total
-    # variation), so that a large window's tiny shift is not drift.
+    # The champion answers the pending rows and the past windows' holdouts (at most max_rows of
+    # each, sampled): a classifier's predicted classes (chi-square test) and confidence (KS test)
+    # are compared, each at p_value / 2; a language model's loss per row (KS test) at p_value.
+    # Drift: p below that and an effect (total variation, KS statistic) of at least min_distance,
+    # so that a large window's tiny shift is not drift (continual/drift.py).
     p_value: float = Field(default=0.01, gt=0.0, lt=1.0)
     min_distance: float = Field(default=0.1, ge=0.0, le=1.0)
     max_rows: int = Field(default=1000, ge=20)

@@ -38,6 +38,7 @@ from lifelong.config import JobConfig
 from lifelong.console import cycle_bar, phase
 from lifelong.console import say as console_say
 from lifelong.continual.drift import line as drift_line
+from lifelong.continual.drift import measurable as drift_measurable
 from lifelong.continual.drift import measure as measure_drift
 from lifelong.continual.gates import REFERENCE_METRICS, gate, gated_values, window_value
 from lifelong.continual.ledger import FileRecord, Ledger
@@ -165,10 +166,10 @@ def check_stream(config: JobConfig) -> None:
             "serve.log_predictions: a cycle lands the labels users send as training rows, which a language model takes as "
             "instruction data: set data.prompt_column and data.response_column (the label being the right answer)"
         )
-    if config.continual.trigger != "rows" and not hasattr(family, "predicted"):
+    if config.continual.trigger != "rows" and not drift_measurable(family):
         raise LifelongError(
-            f"continual.trigger={config.continual.trigger}: drift is measured on the champion's predicted classes, which a "
-            f"{family.NAME} model has not: use continual.trigger=rows"
+            f"continual.trigger={config.continual.trigger}: drift is measured on the champion's answers (a classifier's classes, "
+            f"a language model's losses), which a {family.NAME} model does not give: use continual.trigger=rows"
         )
     if not family.LABELLED and config.continual.new_labels == "grow":
         raise LifelongError(f"continual.new_labels: grow is for classifiers; a {family.NAME} stream has no labels (remove the key)")

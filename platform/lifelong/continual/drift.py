@@ -1,8 +1,10 @@
-"""Drift between a stream's pending rows and the window its champion last trained on
-(`continual.trigger: drift | any`).
+"""Drift between a stream's pending rows and its past windows (`continual.trigger: drift | any`).
 
-The champion answers each pending row and each row of the last trained window (at most
-`continual.drift.max_rows` of each, a seeded sample). Two tests compare the answers:
+The champion answers each pending row and each row of the past windows' holdouts (at most
+`continual.drift.max_rows` of each, a seeded sample). Holdouts, because no model of the stream
+ever trained on them: on its own training rows the champion is surer and its loss lower than on
+any fresh rows, drifted or not. A classifier's answers are compared by two
+tests:
 - a chi-square test of homogeneity (scipy.stats.chi2_contingency) of the predicted classes: the
   mix of what the rows are (as the champion sees it) moved;
 - a two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp) of the champion's confidence (its
@@ -13,8 +15,11 @@ with an effect of at least `min_distance` (0.1): the predicted-class distributio
 variation distance, or the KS statistic (the largest gap between the confidence distributions).
 With thousands of rows any difference is significant; a shift this small is no reason to retrain.
 
+A language model's answer to a row is its mean next-token loss on it: a two-sample KS test of the
+losses (text unlike what it trained on is less predictable), p < `p_value` and D >= `min_distance`.
+
 It is measured once per set of pending files (kept in streams/<stream>/drift.json with the
-champion and the window it was measured against), recorded on the cycle's window and its
+champion and the last window it was measured against), recorded on the cycle's window and its
 version's card, and printed in the cycle's summary.
 """
 
@@ -35,7 +40,13 @@ from lifelong.tasks import task
 TESTS = (
     "chi-square test of homogeneity of the champion's predicted classes",
     "two-sample Kolmogorov-Smirnov test of the champion's confidence",
+    "two-sample Kolmogorov-Smirnov test of the champion's per-row loss",
 )
+
+
+def measurable(family) -> bool:
+    """Whether drift is measured for a task: a classifier's classes, or a language model's losses."""
+    return hasattr(family, "predicted") or hasattr(family, "row_losses")
 
 
 def _sample(table: pa.Table, n: int, seed: str) -> pa.Table:
@@ -47,13 +58,18 @@ def _sample(table: pa.Table, n: int, seed: str) -> pa.Table:
 
 def _rows(storage: Storage, ledger: Ledger, hashes: list[str], fingerprint: str, content: str) -> pa.Table:
     train, holdout = window_rows(storage, [ledger.rows_rel(h, fingerprint) for h in hashes], content)
-    return pa.concat_tables([train, holdout])
+    return pa.concat_tables([train, holdout]).select([content])
+
+
+def _holdouts(stream: Stream, windows: list[int], content: str) -> pa.Table:
+    tables = [stream.holdout(j) for j in windows]
+    return pa.concat_tables([t.select([content]) for t in tables if content in t.column_names])
 
 
 def measure(
     config: JobConfig, storage: Storage, registry: Registry, stream: Stream, ledger: Ledger, picked: list[FileRecord], fingerprint: str
 ) -> dict | None:
-    """The drift of the `picked` pending files from the last trained window (None: no window
+    """The drift of the `picked` pending files from the past windows' holdouts (None: no window
     trained yet, so nothing to compare with)."""
     done = [w for w in stream.journal() if w.status == "done"]
     if not done or not picked:
@@ -68,15 +84,20 @@ def measure(
     family = task(config.model.task)
     d = config.continual.drift
     pending = _sample(_rows(storage, ledger, files, fingerprint, family.CONTENT), d.max_rows, key)
-    reference = _sample(_rows(storage, ledger, last.files, last.fingerprint, family.CONTENT), d.max_rows, key + "ref")
+    reference = _sample(_holdouts(stream, [w.window for w in done], family.CONTENT), d.max_rows, key + "ref")
     from lifelong.models import load_for_inference
 
     resolved = registry.resolve(f"{config.name}@champion")
     model = load_for_inference(resolved.local_dir, config.model.task)
     max_length = resolved.card.max_length or config.model.max_length
-    ours = family.predicted(model, resolved.local_dir, pending, max_length)
-    theirs = family.predicted(model, resolved.local_dir, reference, max_length)
-    drift = {**compare(ours, theirs, d.p_value, d.min_distance, family.model_labels(model)), "window": last.window, "champion": champion}
+    if hasattr(family, "predicted"):
+        ours = family.predicted(model, resolved.local_dir, pending, max_length)
+        theirs = family.predicted(model, resolved.local_dir, reference, max_length)
+        measured = compare(ours, theirs, d.p_value, d.min_distance, family.model_labels(model))
+    else:
+        ours, theirs = (family.row_losses(model, resolved.local_dir, t, max_length) for t in (pending, reference))
+        measured = compare_losses(ours, theirs, d.p_value, d.min_distance)
+    drift = {**measured, "window": last.window, "champion": champion}
     storage.write_json(rel, {"key": key, "drift": drift})
     return drift
 
@@ -122,10 +143,33 @@ def compare(
     }
 
 
+def compare_losses(pending: list[float], reference: list[float], p_value: float, min_distance: float) -> dict:
+    """The KS test of two samples of per-row losses (a language model's drift)."""
+    from scipy.stats import ks_2samp
+
+    ks = ks_2samp(pending, reference)
+    test = {"test": TESTS[2], "p_value": float(ks.pvalue), "effect": round(float(ks.statistic), 4)}
+    test["drifted"] = bool(ks.pvalue < p_value and ks.statistic >= min_distance)
+    return {
+        "drifted": test["drifted"],
+        "tests": {"loss": test},
+        "threshold": {"p_value": p_value, "per_test": p_value, "min_distance": min_distance},
+        "rows": {"pending": len(pending), "reference": len(reference)},
+        "mean_loss": {"pending": round(sum(pending) / len(pending), 4), "reference": round(sum(reference) / len(reference), 4)},
+    }
+
+
 def line(drift: dict) -> str:
     verdict = "drifted" if drift["drifted"] else "no drift"
-    c, k = drift["tests"]["classes"], drift["tests"]["confidence"]
     t = drift["threshold"]
+    if "loss" in drift["tests"]:
+        k, m = drift["tests"]["loss"], drift["mean_loss"]
+        return (
+            f"drift from window {drift['window']}: {verdict} ({drift['rows']['pending']} pending rows vs {drift['rows']['reference']}; "
+            f"loss KS p={k['p_value']:.3g}, D {k['effect']:.3f}, mean {m['pending']:.3f} vs {m['reference']:.3f}; "
+            f"drift: p < {t['per_test']:g} and D >= {t['min_distance']})"
+        )
+    c, k = drift["tests"]["classes"], drift["tests"]["confidence"]
     return (
         f"drift from window {drift['window']}: {verdict} ({drift['rows']['pending']} pending rows vs {drift['rows']['reference']}; "
         f"predicted classes chi-square p={c['p_value']:.3g}, distance {c['effect']:.3f}; confidence KS p={k['p_value']:.3g}, "

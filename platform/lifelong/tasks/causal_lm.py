@@ -273,6 +273,24 @@ def score(model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
+def row_losses(model, model_dir, table, max_length: int, batch_size: int = 32) -> list[float]:
+    """Its mean next-token loss on each row's text (cut to max_length tokens): what
+    continual.trigger=drift compares for a language model."""
+    import torch
+
+    from lifelong.data import cached_tokenizer
+
+    tok = cached_tokenizer(str(model_dir))
+    texts = table.column(CONTENT).to_pylist()
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            enc = tok(texts[start : start + batch_size], truncation=True, max_length=max_length, padding="max_length", return_tensors="np")
+            scored = score(model, {**enc, "labels": enc["input_ids"]})
+            out += (scored["loss_sum"] / np.maximum(scored["count"], 1)).tolist()
+    return out
+
+
 def comparable(batch, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Padded positions are not predictions: only real tokens' logits must agree."""
     keep = batch.attention_mask.astype(bool)
