@@ -170,3 +170,39 @@ def test_days_past_the_retention_are_deleted_and_no_longer_read(tmp_path):
     assert sorted(prune(storage, "m", 30)) == [f"{ANSWERS}/{old}", f"{FEEDBACK}/{old}"]
     assert sorted(p.name for p in (tmp_path / "store" / "predictions" / "m" / ANSWERS).iterdir()) == sorted([kept, day_of(time.time())])
     assert len(read_records(storage, "m", FEEDBACK, 30)) == 2 and prune(storage, "m", 30) == []
+
+
+def test_past_days_are_compacted_into_one_file_and_a_stopped_compaction_finishes(tmp_path):
+    import shutil
+
+    from lifelong.feedback import compact, day_of
+
+    storage = Storage(str(tmp_path / "store"))
+    log = RecordLog(storage.root_uri, "m", "r1", flush_interval_s=60, max_buffered=100)
+    for i in range(3):  # three flushes: three files a kind
+        log.add(ANSWERS, answer(f"a{i}", "t", "x"))
+        log.add(FEEDBACK, label(f"a{i}", "x" if i else "y"))
+        log.flush()
+    log.add(FEEDBACK, label("a0", "x"))  # a correction
+    log.flush()
+    log.close()
+    base, yesterday = tmp_path / "store" / "predictions" / "m", day_of(time.time() - 86400)
+    for kind in (ANSWERS, FEEDBACK):
+        (base / kind / day_of(time.time())).rename(base / kind / yesterday)
+    before = Labels.read(storage, "m", 30)
+    assert before.corrections == 1 and before.latest == {(f"a{i}", 0): "x" for i in range(3)}
+    shutil.copytree(base / FEEDBACK / yesterday, tmp_path / "sources")
+
+    assert compact(storage, "m", 30) == [f"{ANSWERS}/{yesterday}", f"{FEEDBACK}/{yesterday}"]
+    for kind in (ANSWERS, FEEDBACK):
+        assert [p.name[:8] for p in (base / kind / yesterday).iterdir()] == ["compact-"]
+    assert sorted(read_records(storage, "m", ANSWERS, 30).column("request_id").to_pylist()) == ["a0", "a1", "a2"]
+    # As if it had stopped before deleting its sources: both there, each record read twice ...
+    for f in (tmp_path / "sources").iterdir():
+        shutil.copy(f, base / FEEDBACK / yesterday / f.name)
+    assert len(read_records(storage, "m", FEEDBACK, 30)) == 8
+    after = Labels.read(storage, "m", 30)
+    assert (after.latest, after.corrections) == (before.latest, before.corrections)  # ... and counted once
+    assert compact(storage, "m", 30) == []  # the sources it names are deleted; nothing new to write
+    assert [p.name[:8] for p in (base / FEEDBACK / yesterday).iterdir()] == ["compact-"]
+    assert Labels.read(storage, "m", 30).corrections == 1

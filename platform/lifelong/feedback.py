@@ -292,6 +292,43 @@ def prune(storage: Storage, model: str, retention_days: int) -> list[str]:
     return gone
 
 
+def compact(storage: Storage, model: str, retention_days: int) -> list[str]:
+    """Each past day's record files (a replica writes one per flush) as one file, so that a day
+    costs one listing entry and one read. The compacted file names the files it holds (in its
+    Parquet metadata) and is written only if absent; then they are deleted. A compaction that
+    stopped in between finishes the next time (a compacted file's sources still there are
+    deleted first); a reader in between reads some records twice, and the readers count each
+    record once. Returns the days compacted."""
+    today, done = day_of(time.time()), []
+    for kind in (ANSWERS, FEEDBACK):
+        for day in _days(storage, model, kind, retention_days):
+            if day >= today:
+                continue
+            folder = f"{_prefix(model, kind)}/{day}"
+            names = [n for n in storage.listdir(folder) if n.endswith(".parquet") and n[0] != "."]
+            for name in (n for n in names if n.startswith("compact-")):
+                metadata = pq.read_schema(storage.path(f"{folder}/{name}"), filesystem=storage.fs).metadata or {}
+                for source in json.loads(metadata.get(b"lifelong.sources", b"[]")):
+                    if source in names:
+                        storage.delete(f"{folder}/{source}")
+                        names.remove(source)
+            small = sorted(n for n in names if not n.startswith("compact-"))
+            if len(small) < 2:
+                continue
+            table = pa.concat_tables(
+                [pq.read_table(storage.path(f"{folder}/{n}"), filesystem=storage.fs).cast(SCHEMAS[kind]) for n in small]
+            )
+            sink = io.BytesIO()
+            pq.write_table(table.replace_schema_metadata({"lifelong.sources": json.dumps(small)}), sink)
+            storage.create_exclusive(
+                f"{folder}/compact-{hashlib.sha256(' '.join(small).encode()).hexdigest()[:16]}.parquet", sink.getvalue()
+            )
+            for n in small:
+                storage.delete(f"{folder}/{n}")
+            done.append(f"{kind}/{day}")
+    return done
+
+
 @dataclass
 class Labels:
     """The labels sent for recorded requests: the first per (request id, item) and the latest."""
@@ -302,9 +339,13 @@ class Labels:
 
     @classmethod
     def read(cls, storage: Storage, model: str, retention_days: int) -> Labels:
-        table = read_records(storage, model, FEEDBACK, retention_days, ["request_id", "index", "label", "time"]).sort_by("time")
-        out = cls()
-        for rid, index, label in zip(*(table.column(c).to_pylist() for c in ("request_id", "index", "label"))):
+        columns = ["request_id", "index", "label", "time", "replica"]
+        table = read_records(storage, model, FEEDBACK, retention_days, columns).sort_by("time")
+        out, seen = cls(), set()
+        for rid, index, label, at, replica in zip(*(table.column(c).to_pylist() for c in columns)):
+            if (rid, index, label, at, replica) in seen:  # one record read twice: a day being compacted
+                continue
+            seen.add((rid, index, label, at, replica))
             key = (rid, index)
             if key in out.first:
                 out.corrections += 1

@@ -1520,11 +1520,12 @@ class AliasFollower:
         self.shadowing: dict[str, int | None] = {}  # replica → the shadow version it reported
         self.reported_at: dict[str, float] = {}
         self.accuracy: dict = {}  # version → role → counts, from feedback (serve.log_predictions)
-        self.accuracy_at = 0.0
         self.watch: dict | None = None  # the champion watched since its promotion (continual.promotion)
         self.watches: list[dict] = []  # how the last watches ended
         self.judged: set[int] = set()  # candidates the live gates decided
         threading.Thread(target=self._follow, daemon=True).start()
+        if settings.log is not None:
+            threading.Thread(target=self._read_feedback, daemon=True).start()
 
     async def state(self) -> dict:
         return {
@@ -1588,8 +1589,6 @@ class AliasFollower:
                     self._swap(servers, target, pointer)
                 if self.settings.shadow is not None:
                     self._follow_shadow(servers)
-                if self.settings.log is not None:
-                    self._read_feedback()
                 if self.settings.promotion is not None:
                     self._live_gates()
                     self._watch_champion()
@@ -1754,20 +1753,22 @@ class AliasFollower:
         return {r for r, t in self.reported_at.items() if time.monotonic() - t < 5 * REPORT_S}
 
     def _read_feedback(self) -> None:
-        """The accuracy per version from the labels users sent, read from the store every ACCURACY_S."""
-        if time.monotonic() - self.accuracy_at < ACCURACY_S:
-            return
-        self.accuracy_at = time.monotonic()
-        log = self.settings.log
-        try:
-            feedback.prune(self.registry.storage, self.settings.model, log.retention_days)
-            self.accuracy = feedback.live_accuracy(self.registry.storage, self.settings.model, log.retention_days)
-        except Exception as e:  # the store unavailable: the accuracy shown is the last one read
-            logger.warning("follower: cannot read the feedback of %s (%s: %s)", self.settings.model, type(e).__name__, e)
-            return
-        for version, roles in self.accuracy.items():
-            for role, counts in roles.items():
-                prometheus.record("lifelong_serve_live_accuracy", counts["accuracy"], model=self.settings.model, version=version, role=role)
+        """In a thread of its own (the alias is followed meanwhile): every ACCURACY_S, the accuracy
+        per version from the labels users sent; past days compacted and days past the retention
+        deleted."""
+        log, storage, model = self.settings.log, self.registry.storage, self.settings.model
+        while True:
+            try:
+                feedback.prune(storage, model, log.retention_days)
+                feedback.compact(storage, model, log.retention_days)
+                self.accuracy = feedback.live_accuracy(storage, model, log.retention_days)
+            except Exception as e:  # the store unavailable: the accuracy shown is the last one read
+                logger.warning("follower: cannot read the feedback of %s (%s: %s)", model, type(e).__name__, e)
+            else:
+                for version, roles in self.accuracy.items():
+                    for role, counts in roles.items():
+                        prometheus.record("lifelong_serve_live_accuracy", counts["accuracy"], model=model, version=version, role=role)
+            time.sleep(ACCURACY_S)
 
     def _swap(self, servers, version: int, pointer: dict) -> None:
         self.swapping = version
