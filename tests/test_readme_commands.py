@@ -540,6 +540,18 @@ def stop_server(server) -> str:
     return out
 
 
+def landed_rows(path: Path) -> list[dict]:
+    """The rows of a data file as `lifelong data stream` writes them (JSONL, CSV or Parquet)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".csv":
+        return pacsv.read_csv(path).to_pylist()
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def close_the_loop(project: Path, env: dict) -> None:
     """`lifelong serve configs/gpt2/tiny_loop.yaml`: 100 requests from the stream's first window,
     each answer followed by its right label; the answers recorded (a tenth, by request id) are on
@@ -549,9 +561,7 @@ def close_the_loop(project: Path, env: dict) -> None:
     recorded = 0
     try:
         answering("http://127.0.0.1:8000/healthz", server, 300, lambda: server.stdout.read()[-4000:] if server.poll() is not None else "")
-        rows = [
-            json.loads(line) for f in sorted((project / "data" / "stream" / "window-000").iterdir()) for line in f.read_text().splitlines()
-        ]
+        rows = [row for f in sorted((project / "data" / "stream" / "window-000").iterdir()) for row in landed_rows(f)]
         with httpx.Client(base_url="http://127.0.0.1:8000", headers=headers, timeout=30) as client:
             for row in rows[:100]:
                 answer = client.post("/v1/predict", json={"texts": [row["text"]]})
